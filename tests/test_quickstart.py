@@ -1,0 +1,37 @@
+"""The offline quickstart, shortened: `dpo-lightning fit --config configs/quickstart.yaml` from the repo root.
+
+It must learn (held-out reward accuracy from 0.5 at step 0 to at least 0.9), log to CSV, and leave a
+Lightning checkpoint and a Hugging Face folder that `from_pretrained` loads. Only committed assets.
+"""
+
+import csv
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from dpo_lightning import DPOModule
+from dpo_lightning.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_quickstart_learns_and_exports(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)  # the config names the assets by paths relative to the repository root
+    cli = main(["fit", "--config", "configs/quickstart.yaml", "--trainer.max_steps=100",
+                f"--trainer.logger.init_args.save_dir={tmp_path}", "--trainer.enable_progress_bar=false"])
+    run = Path(cli.trainer.log_dir)
+    with open(run / "metrics.csv") as f:
+        val = [(int(r["step"]), float(r["val/rewards/accuracies"])) for r in csv.DictReader(f)
+               if r["val/rewards/accuracies"]]
+    assert val[0] == (0, 0.5)  # before training: policy == reference, every pair a tie
+    assert len(val) == 1 + 100 // 25 and val[-1][1] >= 0.9  # a validation every 25 steps
+
+    checkpoint = next((run / "checkpoints").glob("*.ckpt"))
+    reloaded = DPOModule.load_from_checkpoint(checkpoint, weights_only=True)
+    exported = AutoModelForCausalLM.from_pretrained(run / "hf_model")
+    for name, weight in cli.model.policy.state_dict().items():
+        torch.testing.assert_close(reloaded.policy.state_dict()[name], weight, rtol=0, atol=0)
+        torch.testing.assert_close(exported.state_dict()[name], weight, rtol=0, atol=0)
+    assert AutoTokenizer.from_pretrained(run / "hf_model")("sort cab:")["input_ids"] == cli.datamodule.tokenizer(
+        "sort cab:")["input_ids"]
