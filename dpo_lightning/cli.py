@@ -10,7 +10,8 @@ from dpo_lightning.data import PreferenceDataModule
 from dpo_lightning.module import DPOModule
 
 
-def main(args: list[str] | None = None) -> LightningCLI:
+def cli_main(args: list[str] | None = None) -> LightningCLI:
+    """Parse `args` (default: the command line), run the subcommand, return the CLI (its model, data, trainer)."""
     return LightningCLI(
         DPOModule, PreferenceDataModule, args=args,
         seed_everything_default=42,
@@ -21,6 +22,11 @@ def main(args: list[str] | None = None) -> LightningCLI:
         # configure_optimizers is driven by DPOModule arguments (optimizer, learning_rate, ...), not --optimizer.
         auto_configure_optimizers=False,
     )
+
+
+def main() -> None:
+    # The console script passes main()'s return value to sys.exit: it must be None for exit code 0.
+    cli_main()
 
 
 if __name__ == "__main__":

@@ -11,14 +11,14 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from dpo_lightning import DPOModule
-from dpo_lightning.cli import main
+from dpo_lightning.cli import cli_main
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_quickstart_learns_and_exports(tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)  # the config names the assets by paths relative to the repository root
-    cli = main(["fit", "--config", "configs/quickstart.yaml", "--trainer.max_steps=100",
+    cli = cli_main(["fit", "--config", "configs/quickstart.yaml", "--trainer.max_steps=100",
                 f"--trainer.logger.init_args.save_dir={tmp_path}", "--trainer.enable_progress_bar=false"])
     run = Path(cli.trainer.log_dir)
     with open(run / "metrics.csv") as f:
