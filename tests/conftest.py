@@ -52,6 +52,15 @@ def tiny_gpt2(tmp_path_factory) -> str:
     return _save(GPT2LMHeadModel(config), ascii_tokenizer(), tmp_path_factory.mktemp("gpt2"))
 
 
+@pytest.fixture(scope="session")
+def other_llama(tmp_path_factory, tiny_llama) -> str:
+    """The same architecture as `tiny_llama` with other random weights: a reference that differs."""
+    torch.manual_seed(1)
+    path = tmp_path_factory.mktemp("other_llama")
+    LlamaForCausalLM(LlamaConfig.from_pretrained(tiny_llama)).save_pretrained(path)
+    return str(path)
+
+
 def rows(n: int) -> dict[str, list[str]]:
     """n preference pairs of different lengths, as an in-memory dict of columns."""
     return {"prompt": [f"Q{i}: say {'ab' * (i % 3 + 1)}?" for i in range(n)],

@@ -196,3 +196,15 @@ def test_real_hh_slice_keeps_every_usable_row_intact():
         if not c["drop_reason"]:  # nothing lost: prompt + response gives back each whole dialogue
             assert c["prompt"] + c["chosen"] == row["chosen"] and c["prompt"] + c["rejected"] == row["rejected"]
             assert c["prompt"].endswith("\n\nAssistant:")
+
+
+def test_no_response_is_empty_even_at_the_tightest_truncation():
+    # max_length = max_prompt_length + 1 leaves one token of room: every response keeps it, so no
+    # per-token mean (IPO, SimPO, the NLL) ever divides by zero. Empty texts are dropped before this.
+    data = {"prompt": ["x" * n for n in (1, 5, 30)], "chosen": [" long answer", " a", " bb"],
+            "rejected": [" no", " quite a long rejected answer", " c"]}
+    dm = PreferenceDataModule(dataset=data, tokenizer=ascii_tokenizer(), max_length=6, max_prompt_length=5)
+    dm.setup("fit")
+    for row in dm.train_data:
+        assert len(row["chosen_input_ids"]) >= 1 and len(row["rejected_input_ids"]) >= 1
+        assert len(row["prompt_input_ids"]) + max(len(row["chosen_input_ids"]), len(row["rejected_input_ids"])) <= 6

@@ -12,17 +12,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
-from transformers import LlamaConfig, LlamaForCausalLM
-
-
-@pytest.fixture(scope="module")
-def other_llama(tmp_path_factory, tiny_llama) -> str:
-    torch.manual_seed(1)
-    config = LlamaConfig.from_pretrained(tiny_llama)
-    path = tmp_path_factory.mktemp("other_llama")
-    LlamaForCausalLM(config).save_pretrained(path)
-    return str(path)
 
 
 def validate(policy: str, reference: str, devices: int, out: Path) -> dict[str, float]:
@@ -34,7 +23,7 @@ def validate(policy: str, reference: str, devices: int, out: Path) -> dict[str, 
 def test_ddp_validation_metrics_equal_single_process(tiny_llama, other_llama, tmp_path):
     single = validate(tiny_llama, other_llama, 1, tmp_path / "single.json")
     ddp = validate(tiny_llama, other_llama, 2, tmp_path / "ddp.json")
-    assert set(single) == set(ddp) and len(single) == 9
+    assert set(single) == set(ddp) and "val/rewards/margin_length_corr" in single
     assert abs(single["val/rewards/margins"]) > 1e-3  # the two models really differ
     for name, value in single.items():
         assert ddp[name] == pytest.approx(value, rel=1e-5, abs=1e-6), name

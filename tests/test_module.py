@@ -5,6 +5,7 @@ Models are 2-layer Llama / GPT-2 built from configs (conftest.py); no network.
 """
 
 import math
+import warnings
 
 import lightning as L
 import pytest
@@ -36,11 +37,11 @@ def first_batch(dm: PreferenceDataModule) -> dict[str, torch.Tensor]:
 def test_step_zero_loss_is_ln2_rewards_zero_accuracy_half(fixture, request):
     # GPT-2 has dropout 0.1 and the module is in train mode: equal only because dropout is disabled.
     model = DPOModule(request.getfixturevalue(fixture), beta=0.1)
-    loss = model._shared_step(first_batch(data_module()), "train")
+    loss = model._shared_step(first_batch(data_module()), "val")
     torch.testing.assert_close(loss, torch.tensor(math.log(2)))
-    metrics = {name: m.compute() for name, m in model.train_metrics.items()}
+    metrics = {name: m.compute() for name, m in model.val_metrics.items()}
     assert metrics["rewards/chosen"] == 0 and metrics["rewards/rejected"] == 0 and metrics["rewards/margins"] == 0
-    assert metrics["rewards/accuracies"] == 0.5  # ties count half, see DPOModule._log_metrics
+    assert metrics["rewards/accuracies"] == 0.5  # ties count half, see metrics.batch_values
 
 
 def test_ipo_uses_per_token_mean_log_probs(tiny_llama):
@@ -49,12 +50,8 @@ def test_ipo_uses_per_token_mean_log_probs(tiny_llama):
     with torch.no_grad():
         model.policy.lm_head.weight.mul_(1.5)  # make the policy differ from the reference
         loss = model._shared_step(batch, "val")
-        logps, n = [], None
-        for m in (model.policy, model.reference):
-            s, n = sequence_logps(m(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
-                                  batch["labels"])
-            logps.append(s / n)
-    expected, _, _ = ipo_loss(*logps[0].chunk(2), *logps[1].chunk(2), beta=0.1)
+    policy, ref, n = batch_logps(model, batch)
+    expected, _, _ = ipo_loss(*(policy / n).chunk(2), *(ref / n).chunk(2), beta=0.1)
     torch.testing.assert_close(loss, expected.mean())
 
 
@@ -78,7 +75,8 @@ def test_checkpoint_holds_only_the_policy_and_reloads_to_the_same_weights(tiny_l
     path = tmp_path / "last.ckpt"
     t.save_checkpoint(path)
     saved = torch.load(path, weights_only=True)["state_dict"]
-    assert saved and all(k.startswith("policy.") for k in saved)
+    # The policy, and bco_pair's running reward mean; never the reference.
+    assert {k for k in saved if not k.startswith("policy.")} == {"bco_reward_sum", "bco_reward_count"}
     reloaded = DPOModule.load_from_checkpoint(path, weights_only=True)
     for k, v in model.policy.state_dict().items():
         torch.testing.assert_close(reloaded.policy.state_dict()[k], v, rtol=0, atol=0)
@@ -127,9 +125,72 @@ def test_bf16_mixed_runs_on_cpu_with_float32_log_probs(tiny_llama, tmp_path):
 
 @pytest.mark.parametrize("kwargs, message", [
     ({"beta": 0.0}, "--model.beta must be > 0"),
-    ({"loss_type": "hinge", "label_smoothing": 0.1}, "label_smoothing only applies to loss_type 'sigmoid'"),
-    ({"loss_type": "kto"}, r"--model.loss_type must be one of \['hinge', 'ipo', 'sigmoid'\]"),
+    ({"loss_type": "hinge", "label_smoothing": 0.1},
+     r"--model.label_smoothing is set but loss_type \['hinge'\] ignores it; it is used by \[.*'sigmoid'"),
+    ({"loss_type": "sigmoid", "simpo_gamma": 0.5}, r"simpo_gamma is set .* used by \['simpo'\]"),
+    ({"loss_type": "kto"}, r"--model.loss_type \['kto'\] is not one of \[.*'sigmoid'"),
+    ({"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0]}, "loss_weights has 1 entries for 2 loss types"),
+    ({"loss_type": "simpo", "ref_model_name_or_path": "x"}, "ref_model_name_or_path is set but the loss uses no"),
 ])
 def test_bad_arguments_fail_at_construction_naming_the_flag(tiny_llama, kwargs, message):
     with pytest.raises(ValueError, match=message):
         DPOModule(tiny_llama, **kwargs)
+
+
+@pytest.mark.parametrize("kwargs", [{"loss_type": "simpo"}, {"loss_type": "orpo"}, {"loss_type": "cpo"},
+                                    {"loss_type": "sigmoid", "reference_free": True}])
+def test_reference_free_losses_load_no_reference(tiny_llama, kwargs):
+    model = DPOModule(tiny_llama, **kwargs)
+    assert model.reference is None
+    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in model.policy.parameters())
+    loss = model._shared_step(first_batch(data_module()), "val")
+    assert torch.isfinite(loss)
+
+
+def batch_logps(model: DPOModule, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Policy and reference summed log-probs (2B,) and token counts (2B,), recomputed outside the module."""
+    with torch.no_grad():
+        out = [sequence_logps(m(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
+                              batch["labels"]) for m in (model.policy, model.reference)]
+    return out[0][0], out[1][0], out[0][1]
+
+
+def test_weighted_combination_and_rpo_nll(tiny_llama):
+    # loss = 1.0 * mean(sigmoid) + 0.5 * mean(sft: per-token NLL of chosen) + 0.2 * token-mean NLL of chosen
+    model = DPOModule(tiny_llama, loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.5], rpo_alpha=0.2)
+    batch = first_batch(data_module())
+    with torch.no_grad():
+        model.policy.lm_head.weight.mul_(1.5)
+        loss = model._shared_step(batch, "val")
+    policy, ref, n = batch_logps(model, batch)
+    (pc, pr), (rc, rr), (nc, _) = policy.chunk(2), ref.chunk(2), n.chunk(2)
+    dpo = -torch.nn.functional.logsigmoid(0.1 * ((pc - pr) - (rc - rr))).mean()
+    expected = dpo + 0.5 * (-pc / nc).mean() + 0.2 * (-pc.sum() / nc.sum())
+    torch.testing.assert_close(loss, expected)
+    assert model.val_metrics["nll_loss"].compute() == pytest.approx((-pc.sum() / nc.sum()).item(), rel=1e-5)
+
+
+def test_bco_pair_shift_is_the_running_mean_of_all_training_rewards(tiny_llama, tmp_path):
+    seen = []
+
+    class Record(L.Callback):
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            policy, ref, _ = batch_logps(module, batch)
+            seen.append(0.1 * (policy - ref))
+
+    model = DPOModule(tiny_llama, loss_type="bco_pair", learning_rate=1e-2)
+    trainer(tmp_path, max_steps=3, callbacks=[Record()]).fit(model, data_module())
+    expected = torch.cat(seen).double().mean()
+    torch.testing.assert_close(model.bco_reward_sum / model.bco_reward_count, expected, rtol=1e-4, atol=1e-6)
+    assert model.bco_reward_count.item() == 3 * 8  # 3 steps of 4 pairs = 8 sequences each
+
+
+def test_likelihood_displacement_warns_once_past_the_threshold(tiny_llama, tmp_path):
+    # The chosen log-prob drop (ref - policy, nats) is finite, so it always exceeds -1e9 and never 1e9.
+    for threshold, expected in ((-1e9, 1), (1e9, 0)):
+        model = DPOModule(tiny_llama, learning_rate=1e-2, chosen_logp_drop_warning=threshold)
+        with warnings.catch_warnings(record=True) as record:
+            warnings.simplefilter("always")
+            trainer(tmp_path, max_steps=3).fit(model, data_module())
+        messages = [str(w.message) for w in record if "likelihood displacement" in str(w.message)]
+        assert len(messages) == expected, messages

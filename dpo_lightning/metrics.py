@@ -1,0 +1,89 @@
+"""Preference metrics: what `DPOModule` logs under `train/` and `val/`, with TRL's names.
+
+Every metric is a torchmetrics object holding sums and counts, so a split's value is the exact mean
+over all of its pairs (or tokens), whatever the batch size, the number of DDP ranks (torchmetrics
+syncs the sums) or the gradient accumulation (training metrics are reduced per optimizer step).
+"""
+
+import torch
+from torch import Tensor, nn
+from torchmetrics import MeanMetric, Metric
+
+PAIR_METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+                "logps/chosen", "logps/rejected", "lengths/chosen", "lengths/rejected")
+TOKEN_METRICS = ("logits/chosen", "logits/rejected", "nll_loss")
+
+
+class MarginLengthCorrelation(Metric):
+    """Pearson correlation of the reward margin with the length difference |y_w| - |y_l| over a split.
+
+    A strong positive value says the policy is winning pairs by length (the bias R-DPO targets).
+    Kept as sums so it is exact across batches and ranks; 0 when either side never varies (for
+    example, chosen and rejected always the same length), where the correlation is undefined.
+    """
+
+    def __init__(self):
+        super().__init__()
+        for name in ("n", "sx", "sy", "sxx", "syy", "sxy"):
+            self.add_state(name, default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, margins: Tensor, length_differences: Tensor) -> None:
+        x, y = margins.double(), length_differences.double()
+        self.n += x.numel()
+        self.sx += x.sum()
+        self.sy += y.sum()
+        self.sxx += (x * x).sum()
+        self.syy += (y * y).sum()
+        self.sxy += (x * y).sum()
+
+    def compute(self) -> Tensor:
+        cov = self.sxy - self.sx * self.sy / self.n
+        var_x, var_y = self.sxx - self.sx ** 2 / self.n, self.syy - self.sy ** 2 / self.n
+        if var_x <= 0 or var_y <= 0:
+            return torch.tensor(0.0)
+        return (cov / torch.sqrt(var_x * var_y)).float()
+
+
+def make_metrics(with_nll: bool) -> nn.ModuleDict:
+    """One stage's metrics. Slashes are fine in ModuleDict keys (dots are not)."""
+    names = PAIR_METRICS + TOKEN_METRICS[:2] + (("nll_loss",) if with_nll else ())
+    metrics = nn.ModuleDict({name: MeanMetric() for name in names})
+    metrics["rewards/margin_length_corr"] = MarginLengthCorrelation()
+    return metrics
+
+
+def batch_values(losses: Tensor, chosen_rewards: Tensor, rejected_rewards: Tensor, logps: Tensor,
+                 mean_logits: Tensor, n_tokens: Tensor, nll: Tensor | None) -> dict[str, tuple[Tensor, Tensor]]:
+    """Each metric's update arguments for one batch: (value, weight) for means, (margins, Δlength) for the correlation.
+
+    Args:
+        losses, chosen_rewards, rejected_rewards: (B,) from the loss.
+        logps, mean_logits, n_tokens: (2B,) summed log-probs, mean logit and token count per sequence,
+            chosen rows first.
+        nll: (B,) per-pair NLL of the chosen response per token, or None when no loss term uses it.
+    """
+    # A tie (policy == reference, as at step 0) counts as half right: the accuracy of a coin flip.
+    # TRL counts ties as wrong, which reads 0.0 at step 0 instead of 0.5.
+    accuracy = (chosen_rewards > rejected_rewards).float() + 0.5 * (chosen_rewards == rejected_rewards).float()
+    margins = chosen_rewards - rejected_rewards
+    one = torch.ones_like(losses)
+    (chosen_logps, rejected_logps), (chosen_logits, rejected_logits) = logps.chunk(2), mean_logits.chunk(2)
+    chosen_tokens, rejected_tokens = n_tokens.float().chunk(2)
+    values = {
+        "loss": (losses, one),
+        "rewards/chosen": (chosen_rewards, one),
+        "rewards/rejected": (rejected_rewards, one),
+        "rewards/accuracies": (accuracy, one),
+        "rewards/margins": (margins, one),
+        "logps/chosen": (chosen_logps, one),
+        "logps/rejected": (rejected_logps, one),
+        "lengths/chosen": (chosen_tokens, one),
+        "lengths/rejected": (rejected_tokens, one),
+        # Token-weighted: the split's value is the mean over every response token, not over rows.
+        "logits/chosen": (chosen_logits, chosen_tokens),
+        "logits/rejected": (rejected_logits, rejected_tokens),
+        "rewards/margin_length_corr": (margins, chosen_tokens - rejected_tokens),
+    }
+    if nll is not None:
+        values["nll_loss"] = (nll, chosen_tokens)
+    return {name: (value.detach(), weight) for name, (value, weight) in values.items()}

@@ -1,0 +1,73 @@
+"""Preference metrics: exact over a split however it is batched, accumulated or split across ranks.
+
+`MarginLengthCorrelation` is checked against Python's own `statistics.correlation`; the module-level
+checks run tiny models (conftest.py) through Lightning on CPU. No network.
+"""
+
+import math
+import statistics
+
+import lightning as L
+import pytest
+import torch
+from conftest import ascii_tokenizer, rows
+
+from dpo_lightning import DPOModule, PreferenceDataModule
+from dpo_lightning.metrics import MarginLengthCorrelation, batch_values
+
+
+def test_margin_length_correlation_matches_pearson_across_batches():
+    margins, lengths = [0.5, 2.0, -1.0, 3.5, 0.0], [1.0, 4.0, -2.0, 5.0, 2.0]
+    metric = MarginLengthCorrelation()
+    metric.update(torch.tensor(margins[:2]), torch.tensor(lengths[:2]))
+    metric.update(torch.tensor(margins[2:]), torch.tensor(lengths[2:]))
+    assert metric.compute().item() == pytest.approx(statistics.correlation(margins, lengths), rel=1e-6)
+
+
+def test_margin_length_correlation_is_zero_when_lengths_never_differ():
+    metric = MarginLengthCorrelation()
+    metric.update(torch.tensor([0.5, 2.0, -1.0]), torch.zeros(3))
+    assert metric.compute().item() == 0.0
+
+
+def test_ties_count_half_and_logits_are_token_weighted():
+    # Pair 0 wins, pair 1 ties, pair 2 loses: accuracy (1 + 0.5 + 0) / 3.
+    rewards_c, rewards_r = torch.tensor([1.0, 0.0, -1.0]), torch.tensor([0.0, 0.0, 1.0])
+    values = batch_values(torch.zeros(3), rewards_c, rewards_r, torch.zeros(6), torch.arange(6.0),
+                          torch.tensor([1, 3, 1, 2, 2, 2]), None)
+    accuracy, _ = values["rewards/accuracies"]
+    assert accuracy.mean().item() == pytest.approx(0.5)
+    logits, weights = values["logits/chosen"]  # per-sequence means [0, 1, 2] over 1, 3, 1 tokens
+    assert (logits * weights).sum() / weights.sum() == pytest.approx((0 * 1 + 1 * 3 + 2 * 1) / 5)
+
+
+def fit_and_validate(policy: str, reference: str, batch_size: int, accumulate: int, eval_batch_size: int,
+                     root) -> tuple[DPOModule, dict, dict]:
+    L.seed_everything(0)
+    data = PreferenceDataModule(dataset=rows(16), eval_dataset=rows(10), tokenizer=ascii_tokenizer(), max_length=48,
+                                max_prompt_length=24, batch_size=batch_size, eval_batch_size=eval_batch_size)
+    model = DPOModule(policy, ref_model_name_or_path=reference, learning_rate=1e-3)
+    trainer = L.Trainer(max_steps=2, accumulate_grad_batches=accumulate, log_every_n_steps=1, logger=False,
+                        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                        num_sanity_val_steps=0, limit_val_batches=0, default_root_dir=root)
+    trainer.fit(model, data)
+    train_metrics = {k: v.item() for k, v in trainer.logged_metrics.items() if k.startswith("train/")}
+    validator = L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir=root)
+    val_metrics = validator.validate(model, data, verbose=False)[0]
+    return model, train_metrics, val_metrics
+
+
+def test_metrics_are_exact_under_batch_size_and_gradient_accumulation(tiny_llama, other_llama, tmp_path):
+    # 8 pairs a step, as one batch or as 4 micro-batches of 2; validated in batches of 2 vs 8 (10 pairs:
+    # uneven last batch). Same weights, so every metric must agree, the per-step training ones included.
+    one, train_one, val_one = fit_and_validate(tiny_llama, other_llama, 8, 1, 8, tmp_path)
+    acc, train_acc, val_acc = fit_and_validate(tiny_llama, other_llama, 2, 4, 2, tmp_path)
+    for name, weight in one.policy.state_dict().items():
+        torch.testing.assert_close(acc.policy.state_dict()[name], weight, rtol=1e-4, atol=1e-5)
+    assert set(train_one) == set(train_acc) and "train/rewards/margin_length_corr" in train_one
+    for name, value in train_one.items():
+        assert train_acc[name] == pytest.approx(value, rel=1e-4, abs=1e-5), name
+    assert set(val_one) == set(val_acc) and len(val_one) == 12
+    for name, value in val_one.items():
+        assert val_acc[name] == pytest.approx(value, rel=1e-4, abs=1e-5), name
+    assert not any(math.isnan(v) for v in val_one.values())
