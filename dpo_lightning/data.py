@@ -3,125 +3,52 @@
 Tokenization rules, applied in this order by `tokenize_row` (after the DPO reference's
 `preference_datasets.py::tokenize_batch_element`):
 
-1. Prompt. A row's `prompt` is used as given. A row without one (Anthropic HH: `chosen` and `rejected`
-   are whole "\\n\\nHuman: ... \\n\\nAssistant: ..." dialogues) takes as prompt the chosen dialogue
-   through its last "\\n\\nAssistant:", and the rejected dialogue must start with that same prompt; a
-   row where it doesn't is dropped and counted, never sliced into a corrupt response.
+1. Prompt. Each row becomes prompt, chosen and rejected strings as its format says (formats.py:
+   explicit, HH dialogues, implicit shared prefix, chat-template conversations). A row whose two sides
+   do not share a prompt is dropped and counted, never sliced into a corrupt response.
 2. Tokenize prompt, chosen and rejected separately with `add_special_tokens=False`, so the prompt ids
    are identical in both sequences and no token merges across the prompt/response boundary. One BOS
-   goes in front of the prompt where the tokenizer adds one to plain text; EOS is appended to each
-   response.
-3. If prompt + longer response exceeds `max_length`, the prompt keeps `max_prompt_length` tokens (BOS
-   included): its end with `truncation_mode="keep_end"` (dialogues end with the turn being answered),
-   its start with `"keep_start"`. If still too long, both responses are cut to the room left.
+   goes in front of the prompt where the tokenizer adds one to plain text (not a second one when the
+   text, e.g. a chat template's, already starts with it); EOS is appended to each response, except
+   for conversations, whose responses end with the template's own end-of-turn token.
+3. A prompt alone longer than `max_length` drops the row. If prompt + longer response exceeds
+   `max_length`, the prompt keeps `max_prompt_length` tokens (BOS included): its end with
+   `truncation_mode="keep_end"` (dialogues end with the turn being answered), its start with
+   `"keep_start"`. If still too long, both responses are cut to the room left, which is at least one
+   token because `max_prompt_length < max_length`: no response is ever empty.
 4. Labels are the input ids with every prompt position set to `IGNORE_INDEX`. The collator places them
    by lengths, never by comparing ids, so a response's EOS is learned even when pad == eos.
 
-Rows that cannot be used (a missing or empty field, identical responses, a dialogue whose prompts
-differ) are dropped and counted by reason in `PreferenceDataModule.summary`; a row of the wrong type
-raises an error naming the row and the field. Batches hold chosen rows first, then rejected rows, so
-one forward pass scores both (see `collate_pairs`).
+Rows that cannot be used (a missing, non-text or empty field, identical responses, prompts that
+differ, a prompt longer than `max_length`) are dropped and counted by reason in
+`PreferenceDataModule.summary`, or with `strict=True` raise an error naming the row, the field and the
+fix. Batches hold chosen rows first, then rejected rows, so one forward pass scores both
+(see `collate_pairs`).
 """
 
-import os
 from collections import Counter
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 import lightning as L
+import numpy as np
 import torch
-from datasets import Dataset, DatasetDict, load_dataset
+from datasets import Dataset, IterableDataset
+from datasets.distributed import split_dataset_by_node
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from dpo_lightning.formats import FIELDS, FORMATS, PRESETS, DatasetSource, detect_format, load_rows, to_strings
 from dpo_lightning.losses import IGNORE_INDEX
-
-HH_ASSISTANT = "\n\nAssistant:"
-FIELDS = ("prompt", "chosen", "rejected")
-TOKEN_COLUMNS = ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids")
-# A dataset given as: a hub name or local path, an in-memory dict of columns or list of rows, or a
-# `datasets` object.
-DatasetSource = Union[str, dict, list, Dataset, DatasetDict]
-
-_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
-
-
-def load_rows(source: DatasetSource, split: str = "train", name: str | None = None,
-              data_dir: str | None = None) -> Dataset:
-    """Load one split of preference rows from any supported source.
-
-    A local file (.json, .jsonl, .parquet, .csv, optionally .gz) is read as a single split; any other
-    string goes to `datasets.load_dataset(source, name, data_dir=..., split=...)`, which reads a hub
-    dataset or a local folder of data files alike.
-    """
-    if isinstance(source, dict):
-        return Dataset.from_dict(source)
-    if isinstance(source, list):
-        return Dataset.from_list(source)
-    if isinstance(source, DatasetDict):
-        if split not in source:
-            raise ValueError(f"split {split!r} not in the dataset; it has {sorted(source)}")
-        return source[split]
-    if isinstance(source, Dataset):
-        return source
-    if os.path.isfile(source):
-        stem = source[:-3] if source.endswith(".gz") else source
-        builder = _FILE_BUILDERS.get(os.path.splitext(stem)[1])
-        if builder is None:
-            raise ValueError(f"{source}: unknown file type; use one of {sorted(_FILE_BUILDERS)} (optionally .gz)")
-        return load_dataset(builder, data_files=source, split="train")
-    return load_dataset(source, name, data_dir=data_dir, split=split)
-
-
-def split_dialogue(chosen: str, rejected: str) -> tuple[str, str, str] | None:
-    """Rule 1 for HH dialogues: (prompt, chosen response, rejected response), or None if the prompts differ.
-
-    Example:
-        >>> split_dialogue("\\n\\nHuman: hi\\n\\nAssistant: hello", "\\n\\nHuman: hi\\n\\nAssistant: go away")
-        ('\\n\\nHuman: hi\\n\\nAssistant:', ' hello', ' go away')
-    """
-    end = chosen.rfind(HH_ASSISTANT)
-    if end < 0:
-        return None
-    prompt = chosen[: end + len(HH_ASSISTANT)]
-    if not rejected.startswith(prompt):
-        return None
-    return prompt, chosen[len(prompt):], rejected[len(prompt):]
-
-
-def check_row(row: dict, index: int, implicit_prompt: bool) -> dict:
-    """Rule 1 and the row checks: the row's prompt and responses, and why it is dropped ("" if kept).
-
-    Raises on a value of the wrong type, naming the row and the field: that is a format error, not noise.
-    """
-    for field in FIELDS[implicit_prompt:]:
-        value = row[field]
-        if value is not None and not isinstance(value, str):
-            raise TypeError(f"row {index}: field {field!r} is a {type(value).__name__}, expected a string "
-                            f"(conversational rows are not supported yet; render them to text first)")
-    out = {field: row.get(field) for field in FIELDS}
-    missing = [field for field in FIELDS[implicit_prompt:] if out[field] is None]
-    if missing:
-        return {**out, "drop_reason": f"missing {missing[0]}"}
-    if implicit_prompt:
-        parts = split_dialogue(row["chosen"], row["rejected"])
-        if parts is None:
-            return {**out, "drop_reason": "dialogues do not share the prompt"}
-        out = dict(zip(FIELDS, parts))
-    for field in ("chosen", "rejected"):
-        if not out[field].strip():
-            return {**out, "drop_reason": f"empty {field}"}
-    if out["chosen"] == out["rejected"]:
-        return {**out, "drop_reason": "chosen == rejected"}
-    return {**out, "drop_reason": ""}
 
 
 def tokenize_row(row: dict, tokenizer: PreTrainedTokenizerBase, bos_token_id: int | None, max_length: int,
-                 max_prompt_length: int, truncation_mode: str) -> dict[str, list[int]]:
+                 max_prompt_length: int, truncation_mode: str, append_eos: bool = True) -> dict[str, Any]:
     """Rules 2 and 3: token ids of the prompt and of each response (EOS included), truncated.
 
-    Returns `prompt_input_ids`, `chosen_input_ids`, `rejected_input_ids`; the collator concatenates
-    prompt + response and builds the labels (rule 4).
+    Returns `prompt_input_ids`, `chosen_input_ids`, `rejected_input_ids` (the collator concatenates
+    prompt + response and builds the labels, rule 4), and for the data summary: `length` (prompt +
+    longer response before truncation), `truncated`, `chosen_longer`, and `drop_reason` ("" if kept).
     """
     def encode(text: str) -> list[int]:
         return tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -130,16 +57,22 @@ def tokenize_row(row: dict, tokenizer: PreTrainedTokenizerBase, bos_token_id: in
     prompt = encode(row["prompt"])
     if prompt[:1] == bos:  # the text already starts with BOS: don't add a second one
         prompt = prompt[1:]
-    chosen = encode(row["chosen"]) + [tokenizer.eos_token_id]
-    rejected = encode(row["rejected"]) + [tokenizer.eos_token_id]
+    eos = [tokenizer.eos_token_id] if append_eos else []
+    chosen, rejected = encode(row["chosen"]) + eos, encode(row["rejected"]) + eos
 
     longer = max(len(chosen), len(rejected))
-    if len(bos) + len(prompt) + longer > max_length:
+    length = len(bos) + len(prompt) + longer
+    stats = {"length": length, "truncated": length > max_length, "chosen_longer": len(chosen) > len(rejected)}
+    if len(bos) + len(prompt) > max_length:
+        return {"prompt_input_ids": [], "chosen_input_ids": [], "rejected_input_ids": [], **stats,
+                "drop_reason": "prompt longer than max_length"}
+    if length > max_length:
         keep = max_prompt_length - len(bos)
         prompt = prompt[len(prompt) - keep:] if truncation_mode == "keep_end" else prompt[:keep]
     prompt = bos + prompt
     room = max_length - len(prompt)
-    return {"prompt_input_ids": prompt, "chosen_input_ids": chosen[:room], "rejected_input_ids": rejected[:room]}
+    return {"prompt_input_ids": prompt, "chosen_input_ids": chosen[:room], "rejected_input_ids": rejected[:room],
+            **stats, "drop_reason": ""}
 
 
 def collate_pairs(rows: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
@@ -194,24 +127,34 @@ class PreferenceDataModule(L.LightningDataModule):
     """Preference pairs for DPO: loads, checks, tokenizes once (cached by `datasets`), and batches.
 
     Args:
-        dataset: training rows: a hub dataset name, a local file (.json/.jsonl/.parquet/.csv) or folder,
-            an in-memory dict of columns or list of rows, or a `datasets.Dataset`/`DatasetDict`. Rows have
-            `prompt`, `chosen`, `rejected` strings, or only `chosen`/`rejected` HH dialogues.
+        dataset: training rows: a hub dataset name (or "hh" for Anthropic/hh-rlhf), a local file
+            (.json/.jsonl/.parquet/.csv, optionally .gz), a glob or list of files, a folder of split files,
+            an in-memory dict of columns or list of rows, or a `datasets.Dataset`/`DatasetDict`.
         eval_dataset: validation rows, in any of the forms of `dataset`. Default: `eval_split` of
             `dataset`, else `eval_fraction` of the training rows, else no validation.
         tokenizer: tokenizer name or path (or object). Default: the model's (`DPOModule.model_name_or_path`).
+        dataset_format: how rows hold prompt and responses (see formats.py); "auto" detects it from the
+            columns and the first row.
+        prompt_column: the column holding the prompt, when it is not called "prompt".
+        chosen_column: the column holding the preferred response, when it is not called "chosen".
+        rejected_column: the column holding the dispreferred response, when it is not called "rejected".
         dataset_config: the hub dataset's configuration name (`name` of `datasets.load_dataset`).
         data_dir: the hub dataset's sub-folder (`data_dir` of `datasets.load_dataset`), e.g. "harmless-base".
         split: split of `dataset` to train on.
         eval_split: split of `dataset` to validate on, e.g. "test".
         eval_fraction: share of the training rows held out for validation when no eval data is named.
+        streaming: read the training rows as a stream (`datasets.IterableDataset`) instead of preparing
+            them on disk first, for data too big for that; set `trainer.max_steps`. No drop counts then.
         max_length: maximum tokens of prompt + response (rule 3).
         max_prompt_length: prompt tokens kept when a pair is too long (rule 3).
         truncation_mode: which end of a too-long prompt to keep (rule 3).
+        strict: raise on the first unusable row (naming the row, the field and the fix) instead of
+            dropping and counting it.
+        max_drop_fraction: fail at setup when more than this share of a split's rows is dropped.
         batch_size: preference pairs per batch and device; a batch holds 2 * batch_size sequences.
         eval_batch_size: pairs per validation batch. Default: `batch_size`.
         num_workers: DataLoader worker processes.
-        seed: seed of the `eval_fraction` split.
+        seed: seed of the `eval_fraction` split and of the streaming shuffle.
     """
 
     def __init__(
@@ -219,14 +162,21 @@ class PreferenceDataModule(L.LightningDataModule):
         dataset: DatasetSource,
         eval_dataset: DatasetSource | None = None,
         tokenizer: str | PreTrainedTokenizerBase | None = None,
+        dataset_format: Literal["auto", "explicit", "hh", "implicit", "conversational"] = "auto",
+        prompt_column: str = "prompt",
+        chosen_column: str = "chosen",
+        rejected_column: str = "rejected",
         dataset_config: str | None = None,
         data_dir: str | None = None,
         split: str = "train",
         eval_split: str | None = None,
         eval_fraction: float = 0.0,
+        streaming: bool = False,
         max_length: int = 512,
         max_prompt_length: int = 128,
         truncation_mode: Literal["keep_end", "keep_start"] = "keep_end",
+        strict: bool = False,
+        max_drop_fraction: float | None = None,
         batch_size: int = 8,
         eval_batch_size: int | None = None,
         num_workers: int = 0,
@@ -238,11 +188,18 @@ class PreferenceDataModule(L.LightningDataModule):
                              f"response keeps at least one token, got {max_prompt_length}")
         if truncation_mode not in ("keep_end", "keep_start"):
             raise ValueError(f"--data.truncation_mode must be 'keep_end' or 'keep_start', got {truncation_mode!r}")
+        if dataset_format != "auto" and dataset_format not in FORMATS:
+            raise ValueError(f"--data.dataset_format must be 'auto' or one of {FORMATS}, got {dataset_format!r}")
         if not 0.0 <= eval_fraction < 1.0:
             raise ValueError(f"--data.eval_fraction must be in [0, 1), got {eval_fraction}")
+        if streaming and eval_fraction:
+            raise ValueError("--data.eval_fraction cannot carve a stream: give eval_dataset or eval_split")
         self.save_hyperparameters(ignore=["dataset", "eval_dataset", "tokenizer"])
+        if isinstance(dataset, str) and dataset in PRESETS:
+            dataset, preset_format = PRESETS[dataset]
+            self.hparams.dataset_format = preset_format if dataset_format == "auto" else dataset_format
         self.dataset, self.eval_dataset, self.tokenizer = dataset, eval_dataset, tokenizer
-        self.train_data: Dataset | None = None
+        self.train_data: Dataset | IterableDataset | None = None
         self.val_data: Dataset | None = None
         self.summary: dict[str, dict[str, Any]] = {}
 
@@ -256,14 +213,15 @@ class PreferenceDataModule(L.LightningDataModule):
         if self.train_data is None:
             self.train_data, self.val_data = self._build()
 
-    def _build(self) -> tuple[Dataset, Dataset | None]:
+    def _build(self) -> tuple[Dataset | IterableDataset, Dataset | None]:
         hp = self.hparams
         tokenizer = self._resolve_tokenizer()
-        train = load_rows(self.dataset, hp.split, hp.dataset_config, hp.data_dir)
+        source = (hp.dataset_config, hp.data_dir)
+        train = load_rows(self.dataset, hp.split, *source, streaming=hp.streaming)
         if self.eval_dataset is not None:
-            val = load_rows(self.eval_dataset, hp.split, hp.dataset_config, hp.data_dir)
+            val = load_rows(self.eval_dataset, hp.split, *source)
         elif hp.eval_split is not None:
-            val = load_rows(self.dataset, hp.eval_split, hp.dataset_config, hp.data_dir)
+            val = load_rows(self.dataset, hp.eval_split, *source)
         elif hp.eval_fraction > 0:
             parts = train.train_test_split(test_size=hp.eval_fraction, seed=hp.seed)
             train, val = parts["train"], parts["test"]
@@ -289,29 +247,69 @@ class PreferenceDataModule(L.LightningDataModule):
         self.tokenizer = load_tokenizer(name)
         return self.tokenizer
 
-    def _prepare_split(self, rows: Dataset, stage: str, tokenizer: PreTrainedTokenizerBase) -> Dataset:
-        columns = set(rows.column_names)
-        if {"chosen", "rejected"} - columns:
-            raise ValueError(f"{stage} data has columns {sorted(columns)}; expected 'chosen' and 'rejected' "
-                             f"(and 'prompt'): rename yours with `Dataset.rename_column`")
-        rows = rows.map(check_row, with_indices=True, fn_kwargs={"implicit_prompt": "prompt" not in columns},
-                        remove_columns=rows.column_names, desc=f"checking {stage} rows")
-        dropped = Counter(reason for reason in rows["drop_reason"] if reason)
-        rows = rows.filter(lambda reason: not reason, input_columns="drop_reason")
+    def _prepare_split(self, rows: Dataset | IterableDataset, stage: str,
+                       tokenizer: PreTrainedTokenizerBase) -> Dataset | IterableDataset:
         hp = self.hparams
+        renames = {hp.prompt_column: "prompt", hp.chosen_column: "chosen", hp.rejected_column: "rejected"}
+        columns = rows.column_names or list(next(iter(rows)))  # a stream may not know its columns yet
+        rows = rows.rename_columns({k: v for k, v in renames.items() if k != v and k in columns})
+        columns = [renames.get(c, c) for c in columns]
+        fmt = hp.dataset_format
+        if fmt == "auto":
+            fmt = detect_format(columns, next(iter(rows)))
+        rows = rows.map(to_strings, with_indices=True, remove_columns=columns,
+                        fn_kwargs=dict(dataset_format=fmt, tokenizer=tokenizer, strict=hp.strict),
+                        **_progress(rows, f"reading {stage} rows ({fmt})"))
+        unread = Counter() if isinstance(rows, IterableDataset) else Counter(r for r in rows["drop_reason"] if r)
+        rows = _keep(rows, f"dropping unusable {stage} rows")
         tokenized = rows.map(
-            tokenize_row, remove_columns=rows.column_names, desc=f"tokenizing {stage}",
+            tokenize_row, remove_columns=[*FIELDS, "drop_reason"], **_progress(rows, f"tokenizing {stage}"),
             fn_kwargs=dict(tokenizer=tokenizer, bos_token_id=adds_bos(tokenizer), max_length=hp.max_length,
-                           max_prompt_length=hp.max_prompt_length, truncation_mode=hp.truncation_mode),
+                           max_prompt_length=hp.max_prompt_length, truncation_mode=hp.truncation_mode,
+                           append_eos=fmt != "conversational"),
         )
-        self.summary[stage] = {"rows": len(tokenized) + sum(dropped.values()), "kept": len(tokenized),
-                               "dropped": dict(dropped)}
-        rank_zero_info(f"[dpo_lightning] {stage} data: {self.summary[stage]}")
-        if len(tokenized) == 0:
-            raise ValueError(f"no usable {stage} rows left: {self.summary[stage]}")
-        return tokenized
+        if isinstance(tokenized, IterableDataset):  # a stream: no counts, rows are checked as they come
+            kept = _keep(tokenized, "")
+            if self.trainer is not None and self.trainer.world_size > 1:
+                kept = split_dataset_by_node(kept, self.trainer.global_rank, self.trainer.world_size)
+            return kept
+        self.summary[stage] = summarize(tokenized, hp.max_length, unread)
+        rank_zero_info(f"[dpo_lightning] {stage} data: {format_summary(self.summary[stage])}")
+        self._check_drops(tokenized, stage)
+        return _keep(tokenized, f"dropping too long {stage} prompts")
 
-    def _loader(self, data: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
+    def _check_drops(self, tokenized: Dataset, stage: str) -> None:
+        summary, hp = self.summary[stage], self.hparams
+        if summary["kept"] == 0:
+            raise ValueError(f"no usable {stage} rows left: {format_summary(summary)}")
+        if hp.strict and summary["dropped"]:
+            index = next(i for i, reason in enumerate(tokenized["drop_reason"]) if reason)
+            raise ValueError(f"row {index}: {tokenized[index]['drop_reason']}; raise --data.max_length or shorten "
+                             "the prompt (or drop such rows: strict=False)")
+        dropped = summary["rows"] - summary["kept"]
+        if hp.max_drop_fraction is not None and dropped > hp.max_drop_fraction * summary["rows"]:
+            raise ValueError(f"{dropped} of {summary['rows']} {stage} rows dropped, over max_drop_fraction="
+                             f"{hp.max_drop_fraction}: {summary['dropped']}")
+
+    def inspect(self, n_rows: int = 3, stage: str = "train") -> str:
+        """The split's summary and its first rows token by token: `[masked]` prompt, then trained tokens.
+
+        What the model is trained on, exactly: every token the loss sees is outside the brackets.
+        """
+        self.setup("fit")
+        data = self.train_data if stage == "train" else self.val_data
+        lines = [f"{stage}: {format_summary(self.summary[stage])}"]
+        for i, row in zip(range(n_rows), data):
+            prompt = self.tokenizer.convert_ids_to_tokens(row["prompt_input_ids"])
+            lines.append(f"--- row {i}: prompt {len(prompt)} tokens (masked), responses trained")
+            for side in ("chosen", "rejected"):
+                tokens = self.tokenizer.convert_ids_to_tokens(row[f"{side}_input_ids"])
+                lines.append(f"{side:>9}: [{'|'.join(prompt)}] {'|'.join(tokens)}")
+        return "\n".join(lines)
+
+    def _loader(self, data: Dataset | IterableDataset, batch_size: int, shuffle: bool) -> DataLoader:
+        if isinstance(data, IterableDataset):
+            data, shuffle = data.shuffle(seed=self.hparams.seed, buffer_size=10_000), False
         return DataLoader(data, batch_size=batch_size, shuffle=shuffle, num_workers=self.hparams.num_workers,
                           collate_fn=self.collate)
 
@@ -326,3 +324,37 @@ class PreferenceDataModule(L.LightningDataModule):
             return []
         return self._loader(self.val_data, self.hparams.eval_batch_size or self.hparams.batch_size, shuffle=False)
 
+
+def _keep(rows: Dataset | IterableDataset, desc: str) -> Dataset | IterableDataset:
+    """The rows without a drop reason."""
+    return rows.filter(lambda reason: not reason, input_columns="drop_reason", **_progress(rows, desc))
+
+
+def _progress(rows: Dataset | IterableDataset, desc: str) -> dict:
+    # IterableDataset.map takes no progress-bar description.
+    return {} if isinstance(rows, IterableDataset) else {"desc": desc}
+
+
+def summarize(tokenized: Dataset, max_length: int, unread: Counter) -> dict[str, Any]:
+    """Rows read, kept, dropped by reason, truncated, length percentiles (before truncation), length bias.
+
+    `unread` counts the rows dropped before tokenization, by reason.
+    """
+    reasons = tokenized["drop_reason"]
+    kept = [i for i, reason in enumerate(reasons) if not reason]
+    lengths = np.asarray(tokenized["length"])[kept] if kept else np.zeros(1)
+    truncated, chosen_longer = np.asarray(tokenized["truncated"]), np.asarray(tokenized["chosen_longer"])
+    dropped = unread + Counter(r for r in reasons if r)
+    return {"rows": len(reasons) + sum(unread.values()), "kept": len(kept), "dropped": dict(dropped),
+            "truncated": int(truncated[kept].sum()) if kept else 0,
+            "length_p50_p95_max": [int(np.percentile(lengths, 50)), int(np.percentile(lengths, 95)),
+                                   int(lengths.max())],
+            "chosen_longer": int(chosen_longer[kept].sum()) if kept else 0, "max_length": max_length}
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    dropped = ", ".join(f"{reason}: {n}" for reason, n in summary["dropped"].items()) or "none"
+    p50, p95, top = summary["length_p50_p95_max"]
+    return (f"{summary['rows']} rows, {summary['kept']} kept, dropped {{{dropped}}}, {summary['truncated']} "
+            f"truncated to max_length {summary['max_length']}, tokens p50 {p50} / p95 {p95} / max {top}, "
+            f"chosen longer than rejected in {summary['chosen_longer']}")

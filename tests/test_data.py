@@ -13,16 +13,16 @@ import torch
 from conftest import BOS, EOS, ascii_tokenizer, ids, rows
 from datasets import Dataset
 
-from dpo_lightning.data import (
-    PreferenceDataModule, adds_bos, check_row, collate_pairs, load_rows, split_dialogue, tokenize_row,
-)
+from dpo_lightning.data import PreferenceDataModule, adds_bos, collate_pairs, tokenize_row
+from dpo_lightning.formats import load_rows, split_dialogue, split_shared_prefix, to_strings
 
 HH_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "hh-rlhf" / "harmless-base-test-1500.jsonl.gz"
 
 
 def tokenize(row, add_bos=False, max_length=64, max_prompt_length=32, truncation_mode="keep_end"):
     tokenizer = ascii_tokenizer(add_bos)
-    return tokenize_row(row, tokenizer, adds_bos(tokenizer), max_length, max_prompt_length, truncation_mode)
+    out = tokenize_row(row, tokenizer, adds_bos(tokenizer), max_length, max_prompt_length, truncation_mode)
+    return {k: out[k] for k in ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids")}
 
 
 def test_prompt_and_responses_are_tokenized_separately_with_eos():
@@ -98,16 +98,21 @@ def test_split_dialogue_takes_the_prompt_through_the_last_assistant_turn():
 @pytest.mark.parametrize("row, reason", [
     ({"prompt": "p", "chosen": " a", "rejected": " b"}, ""),
     ({"prompt": "p", "chosen": None, "rejected": " b"}, "missing chosen"),
+    ({"prompt": 7, "chosen": " a", "rejected": " b"}, "not text prompt"),
     ({"prompt": "p", "chosen": " a", "rejected": "  "}, "empty rejected"),
     ({"prompt": "p", "chosen": " a", "rejected": " a"}, "chosen == rejected"),
 ])
-def test_check_row_reasons(row, reason):
-    assert check_row(row, 0, implicit_prompt=False)["drop_reason"] == reason
+def test_row_drop_reasons(row, reason):
+    assert to_strings(row, 0, "explicit")["drop_reason"] == reason
 
 
-def test_check_row_names_row_and_field_of_a_wrong_type():
-    with pytest.raises(TypeError, match=r"row 7: field 'prompt' is a list"):
-        check_row({"prompt": [{"role": "user"}], "chosen": " a", "rejected": " b"}, 7, implicit_prompt=False)
+def test_strict_mode_names_row_field_and_fix():
+    with pytest.raises(ValueError, match=r"row 7: field 'rejected': empty rejected; remove the row"):
+        to_strings({"prompt": "p", "chosen": " a", "rejected": " "}, 7, "explicit", strict=True)
+    dm = PreferenceDataModule(dataset={"prompt": ["x" * 40, "ok"], "chosen": [" a", " b"], "rejected": [" c", " d"]},
+                              tokenizer=ascii_tokenizer(), max_length=20, max_prompt_length=10, strict=True)
+    with pytest.raises(ValueError, match=r"row 0: prompt longer than max_length; raise --data.max_length"):
+        dm.setup("fit")
 
 
 def test_hh_rows_whose_prompts_differ_are_dropped_and_counted():
@@ -115,15 +120,83 @@ def test_hh_rows_whose_prompts_differ_are_dropped_and_counted():
             "rejected": ["\n\nHuman: hi\n\nAssistant: go", "\n\nHuman: other\n\nAssistant: c"]}
     dm = PreferenceDataModule(dataset=data, tokenizer=ascii_tokenizer(), max_length=64, max_prompt_length=32)
     dm.setup("fit")
-    assert dm.summary["train"] == {"rows": 2, "kept": 1, "dropped": {"dialogues do not share the prompt": 1}}
+    assert (dm.summary["train"]["rows"], dm.summary["train"]["kept"]) == (2, 1)
+    assert dm.summary["train"]["dropped"] == {"prompts differ": 1}
     assert dm.train_data[0]["prompt_input_ids"] == ids("\n\nHuman: hi\n\nAssistant:")
     assert dm.train_data[0]["chosen_input_ids"] == ids(" hello") + [EOS]
 
 
-def test_missing_column_error_names_what_was_found():
+def test_implicit_prompt_is_the_shared_prefix_cut_at_a_word_boundary():
+    assert split_shared_prefix("The sky is blue.", "The sky is bright.") == ("The sky is", " blue.", " bright.")
+    # "bl" is shared too, but cutting inside the word would leave responses "ue." and "ack."
+    assert split_shared_prefix("It is blue", "It is black") == ("It is", " blue", " black")
+    assert split_shared_prefix("Yes", "No") is None
+    assert to_strings({"chosen": "Yes", "rejected": "No"}, 0, "implicit")["drop_reason"] == "no shared prompt"
+
+
+CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}{{ eos_token }}{% endfor %}"
+                 "{% if add_generation_prompt %}assistant:{% endif %}")
+
+
+@pytest.mark.parametrize("row", [
+    {"prompt": [{"role": "user", "content": "q"}], "chosen": [{"role": "assistant", "content": "yes"}],
+     "rejected": [{"role": "assistant", "content": "no"}]},
+    {"chosen": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "yes"}],
+     "rejected": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "no"}]},
+], ids=["prompt+answers", "whole-conversations"])
+def test_conversations_render_with_the_chat_template_and_one_bos(row):
+    tokenizer = ascii_tokenizer(add_bos=True)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    dm = PreferenceDataModule(dataset=[row], tokenizer=tokenizer, max_length=64, max_prompt_length=32)
+    dm.setup("fit")
+    out = dm.train_data[0]
+    # "<s>user: q</s>assistant:" -- the template's BOS, kept once; responses end with its end-of-turn
+    # token (here </s>), and no EOS is appended after it.
+    assert out["prompt_input_ids"] == [BOS, *ids("user: q"), EOS, *ids("assistant:")]
+    assert out["chosen_input_ids"] == [*ids(" yes"), EOS]
+    assert out["rejected_input_ids"] == [*ids(" no"), EOS]
+
+
+def test_column_names_map_to_prompt_chosen_rejected():
+    data = {"question": ["Hi"], "good": [" yo"], "bad": [" no"]}
+    dm = PreferenceDataModule(dataset=data, tokenizer=ascii_tokenizer(), prompt_column="question",
+                              chosen_column="good", rejected_column="bad", max_length=64, max_prompt_length=32)
+    dm.setup("fit")
+    assert dm.train_data[0]["prompt_input_ids"] == ids("Hi")
+    assert dm.train_data[0]["chosen_input_ids"] == ids(" yo") + [EOS]
+
+
+def test_missing_column_error_names_what_was_found_and_the_mapping_argument():
     dm = PreferenceDataModule(dataset={"prompt": ["p"], "good": [" a"], "bad": [" b"]}, tokenizer=ascii_tokenizer())
-    with pytest.raises(ValueError, match=r"columns \['bad', 'good', 'prompt'\]; expected 'chosen' and 'rejected'"):
+    with pytest.raises(ValueError, match=r"columns \['bad', 'good', 'prompt'\]; expected 'chosen' and 'rejected'.*"
+                                         r"--data.prompt_column / chosen_column / rejected_column"):
         dm.setup("fit")
+
+
+def test_summary_counts_truncation_length_bias_and_percentiles():
+    # lengths before truncation: 1 + 4 = 5, 1 + 5 = 6, 14 + 4 = 18 (truncated at max_length 16)
+    data = {"prompt": ["a", "b", "c" * 14], "chosen": [" xy", " xyz", " x"], "rejected": [" x", " w", " vw"]}
+    dm = PreferenceDataModule(dataset=data, tokenizer=ascii_tokenizer(), max_length=16, max_prompt_length=8)
+    dm.setup("fit")
+    summary = dm.summary["train"]
+    assert summary["truncated"] == 1 and summary["chosen_longer"] == 2
+    # numpy's linear percentiles of [5, 6, 18]: p95 at index 1.9 = 6 + 0.9 * 12 = 16.8
+    assert summary["length_p50_p95_max"] == [6, 16, 18]
+
+
+def test_max_drop_fraction_fails_fast():
+    data = {"prompt": ["p", "q"], "chosen": [" a", " same"], "rejected": [" b", " same"]}
+    dm = PreferenceDataModule(dataset=data, tokenizer=ascii_tokenizer(), max_drop_fraction=0.25)
+    with pytest.raises(ValueError, match=r"1 of 2 train rows dropped, over max_drop_fraction=0.25"):
+        dm.setup("fit")
+
+
+def test_inspect_shows_the_masked_prompt_and_the_trained_tokens():
+    dm = PreferenceDataModule(dataset={"prompt": ["Hi"], "chosen": [" yo"], "rejected": [" no"]},
+                              tokenizer=ascii_tokenizer(), max_length=64, max_prompt_length=32)
+    text = dm.inspect(n_rows=1)
+    assert "1 rows, 1 kept" in text
+    assert "   chosen: [H|i] Ġ|y|o|</s>" in text or "   chosen: [H|i]  |y|o|</s>" in text
 
 
 def test_invalid_lengths_are_rejected_at_construction():
@@ -142,13 +215,35 @@ def _write(path: Path, data: dict[str, list]) -> str:
     return str(path)
 
 
-@pytest.mark.parametrize("kind", ["dict", "list", "dataset", "jsonl", "json", "parquet", "csv"])
+@pytest.mark.parametrize("kind", ["dict", "list", "dataset", "jsonl", "json", "parquet", "csv", "glob", "files"])
 def test_every_source_loads_the_same_rows(kind, tmp_path):
-    data = rows(5)
+    data = rows(6)
     source = {"dict": data, "list": Dataset.from_dict(data).to_list(), "dataset": Dataset.from_dict(data)}.get(kind)
-    if source is None:
+    if kind in ("glob", "files"):
+        halves = [{k: v[i * 3:(i + 1) * 3] for k, v in data.items()} for i in range(2)]
+        paths = [_write(tmp_path / f"part{i}.jsonl", half) for i, half in enumerate(halves)]
+        source = str(tmp_path / "part*.jsonl") if kind == "glob" else paths
+    elif source is None:
         source = _write(tmp_path / f"rows.{kind}", data)
     assert load_rows(source).to_dict() == data
+
+
+def test_streaming_yields_the_same_batches_as_the_prepared_dataset(tmp_path):
+    path = _write(tmp_path / "rows.jsonl", rows(6))
+    batches = []
+    for streaming in (False, True):
+        dm = PreferenceDataModule(dataset=path, tokenizer=ascii_tokenizer(), streaming=streaming, max_length=64,
+                                  max_prompt_length=32, batch_size=6)
+        dm.setup("fit")
+        batch = next(iter(dm.train_dataloader()))
+        order = batch["input_ids"][:6, :4].tolist()  # shuffled differently: compare as sorted rows
+        batches.append(sorted(zip(order, batch["labels"][:6].tolist(), batch["labels"][6:].tolist())))
+    assert batches[0] == batches[1]
+
+
+def test_hh_preset_names_the_hub_dataset_and_the_dialogue_format():
+    dm = PreferenceDataModule(dataset="hh", eval_split="test")
+    assert dm.dataset == "Anthropic/hh-rlhf" and dm.hparams.dataset_format == "hh"
 
 
 def test_hub_style_folder_with_splits_loads_by_split(tmp_path):
@@ -186,16 +281,41 @@ def test_eval_fraction_holds_out_a_seeded_split():
 
 
 @pytest.mark.skipif(not HH_DATA.exists(), reason="the shared HH slice is not on this machine")
-def test_real_hh_slice_keeps_every_usable_row_intact():
+def test_real_hh_slice_drops_exactly_the_broken_rows_and_keeps_every_other_intact():
     raw = load_rows(str(HH_DATA))
-    checked = [check_row(r, i, implicit_prompt=True) for i, r in enumerate(raw)]
+    checked = [to_strings(row, i, "hh") for i, row in enumerate(raw)]
     dropped = {i: c["drop_reason"] for i, c in enumerate(checked) if c["drop_reason"]}
-    assert dropped.get(1254) == "dialogues do not share the prompt"
-    assert len(dropped) < 0.01 * len(raw)
+    assert dropped == {86: "empty chosen", 516: "empty chosen", 925: "empty chosen", 1103: "empty chosen",
+                       1254: "prompts differ"}
     for row, c in zip(raw, checked):
         if not c["drop_reason"]:  # nothing lost: prompt + response gives back each whole dialogue
             assert c["prompt"] + c["chosen"] == row["chosen"] and c["prompt"] + c["rejected"] == row["rejected"]
             assert c["prompt"].endswith("\n\nAssistant:")
+
+
+@pytest.mark.skipif(not HH_DATA.exists(), reason="the shared HH slice is not on this machine")
+def test_real_hh_slice_through_the_data_module_decodes_back_to_the_dialogues(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+    from transformers import PreTrainedTokenizerFast
+
+    # Byte-level tokenizer (256 byte tokens + EOS): every dialogue round-trips exactly through decode.
+    backend = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(pre_tokenizers.ByteLevel.alphabet())},
+                                   merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens(["<eos>"])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>")
+    dm = PreferenceDataModule(dataset=str(HH_DATA), dataset_format="hh", tokenizer=tokenizer, max_length=100_000,
+                              max_prompt_length=50_000)
+    dm.setup("fit")
+    assert dm.summary["train"]["rows"] == 1500 and dm.summary["train"]["kept"] == 1495
+    assert dm.summary["train"]["dropped"] == {"empty chosen": 4, "prompts differ": 1}
+    kept = [row for i, row in enumerate(load_rows(str(HH_DATA))) if i not in (86, 516, 925, 1103, 1254)]
+    for row, tokens in zip(kept, dm.train_data):
+        eos = [tokenizer.eos_token_id]
+        assert tokens["chosen_input_ids"][-1:] == eos and tokens["rejected_input_ids"][-1:] == eos
+        assert tokenizer.decode(tokens["prompt_input_ids"] + tokens["chosen_input_ids"][:-1]) == row["chosen"]
+        assert tokenizer.decode(tokens["prompt_input_ids"] + tokens["rejected_input_ids"][:-1]) == row["rejected"]
 
 
 def test_no_response_is_empty_even_at_the_tightest_truncation():
@@ -208,3 +328,20 @@ def test_no_response_is_empty_even_at_the_tightest_truncation():
     for row in dm.train_data:
         assert len(row["chosen_input_ids"]) >= 1 and len(row["rejected_input_ids"]) >= 1
         assert len(row["prompt_input_ids"]) + max(len(row["chosen_input_ids"]), len(row["rejected_input_ids"])) <= 6
+
+
+def test_prompt_and_response_never_merge_into_one_bpe_token():
+    # A real BPE whose merges join "a" + "b": tokenized jointly, prompt "xa" + response "b!" would give
+    # [x, ab, !], so the prompt would lose its last token into the response. Separately: [x, a] + [b, !].
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.train_from_iterator(["ab ab ab x !"] * 10, trainers.BpeTrainer(special_tokens=["</s>"]))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="</s>")
+    vocab = tokenizer.get_vocab()
+    assert tokenizer("xab!", add_special_tokens=False)["input_ids"][1] == vocab["ab"]  # the merge is real
+    out = tokenize_row({"prompt": "xa", "chosen": "b!", "rejected": "a"}, tokenizer, None, 64, 32, "keep_end")
+    assert out["prompt_input_ids"] == [vocab["x"], vocab["a"]]
+    assert out["chosen_input_ids"] == [vocab["b"], vocab["!"], vocab["</s>"]]
