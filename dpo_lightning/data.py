@@ -11,16 +11,16 @@ Tokenization rules, applied in this order by `tokenize_row` (after the DPO refer
    goes in front of the prompt where the tokenizer adds one to plain text (not a second one when the
    text, e.g. a chat template's, already starts with it); EOS is appended to each response, except
    for conversations, whose responses end with the template's own end-of-turn token.
-3. A prompt alone longer than `max_length` drops the row. If prompt + longer response exceeds
-   `max_length`, the prompt keeps `max_prompt_length` tokens (BOS included): its end with
-   `truncation_mode="keep_end"` (dialogues end with the turn being answered), its start with
-   `"keep_start"`. If still too long, both responses are cut to the room left, which is at least one
-   token because `max_prompt_length < max_length`: no response is ever empty.
+3. If prompt + longer response exceeds `max_length`, the prompt keeps `max_prompt_length` tokens (BOS
+   included): its end with `truncation_mode="keep_end"` (dialogues end with the turn being answered),
+   its start with `"keep_start"`. If still too long, both responses are cut to the room left, which is
+   at least one token because `max_prompt_length < max_length`: no response is ever empty, and a
+   prompt longer than `max_length` is cut like any other rather than dropped (as the DPO reference does).
 4. Labels are the input ids with every prompt position set to `IGNORE_INDEX`. The collator places them
    by lengths, never by comparing ids, so a response's EOS is learned even when pad == eos.
 
 Rows that cannot be used (a missing, non-text or empty field, identical responses, prompts that
-differ, a prompt longer than `max_length`) are dropped and counted by reason in
+differ) are dropped and counted by reason in
 `PreferenceDataModule.summary`, or with `strict=True` raise an error naming the row, the field and the
 fix. Batches hold chosen rows first, then rejected rows, so one forward pass scores both
 (see `collate_pairs`).
@@ -48,7 +48,7 @@ def tokenize_row(row: dict, tokenizer: PreTrainedTokenizerBase, bos_token_id: in
 
     Returns `prompt_input_ids`, `chosen_input_ids`, `rejected_input_ids` (the collator concatenates
     prompt + response and builds the labels, rule 4), and for the data summary: `length` (prompt +
-    longer response before truncation), `truncated`, `chosen_longer`, and `drop_reason` ("" if kept).
+    longer response before truncation), `truncated` and `chosen_longer`.
     """
     def encode(text: str) -> list[int]:
         return tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -63,16 +63,13 @@ def tokenize_row(row: dict, tokenizer: PreTrainedTokenizerBase, bos_token_id: in
     longer = max(len(chosen), len(rejected))
     length = len(bos) + len(prompt) + longer
     stats = {"length": length, "truncated": length > max_length, "chosen_longer": len(chosen) > len(rejected)}
-    if len(bos) + len(prompt) > max_length:
-        return {"prompt_input_ids": [], "chosen_input_ids": [], "rejected_input_ids": [], **stats,
-                "drop_reason": "prompt longer than max_length"}
     if length > max_length:
         keep = max_prompt_length - len(bos)
         prompt = prompt[len(prompt) - keep:] if truncation_mode == "keep_end" else prompt[:keep]
     prompt = bos + prompt
     room = max_length - len(prompt)
     return {"prompt_input_ids": prompt, "chosen_input_ids": chosen[:room], "rejected_input_ids": rejected[:room],
-            **stats, "drop_reason": ""}
+            **stats}
 
 
 def collate_pairs(rows: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
@@ -260,7 +257,7 @@ class PreferenceDataModule(L.LightningDataModule):
         rows = rows.map(to_strings, with_indices=True, remove_columns=columns,
                         fn_kwargs=dict(dataset_format=fmt, tokenizer=tokenizer, strict=hp.strict),
                         **_progress(rows, f"reading {stage} rows ({fmt})"))
-        unread = Counter() if isinstance(rows, IterableDataset) else Counter(r for r in rows["drop_reason"] if r)
+        dropped = Counter() if isinstance(rows, IterableDataset) else Counter(r for r in rows["drop_reason"] if r)
         rows = _keep(rows, f"dropping unusable {stage} rows")
         tokenized = rows.map(
             tokenize_row, remove_columns=[*FIELDS, "drop_reason"], **_progress(rows, f"tokenizing {stage}"),
@@ -269,23 +266,18 @@ class PreferenceDataModule(L.LightningDataModule):
                            append_eos=fmt != "conversational"),
         )
         if isinstance(tokenized, IterableDataset):  # a stream: no counts, rows are checked as they come
-            kept = _keep(tokenized, "")
             if self.trainer is not None and self.trainer.world_size > 1:
-                kept = split_dataset_by_node(kept, self.trainer.global_rank, self.trainer.world_size)
-            return kept
-        self.summary[stage] = summarize(tokenized, hp.max_length, unread)
+                tokenized = split_dataset_by_node(tokenized, self.trainer.global_rank, self.trainer.world_size)
+            return tokenized
+        self.summary[stage] = summarize(tokenized, hp.max_length, dropped)
         rank_zero_info(f"[dpo_lightning] {stage} data: {format_summary(self.summary[stage])}")
-        self._check_drops(tokenized, stage)
-        return _keep(tokenized, f"dropping too long {stage} prompts")
+        self._check_drops(stage)
+        return tokenized
 
-    def _check_drops(self, tokenized: Dataset, stage: str) -> None:
+    def _check_drops(self, stage: str) -> None:
         summary, hp = self.summary[stage], self.hparams
         if summary["kept"] == 0:
             raise ValueError(f"no usable {stage} rows left: {format_summary(summary)}")
-        if hp.strict and summary["dropped"]:
-            index = next(i for i, reason in enumerate(tokenized["drop_reason"]) if reason)
-            raise ValueError(f"row {index}: {tokenized[index]['drop_reason']}; raise --data.max_length or shorten "
-                             "the prompt (or drop such rows: strict=False)")
         dropped = summary["rows"] - summary["kept"]
         if hp.max_drop_fraction is not None and dropped > hp.max_drop_fraction * summary["rows"]:
             raise ValueError(f"{dropped} of {summary['rows']} {stage} rows dropped, over max_drop_fraction="
@@ -335,21 +327,14 @@ def _progress(rows: Dataset | IterableDataset, desc: str) -> dict:
     return {} if isinstance(rows, IterableDataset) else {"desc": desc}
 
 
-def summarize(tokenized: Dataset, max_length: int, unread: Counter) -> dict[str, Any]:
-    """Rows read, kept, dropped by reason, truncated, length percentiles (before truncation), length bias.
-
-    `unread` counts the rows dropped before tokenization, by reason.
-    """
-    reasons = tokenized["drop_reason"]
-    kept = [i for i, reason in enumerate(reasons) if not reason]
-    lengths = np.asarray(tokenized["length"])[kept] if kept else np.zeros(1)
-    truncated, chosen_longer = np.asarray(tokenized["truncated"]), np.asarray(tokenized["chosen_longer"])
-    dropped = unread + Counter(r for r in reasons if r)
-    return {"rows": len(reasons) + sum(unread.values()), "kept": len(kept), "dropped": dict(dropped),
-            "truncated": int(truncated[kept].sum()) if kept else 0,
+def summarize(tokenized: Dataset, max_length: int, dropped: Counter) -> dict[str, Any]:
+    """Rows read, kept, dropped by reason, truncated, length percentiles (before truncation), length bias."""
+    lengths = np.asarray(tokenized["length"]) if len(tokenized) else np.zeros(1)
+    return {"rows": len(tokenized) + sum(dropped.values()), "kept": len(tokenized), "dropped": dict(dropped),
+            "truncated": int(np.sum(tokenized["truncated"])),
             "length_p50_p95_max": [int(np.percentile(lengths, 50)), int(np.percentile(lengths, 95)),
                                    int(lengths.max())],
-            "chosen_longer": int(chosen_longer[kept].sum()) if kept else 0, "max_length": max_length}
+            "chosen_longer": int(np.sum(tokenized["chosen_longer"])), "max_length": max_length}
 
 
 def format_summary(summary: dict[str, Any]) -> str:

@@ -144,7 +144,6 @@ FIXES = {
     "chosen == rejected": "remove the row: a tie carries no preference",
     "prompts differ": "fix the row so both sides share the prompt, or give an explicit prompt column",
     "no shared prompt": "give an explicit prompt column",
-    "prompt longer than max_length": "raise --data.max_length or shorten the prompt",
 }
 
 

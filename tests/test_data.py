@@ -109,9 +109,9 @@ def test_row_drop_reasons(row, reason):
 def test_strict_mode_names_row_field_and_fix():
     with pytest.raises(ValueError, match=r"row 7: field 'rejected': empty rejected; remove the row"):
         to_strings({"prompt": "p", "chosen": " a", "rejected": " "}, 7, "explicit", strict=True)
-    dm = PreferenceDataModule(dataset={"prompt": ["x" * 40, "ok"], "chosen": [" a", " b"], "rejected": [" c", " d"]},
-                              tokenizer=ascii_tokenizer(), max_length=20, max_prompt_length=10, strict=True)
-    with pytest.raises(ValueError, match=r"row 0: prompt longer than max_length; raise --data.max_length"):
+    dm = PreferenceDataModule(dataset={"prompt": ["p", "q"], "chosen": [" a", None], "rejected": [" c", " d"]},
+                              tokenizer=ascii_tokenizer(), strict=True)
+    with pytest.raises(ValueError, match=r"row 1: field 'chosen': missing chosen; fill the field"):
         dm.setup("fit")
 
 
