@@ -120,6 +120,46 @@ def adds_bos(tokenizer: PreTrainedTokenizerBase) -> int | None:
     return bos if bos is not None and tokenizer("a")["input_ids"][:1] == [bos] else None
 
 
+class ResumableLoader(DataLoader):
+    """A shuffling DataLoader whose position Lightning saves in checkpoints, for exact mid-epoch resume.
+
+    Each epoch's order is a permutation drawn from (seed, epoch) alone, never from the global RNG; the
+    checkpoint records the epoch and how many of its batches were trained on (read from the Trainer's
+    progress, which, unlike a count of batches handed out, is not ahead by the prefetched batches), and
+    a resumed run skips exactly those. Lightning calls `state_dict`/`load_state_dict` itself.
+    """
+
+    def __init__(self, data: Dataset, batch_size: int, seed: int, progress, **kwargs):
+        self.seed, self.progress, self.skip = seed, progress, None
+        super().__init__(data, batch_size=batch_size, sampler=self._indices(), **kwargs)
+
+    def _indices(self):
+        loader = self
+
+        class Indices(torch.utils.data.Sampler[int]):
+            def __len__(self) -> int:
+                return len(loader.dataset)
+
+            def __iter__(self):
+                epoch, done = loader.progress()
+                if loader.skip is not None:  # the first epoch after a resume: continue where it stopped
+                    epoch, done = loader.skip
+                    loader.skip = None
+                else:
+                    done = 0
+                order = torch.randperm(len(loader.dataset), generator=torch.Generator().manual_seed(loader.seed + epoch))
+                return iter(order[done * loader.batch_size:].tolist())
+
+        return Indices()
+
+    def state_dict(self) -> dict[str, int]:
+        epoch, done = self.progress()
+        return {"epoch": epoch, "batches_done": done}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.skip = (state["epoch"], state["batches_done"])
+
+
 class PreferenceDataModule(L.LightningDataModule):
     """Preference pairs for DPO: loads, checks, tokenizes once (cached by `datasets`), and batches.
 
@@ -300,10 +340,17 @@ class PreferenceDataModule(L.LightningDataModule):
         return "\n".join(lines)
 
     def _loader(self, data: Dataset | IterableDataset, batch_size: int, shuffle: bool) -> DataLoader:
+        kwargs = {"num_workers": self.hparams.num_workers, "collate_fn": self.collate}
         if isinstance(data, IterableDataset):
-            data, shuffle = data.shuffle(seed=self.hparams.seed, buffer_size=10_000), False
-        return DataLoader(data, batch_size=batch_size, shuffle=shuffle, num_workers=self.hparams.num_workers,
-                          collate_fn=self.collate)
+            return DataLoader(data.shuffle(seed=self.hparams.seed, buffer_size=10_000), batch_size=batch_size, **kwargs)
+        if shuffle and self.trainer is not None:
+            return ResumableLoader(data, batch_size, self.hparams.seed, self._progress, **kwargs)
+        return DataLoader(data, batch_size=batch_size, shuffle=shuffle, **kwargs)
+
+    def _progress(self) -> tuple[int, int]:
+        """(epoch, batches of it trained on) from the Trainer."""
+        loop = self.trainer.fit_loop
+        return self.trainer.current_epoch, loop.epoch_loop.batch_progress.current.processed
 
     def collate(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         return collate_pairs(rows, self.tokenizer.pad_token_id)
