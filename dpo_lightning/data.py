@@ -35,7 +35,7 @@ import torch
 from datasets import Dataset, IterableDataset
 from datasets.distributed import split_dataset_by_node
 from lightning.pytorch.utilities import rank_zero_info
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from dpo_lightning.formats import FIELDS, FORMATS, PRESETS, DatasetSource, detect_format, load_rows, to_strings
@@ -120,44 +120,51 @@ def adds_bos(tokenizer: PreTrainedTokenizerBase) -> int | None:
     return bos if bos is not None and tokenizer("a")["input_ids"][:1] == [bos] else None
 
 
+class EpochSampler(DistributedSampler):
+    """This rank's share of a permutation drawn from (seed, epoch) alone, minus the batches already done.
+
+    A `DistributedSampler`, so Lightning keeps it under DDP instead of wrapping it; the epoch comes from
+    the Trainer's progress rather than `set_epoch`, whose count is off by one after a restore.
+    """
+
+    def __init__(self, data: Dataset, loader: "ResumableLoader", world_size: int, rank: int, seed: int):
+        super().__init__(data, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
+        self.loader = loader
+
+    def __iter__(self):
+        epoch, done = self.loader.position()
+        order = torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
+        order += order[: self.total_size - len(order)]  # pad to equal shares, as DistributedSampler does
+        mine = order[self.rank:self.total_size:self.num_replicas]
+        return iter(mine[done * self.loader.batch_size:])
+
+
 class ResumableLoader(DataLoader):
     """A shuffling DataLoader whose position Lightning saves in checkpoints, for exact mid-epoch resume.
 
-    Each epoch's order is a permutation drawn from (seed, epoch) alone, never from the global RNG; the
-    checkpoint records the epoch and how many of its batches were trained on (read from the Trainer's
-    progress, which, unlike a count of batches handed out, is not ahead by the prefetched batches), and
-    a resumed run skips exactly those. Lightning calls `state_dict`/`load_state_dict` itself.
+    The checkpoint records the epoch and how many of its batches were trained on (the Trainer's own
+    progress, which unlike a count of batches handed out is not ahead by prefetched batches); the
+    first epoch after a restore skips exactly those. Lightning calls `state_dict`/`load_state_dict`.
     """
 
-    def __init__(self, data: Dataset, batch_size: int, seed: int, progress, **kwargs):
-        self.seed, self.progress, self.skip = seed, progress, None
-        super().__init__(data, batch_size=batch_size, sampler=self._indices(), **kwargs)
+    def __init__(self, data: Dataset, batch_size: int, seed: int, trainer: L.Trainer, **kwargs):
+        self.trainer, self.restored = trainer, None
+        sampler = EpochSampler(data, self, trainer.world_size, trainer.global_rank, seed)
+        super().__init__(data, batch_size=batch_size, sampler=sampler, **kwargs)
 
-    def _indices(self):
-        loader = self
-
-        class Indices(torch.utils.data.Sampler[int]):
-            def __len__(self) -> int:
-                return len(loader.dataset)
-
-            def __iter__(self):
-                epoch, done = loader.progress()
-                if loader.skip is not None:  # the first epoch after a resume: continue where it stopped
-                    epoch, done = loader.skip
-                    loader.skip = None
-                else:
-                    done = 0
-                order = torch.randperm(len(loader.dataset), generator=torch.Generator().manual_seed(loader.seed + epoch))
-                return iter(order[done * loader.batch_size:].tolist())
-
-        return Indices()
+    def position(self) -> tuple[int, int]:
+        """(epoch, batches of it already trained on) for the iteration that is starting."""
+        if self.restored is not None:
+            position, self.restored = self.restored, None
+            return position
+        return self.trainer.current_epoch, 0
 
     def state_dict(self) -> dict[str, int]:
-        epoch, done = self.progress()
-        return {"epoch": epoch, "batches_done": done}
+        return {"epoch": self.trainer.current_epoch,
+                "batches_done": self.trainer.fit_loop.epoch_loop.batch_progress.current.processed}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        self.skip = (state["epoch"], state["batches_done"])
+        self.restored = (state["epoch"], state["batches_done"])
 
 
 class PreferenceDataModule(L.LightningDataModule):
@@ -344,13 +351,8 @@ class PreferenceDataModule(L.LightningDataModule):
         if isinstance(data, IterableDataset):
             return DataLoader(data.shuffle(seed=self.hparams.seed, buffer_size=10_000), batch_size=batch_size, **kwargs)
         if shuffle and self.trainer is not None:
-            return ResumableLoader(data, batch_size, self.hparams.seed, self._progress, **kwargs)
+            return ResumableLoader(data, batch_size, self.hparams.seed, self.trainer, **kwargs)
         return DataLoader(data, batch_size=batch_size, shuffle=shuffle, **kwargs)
-
-    def _progress(self) -> tuple[int, int]:
-        """(epoch, batches of it trained on) from the Trainer."""
-        loop = self.trainer.fit_loop
-        return self.trainer.current_epoch, loop.epoch_loop.batch_progress.current.processed
 
     def collate(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         return collate_pairs(rows, self.tokenizer.pad_token_id)

@@ -1,4 +1,5 @@
-"""Validation metrics under `Trainer(strategy="ddp", devices=2)` on CPU (gloo) equal a single process's.
+"""`Trainer(strategy="ddp", devices=2)` on CPU (gloo) equals one process: validation metrics, and the
+weights after training with the same global batch.
 
 The policy and the reference are two different tiny models, so every metric is far from its step-0
 value; 8 validation pairs in batches of 3 split unevenly across batches, so a mean of batch means
@@ -12,21 +13,30 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 
-def validate(policy: str, reference: str, devices: int, out: Path) -> dict[str, float]:
+def run(policy: str, reference: str, devices: int, out: Path) -> dict[str, float]:
     subprocess.run([sys.executable, __file__, policy, reference, str(devices), str(out)], check=True, timeout=600,
                    cwd=out.parent)
     return json.loads(out.read_text())
 
 
-def test_ddp_validation_metrics_equal_single_process(tiny_llama, other_llama, tmp_path):
-    single = validate(tiny_llama, other_llama, 1, tmp_path / "single.json")
-    ddp = validate(tiny_llama, other_llama, 2, tmp_path / "ddp.json")
-    assert set(single) == set(ddp) and "val/rewards/margin_length_corr" in single
-    assert abs(single["val/rewards/margins"]) > 1e-3  # the two models really differ
-    for name, value in single.items():
-        assert ddp[name] == pytest.approx(value, rel=1e-5, abs=1e-6), name
+def test_ddp_equals_single_process(tiny_llama, other_llama, tmp_path):
+    # Validation metrics before training, then 3 steps of 4 pairs: one process with batches of 4 or two
+    # with 2 each (the same pairs each step: each rank takes every other index of the same permutation).
+    single = run(tiny_llama, other_llama, 1, tmp_path / "single.json")
+    ddp = run(tiny_llama, other_llama, 2, tmp_path / "ddp.json")
+    assert set(single["val"]) == set(ddp["val"]) and "val/rewards/margin_length_corr" in single["val"]
+    assert abs(single["val"]["val/rewards/margins"]) > 1e-3  # the two models really differ
+    for name, value in single["val"].items():
+        assert ddp["val"][name] == pytest.approx(value, rel=1e-5, abs=1e-6), name
+    trained_single = torch.load(tmp_path / "single.pt", weights_only=True)
+    trained_ddp = torch.load(tmp_path / "ddp.pt", weights_only=True)
+    start = torch.load(tmp_path / "single.start.pt", weights_only=True)
+    assert any(not torch.equal(trained_single[k], start[k]) for k in start)  # training moved the weights
+    for name, weight in trained_single.items():
+        torch.testing.assert_close(trained_ddp[name], weight, rtol=1e-4, atol=1e-6)
 
 
 if __name__ == "__main__":
@@ -38,11 +48,17 @@ if __name__ == "__main__":
     from dpo_lightning import DPOModule, PreferenceDataModule
 
     policy, reference, devices, out = sys.argv[1], sys.argv[2], int(sys.argv[3]), Path(sys.argv[4])
-    data = PreferenceDataModule(dataset=rows(8), eval_dataset=rows(8), tokenizer=ascii_tokenizer(), max_length=48,
-                                max_prompt_length=24, batch_size=3)
-    model = DPOModule(policy, ref_model_name_or_path=reference)
-    trainer = L.Trainer(accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto",
-                        logger=False, enable_progress_bar=False, enable_model_summary=False)
-    metrics = trainer.validate(model, data, verbose=False)[0]
+    data = PreferenceDataModule(dataset=rows(16), eval_dataset=rows(8), tokenizer=ascii_tokenizer(), max_length=48,
+                                max_prompt_length=24, batch_size=4 // devices, eval_batch_size=3)
+    model = DPOModule(policy, ref_model_name_or_path=reference, learning_rate=1e-3)
+    trainer = L.Trainer(accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto", max_steps=3,
+                        logger=False, enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                        num_sanity_val_steps=0, limit_val_batches=0)
+    start = {k: v.clone() for k, v in model.policy.state_dict().items()}
+    metrics = L.Trainer(accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto", logger=False,
+                        enable_progress_bar=False, enable_model_summary=False).validate(model, data, verbose=False)[0]
+    trainer.fit(model, data)
     if trainer.is_global_zero:
-        out.write_text(json.dumps({k: float(v) for k, v in metrics.items()}))
+        out.write_text(json.dumps({"val": {k: float(v) for k, v in metrics.items()}}))
+        torch.save(model.policy.state_dict(), out.with_suffix(".pt"))
+        torch.save(start, out.with_suffix(".start.pt"))
