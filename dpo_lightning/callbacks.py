@@ -1,13 +1,32 @@
-"""Callbacks for what surrounds a DPO run: a validation summary, and a Hugging Face export.
+"""Callbacks for what surrounds a DPO run: a validation summary, samples during evaluation, a Hugging Face export.
 
-Both work with any logger and strategy; add them under `trainer.callbacks` in a config, or to
-`Trainer(callbacks=[...])`.
+They work with any logger and strategy; add them under `trainer.callbacks` in a config, or to
+`Trainer(callbacks=[...])`. `GenerateSamples` is the seed tutorial's `generate_during_eval=True` (TRL 0.2x,
+removed in TRL 1.0) as a callback: policy and reference answer the same prompts, side by side, in every
+active logger.
 """
 
+import csv
 import os
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+from typing import Iterator
 
 import lightning as L
-from lightning.pytorch.utilities import rank_zero_only
+import torch
+from lightning.pytorch.loggers import CSVLogger, Logger, MLFlowLogger, TensorBoardLogger, WandbLogger
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
+from peft import PeftModel
+from torch import nn
+from transformers import GenerationConfig, PreTrainedTokenizerBase
+
+from dpo_lightning.data import adds_bos
+from dpo_lightning.export import export_pretrained
+
+# Strategies whose weights are sharded across ranks: generating on rank 0 alone would wait forever
+# on the other ranks' shards.
+SHARDED = (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)
 
 
 class ValidationSummary(L.Callback):
@@ -15,7 +34,9 @@ class ValidationSummary(L.Callback):
 
     Lightning's sanity check runs validation before the first step but throws its results away; with
     `num_sanity_val_steps=-1` it covers the whole split, and this callback keeps it as the step-0 point
-    of the curves (where policy == reference: loss ln 2, accuracy 0.5).
+    of the curves (where policy == reference: loss ln 2, accuracy 0.5). Its history (every `val/`
+    metric of every validation) is saved in checkpoints, where `dpo-lightning export` reads the last
+    validation for the model card.
 
     Args:
         metrics: validation metrics to print, without the `val/` prefix.
@@ -26,8 +47,7 @@ class ValidationSummary(L.Callback):
         self.history: list[dict[str, float]] = []
 
     def _record(self, trainer: L.Trainer, step: int) -> None:
-        values = {f"val/{m}": trainer.callback_metrics[f"val/{m}"].item()
-                  for m in self.metrics if f"val/{m}" in trainer.callback_metrics}
+        values = {k: v.item() for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
         if values:
             self.history.append({"step": step, **values})
 
@@ -49,25 +69,227 @@ class ValidationSummary(L.Callback):
         for row in self.history:
             print("           " + " ".join([f"{row['step']:>20d}"] + [f"{row[f'val/{n}']:>20.4f}" for n in names]))
 
+    def state_dict(self) -> dict:
+        return {"history": self.history}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.history = list(state_dict["history"])
+
+
+class GenerateSamples(L.Callback):
+    """At every validation, complete fixed prompts with the policy and the reference, and log the table.
+
+    Each prompt gets a greedy completion and (with `sample`) a sampled one from each model, with the
+    same seed for both models and at every validation, so a column changes only when its model does.
+    The table has a row per prompt: `prompt`, `chosen` (when the prompts come from the validation
+    data), `policy/greedy`, `reference/greedy`, `policy/sampled`, `reference/sampled`. It goes to each
+    active logger: CSVLogger -> `<log_dir>/samples/step_<N>.csv`, TensorBoard -> text `samples`, W&B ->
+    table `samples`, MLflow -> artifact `samples/step_<N>.json`; the last tables are kept in `tables`.
+    Mean completion lengths in tokens (EOS included) are logged as `samples/length/<model>_<decoding>`.
+
+    The reference is `pl_module.reference`, or the LoRA policy with its adapter disabled when there is
+    none; without either (a reference-free run) only the policy answers. Skipped during the sanity check.
+    Under DDP only rank 0 generates, and it calls no collective while doing so: the other ranks go on to
+    the next collective (a checkpoint barrier, the next step's all-reduce) and wait there for it, so keep
+    `num_prompts x max_new_tokens` well inside the process group's timeout (30 minutes by default).
+    TODO: FSDP and DeepSpeed shard the weights, so every rank would have to generate in step
+    (`generate(synced_gpus=True)`); until that is tested on GPUs the callback skips them with a warning.
+
+    Args:
+        prompts: prompt strings, tokenized as training does (data.py rule 2). Default: the prompts of
+            the first `num_prompts` validation pairs, as tokenized (and truncated) for validation.
+        num_prompts: how many validation prompts to use when `prompts` is not given.
+        max_new_tokens: tokens generated per completion at most.
+        sample: also generate a sampled completion (temperature, top_p), beside the greedy one.
+        temperature: sampling temperature.
+        top_p: nucleus sampling threshold; 1.0 samples from the whole distribution.
+        seed: seed of prompt i's sampled completions is `seed + i`. The training random state is untouched.
+    """
+
+    def __init__(self, prompts: list[str] | None = None, num_prompts: int = 4, max_new_tokens: int = 32,
+                 sample: bool = True, temperature: float = 1.0, top_p: float = 1.0, seed: int = 0):
+        if num_prompts < 1 or max_new_tokens < 1 or temperature <= 0 or not 0 < top_p <= 1:
+            raise ValueError(f"GenerateSamples: need num_prompts >= 1, max_new_tokens >= 1, temperature > 0 and "
+                             f"0 < top_p <= 1; got {num_prompts}, {max_new_tokens}, {temperature}, {top_p}")
+        self.prompts, self.num_prompts, self.max_new_tokens = prompts, num_prompts, max_new_tokens
+        self.sample, self.temperature, self.top_p, self.seed = sample, temperature, top_p, seed
+        self.tables: dict[int, list[dict[str, str]]] = {}
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        if isinstance(trainer.strategy, SHARDED):
+            rank_zero_warn(f"GenerateSamples is skipped under {type(trainer.strategy).__name__}: sharded weights "
+                           "would need every rank to generate", category=UserWarning)
+            return
+        if not trainer.is_global_zero:
+            return
+        if not isinstance(getattr(trainer.datamodule, "tokenizer", None), PreTrainedTokenizerBase):
+            raise ValueError("GenerateSamples needs the run's tokenizer: fit with a PreferenceDataModule "
+                             "(trainer.fit(model, datamodule=...))")
+        rows, lengths = self.generate(pl_module, trainer.datamodule.tokenizer, self.prompt_rows(trainer.datamodule))
+        for name, value in lengths.items():
+            pl_module.log(f"samples/length/{name}", value, rank_zero_only=True)
+        self.tables[trainer.global_step] = rows
+        log_table(trainer.loggers, rows, trainer.global_step)
+
+    def prompt_rows(self, datamodule: L.LightningDataModule) -> list[dict[str, list[int]]]:
+        """`prompt_input_ids` (and `chosen_input_ids` from validation data) of each prompt."""
+        tokenizer = datamodule.tokenizer
+        if self.prompts is not None:
+            bos = adds_bos(tokenizer)
+            rows = []
+            for text in self.prompts:
+                ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+                rows.append({"prompt_input_ids": ids if bos is None or ids[:1] == [bos] else [bos, *ids]})
+            return rows
+        if datamodule.val_data is None:
+            raise ValueError("GenerateSamples: no validation data to take prompts from; pass prompts=[...]")
+        val = datamodule.val_data.select(range(min(self.num_prompts, len(datamodule.val_data))))
+        return [{"prompt_input_ids": row["prompt_input_ids"], "chosen_input_ids": row["chosen_input_ids"]}
+                for row in val]
+
+    @torch.no_grad()
+    def generate(self, pl_module: L.LightningModule, tokenizer: PreTrainedTokenizerBase,
+                 prompts: list[dict[str, list[int]]]) -> tuple[list[dict[str, str]], dict[str, float]]:
+        """The table (a dict per prompt) and the mean completion length of each column, in tokens."""
+        decodings = {"greedy": self._config(tokenizer, do_sample=False)}
+        if self.sample:
+            decodings["sampled"] = self._config(tokenizer, do_sample=True)
+        rows = [{"prompt": tokenizer.decode(p["prompt_input_ids"], skip_special_tokens=True)} for p in prompts]
+        for row, p in zip(rows, prompts):
+            if "chosen_input_ids" in p:
+                row["chosen"] = tokenizer.decode(p["chosen_input_ids"], skip_special_tokens=True)
+        lengths = {}
+        for decoding, config in decodings.items():  # columns side by side: policy/greedy, reference/greedy, ...
+            for model_name, context in (("policy", nullcontext(pl_module.policy)),
+                                        ("reference", reference_model(pl_module))):
+                with context as model:
+                    if model is None:
+                        continue
+                    completions = [self._complete(model, p["prompt_input_ids"], config, i, pl_module.device)
+                                   for i, p in enumerate(prompts)]
+                for row, ids in zip(rows, completions):
+                    row[f"{model_name}/{decoding}"] = tokenizer.decode(ids, skip_special_tokens=True)
+                lengths[f"{model_name}_{decoding}"] = sum(map(len, completions)) / len(completions)
+        return rows, lengths
+
+    def _complete(self, model: nn.Module, prompt_ids: list[int], config: GenerationConfig, index: int,
+                  device: torch.device) -> list[int]:
+        """One prompt's completion ids (EOS included when reached); one prompt at a time, so no padding."""
+        input_ids = torch.tensor([prompt_ids], device=device)  # (1, T)
+        with seeded(self.seed + index, device):
+            # synced_gpus=False: generating on one rank must never wait on the others.
+            out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                                 generation_config=config, synced_gpus=False)  # (1, T + new)
+        return out[0, input_ids.shape[1]:].tolist()
+
+    def _config(self, tokenizer: PreTrainedTokenizerBase, do_sample: bool) -> GenerationConfig:
+        # A fresh config rather than the model's: its defaults (top_k 50, a sampling temperature) vary by model.
+        sampling = {"temperature": self.temperature, "top_p": self.top_p, "top_k": 0} if do_sample else {}
+        return GenerationConfig(max_new_tokens=self.max_new_tokens, do_sample=do_sample, **sampling,
+                                pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+
+
+def reference_model(pl_module: L.LightningModule):
+    """A context giving the reference model, or None where there is none (a reference-free full fine-tune).
+
+    `pl_module.reference` when the module holds one; otherwise a LoRA policy (`peft.PeftModel`) computes
+    it: with the frozen adapter `pl_module.reference_adapter` active where the module names one (a
+    policy started from a pretrained adapter), else with its adapter disabled (the base weights).
+    """
+    reference, policy = getattr(pl_module, "reference", None), pl_module.policy
+    if reference is not None or not isinstance(policy, PeftModel):
+        return nullcontext(reference)
+    return _as_reference(policy, getattr(pl_module, "reference_adapter", None))
+
+
+@contextmanager
+def _as_reference(policy: PeftModel, adapter: str | None) -> Iterator[nn.Module]:
+    if adapter is None:
+        with policy.disable_adapter():
+            yield policy
+        return
+    active = policy.active_adapter
+    policy.set_adapter(adapter, inference_mode=True)  # inference_mode: the reference adapter stays frozen
+    try:
+        yield policy
+    finally:
+        policy.set_adapter(active)
+
+
+@contextmanager
+def seeded(seed: int, device: torch.device) -> Iterator[None]:
+    """Run the body with `torch.manual_seed(seed)`, then restore the random state training had."""
+    devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+def log_table(loggers: list[Logger], rows: list[dict[str, str]], step: int, name: str = "samples") -> None:
+    """Log a table (a dict per row) to each logger that can hold one; see `GenerateSamples`."""
+    columns = list(rows[0])
+    for logger in loggers:
+        if isinstance(logger, CSVLogger):
+            path = Path(logger.log_dir) / name / f"step_{step}.csv"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=columns)
+                writer.writeheader()
+                writer.writerows(rows)
+        elif isinstance(logger, TensorBoardLogger):
+            logger.experiment.add_text(name, markdown_table(columns, rows), global_step=step)
+        elif isinstance(logger, WandbLogger):
+            logger.log_table(key=name, columns=columns, data=[[row[c] for c in columns] for row in rows], step=step)
+        elif isinstance(logger, MLFlowLogger):
+            logger.experiment.log_table(logger.run_id, data={c: [row[c] for row in rows] for c in columns},
+                                        artifact_file=f"{name}/step_{step}.json")
+
+
+def markdown_table(columns: list[str], rows: list[dict[str, str]]) -> str:
+    def cell(text: str) -> str:
+        return text.replace("|", "\\|").replace("\n", "\\n")
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    return "\n".join(lines + ["| " + " | ".join(cell(row[c]) for c in columns) + " |" for row in rows])
+
 
 class ExportPretrained(L.Callback):
-    """At the end of fit, save the policy and tokenizer with `save_pretrained` (safetensors).
+    """At the end of fit, save the policy, tokenizer and a model card as a Hugging Face folder.
 
-    The folder loads with `AutoModelForCausalLM.from_pretrained` and `AutoTokenizer.from_pretrained`.
+    The folder (safetensors, generation config, README.md model card with the base model, data, loss,
+    beta, steps and last validation metrics) loads with `AutoModelForCausalLM.from_pretrained` and
+    `AutoTokenizer.from_pretrained`; see `export.export_pretrained`.
 
     Args:
         dirpath: where to write. Default: `<trainer.log_dir>/hf_model`.
+        merge_lora: for a LoRA policy, merge the adapter into the base weights; False saves the adapter alone.
     """
 
-    def __init__(self, dirpath: str | None = None):
-        self.dirpath = dirpath
+    def __init__(self, dirpath: str | None = None, merge_lora: bool = True):
+        self.dirpath, self.merge_lora = dirpath, merge_lora
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         path = self.dirpath or os.path.join(trainer.log_dir or trainer.default_root_dir, "hf_model")
-        # Every rank calls save_pretrained: under FSDP gathering the weights is collective; only rank 0 writes.
-        pl_module.policy.save_pretrained(path, is_main_process=trainer.is_global_zero)
-        tokenizer = getattr(trainer.datamodule, "tokenizer", None)
-        if trainer.is_global_zero and tokenizer is not None and not isinstance(tokenizer, str):
-            tokenizer.save_pretrained(path)
+        datamodule = trainer.datamodule
+        tokenizer = getattr(datamodule, "tokenizer", None)
+        data = None
+        if datamodule is not None and hasattr(datamodule, "dataset"):
+            data = {**datamodule.hparams, "dataset": datamodule.dataset, "eval_dataset": datamodule.eval_dataset}
+        step, metrics = last_validation(trainer)
+        # Every rank calls: under FSDP gathering the weights is collective; only rank 0 writes.
+        export_pretrained(pl_module, tokenizer if isinstance(tokenizer, PreTrainedTokenizerBase) else None, path,
+                          self.merge_lora, metrics, steps=trainer.global_step, validation_step=step, data=data,
+                          is_main_process=trainer.is_global_zero)
         if trainer.is_global_zero:
-            print(f"[dpo_lightning] saved the policy and tokenizer to {path}")
+            print(f"[dpo_lightning] saved the policy, tokenizer and model card to {path}")
+
+
+def last_validation(trainer: L.Trainer) -> tuple[int | None, dict[str, float]]:
+    """(step, `val/` metrics) of the run's last validation; the step is known when `ValidationSummary` runs."""
+    for callback in trainer.callbacks:
+        if isinstance(callback, ValidationSummary) and callback.history:
+            row = callback.history[-1]
+            return row["step"], {k: v for k, v in row.items() if k != "step"}
+    return None, {k: v.item() for k, v in trainer.callback_metrics.items() if k.startswith("val/")}

@@ -54,3 +54,14 @@ def test_console_script_exits_zero_after_a_run(tmp_path):
                            "--trainer.limit_val_batches=1", f"--trainer.logger.init_args.save_dir={tmp_path}"],
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_inspect_data_prints_the_summary_and_rows_token_by_token(capsys, monkeypatch):
+    from dpo_lightning.cli import main
+
+    monkeypatch.chdir(ROOT)
+    main(["inspect-data", "--config", "configs/quickstart.yaml", "--rows", "1"])
+    out = capsys.readouterr().out
+    assert "train: 2000 rows, 2000 kept, dropped {none}" in out and "val: 256 rows, 256 kept" in out
+    # The first training pair, prompt masked in brackets; every character is one token of the tokenizer.
+    assert "   chosen: [s|o|r|t| |j|m|b|e|:]  |b|e|j|m|<|endoftext|>" in out

@@ -1,0 +1,210 @@
+"""Export a trained policy as a Hugging Face folder, with a model card, from a module or a checkpoint.
+
+The folder is what `save_pretrained` writes (config, safetensors weights, generation config) plus the
+tokenizer and a `README.md` model card: the base model, the data, the loss, beta, the steps trained and
+the last validation's metrics. `AutoModelForCausalLM.from_pretrained(folder)` loads it and
+`huggingface_hub.upload_folder` (or `push_to_hub`) accepts it as it is. A LoRA policy (a
+`peft.PeftModel`) is merged into its base weights by default, or saved as the adapter alone.
+
+    dpo-lightning export --ckpt_path runs/quickstart/version_0/checkpoints/last.ckpt --output_dir hf_model
+
+`ExportPretrained` (callbacks.py) does the same at the end of fit.
+"""
+
+import copy
+import csv
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from peft import PeftModel
+from torch import nn
+from transformers import GenerationConfig, PreTrainedTokenizerBase
+
+from dpo_lightning.data import load_tokenizer
+from dpo_lightning.module import DPOModule
+
+# A hub repo id ("gpt2", "org/name"); the hub rejects a card whose base_model or datasets is anything else.
+HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
+CARD_METRICS = ("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected",
+                "logps/chosen", "logps/rejected")
+
+
+def export_pretrained(module: DPOModule, tokenizer: PreTrainedTokenizerBase | None, output_dir: str | os.PathLike,
+                      merge_lora: bool = True, metrics: dict[str, float] | None = None, *, steps: int | None = None,
+                      validation_step: int | None = None, data: dict[str, Any] | None = None,
+                      is_main_process: bool = True) -> Path:
+    """Write `module.policy` as a Hugging Face folder with its tokenizer and a model card.
+
+    Args:
+        module: the trained module; its policy may be a `peft.PeftModel`.
+        tokenizer: saved next to the weights (None: not saved, the card says so).
+        output_dir: the folder to write (created).
+        merge_lora: for a LoRA policy, merge the adapter into a copy of the base weights (a plain
+            model, no peft needed to load it); False saves the adapter alone (adapter_model.safetensors).
+        metrics: the last validation's metrics, `val/...` -> value, for the card.
+        steps: optimizer steps trained, for the card.
+        validation_step: the step of the validation that gave `metrics`, for the card.
+        data: the data module's arguments (`dataset`, `split`, `eval_dataset`, ...), for the card.
+        is_main_process: whether this process writes; every rank must call (gathering sharded
+            weights is collective), as with `save_pretrained`.
+
+    Returns:
+        The folder.
+    """
+    out = Path(output_dir)
+    model, adapter_only = unwrap_policy(module.policy, merge_lora)
+    # Adapter only: the policy's adapter, not a frozen reference adapter the policy may also carry.
+    kwargs = {"selected_adapters": [model.active_adapter]} if adapter_only else {}
+    model.save_pretrained(out, is_main_process=is_main_process, **kwargs)
+    if not is_main_process:
+        return out
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    if not adapter_only:
+        generation_config(model, tokenizer).save_pretrained(out)
+    card = model_card(module, adapter_only=adapter_only, with_tokenizer=tokenizer is not None, metrics=metrics or {},
+                      steps=steps, validation_step=validation_step, data=data or {})
+    (out / "README.md").write_text(card)
+    return out
+
+
+def unwrap_policy(policy: nn.Module, merge_lora: bool) -> tuple[nn.Module, bool]:
+    """The model to save, and whether it is an adapter alone.
+
+    A merge works on a copy (the policy may go on training) and merges the active adapter only; peft's
+    `merge_and_unload` then drops every adapter layer, a frozen reference adapter included.
+    """
+    if not isinstance(policy, PeftModel):
+        return policy, False
+    if not merge_lora:
+        return policy, True
+    return copy.deepcopy(policy).merge_and_unload(), False
+
+
+def base_model(policy: nn.Module) -> str | None:
+    if isinstance(policy, PeftModel):
+        return policy.peft_config[policy.active_adapter].base_model_name_or_path
+    return getattr(policy, "name_or_path", None) or None
+
+
+def generation_config(model: nn.Module, tokenizer: PreTrainedTokenizerBase | None) -> GenerationConfig:
+    """The model's generation config with pad and eos ids filled in from the tokenizer where unset.
+
+    Without a pad id, `generate` warns on every call; training used pad = eos (`data.load_tokenizer`).
+    """
+    config = getattr(model, "generation_config", None) or GenerationConfig.from_model_config(model.config)
+    config = copy.deepcopy(config)
+    if tokenizer is not None:
+        if config.pad_token_id is None:
+            config.pad_token_id = tokenizer.pad_token_id
+        if config.eos_token_id is None:
+            config.eos_token_id = tokenizer.eos_token_id
+    return config
+
+
+def model_card(module: DPOModule, adapter_only: bool, with_tokenizer: bool, metrics: dict[str, float],
+               steps: int | None, validation_step: int | None, data: dict[str, Any]) -> str:
+    """The README.md of the exported folder: hub metadata, then the run in tables."""
+    hp, base = dict(module.hparams), base_model(module.policy)
+    meta: dict[str, Any] = {"library_name": "peft" if adapter_only else "transformers",
+                            "pipeline_tag": "text-generation", "tags": ["dpo", "dpo-lightning", "lightning"]}
+    if base and is_hub_id(base):
+        meta["base_model"] = base
+    if isinstance(data.get("dataset"), str) and is_hub_id(data["dataset"]):
+        meta["datasets"] = [data["dataset"]]
+    loss, beta, steps_text = hp.get("loss_type", "sigmoid"), hp.get("beta"), "?" if steps is None else steps
+    weights = ("LoRA adapter only (load it with peft)" if adapter_only else
+               "LoRA merged into the base weights" if isinstance(module.policy, PeftModel) else "full")
+    rows = [("base model", f"`{base}`" if base else "(built in memory)"), ("weights", weights),
+            ("data", describe_data(data) if data else "(not recorded)"), ("loss_type", f"`{loss}`"),
+            ("beta", beta), ("optimizer steps", steps_text)]
+    settings = {k: v if isinstance(v, (str, int, float, bool, list, dict)) else repr(v)
+                for k, v in hp.items() if v is not None}
+    loader = "peft.AutoPeftModelForCausalLM" if adapter_only else "transformers.AutoModelForCausalLM"
+    return "\n".join([
+        "---", yaml.safe_dump(meta, sort_keys=False).strip(), "---", "",
+        f"# DPO fine-tune of {base or 'a causal LM'}", "",
+        f"Trained with dpo_lightning (DPO: Rafailov et al. 2023, arXiv:2305.18290): loss_type `{loss}`, "
+        f"beta {beta}, {steps_text} optimizer steps.", "",
+        "## Training", "", "| | |", "|---|---|", *[f"| {k} | {v} |" for k, v in rows], "",
+        *validation_table(metrics, validation_step),
+        "## All hyperparameters", "", "```yaml", yaml.safe_dump(settings, sort_keys=False).strip(), "```", "",
+        *([] if with_tokenizer else ["No tokenizer was saved in this folder: use the base model's.", ""]),
+        "## Use", "", f"`{loader}.from_pretrained(path_to_this_folder)`.", ""])
+
+
+def validation_table(metrics: dict[str, float], step: int | None) -> list[str]:
+    if not metrics:
+        return ["No validation metrics were recorded for this run.", ""]
+    shown = [f"val/{m}" for m in CARD_METRICS if f"val/{m}" in metrics]
+    shown += sorted(k for k in metrics if k not in shown)
+    title = f"## Validation metrics (step {step})" if step is not None else "## Validation metrics (last validation)"
+    return [title, "", "| metric | value |", "|---|---|", *[f"| {k} | {metrics[k]:.4f} |" for k in shown], ""]
+
+
+def is_hub_id(name: str) -> bool:
+    return not os.path.exists(name) and bool(HUB_ID.match(name))
+
+
+def describe_data(data: dict[str, Any]) -> str:
+    """One line for the card: where the training and validation rows came from, and the length limits."""
+    dataset, eval_dataset = data.get("dataset"), data.get("eval_dataset")
+    parts = [f"`{dataset}`" if isinstance(dataset, str) else f"in-memory rows ({type(dataset).__name__})"]
+    parts += [f"{key} {data[key]}" for key in ("dataset_config", "data_dir", "split") if data.get(key)]
+    if eval_dataset is not None:
+        parts.append(f"validation `{eval_dataset}`" if isinstance(eval_dataset, str) else "in-memory validation rows")
+    elif data.get("eval_split"):
+        parts.append(f"validation split {data['eval_split']}")
+    parts += [f"{key} {data[key]}" for key in ("max_length", "max_prompt_length") if data.get(key)]
+    return ", ".join(parts)
+
+
+def export_checkpoint(ckpt_path: str | os.PathLike, output_dir: str | os.PathLike, merge_lora: bool = True,
+                      tokenizer: str | None = None) -> Path:
+    """Export a Lightning checkpoint of a `DPOModule` (what `dpo-lightning export` runs).
+
+    The tokenizer is `tokenizer`, else the run's `--data.tokenizer`, else the model's. Steps come from the
+    checkpoint; the validation metrics from `ValidationSummary`'s state in the checkpoint, else from the
+    `metrics.csv` of the CSV logger beside it; the data from the `config.yaml` LightningCLI saved there.
+    """
+    ckpt_path = Path(ckpt_path)
+    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+    module = DPOModule.load_from_checkpoint(ckpt_path, map_location="cpu", weights_only=True)
+    run_dir = ckpt_path.parent.parent  # <log_dir>/checkpoints/x.ckpt
+    config = run_config(run_dir)
+    data_hparams = {**checkpoint.get("datamodule_hyper_parameters", {}), **config.get("data", {})}
+    name = tokenizer or data_hparams.get("tokenizer") or module.hparams.get("model_name_or_path")
+    step, metrics = checkpoint_validation(checkpoint, run_dir)
+    return export_pretrained(module, load_tokenizer(name) if name else None, output_dir, merge_lora, metrics,
+                             steps=checkpoint.get("global_step"), validation_step=step,
+                             data=data_hparams if "dataset" in data_hparams else None)
+
+
+def run_config(run_dir: Path) -> dict:
+    """The `config.yaml` LightningCLI saves in the log dir; {} for a run started from Python."""
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        return {}
+    return yaml.safe_load(path.read_text()) or {}
+
+
+def checkpoint_validation(checkpoint: dict, run_dir: Path) -> tuple[int | None, dict[str, float]]:
+    """(step, metrics) of the last validation before the checkpoint was saved, or (None, {})."""
+    for state in checkpoint.get("callbacks", {}).values():
+        history = state.get("history") if isinstance(state, dict) else None
+        if history:
+            return history[-1]["step"], {k: float(v) for k, v in history[-1].items() if k != "step"}
+    path = run_dir / "metrics.csv"
+    if not path.is_file():
+        return None, {}
+    with open(path) as f:
+        rows = [row for row in csv.DictReader(f) if row.get("val/loss")
+                and int(row["step"]) <= checkpoint.get("global_step", 0)]
+    if not rows:
+        return None, {}
+    last = rows[-1]
+    return int(last["step"]), {k: float(v) for k, v in last.items() if k.startswith("val/") and v}

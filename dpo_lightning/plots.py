@@ -1,0 +1,88 @@
+"""Training curves from a run's CSV log: reward accuracy, margins, rewards and log-probs, train vs val.
+
+    dpo-lightning plot runs/quickstart              # the newest version_N: writes its metrics.png
+    dpo-lightning plot runs/quickstart/version_0/metrics.csv --out curves.png
+
+Reads the `metrics.csv` that Lightning's CSVLogger writes (our default logger) with the standard library
+and draws with matplotlib's object API (a `Figure`, rendered by Agg), so it never touches pyplot's
+global state or a notebook's backend. matplotlib is an optional dependency: `pip install matplotlib`.
+"""
+
+import csv
+import os
+from pathlib import Path
+
+# One panel per entry: its title and the metrics drawn in it, without the train/ or val/ prefix.
+PANELS = (("reward accuracy", ("rewards/accuracies",)),
+          ("reward margin (chosen - rejected)", ("rewards/margins",)),
+          ("rewards", ("rewards/chosen", "rewards/rejected")),
+          ("log-probs of the responses", ("logps/chosen", "logps/rejected")))
+
+
+def find_metrics_csv(path: str | os.PathLike) -> Path:
+    """`path` itself if a file, else its `metrics.csv`, else the newest `metrics.csv` below it."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    if (path / "metrics.csv").is_file():
+        return path / "metrics.csv"
+    found = sorted(path.rglob("metrics.csv"), key=lambda p: p.stat().st_mtime)
+    if not found:
+        raise FileNotFoundError(f"no metrics.csv in {path}: plot reads the CSVLogger's log (the default logger)")
+    return found[-1]
+
+
+def read_metrics(csv_path: str | os.PathLike) -> dict[str, tuple[list[int], list[float]]]:
+    """Each column of a CSVLogger log as (steps, values), skipping the rows where it is empty.
+
+    Example:
+        step,train/loss,val/loss        ->  {"train/loss": ([0], [0.69]), "val/loss": ([0, 24], [0.69, 0.6])}
+        0,0.69,0.69
+        24,,0.6
+    """
+    series: dict[str, tuple[list[int], list[float]]] = {}
+    with open(csv_path, newline="") as f:
+        for row in csv.DictReader(f):
+            for name, value in row.items():
+                if name not in ("step", "epoch") and value:
+                    steps, values = series.setdefault(name, ([], []))
+                    steps.append(int(row["step"]))
+                    values.append(float(value))
+    return series
+
+
+def plot_metrics(source: str | os.PathLike, out_png: str | os.PathLike | None = None, dpi: int = 80):
+    """Draw the DPO curves of a run to a PNG, and return the matplotlib `Figure`.
+
+    Each panel shows training values as a thin line and validation values as dots joined by a line;
+    chosen is blue, rejected orange.
+
+    Args:
+        source: a run's log dir (its `metrics.csv`, or the newest one below it) or a `metrics.csv` path.
+        out_png: where to write. Default: `metrics.png` beside the `metrics.csv`.
+        dpi: resolution of the PNG.
+    """
+    try:
+        from matplotlib.figure import Figure
+    except ImportError as error:
+        raise ImportError("plotting needs matplotlib: pip install matplotlib") from error
+    csv_path = find_metrics_csv(source)
+    series = read_metrics(csv_path)
+    fig = Figure(figsize=(10, 6.5), layout="constrained")
+    for ax, (title, names) in zip(fig.subplots(2, 2).flat, PANELS):
+        for color, name in zip(("tab:blue", "tab:orange"), names):
+            label = "" if len(names) == 1 else name.split("/")[1] + " "
+            if f"train/{name}" in series:
+                ax.plot(*series[f"train/{name}"], color=color, linewidth=0.8, alpha=0.6, label=f"{label}train")
+            if f"val/{name}" in series:
+                ax.plot(*series[f"val/{name}"], "o-", color=color, markersize=3, label=f"{label}val")
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=8)
+    fig.suptitle(f"{csv_path.parent.parent.name}/{csv_path.parent.name}")  # e.g. quickstart/version_0
+    out = Path(out_png) if out_png is not None else csv_path.with_name("metrics.png")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=dpi)
+    return fig

@@ -1,0 +1,136 @@
+"""`GenerateSamples` and `ValidationSummary` on tiny models saved to temp folders (conftest.py); no network.
+
+What users read off a run: the samples table lands in the CSV and TensorBoard logs at every validation
+(not the sanity check), the reference columns never change while the policy's do, a LoRA policy's
+reference is its base weights, sampling is seeded without disturbing training's random state, W&B and
+MLflow receive the table through their table APIs (checked against Lightning's signatures), and under
+2-process DDP (gloo) rank 0 generates alone without deadlocking the other rank.
+"""
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+from unittest.mock import create_autospec
+
+import lightning as L
+import torch
+from conftest import ascii_tokenizer, rows
+from lightning.pytorch.loggers import CSVLogger, MLFlowLogger, TensorBoardLogger, WandbLogger
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM
+
+from dpo_lightning import DPOModule, PreferenceDataModule, ValidationSummary
+from dpo_lightning.callbacks import GenerateSamples, log_table
+
+COLUMNS = ["prompt", "chosen", "policy/greedy", "reference/greedy", "policy/sampled", "reference/sampled"]
+
+
+def sample_data() -> PreferenceDataModule:
+    return PreferenceDataModule(dataset=rows(16), eval_dataset=rows(4), tokenizer=ascii_tokenizer(add_bos=True),
+                                max_length=48, max_prompt_length=24, batch_size=4)
+
+
+def read_table(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_samples_table_reaches_csv_and_tensorboard_and_only_the_policy_moves(tiny_llama, tmp_path):
+    samples = GenerateSamples(num_prompts=3, max_new_tokens=8)
+    loggers = [CSVLogger(tmp_path / "csv"), TensorBoardLogger(tmp_path / "tb")]
+    trainer = L.Trainer(max_steps=6, val_check_interval=3, check_val_every_n_epoch=None, num_sanity_val_steps=1,
+                        logger=loggers, callbacks=[samples], enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False)
+    trainer.fit(DPOModule(tiny_llama, learning_rate=5e-2), sample_data())
+
+    tables = sorted((Path(loggers[0].log_dir) / "samples").glob("*.csv"))
+    assert [p.name for p in tables] == ["step_3.csv", "step_6.csv"]  # none for the sanity check
+    first, last = read_table(tables[0]), read_table(tables[1])
+    assert list(last[0]) == COLUMNS and len(last) == 3
+    # The ascii tokenizer decodes with a space between characters.
+    assert [r["prompt"].replace(" ", "") for r in last] == [p.replace(" ", "") for p in rows(3)["prompt"]]
+    for column in ("reference/greedy", "reference/sampled"):  # frozen model, same seeds: the same text
+        assert [r[column] for r in first] == [r[column] for r in last]
+    assert any(r["policy/greedy"] != r["reference/greedy"] for r in last)
+
+    events = next((tmp_path / "tb").rglob("events.out.tfevents.*")).read_bytes()
+    assert b"reference/greedy" in events and last[0]["reference/greedy"].encode() in events
+    with open(Path(loggers[0].log_dir) / "metrics.csv") as f:
+        lengths = [float(r["samples/length/policy_greedy"]) for r in csv.DictReader(f) if r["samples/length/policy_greedy"]]
+    assert len(lengths) == 2 and all(1 <= n <= 8 for n in lengths)
+
+
+def test_sampling_is_seeded_and_leaves_the_training_random_state_alone(tiny_llama):
+    data = sample_data()
+    data.setup("fit")
+    samples = GenerateSamples(num_prompts=2, max_new_tokens=6)
+    model, prompts = DPOModule(tiny_llama), samples.prompt_rows(data)
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    table, _ = samples.generate(model, data.tokenizer, prompts)
+    assert torch.equal(torch.get_rng_state(), state)
+    again, _ = samples.generate(model, data.tokenizer, prompts)
+    assert table == again
+    # Policy == reference before training: same greedy and, with the same seeds, same sampled text.
+    assert [r["policy/sampled"] for r in table] == [r["reference/sampled"] for r in table]
+
+
+def test_lora_policy_without_a_reference_is_compared_with_its_base_weights(tiny_llama):
+    tokenizer = ascii_tokenizer(add_bos=True)
+    model = DPOModule(tiny_llama)
+    model.policy = get_peft_model(model.policy, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    model.reference = None  # as DPOModule does with LoRA: the reference is the policy, adapter disabled
+    with torch.no_grad():
+        for name, param in model.policy.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 1.0)  # an adapter that changes the answers
+    samples = GenerateSamples(prompts=["Q0: say ab?", "Q1: say abab?"], max_new_tokens=6, sample=False)
+    prompts = samples.prompt_rows(PreferenceDataModule(dataset=rows(2), tokenizer=tokenizer))
+    assert prompts[0]["prompt_input_ids"][0] == tokenizer.bos_token_id  # tokenized as training does (rule 2)
+    table, _ = samples.generate(model, tokenizer, prompts)
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    for row, prompt in zip(table, prompts):
+        ids = torch.tensor([prompt["prompt_input_ids"]])
+        out = base.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
+                            pad_token_id=tokenizer.eos_token_id)
+        assert row["reference/greedy"] == tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    assert any(r["policy/greedy"] != r["reference/greedy"] for r in table)
+    again, _ = samples.generate(model, tokenizer, prompts)
+    assert again == table  # the adapter is back on after the reference's turn
+
+
+def test_wandb_and_mlflow_get_the_table_through_their_table_apis():
+    # Neither package is installed here: autospec checks our call against Lightning's WandbLogger.log_table.
+    wandb, mlflow = create_autospec(WandbLogger, instance=True), create_autospec(MLFlowLogger, instance=True)
+    log_table([wandb, mlflow], [{"prompt": "Q?", "policy/greedy": "A"}], step=50)
+    wandb.log_table.assert_called_once_with(key="samples", columns=["prompt", "policy/greedy"], data=[["Q?", "A"]],
+                                            step=50)
+    mlflow.experiment.log_table.assert_called_once_with(mlflow.run_id, data={"prompt": ["Q?"], "policy/greedy": ["A"]},
+                                                        artifact_file="samples/step_50.json")
+
+
+def test_under_ddp_rank_zero_generates_alone_without_a_deadlock(tiny_llama, tmp_path):
+    # Rank 0 generates between steps while rank 1 goes on to the next all-reduce and waits there.
+    subprocess.run([sys.executable, __file__, tiny_llama, str(tmp_path)], check=True, timeout=300, cwd=tmp_path)
+    tables = sorted(tmp_path.rglob("samples/*.csv"))
+    assert [p.name for p in tables] == ["step_2.csv", "step_4.csv"]
+    assert len(read_table(tables[-1])) == 2
+
+
+def test_validation_history_survives_a_checkpoint():
+    summary = ValidationSummary()
+    summary.history = [{"step": 0, "val/loss": 0.69}, {"step": 50, "val/loss": 0.5}]
+    restored = ValidationSummary()
+    restored.load_state_dict(summary.state_dict())
+    assert restored.history == summary.history
+
+
+if __name__ == "__main__":
+    model_path, out = sys.argv[1], Path(sys.argv[2])
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=4, val_check_interval=2,
+                        check_val_every_n_epoch=None, num_sanity_val_steps=0, logger=CSVLogger(out),
+                        callbacks=[GenerateSamples(num_prompts=2, max_new_tokens=4)], enable_progress_bar=False,
+                        enable_model_summary=False)  # checkpointing on: its barrier waits for rank 0's samples
+    trainer.fit(DPOModule(model_path, learning_rate=1e-2), sample_data())

@@ -1,0 +1,119 @@
+"""The Hugging Face export: `ExportPretrained` at the end of fit, `export_pretrained` on a LoRA policy (merged
+or adapter only), and `dpo-lightning export` from a checkpoint.
+
+Users load the folder elsewhere, so each test reloads it with `from_pretrained` and checks it scores text
+exactly as the trained module does, and that the model card states the run's real last validation.
+Tiny models from conftest.py, saved to temp folders; no network.
+"""
+
+import json
+
+import lightning as L
+import torch
+from conftest import ascii_tokenizer, rows
+from datasets import Dataset
+from huggingface_hub import ModelCard
+from peft import AutoPeftModelForCausalLM, LoraConfig, get_peft_model
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from dpo_lightning import DPOModule, ExportPretrained, PreferenceDataModule, ValidationSummary
+from dpo_lightning.cli import cli_main, main
+from dpo_lightning.export import export_pretrained
+
+
+def pairs(tokenizer=None) -> PreferenceDataModule:
+    return PreferenceDataModule(dataset=rows(16), eval_dataset=rows(4), tokenizer=tokenizer or ascii_tokenizer(),
+                                max_length=48, max_prompt_length=24, batch_size=4)
+
+
+def fit(model: DPOModule, data: PreferenceDataModule, callbacks=(), steps: int = 4) -> L.Trainer:
+    trainer = L.Trainer(max_steps=steps, val_check_interval=2, check_val_every_n_epoch=None, num_sanity_val_steps=0,
+                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=list(callbacks))
+    trainer.fit(model, data)
+    return trainer
+
+
+def response_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Summed log-probs of the label tokens of each row (2B,): logits at t predict the token at t + 1."""
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    labels = batch["labels"][:, 1:]
+    mask = labels != -100
+    picked = logits.log_softmax(-1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # (2B, T-1)
+    return (picked * mask).sum(-1)
+
+
+def a_batch(data: PreferenceDataModule) -> dict[str, torch.Tensor]:
+    data.setup("fit")
+    return next(iter(data.val_dataloader()))
+
+
+def test_export_reloads_with_the_same_log_probs_and_a_card_with_the_final_metrics(tiny_gpt2, tmp_path):
+    model, data = DPOModule(tiny_gpt2, learning_rate=1e-2), pairs()
+    trainer = fit(model, data, [ValidationSummary(), ExportPretrained(str(tmp_path / "hf"))])
+    folder = tmp_path / "hf"
+
+    exported = AutoModelForCausalLM.from_pretrained(folder)
+    batch = a_batch(data)
+    torch.testing.assert_close(response_logps(exported, batch), response_logps(model.policy.eval(), batch))
+    assert AutoTokenizer.from_pretrained(folder)("ab", add_special_tokens=False)["input_ids"] == [97, 98]
+    assert json.loads((folder / "generation_config.json").read_text())["pad_token_id"] == 2  # pad = eos, no warning
+
+    card = ModelCard.load(folder / "README.md")
+    assert card.data.library_name == "transformers" and "dpo" in card.data.tags
+    assert "base_model" not in card.data.to_dict()  # a local path: the hub would reject it as metadata
+    final = trainer.callback_metrics
+    for name in ("val/loss", "val/rewards/accuracies", "val/rewards/margins"):
+        assert f"| {name} | {final[name].item():.4f} |" in card.text
+    assert "## Validation metrics (step 4)" in card.text and "| optimizer steps | 4 |" in card.text
+    assert "| loss_type | `sigmoid` |" in card.text and "| beta | 0.1 |" in card.text
+    assert f"| base model | `{tiny_gpt2}` |" in card.text
+
+
+def test_lora_export_merged_or_adapter_only_scores_as_the_trained_policy(tiny_llama, tmp_path):
+    tokenizer = ascii_tokenizer(add_bos=True)
+    model, data = DPOModule(tiny_llama, learning_rate=1e-2), pairs(tokenizer)
+    model.policy = get_peft_model(model.policy, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    fit(model, data, steps=3)  # LoRA's B starts at 0: train so that the adapter matters
+    batch = a_batch(data)
+    trained = response_logps(model.policy.eval(), batch)
+    assert not torch.allclose(trained, response_logps(AutoModelForCausalLM.from_pretrained(tiny_llama), batch))
+
+    export_pretrained(model, tokenizer, tmp_path / "merged")
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    torch.testing.assert_close(response_logps(merged, batch), trained)
+    assert not any("lora" in k for k in load_file(tmp_path / "merged" / "model.safetensors"))
+    torch.testing.assert_close(response_logps(model.policy, batch), trained)  # merged a copy, not the policy
+
+    export_pretrained(model, tokenizer, tmp_path / "adapter", merge_lora=False)
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
+    assert not (tmp_path / "adapter" / "model.safetensors").exists()
+    adapter = AutoPeftModelForCausalLM.from_pretrained(tmp_path / "adapter")
+    torch.testing.assert_close(response_logps(adapter, batch), trained)
+    assert ModelCard.load(tmp_path / "adapter" / "README.md").data.library_name == "peft"
+
+
+def test_export_command_writes_the_checkpoints_policy_and_its_last_validation(tiny_llama, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    train = tmp_path / "train.jsonl"
+    Dataset.from_dict(rows(16)).to_json(train)
+    cli = cli_main(["fit", f"--model.model_name_or_path={tiny_llama}", "--model.learning_rate=1e-2",
+                    f"--data.dataset={train}", f"--data.eval_dataset={train}", "--data.max_length=48",
+                    "--data.max_prompt_length=24", "--data.batch_size=4", "--trainer.max_steps=4",
+                    "--trainer.val_check_interval=2", "--trainer.check_val_every_n_epoch=null",
+                    "--trainer.num_sanity_val_steps=0", "--trainer.callbacks=dpo_lightning.ValidationSummary",
+                    "--trainer.enable_progress_bar=false"])
+    checkpoint = next(tmp_path.rglob("checkpoints/*.ckpt"))
+    main(["export", "--ckpt_path", str(checkpoint), "--output_dir", str(tmp_path / "hf")])
+
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    batch = a_batch(cli.datamodule)
+    torch.testing.assert_close(response_logps(exported, batch), response_logps(cli.model.policy.eval(), batch))
+    assert AutoTokenizer.from_pretrained(tmp_path / "hf")("ab")["input_ids"] == [1, 97, 98]  # the model's, BOS too
+    card = (tmp_path / "hf" / "README.md").read_text()
+    last = next(c for c in cli.trainer.callbacks if isinstance(c, ValidationSummary)).history[-1]
+    assert last["step"] == 4 and "## Validation metrics (step 4)" in card
+    assert f"| val/rewards/accuracies | {last['val/rewards/accuracies']:.4f} |" in card
+    assert f"`{train}`" in card  # the data, from the config.yaml LightningCLI saved beside the checkpoint
