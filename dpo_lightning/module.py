@@ -1,12 +1,14 @@
 """`DPOModule`: a Hugging Face causal LM trained with DPO (or a variant) as a Lightning module.
 
-The policy and, for reference-based losses, a frozen reference each run one forward over a batch of
-chosen rows then rejected rows (see `data.collate_pairs`); `losses.sequence_logps` turns logits into
-per-sequence log-probs, and the losses named by `loss_type` (pure functions in `losses.py`) turn those
-into per-pair losses and rewards. Devices, precision and distribution are the Trainer's business:
-nothing here moves tensors or casts them.
+The policy and, for reference-based losses, the reference each run one forward over a batch of
+chosen rows then rejected rows (see `data.collate_pairs`); `logps.py` turns that into per-sequence
+log-probs (lean by default: no full-vocabulary logits), and the losses named by `loss_type` (pure
+functions in `losses.py`) turn those into per-pair losses and rewards. The reference is a frozen copy,
+or with a LoRA adapter the policy itself with its adapter switched off (`models.py`). Devices, precision
+and distribution are the Trainer's business: nothing here moves tensors or casts them.
 """
 
+import contextlib
 import copy
 import functools
 import inspect
@@ -16,13 +18,16 @@ from typing import Literal
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
+from peft import PeftModel
 from torch import Tensor, nn
-from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers import PreTrainedModel
 
-from dpo_lightning.losses import IGNORE_INDEX, LENGTH_NORMALIZED, LOSSES, REFERENCE_FREE, sequence_logps
+from dpo_lightning.logps import base_causal_lm, lean_logps, lean_unsupported, naive_logps
+from dpo_lightning.losses import LENGTH_NORMALIZED, LOSSES, REFERENCE_FREE
 from dpo_lightning.metrics import batch_values, make_metrics
+from dpo_lightning.models import (add_lora, add_reference_adapter, enable_activation_checkpointing, is_adapter_folder,
+                                  load_adapter_policy, load_causal_lm, lora_config, reference_weights, zero_dropout)
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 LossType = Literal[tuple(LOSSES)]
 PROGRESS_BAR = ("loss", "rewards/accuracies")
 # Loss options that only some losses take: None means "not set", and a set option that no selected
@@ -31,30 +36,21 @@ LOSS_OPTIONS = ("label_smoothing", "simpo_gamma", "dpop_lambda", "rdpo_alpha", "
                 "f_divergence_type", "f_alpha_divergence_coef")
 
 
-def load_causal_lm(name_or_path: str, torch_dtype: str | None, trust_remote_code: bool) -> PreTrainedModel:
-    dtype = DTYPES.get(torch_dtype, torch_dtype)  # "auto" and None pass through to transformers
-    return AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, trust_remote_code=trust_remote_code)
-
-
-def zero_dropout(model: nn.Module) -> None:
-    # With dropout on, the policy and reference disagree at step 0 and the rewards start as noise.
-    for module in model.modules():
-        if isinstance(module, nn.Dropout):
-            module.p = 0.0
-
-
 def declared(loss_type: str) -> set[str]:
     """The keyword options a loss function takes."""
     return set(inspect.signature(LOSSES[loss_type]).parameters)
 
 
 class DPOModule(L.LightningModule):
-    """DPO fine-tuning of a causal LM against a frozen reference copy of it.
+    """DPO fine-tuning of a causal LM against a frozen reference: a copy of it, or itself with its adapter off.
 
     Args:
         model_name_or_path: the policy: a hub name or local folder, or an already built model (notebooks).
+            A local peft adapter folder (with `adapter_config.json`), or a `PeftModel`, trains that adapter
+            on its base model, and a frozen copy of the adapter is the reference.
         ref_model_name_or_path: the reference model. Default: a frozen copy of the policy's starting
-            weights, made in memory in the policy's dtype. Not loaded for reference-free losses.
+            weights, made in memory in the policy's dtype; with a new LoRA adapter, the policy with the
+            adapter disabled (no copy). Not loaded for reference-free losses.
         beta: strength of the KL penalty toward the reference (the paper's beta); higher stays closer.
         loss_type: the preference loss, a name from `dpo_lightning.losses.LOSSES`, or a list of them
             combined with `loss_weights` (as MPO does, e.g. [sigmoid, bco_pair, sft]).
@@ -79,8 +75,25 @@ class DPOModule(L.LightningModule):
         optimizer: AdamW, or RMSprop as in the DPO reference.
         torch_dtype: dtype to load the weights in; None keeps transformers' default (float32).
         trust_remote_code: run model code shipped with a hub checkpoint. Off: it executes arbitrary code.
-        gradient_checkpointing: recompute activations in backward to save memory.
-        disable_dropout: set every dropout to 0 in policy and reference (TRL's default).
+        gradient_checkpointing: recompute each layer's activations in backward: less activation memory
+            for about a third more time per step (benchmarks/README.md). Off by default.
+        torch_compile: `torch.compile` the decoder of the policy and reference (dynamic shapes). Costs
+            a minute or more of compilation at the first steps (and at new shapes), then runs each step
+            faster (measured in benchmarks/README.md). Off by default.
+        disable_dropout: set every dropout to 0 in policy and reference, LoRA's included (TRL's default).
+        lean_logps: compute log-probs from the decoder's hidden states, running the output head only on
+            response tokens, in chunks, recomputed in backward: no (2B, T, V) logits in memory. Equal to
+            the full-logits path (False) within float32 rounding. A model whose logits are not its head
+            applied to its hidden states (checked at construction) falls back to the full path, with a warning.
+        logps_chunk_size: response tokens per output-head call on the lean path; memory grows with it
+            times the vocabulary size (256 x 32k x 4 bytes = 32 MB per buffer, about three at a time).
+        lora_r: train a new LoRA adapter of this rank (peft) instead of all weights. None: full fine-tuning.
+        lora_alpha: LoRA scaling numerator (the update is scaled by alpha / r).
+        lora_dropout: dropout on the adapter's input; needs `disable_dropout: false`.
+        lora_target_modules: module names to adapt, e.g. [q_proj, v_proj], or "all-linear". Default:
+            peft's choice for the architecture. Add lm_head to adapt the output head.
+        peft_config: a full peft config as a dict (`peft.get_peft_config`; `peft_type` defaults to LORA),
+            instead of the `lora_*` arguments.
     """
 
     def __init__(
@@ -108,7 +121,15 @@ class DPOModule(L.LightningModule):
         torch_dtype: Literal["auto", "float32", "bfloat16", "float16"] | None = None,
         trust_remote_code: bool = False,
         gradient_checkpointing: bool = False,
+        torch_compile: bool = False,
         disable_dropout: bool = True,
+        lean_logps: bool = True,
+        logps_chunk_size: int = 256,
+        lora_r: int | None = None,
+        lora_alpha: float = 16.0,
+        lora_dropout: float = 0.0,
+        lora_target_modules: list[str] | str | None = None,
+        peft_config: dict | None = None,
     ):
         super().__init__()
         self.loss_types = [loss_type] if isinstance(loss_type, str) else list(loss_type)
@@ -119,32 +140,59 @@ class DPOModule(L.LightningModule):
                             for name in self.loss_types}
         self.save_hyperparameters(ignore=["model_name_or_path"] if isinstance(model_name_or_path, nn.Module) else None)
 
-        if isinstance(model_name_or_path, str):
-            self.policy = load_causal_lm(model_name_or_path, torch_dtype, trust_remote_code)
-        else:
-            self.policy = model_name_or_path
-        # from_pretrained returns eval mode; HF gradient checkpointing only runs in train mode.
-        self.policy.train()
-        self.model_name_or_path = self.policy.name_or_path or None
-        needs_reference = not reference_free and not set(self.loss_types) <= REFERENCE_FREE
-        if not needs_reference and ref_model_name_or_path is not None:
+        self.needs_reference = not reference_free and not set(self.loss_types) <= REFERENCE_FREE
+        if not self.needs_reference and ref_model_name_or_path is not None:
             raise ValueError("--model.ref_model_name_or_path is set but the loss uses no reference "
                              f"(loss_type {self.loss_types}, reference_free {reference_free}): remove it")
-        self.reference = None
-        if needs_reference:
-            self.reference = (copy.deepcopy(self.policy) if ref_model_name_or_path is None
-                              else load_causal_lm(ref_model_name_or_path, torch_dtype, trust_remote_code))
-            self.reference.eval().requires_grad_(False)
-        if disable_dropout:
-            zero_dropout(self.policy)
-        if gradient_checkpointing:
-            self.policy.gradient_checkpointing_enable()
+        self._build_models(model_name_or_path, ref_model_name_or_path)
+        self.model_name_or_path = base_causal_lm(self.policy).name_or_path or None  # the tokenizer's default source
+        self.uses_lean_logps = lean_logps and self._lean_supported()
+        if torch_compile:  # after the lean check, which would compile for its 8 tokens
+            for model in (self.policy, self.reference):
+                if model is not None:
+                    base_causal_lm(model).base_model.compile(dynamic=True)  # in place: same parameter names
         # bco_pair shifts rewards by their running mean over all training pairs so far (kept for resume).
         self.register_buffer("bco_reward_sum", torch.zeros((), dtype=torch.float64))
         self.register_buffer("bco_reward_count", torch.zeros((), dtype=torch.float64))
         self.uses_nll = bool(rpo_alpha) or "sft" in self.loss_types
         self.train_metrics, self.val_metrics = make_metrics(self.uses_nll), make_metrics(self.uses_nll)
         self._displacement_warned = False
+
+    def _build_models(self, source: str | nn.Module, ref_source: str | None) -> None:
+        """The policy, its adapter and the reference, by the three cases of `models.py`'s docstring."""
+        hp = self.hparams
+        pretrained_adapter = isinstance(source, PeftModel) or (isinstance(source, str) and is_adapter_folder(source))
+        _validate_lora(hp, pretrained_adapter)
+        adapter = lora_config(hp.lora_r, hp.lora_alpha, hp.lora_dropout, hp.lora_target_modules, hp.peft_config)
+        if isinstance(source, str):
+            source = (load_adapter_policy if pretrained_adapter else load_causal_lm)(
+                source, hp.torch_dtype, hp.trust_remote_code)
+        self.policy = source
+        # from_pretrained returns eval mode; activation checkpointing only runs in train mode.
+        self.policy.train()
+        if hp.disable_dropout:
+            zero_dropout(self.policy)
+        self.reference, self.reference_adapter = None, None
+        if self.needs_reference and ref_source is not None:
+            self.reference = load_causal_lm(ref_source, hp.torch_dtype, hp.trust_remote_code)
+        elif self.needs_reference and pretrained_adapter:
+            self.reference_adapter = add_reference_adapter(self.policy)
+        elif self.needs_reference and adapter is None:
+            self.reference = copy.deepcopy(self.policy)  # same weights and dtype, no reload
+        if self.reference is not None:
+            self.reference.eval().requires_grad_(False)
+        if hp.gradient_checkpointing:
+            enable_activation_checkpointing(base_causal_lm(self.policy))
+        if adapter is not None:
+            self.policy = add_lora(self.policy, adapter)  # the reference: this model with the adapter disabled
+
+    def _lean_supported(self) -> bool:
+        for model in (self.policy, self.reference):
+            reason = lean_unsupported(model) if model is not None else None
+            if reason:
+                rank_zero_warn(f"--model.lean_logps: {reason}; using the full-logits path instead")
+                return False
+        return True
 
     def train(self, mode: bool = True):
         # Lightning switches the whole module to train mode each epoch; the reference stays in eval.
@@ -168,11 +216,7 @@ class DPOModule(L.LightningModule):
 
     def _shared_step(self, batch: dict[str, Tensor], stage: str) -> Tensor:
         policy_logps, mean_logits, n_tokens = self._sequence_logps(self.policy, batch)  # each (2B,)
-        if self.reference is None:
-            ref_logps = torch.zeros_like(policy_logps)
-        else:
-            with torch.no_grad():
-                ref_logps, _, _ = self._sequence_logps(self.reference, batch)
+        ref_logps = self._reference_logps(batch) if self.needs_reference else torch.zeros_like(policy_logps)
         losses, chosen_rewards, rejected_rewards = self._preference_loss(policy_logps, ref_logps, n_tokens, stage)
         chosen_logps, chosen_tokens = policy_logps.chunk(2)[0], n_tokens.chunk(2)[0]
         nll = -chosen_logps / chosen_tokens if self.uses_nll else None  # (B,) per-token NLL of each chosen
@@ -218,13 +262,18 @@ class DPOModule(L.LightningModule):
 
     def _sequence_logps(self, model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
         """Summed response log-probs (2B,), mean response logits (2B,) and response lengths (2B,)."""
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                       use_cache=False).logits  # (2B, T, V)
-        logps, n_tokens = sequence_logps(logits, batch["labels"])
-        # Mean logit over the vocabulary at response positions, TRL's `logits/chosen` diagnostic.
-        mask = batch["labels"][:, 1:] != IGNORE_INDEX
-        mean_logits = (logits[:, :-1].detach().float().mean(-1) * mask).sum(-1) / n_tokens.clamp(min=1)
-        return logps, mean_logits, n_tokens
+        if self.uses_lean_logps:
+            return lean_logps(model, batch, self.hparams.logps_chunk_size)
+        return naive_logps(model, batch)
+
+    def _reference_logps(self, batch: dict[str, Tensor]) -> Tensor:
+        """Summed response log-probs (2B,) under the reference: a frozen model, or the policy's adapter switched."""
+        if self.reference is not None:
+            model, weights = self.reference, contextlib.nullcontext()
+        else:
+            model, weights = self.policy, reference_weights(self.policy, self.reference_adapter)
+        with torch.no_grad(), weights:
+            return self._sequence_logps(model, batch)[0]
 
     def _log_train_step(self) -> None:
         values = {f"train/{name}": metric.compute() for name, metric in self.train_metrics.items()}
@@ -233,7 +282,7 @@ class DPOModule(L.LightningModule):
         for name, value in values.items():
             self.log(name, value, on_step=True, on_epoch=False, prog_bar=name.removeprefix("train/") in PROGRESS_BAR)
         threshold = self.hparams.chosen_logp_drop_warning
-        if threshold is not None and self.reference is not None and not self._displacement_warned:
+        if threshold is not None and self.needs_reference and not self._displacement_warned:
             drop = -values["train/rewards/chosen"].item() / self.hparams.beta  # mean log ref - log pi of chosen
             if drop > threshold:
                 self._displacement_warned = True
@@ -257,13 +306,17 @@ class DPOModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        # The reference never changes: rebuild it from its source on load instead of storing a second model.
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("reference.")}
+        # Only what trains is stored (with LoRA, the adapter). The reference and frozen weights (a LoRA
+        # base, a reference adapter) never change: they are rebuilt from their source on load.
+        frozen = {f"policy.{name}" for name, param in self.policy.named_parameters(remove_duplicate=False)
+                  if not param.requires_grad}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items()
+                                    if not k.startswith("reference.") and k not in frozen}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        # Lightning loads state dicts strictly; hand it the reference this module already rebuilt.
-        if self.reference is not None:
-            checkpoint["state_dict"].update({f"reference.{k}": v for k, v in self.reference.state_dict().items()})
+        # Lightning loads state dicts strictly; hand it the frozen weights this module already rebuilt.
+        for name, value in self.state_dict().items():
+            checkpoint["state_dict"].setdefault(name, value)
 
 
 def lr_factor(step: int, warmup_steps: int, total_steps: int | float, kind: str) -> float:
@@ -299,3 +352,17 @@ def _validate(loss_types: list[str], loss_weights: list[float], options: dict, b
     if learning_rate <= 0 or weight_decay < 0 or warmup_steps < 0:
         raise ValueError(f"--model.learning_rate must be > 0 and weight_decay, warmup_steps >= 0; got "
                          f"{learning_rate}, {weight_decay}, {warmup_steps}")
+
+
+def _validate_lora(hp, pretrained_adapter: bool) -> None:
+    if hp.lora_r is not None and (hp.peft_config is not None or hp.lora_r <= 0):
+        raise ValueError(f"--model.lora_r must be > 0 and not combined with --model.peft_config; got lora_r "
+                         f"{hp.lora_r}, peft_config {hp.peft_config}")
+    if (hp.lora_r is not None or hp.peft_config is not None) and pretrained_adapter:
+        raise ValueError("--model.model_name_or_path is a peft adapter, which brings its own config: remove "
+                         "--model.lora_r / --model.peft_config")
+    if hp.lora_dropout and hp.disable_dropout:
+        raise ValueError(f"--model.lora_dropout {hp.lora_dropout} has no effect with --model.disable_dropout true "
+                         "(every dropout is set to 0): set disable_dropout false, or lora_dropout 0")
+    if hp.logps_chunk_size <= 0:
+        raise ValueError(f"--model.logps_chunk_size must be > 0, got {hp.logps_chunk_size}")

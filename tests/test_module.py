@@ -1,5 +1,7 @@
-"""`DPOModule` with tiny models saved to temp folders: the step-0 identity, the frozen reference,
-checkpoints without the reference that resume to the same weights, the Hugging Face export, and bf16.
+"""`DPOModule` with tiny models saved to temp folders: the step-0 identity, the frozen reference (an
+in-memory copy in the policy's dtype), checkpoints without the reference that resume to the same weights,
+the Hugging Face export, bf16, and gradient checkpointing. LoRA is in test_lora.py, the lean log-probs in
+test_logps.py.
 
 Models are 2-layer Llama / GPT-2 built from configs (conftest.py); no network.
 """
@@ -66,6 +68,58 @@ def test_training_moves_the_policy_and_never_the_reference(tiny_llama, tmp_path)
     assert not model.reference.training and not any(p.requires_grad for p in model.reference.parameters())
     optimized = {id(p) for group in t.optimizers[0].param_groups for p in group["params"]}
     assert optimized == {id(p) for p in model.policy.parameters()}
+
+
+def test_reference_is_an_in_memory_copy_in_the_policys_dtype(tiny_llama, monkeypatch):
+    loads = []
+    load = AutoModelForCausalLM.from_pretrained
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", lambda *a, **k: loads.append(a) or load(*a, **k))
+    model = DPOModule(tiny_llama, torch_dtype="bfloat16")
+    assert len(loads) == 1  # the policy only; TRL 1.16 loads the reference again from its name
+    policy, reference = dict(model.policy.named_parameters()), dict(model.reference.named_parameters())
+    assert policy.keys() == reference.keys()
+    for name, param in reference.items():
+        assert param.dtype == torch.bfloat16 and torch.equal(param, policy[name]), name
+        assert param.data_ptr() != policy[name].data_ptr()  # a copy: training the policy leaves it alone
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tiny_llama):
+    batch = first_batch(data_module())
+    results = []
+    for checkpointing in (False, True):
+        model = DPOModule(tiny_llama, gradient_checkpointing=checkpointing)
+        assert model.policy.model.layers[0].gradient_checkpointing == checkpointing
+        with torch.no_grad():
+            model.policy.lm_head.weight.mul_(1.5)
+        loss = model._shared_step(batch, "train")
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in model.policy.named_parameters()}))
+    (loss, grads), (checkpointed_loss, checkpointed_grads) = results
+    torch.testing.assert_close(checkpointed_loss, loss)
+    for name, grad in grads.items():
+        torch.testing.assert_close(checkpointed_grads[name], grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_torch_compile_compiles_both_decoders_in_place_and_gives_the_eager_step(tiny_llama, monkeypatch):
+    # The eager backend traces the decoder as inductor would (guards, graph breaks), without its minute of C++
+    # code generation on CPU; inductor itself is measured in benchmarks/README.md.
+    compile_module = torch.nn.Module.compile
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: compile_module(self, backend="eager", **kw))
+    batch = first_batch(data_module())
+    results = []
+    for compiled in (False, True):
+        model = DPOModule(tiny_llama, torch_compile=compiled)
+        assert all((m.model._compiled_call_impl is not None) == compiled for m in (model.policy, model.reference))
+        with torch.no_grad():
+            model.policy.lm_head.weight.mul_(1.5)
+        loss = model._shared_step(batch, "train")
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in model.policy.named_parameters()}))
+    (loss, grads), (compiled_loss, compiled_grads) = results
+    torch.testing.assert_close(compiled_loss, loss)
+    assert compiled_grads.keys() == grads.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(compiled_grads[name], grad, rtol=1e-5, atol=1e-6, msg=name)
 
 
 def test_checkpoint_holds_only_the_policy_and_reloads_to_the_same_weights(tiny_llama, tmp_path):

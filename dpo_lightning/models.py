@@ -1,0 +1,115 @@
+"""Building the policy and its reference: loading, dropout, activation checkpointing, LoRA adapters (peft).
+
+Where the reference comes from, by case (`DPOModule` picks; the README's "The reference" says why):
+1. Full fine-tuning: a frozen in-memory copy of the policy, in the policy's dtype (TRL 1.16 reloads the
+   reference from its hub name instead).
+2. A new LoRA adapter (`add_lora`): the policy with the adapter disabled. No second copy; exact, because
+   a new adapter starts at zero (LoRA's B = 0), so base = policy at step 0. torchtune's LoRA DPO recipe
+   does the same.
+3. A pretrained adapter (`load_adapter_policy`, e.g. an SFT adapter): disabling it would score against
+   the bare base, not the model training starts from, and every reward would be off by the SFT shift
+   from step 0 on, silently. Instead the adapter is copied, frozen, as a second adapter named
+   `REFERENCE_ADAPTER` on the same base (as TRL's "ref" adapter), and `reference_weights` switches to it.
+"""
+
+import contextlib
+import copy
+import os
+from typing import Iterator
+
+import torch
+from peft import LoraConfig, PeftConfig, PeftModel, get_peft_config, get_peft_model
+from torch import nn
+from transformers import AutoModelForCausalLM, PreTrainedModel
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+POLICY_ADAPTER = "default"  # peft's name for the adapter a model is wrapped with
+REFERENCE_ADAPTER = "reference"
+
+
+def load_causal_lm(name_or_path: str, torch_dtype: str | None, trust_remote_code: bool) -> PreTrainedModel:
+    dtype = DTYPES.get(torch_dtype, torch_dtype)  # "auto" and None pass through to transformers
+    return AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, trust_remote_code=trust_remote_code)
+
+
+def is_adapter_folder(path: str) -> bool:
+    """A local folder saved by peft (`adapter_config.json`), rather than a whole model."""
+    return os.path.isfile(os.path.join(path, "adapter_config.json"))
+
+
+def load_adapter_policy(path: str, torch_dtype: str | None, trust_remote_code: bool) -> PeftModel:
+    """The base model named in the adapter's config, with the adapter loaded trainable."""
+    base = load_causal_lm(PeftConfig.from_pretrained(path).base_model_name_or_path, torch_dtype, trust_remote_code)
+    return PeftModel.from_pretrained(base, path, is_trainable=True)
+
+
+def lora_config(r: int | None, alpha: float, dropout: float, target_modules: list[str] | str | None,
+                peft_config: dict | None) -> PeftConfig | None:
+    """The adapter config from `DPOModule`'s LoRA arguments or its full `peft_config` dict; None for neither."""
+    if peft_config is not None:
+        return get_peft_config({"peft_type": "LORA", "task_type": "CAUSAL_LM", **peft_config})
+    if r is None:
+        return None
+    # target_modules None: peft's default for the architecture (q_proj, v_proj for Llama; c_attn for GPT-2).
+    return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules,
+                      task_type="CAUSAL_LM")
+
+
+def add_lora(model: PreTrainedModel, config: PeftConfig) -> PeftModel:
+    """Wrap `model` with a new adapter; only the adapter's parameters stay trainable."""
+    return get_peft_model(model, config)
+
+
+def add_reference_adapter(model: PeftModel) -> str:
+    """Copy the policy's adapter, frozen, as a second adapter on the same base (case 3 above); returns its name."""
+    model.add_adapter(REFERENCE_ADAPTER, copy.deepcopy(model.peft_config[POLICY_ADAPTER]))
+    marker, reference_marker = f".{POLICY_ADAPTER}.", f".{REFERENCE_ADAPTER}."
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if marker in name:
+                model.get_parameter(name.replace(marker, reference_marker)).copy_(param)
+    model.set_adapter(POLICY_ADAPTER)  # the policy's adapter active and trainable, the copy frozen
+    for name, param in model.named_parameters():
+        if reference_marker in name:
+            param.requires_grad_(False)
+    return REFERENCE_ADAPTER
+
+
+@contextlib.contextmanager
+def reference_weights(model: PeftModel, adapter: str | None) -> Iterator[None]:
+    """Within the block, `model` computes the reference: adapters disabled, or the frozen copy `adapter` active.
+
+    The model is in eval mode within the block, as a separate reference always is (no LoRA dropout).
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        if adapter is None:
+            with model.disable_adapter():
+                yield
+        else:
+            # peft's set_adapter makes the adapter it activates trainable and freezes the others; switching
+            # back (before backward) restores both. No gradient is taken in between (torch.no_grad).
+            model.set_adapter(adapter)
+            try:
+                yield
+            finally:
+                model.set_adapter(POLICY_ADAPTER)
+    finally:
+        model.train(was_training)
+
+
+def zero_dropout(model: nn.Module) -> None:
+    # With dropout on, the policy and reference disagree at step 0 and the rewards start as noise.
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+
+
+def enable_activation_checkpointing(model: PreTrainedModel) -> None:
+    """Recompute each layer's activations in backward (non-reentrant, which needs no trainable input for LoRA)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x; the old name warns
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)

@@ -1,0 +1,160 @@
+"""The lean log-prob path (`dpo_lightning/logps.py`) against the full-logits path it replaces.
+
+Lean must equal naive in float32 for log-probs, mean logits, token counts and every parameter's
+gradient (1e-5), on a tiny Llama (untied head) and a tiny GPT-2 (head tied to the embedding), with a LoRA
+adapter on the head, with Gemma 2's logit soft-capping, and under bf16 autocast; it must call the head
+only on labelled positions, never more than `chunk_size` at a time; and a model whose logits it cannot
+reproduce (Granite's `logits_scaling`) must fall back to the naive path. Tiny models from configs (no
+network); the last test runs the benchmark script's `--quick` mode.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM, Gemma2Config, Gemma2ForCausalLM, GraniteConfig, GraniteForCausalLM
+
+from dpo_lightning import DPOModule
+from dpo_lightning.logps import lean_logps, lean_unsupported, naive_logps
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def make_batch(vocab: int = 128) -> dict[str, torch.Tensor]:
+    """6 rows of 40 tokens: prompts of 5-15 tokens (labels -100), rows 3-5 right-padded from position 30."""
+    generator = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(3, vocab, (6, 40), generator=generator)
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[3:, 30:] = 0
+    labels = input_ids.masked_fill(attention_mask == 0, -100)
+    for row, prompt_length in enumerate([5, 7, 9, 11, 13, 15]):
+        labels[row, :prompt_length] = -100
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def outputs_and_grads(model: torch.nn.Module, compute, batch) -> tuple[tuple[torch.Tensor, ...], dict]:
+    """(logps, mean_logits, n_tokens) and every trainable parameter's gradient of a weighted sum of the logps."""
+    model.zero_grad()
+    logps, mean_logits, n_tokens = compute(model, batch)
+    # Different weights per row, signs included, as a DPO loss gives them.
+    (logps * torch.linspace(-1.0, 2.0, logps.numel())).sum().backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
+    return (logps.detach(), mean_logits, n_tokens), grads
+
+
+def assert_lean_equals_naive(model: torch.nn.Module, batch, chunk_size: int = 7) -> None:
+    naive, naive_grads = outputs_and_grads(model, naive_logps, batch)
+    lean, lean_grads = outputs_and_grads(model, lambda m, b: lean_logps(m, b, chunk_size), batch)
+    for expected, actual in zip(naive, lean):
+        torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+    assert lean_grads.keys() == naive_grads.keys() and naive_grads
+    for name, grad in naive_grads.items():
+        torch.testing.assert_close(lean_grads[name], grad, rtol=1e-5, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_gpt2"])
+def test_lean_equals_naive_logps_and_gradients(fixture, request):
+    model = AutoModelForCausalLM.from_pretrained(request.getfixturevalue(fixture))  # eval: no dropout
+    assert lean_unsupported(model) is None
+    # chunk_size 7 does not divide the 150 labelled tokens: a partial last chunk is exercised too.
+    assert_lean_equals_naive(model, make_batch())
+
+
+def test_lean_equals_naive_with_lora_on_the_tied_output_head(tiny_gpt2):
+    # GPT-2's head shares its weight with the embedding; LoRA on it adds a delta to the head only.
+    config = LoraConfig(r=4, target_modules=["c_attn", "lm_head"], init_lora_weights=False)  # B != 0: A gets grads
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_gpt2), config)
+    assert_lean_equals_naive(model, make_batch())
+
+
+def test_lean_equals_naive_with_gemma2_logit_softcapping():
+    torch.manual_seed(0)
+    config = Gemma2Config(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=16, final_logit_softcapping=2.0)
+    model = Gemma2ForCausalLM(config).eval()
+    assert lean_unsupported(model) is None
+    assert_lean_equals_naive(model, make_batch())
+
+
+def test_a_model_with_an_unmodelled_logit_scale_falls_back_to_naive(tmp_path):
+    # Granite divides its logits by `logits_scaling`, which the lean path does not apply.
+    torch.manual_seed(0)
+    config = GraniteConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, logits_scaling=4.0)
+    GraniteForCausalLM(config).save_pretrained(tmp_path)
+    assert "not its output head applied to its decoder's hidden states" in lean_unsupported(
+        GraniteForCausalLM.from_pretrained(tmp_path))
+    with pytest.warns(UserWarning, match="lean_logps: .* using the full-logits path"):
+        model = DPOModule(str(tmp_path))
+    assert not model.uses_lean_logps
+
+
+def test_head_runs_only_on_labelled_positions_in_chunks(tiny_llama):
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    batch = make_batch()
+    rows_seen = []
+    model.lm_head.register_forward_hook(lambda module, args, out: rows_seen.append(args[0].shape[0]))
+    logps, _, n_tokens = lean_logps(model, batch, chunk_size=32)
+    n_labelled = int((batch["labels"][:, 1:] != -100).sum())
+    # Response tokens: 40 - prompt for rows 0-2, 30 - prompt for the padded rows 3-5:
+    # 35 + 33 + 31 + 19 + 17 + 15 = 150 of the 6 x 40 = 240 positions.
+    assert n_labelled == n_tokens.sum() == 150
+    assert rows_seen == [32, 32, 32, 32, 22]  # 150 = 4 x 32 + 22
+    logps.sum().backward()  # backward recomputes each chunk once, in some order
+    assert sorted(rows_seen[5:]) == [22, 32, 32, 32, 32]
+
+
+def test_rows_without_labelled_tokens_give_zero_and_stay_differentiable(tiny_llama):
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    batch = make_batch()
+    batch["labels"][:] = -100
+    logps, mean_logits, n_tokens = lean_logps(model, batch)
+    assert logps.tolist() == [0.0] * 6 and mean_logits.tolist() == [0.0] * 6 and n_tokens.tolist() == [0] * 6
+    logps.sum().backward()  # an all-prompt micro-batch must not break the step
+
+
+def test_bf16_autocast_gives_float32_logps_close_to_naive(tiny_llama):
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    batch = make_batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        naive, naive_grads = outputs_and_grads(model, naive_logps, batch)
+        lean, lean_grads = outputs_and_grads(model, lean_logps, batch)
+    assert lean[0].dtype == torch.float32
+    # Both round the head's matmul to bf16 (8 bits of mantissa): close, not equal.
+    torch.testing.assert_close(lean[0], naive[0], rtol=1e-2, atol=0.1)
+    torch.testing.assert_close(lean_grads["lm_head.weight"], naive_grads["lm_head.weight"], rtol=0.05, atol=0.05)
+
+
+@pytest.mark.parametrize("loss_type, extra", [("sigmoid", {}), ("ipo", {}), ("simpo", {}),
+                                              (["sigmoid", "sft"], {"rpo_alpha": 0.5})])
+def test_module_loss_and_every_metric_equal_with_lean_and_naive(tiny_llama, loss_type, extra):
+    batch = make_batch()
+    results = []
+    for lean in (False, True):
+        torch.manual_seed(0)
+        model = DPOModule(tiny_llama, loss_type=loss_type, lean_logps=lean, logps_chunk_size=16, **extra)
+        with torch.no_grad():
+            model.policy.lm_head.weight.mul_(1.5)  # the policy differs from the reference
+        loss = model._shared_step(batch, "train")
+        loss.backward()
+        metrics = {name: metric.compute() for name, metric in model.train_metrics.items()}
+        results.append((loss.detach(), metrics, {n: p.grad for n, p in model.policy.named_parameters()}))
+    (naive_loss, naive_metrics, naive_grads), (lean_loss, lean_metrics, lean_grads) = results
+    torch.testing.assert_close(lean_loss, naive_loss, rtol=1e-5, atol=1e-5)
+    assert lean_metrics.keys() == naive_metrics.keys() and "logits/chosen" in lean_metrics
+    for name, value in naive_metrics.items():
+        torch.testing.assert_close(lean_metrics[name], value, rtol=1e-5, atol=1e-5, msg=name)
+    for name, grad in naive_grads.items():
+        torch.testing.assert_close(lean_grads[name], grad, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_benchmark_quick_mode_runs():
+    # The smoke test of benchmarks/bench_dpo.py: a small model, 2 timed steps per mode, one round.
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_dpo.py"), "--quick"],
+                            capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for mode in ("naive", "lean", "lora", "gradient_checkpointing"):
+        assert f"\n{mode} " in result.stdout or f"| {mode} " in result.stdout, result.stdout
