@@ -14,10 +14,10 @@ vocabulary at those positions (TRL's `logits/chosen` diagnostic) and `n_tokens` 
   the extra memory is a few (chunk_size, V) float32 buffers, whatever N and T. Because the head is called
   as a module, anything on it works unchanged: tied weights, a LoRA adapter, bf16 autocast.
 
-The lean path assumes logits = transform(head(decoder(x))), with transformers' `base_model` and
-`get_output_embeddings()` and the transform one of `logit_transform`'s (Gemma's
-soft-capping, Cohere's scale). `lean_unsupported` checks that on a few tokens for any model, so a model
-that does something else (Granite's `logits_scaling`, a custom head) is caught and uses the naive path.
+The lean path assumes logits = transform(head(decoder(x))): transformers' `base_model` as the decoder,
+`get_output_embeddings()` as the head, and one of `logit_transform`'s transforms (Gemma's soft-capping,
+Cohere's scale). `lean_unsupported` checks that on a few tokens for any model, so a model that does
+something else (Granite's `logits_scaling`, a custom head) is caught and uses the naive path.
 TRL 1.16's fused head (`trl/kernels/chunked_logprob.py`) is the same idea as a custom autograd.Function on
 the head's weight; it cannot take a LoRA head, and off-GPU it scores every position, not the responses.
 """
