@@ -89,15 +89,20 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tiny_llama):
     for checkpointing in (False, True):
         model = DPOModule(tiny_llama, gradient_checkpointing=checkpointing)
         assert model.policy.model.layers[0].gradient_checkpointing == checkpointing
-        with torch.no_grad():
-            model.policy.lm_head.weight.mul_(1.5)
-        loss = model._shared_step(batch, "train")
-        loss.backward()
-        results.append((loss.detach(), {n: p.grad for n, p in model.policy.named_parameters()}))
+        results.append(perturbed_loss_and_grads(model, batch))
     (loss, grads), (checkpointed_loss, checkpointed_grads) = results
     torch.testing.assert_close(checkpointed_loss, loss)
     for name, grad in grads.items():
         torch.testing.assert_close(checkpointed_grads[name], grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def perturbed_loss_and_grads(model: DPOModule, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One step's loss and policy gradients, the policy first moved off the reference so neither is trivial."""
+    with torch.no_grad():
+        model.policy.lm_head.weight.mul_(1.5)
+    loss = model._shared_step(batch, "train")
+    loss.backward()
+    return loss.detach(), {n: p.grad for n, p in model.policy.named_parameters()}
 
 
 def test_torch_compile_compiles_both_decoders_in_place_and_gives_the_eager_step(tiny_llama, monkeypatch):
@@ -110,11 +115,7 @@ def test_torch_compile_compiles_both_decoders_in_place_and_gives_the_eager_step(
     for compiled in (False, True):
         model = DPOModule(tiny_llama, torch_compile=compiled)
         assert all((m.model._compiled_call_impl is not None) == compiled for m in (model.policy, model.reference))
-        with torch.no_grad():
-            model.policy.lm_head.weight.mul_(1.5)
-        loss = model._shared_step(batch, "train")
-        loss.backward()
-        results.append((loss.detach(), {n: p.grad for n, p in model.policy.named_parameters()}))
+        results.append(perturbed_loss_and_grads(model, batch))
     (loss, grads), (compiled_loss, compiled_grads) = results
     torch.testing.assert_close(compiled_loss, loss)
     assert compiled_grads.keys() == grads.keys()
