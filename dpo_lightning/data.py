@@ -80,7 +80,8 @@ def collate_pairs(rows: list[dict], pad_token_id: int) -> dict[str, torch.Tensor
         pad_token_id: id written into padding; padding is masked by `attention_mask` and `labels`.
 
     Returns:
-        `input_ids`, `attention_mask`, `labels`, each (2B, T) with T the longest sequence of the batch.
+        `input_ids`, `attention_mask`, `labels`, each (2B, T) with T the longest sequence of the batch,
+        and `row_ids` (B,), each pair's row in its split, when the rows carry a `row_id`.
 
     Example:
         prompt [5, 6], chosen [7, 2], rejected [8, 9, 2], pad id 0:
@@ -101,7 +102,10 @@ def collate_pairs(rows: list[dict], pad_token_id: int) -> dict[str, torch.Tensor
         input_ids[i, : n + m] = torch.tensor(prompt + response)
         attention_mask[i, : n + m] = 1
         labels[i, n : n + m] = torch.tensor(response)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    if rows and "row_id" in rows[0]:
+        batch["row_ids"] = torch.tensor([row["row_id"] for row in rows])
+    return batch
 
 
 def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:

@@ -156,7 +156,14 @@ def _reason(kind: str, field: str, index: int, strict: bool) -> str:
 
 def to_strings(row: dict, index: int, dataset_format: str, tokenizer: PreTrainedTokenizerBase | None = None,
                strict: bool = False) -> dict[str, Any]:
-    """Rule 1 and the row checks: `prompt`, `chosen`, `rejected` strings and a `drop_reason` ("" if kept)."""
+    """Rule 1 and the row checks: `prompt`, `chosen`, `rejected` strings, a `drop_reason` ("" if kept) and
+    the row's position in its split as `row_id` (batches carry it: error messages and cached reference
+    log-probs name rows by it)."""
+    return {**_split_and_check(row, index, dataset_format, tokenizer, strict), "row_id": index}
+
+
+def _split_and_check(row: dict, index: int, dataset_format: str, tokenizer: PreTrainedTokenizerBase | None,
+                     strict: bool) -> dict[str, Any]:
     fields = FIELDS if "prompt" in row and dataset_format in ("explicit", "conversational") else FIELDS[1:]
     wanted = list if dataset_format == "conversational" else str
     empty = {field: "" for field in FIELDS}

@@ -126,6 +126,15 @@ def test_hh_rows_whose_prompts_differ_are_dropped_and_counted():
     assert dm.train_data[0]["chosen_input_ids"] == ids(" hello") + [EOS]
 
 
+def test_batches_name_each_pair_by_its_row_in_the_split_even_after_drops():
+    data = {"prompt": ["a", "b", "c", "d"], "chosen": [" x", "", " y", " z"], "rejected": [" q", " r", " s", " t"]}
+    dm = PreferenceDataModule(dataset=data, tokenizer=ascii_tokenizer(), max_length=16, max_prompt_length=8)
+    dm.setup("fit")
+    batch = dm.collate([dm.train_data[i] for i in range(len(dm.train_data))])
+    assert batch["row_ids"].tolist() == [0, 2, 3]  # row 1 (empty chosen) dropped, the others keep their ids
+    assert batch["input_ids"][:3, 0].tolist() == [ord("a"), ord("c"), ord("d")]
+
+
 def test_implicit_prompt_is_the_shared_prefix_cut_at_a_word_boundary():
     assert split_shared_prefix("The sky is blue.", "The sky is bright.") == ("The sky is", " blue.", " bright.")
     # "bl" is shared too, but cutting inside the word would leave responses "ue." and "ack."
