@@ -26,11 +26,13 @@ fix. Batches hold chosen rows first, then rejected rows, so one forward pass sco
 (see `collate_pairs`).
 """
 
+import hashlib
 from collections import Counter
 from typing import Any, Literal
 
 import lightning as L
 import numpy as np
+import pyarrow.compute as pc
 import torch
 from datasets import Dataset, IterableDataset
 from datasets.distributed import split_dataset_by_node
@@ -106,6 +108,26 @@ def collate_pairs(rows: list[dict], pad_token_id: int) -> dict[str, torch.Tensor
     if rows and "row_id" in rows[0]:
         batch["row_ids"] = torch.tensor([row["row_id"] for row in rows])
     return batch
+
+
+TOKEN_COLUMNS = ("row_id", "prompt_input_ids", "chosen_input_ids", "rejected_input_ids")
+
+
+def fingerprint(data: Dataset) -> str:
+    """sha256 of the rows' ids and token ids, in order: equal exactly when a model would see the same pairs.
+
+    It covers the data, the tokenizer and the tokenization settings by their result, and is read from
+    the Arrow buffers (about a second per million rows), so it is cheap enough to check on every resume.
+    """
+    digest = hashlib.sha256()
+    for table in data.select_columns(list(TOKEN_COLUMNS)).with_format("arrow").iter(batch_size=65_536):
+        for name in TOKEN_COLUMNS:
+            column = table.column(name).combine_chunks()
+            if name != "row_id":  # lists: their lengths, then their values
+                digest.update(np.asarray(pc.list_value_length(column), dtype=np.int64).tobytes())
+                column = column.flatten()
+            digest.update(np.asarray(column, dtype=np.int64).tobytes())
+    return digest.hexdigest()
 
 
 def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
@@ -250,6 +272,7 @@ class PreferenceDataModule(L.LightningDataModule):
         self.train_data: Dataset | IterableDataset | None = None
         self.val_data: Dataset | None = None
         self.summary: dict[str, dict[str, Any]] = {}
+        self._fingerprints: dict[str, str | None] = {}
 
     def prepare_data(self) -> None:
         # Runs on one process per node: downloads and tokenizes file-backed sources, so that `setup` on
@@ -333,6 +356,27 @@ class PreferenceDataModule(L.LightningDataModule):
         if hp.max_drop_fraction is not None and dropped > hp.max_drop_fraction * summary["rows"]:
             raise ValueError(f"{dropped} of {summary['rows']} {stage} rows dropped, over max_drop_fraction="
                              f"{hp.max_drop_fraction}: {summary['dropped']}")
+
+    def fingerprint(self, stage: str = "train") -> str | None:
+        """`fingerprint` of the split's tokenized rows (None for a stream or a missing split), computed once."""
+        if stage not in self._fingerprints:
+            data = self.train_data if stage == "train" else self.val_data
+            self._fingerprints[stage] = fingerprint(data) if isinstance(data, Dataset) else None
+        return self._fingerprints[stage]
+
+    def state_dict(self) -> dict[str, Any]:
+        # Saved in every checkpoint: resuming on other pairs would make "the next unseen batch" meaningless.
+        return {"train_fingerprint": self.fingerprint("train"), "train_rows": self.summary.get("train", {}).get("kept")}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        saved, current = state.get("train_fingerprint"), self.fingerprint("train")
+        if saved is not None and current is not None and saved != current:
+            raise ValueError(
+                f"the checkpoint was trained on other data: its train split had {state.get('train_rows')} pairs "
+                f"with token fingerprint {saved[:12]}, this run's has {self.summary['train']['kept']} pairs with "
+                f"{current[:12]}. Resume with the same dataset, tokenizer, max_length, max_prompt_length and "
+                "truncation_mode, or start a new run (drop --ckpt_path; to start from its weights, export them "
+                "with `dpo-lightning export` and train from that folder)")
 
     def inspect(self, n_rows: int = 3, stage: str = "train") -> str:
         """The split's summary and its first rows token by token: `[masked]` prompt, then trained tokens.

@@ -13,7 +13,7 @@ import torch
 from conftest import BOS, EOS, ascii_tokenizer, ids, rows
 from datasets import Dataset
 
-from dpo_lightning.data import PreferenceDataModule, adds_bos, collate_pairs, tokenize_row
+from dpo_lightning.data import PreferenceDataModule, adds_bos, collate_pairs, fingerprint, tokenize_row
 from dpo_lightning.formats import load_rows, split_dialogue, split_shared_prefix, to_strings
 
 HH_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "hh-rlhf" / "harmless-base-test-1500.jsonl.gz"
@@ -133,6 +133,22 @@ def test_batches_name_each_pair_by_its_row_in_the_split_even_after_drops():
     batch = dm.collate([dm.train_data[i] for i in range(len(dm.train_data))])
     assert batch["row_ids"].tolist() == [0, 2, 3]  # row 1 (empty chosen) dropped, the others keep their ids
     assert batch["input_ids"][:3, 0].tolist() == [ord("a"), ord("c"), ord("d")]
+
+
+def test_fingerprint_changes_with_any_token_the_order_or_the_truncation_and_nothing_else():
+    def prepared(data, max_length=16):
+        dm = PreferenceDataModule(dataset=data, tokenizer=ascii_tokenizer(), max_length=max_length, max_prompt_length=2)
+        dm.setup("fit")
+        return dm.train_data
+
+    base = {"prompt": ["ab", "c"], "chosen": [" x", " yy"], "rejected": [" q", " r"]}
+    same = fingerprint(prepared(base))
+    assert fingerprint(prepared(dict(base))) == same
+    assert fingerprint(prepared({**base, "rejected": [" q", " s"]})) != same  # one token
+    assert fingerprint(prepared({k: v[::-1] for k, v in base.items()})) != same  # the order
+    assert fingerprint(prepared(base, max_length=4)) != same  # the truncation (" yy</s>" cut to 2)
+    # Token boundaries count: "ab" + " x" and "a" + "b x" hold the same ids in another split.
+    assert fingerprint(prepared({**base, "prompt": ["a", "c"], "chosen": ["b x", " yy"]})) != same
 
 
 def test_implicit_prompt_is_the_shared_prefix_cut_at_a_word_boundary():
