@@ -76,15 +76,18 @@ def add_reference_adapter(model: PeftModel) -> str:
 
 
 @contextlib.contextmanager
-def reference_weights(model: PeftModel, adapter: str | None) -> Iterator[None]:
+def reference_weights(model: nn.Module, adapter: str | None) -> Iterator[None]:
     """Within the block, `model` computes the reference: adapters disabled, or the frozen copy `adapter` active.
 
-    The model is in eval mode within the block, as a separate reference always is (no LoRA dropout).
+    The model is in eval mode within the block, as a separate reference always is (no LoRA dropout). A
+    model without adapters is only switched to eval mode: at step 0 the policy is its own reference.
     """
     was_training = model.training
     model.eval()
     try:
-        if adapter is None:
+        if not isinstance(model, PeftModel):
+            yield
+        elif adapter is None:
             with model.disable_adapter():
                 yield
         else:

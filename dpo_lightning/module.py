@@ -13,11 +13,12 @@ import copy
 import functools
 import inspect
 import math
+import os
 from typing import Literal
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from peft import PeftModel
 from torch import Tensor, nn
 from transformers import PreTrainedModel
@@ -27,6 +28,7 @@ from dpo_lightning.losses import LENGTH_NORMALIZED, LOSSES, REFERENCE_FREE
 from dpo_lightning.metrics import batch_values, make_metrics
 from dpo_lightning.models import (add_lora, add_reference_adapter, enable_activation_checkpointing, is_adapter_folder,
                                   load_adapter_policy, load_causal_lm, lora_config, reference_weights, zero_dropout)
+from dpo_lightning import reference_cache
 
 LossType = Literal[tuple(LOSSES)]
 PROGRESS_BAR = ("loss", "rewards/accuracies")
@@ -65,6 +67,17 @@ class DPOModule(L.LightningModule):
         discopop_tau: DiscoPOP's temperature tau.
         f_divergence_type: the f-divergence of the sigmoid loss's regularizer (Wang et al. 2023).
         f_alpha_divergence_coef: alpha of `f_divergence_type: alpha_divergence`.
+        precompute_ref_log_probs: score the reference once over the train and val data before training,
+            cache the log-probs on disk (`reference_cache.py`) and train with the policy alone. A later
+            run on the same reference and data (another beta or loss_type) reads the cache and never
+            builds the reference.
+        precompute_ref_batch_size: pairs per reference forward when precomputing. Default: the data's
+            eval batch size.
+        ref_logps_cache_dir: where precomputed reference log-probs are kept. Default:
+            ~/.cache/dpo_lightning/reference_logps.
+        nonfinite_loss: what a NaN or infinite training loss does, before it reaches the weights:
+            "stop" the run with a message naming the step and the batch's rows, or "skip" the batch
+            (every rank skips it together) with a warning.
         chosen_logp_drop_warning: warn once when the chosen responses' log-prob, averaged over a training
             step's pairs, falls this far (in nats per response) below the reference's: the likelihood
             displacement that precedes degenerate generations. None: off.
@@ -113,6 +126,10 @@ class DPOModule(L.LightningModule):
         discopop_tau: float | None = None,
         f_divergence_type: Literal["reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"] | None = None,
         f_alpha_divergence_coef: float | None = None,
+        precompute_ref_log_probs: bool = False,
+        precompute_ref_batch_size: int | None = None,
+        ref_logps_cache_dir: str | None = None,
+        nonfinite_loss: Literal["stop", "skip"] = "stop",
         chosen_logp_drop_warning: float | None = None,
         learning_rate: float = 1e-6,
         weight_decay: float = 0.0,
@@ -142,9 +159,14 @@ class DPOModule(L.LightningModule):
         self.save_hyperparameters(ignore=["model_name_or_path"] if isinstance(model_name_or_path, nn.Module) else None)
 
         self.needs_reference = not reference_free and not set(self.loss_types) <= REFERENCE_FREE
-        if not self.needs_reference and ref_model_name_or_path is not None:
-            raise ValueError("--model.ref_model_name_or_path is set but the loss uses no reference "
-                             f"(loss_type {self.loss_types}, reference_free {reference_free}): remove it")
+        for flag, value in (("ref_model_name_or_path", ref_model_name_or_path is not None),
+                            ("precompute_ref_log_probs", precompute_ref_log_probs)):
+            if value and not self.needs_reference:
+                raise ValueError(f"--model.{flag} is set but the loss uses no reference (loss_type "
+                                 f"{self.loss_types}, reference_free {reference_free}): remove it")
+        # With precomputation the reference is built only if the cache misses, and dropped after scoring.
+        self.ref_tables: dict[str, Tensor] | None = None
+        self.ref_fingerprint: str | None = None
         self._build_models(model_name_or_path, ref_model_name_or_path)
         self.model_name_or_path = base_causal_lm(self.policy).name_or_path or None  # the tokenizer's default source
         self.uses_lean_logps = lean_logps and self._lean_supported()
@@ -174,11 +196,12 @@ class DPOModule(L.LightningModule):
         if hp.disable_dropout:
             zero_dropout(self.policy)
         self.reference, self.reference_adapter = None, None
-        if self.needs_reference and ref_source is not None:
+        later = hp.precompute_ref_log_probs  # then a reference model is built only if the cache misses
+        if self.needs_reference and ref_source is not None and not later:
             self.reference = load_causal_lm(ref_source, hp.torch_dtype, hp.trust_remote_code)
-        elif self.needs_reference and pretrained_adapter:
+        elif self.needs_reference and pretrained_adapter and ref_source is None:
             self.reference_adapter = add_reference_adapter(self.policy)
-        elif self.needs_reference and adapter is None:
+        elif self.needs_reference and adapter is None and not later:
             self.reference = copy.deepcopy(self.policy)  # same weights and dtype, no reload
         if self.reference is not None:
             self.reference.eval().requires_grad_(False)
@@ -202,11 +225,13 @@ class DPOModule(L.LightningModule):
             self.reference.eval()
         return self
 
-    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor | None:
         loss = self._shared_step(batch, "train")
         # Log once per optimizer step, reduced over all its micro-batches (not the last one's value).
         if (batch_idx + 1) % self.trainer.accumulate_grad_batches == 0 or self.trainer.is_last_batch:
             self._log_train_step()
+        # None for a skipped non-finite loss: Lightning runs no backward, so the optimizer finds no gradient
+        # and changes no weight (its step counter and the scheduler still advance).
         return loss
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
@@ -217,7 +242,7 @@ class DPOModule(L.LightningModule):
 
     def _shared_step(self, batch: dict[str, Tensor], stage: str) -> Tensor:
         policy_logps, mean_logits, n_tokens = self._sequence_logps(self.policy, batch)  # each (2B,)
-        ref_logps = self._reference_logps(batch) if self.needs_reference else torch.zeros_like(policy_logps)
+        ref_logps = self._reference_logps(batch, stage) if self.needs_reference else torch.zeros_like(policy_logps)
         losses, chosen_rewards, rejected_rewards = self._preference_loss(policy_logps, ref_logps, n_tokens, stage)
         chosen_logps, chosen_tokens = policy_logps.chunk(2)[0], n_tokens.chunk(2)[0]
         nll = -chosen_logps / chosen_tokens if self.uses_nll else None  # (B,) per-token NLL of each chosen
@@ -225,11 +250,32 @@ class DPOModule(L.LightningModule):
         if self.hparams.rpo_alpha:
             # Token-weighted over the batch, as a cross-entropy over all chosen tokens (TRL's rpo_alpha).
             loss = loss + self.hparams.rpo_alpha * (-chosen_logps.sum() / chosen_tokens.sum())
+        if stage == "train" and not self._finite(loss, batch):
+            return None
         metrics = self.train_metrics if stage == "train" else self.val_metrics
         for name, args in batch_values(losses, chosen_rewards, rejected_rewards, policy_logps, mean_logits,
                                        n_tokens, nll).items():
             metrics[name].update(*args)
         return loss
+
+    def _finite(self, loss: Tensor, batch: dict[str, Tensor]) -> bool:
+        """Whether the loss is finite on every rank; if not, stop with the step and rows, or warn and skip."""
+        bad = (~torch.isfinite(loss.detach())).float()
+        if self._trainer is not None:  # every rank must skip together, or DDP's gradient all-reduce hangs
+            bad = self.trainer.strategy.reduce(bad, reduce_op="sum")
+        if bad.item() == 0:
+            return True
+        rows = batch["row_ids"].tolist() if "row_ids" in batch else "unknown"
+        where = f"batch {self.trainer.fit_loop.epoch_loop.batch_idx} of epoch {self.current_epoch}" if (
+            self._trainer is not None) else "batch ?"
+        message = (f"non-finite training loss ({loss.item()} on this rank) at step {self.global_step}, {where}, "
+                   f"rows {rows}")
+        if self.hparams.nonfinite_loss == "stop":
+            raise FloatingPointError(f"{message}. The weights were not updated. Check these rows with "
+                                     "`dpo-lightning inspect-data`; try a lower learning rate, bf16 instead of "
+                                     "fp16, or --model.nonfinite_loss skip")
+        rank_zero_warn(f"{message}: skipped (--model.nonfinite_loss skip)")
+        return False
 
     def _preference_loss(self, policy_logps: Tensor, ref_logps: Tensor, n_tokens: Tensor,
                          stage: str) -> tuple[Tensor, Tensor, Tensor]:
@@ -267,16 +313,86 @@ class DPOModule(L.LightningModule):
             return lean_logps(model, batch, self.hparams.logps_chunk_size)
         return naive_logps(model, batch)
 
-    def _reference_logps(self, batch: dict[str, Tensor]) -> Tensor:
-        """Summed response log-probs (2B,) under the reference: a frozen model, or the policy's adapter switched."""
-        if self.reference is not None:
-            model, weights = self.reference, contextlib.nullcontext()
-        else:
-            model, weights = self.policy, reference_weights(self.policy, self.reference_adapter)
+    def _reference_logps(self, batch: dict[str, Tensor], stage: str) -> Tensor:
+        """Summed response log-probs (2B,) under the reference: a frozen model, the policy's adapter switched,
+        or looked up in the precomputed table."""
+        if self.ref_tables is not None:
+            return reference_cache.reference_table_logps(self.ref_tables[stage], batch["row_ids"])
+        model, weights = self._reference_and_weights()
         with torch.no_grad(), weights:
             return self._sequence_logps(model, batch)[0]
 
+    def _reference_and_weights(self) -> tuple[nn.Module, contextlib.AbstractContextManager]:
+        if self.reference is not None:
+            return self.reference, contextlib.nullcontext()
+        return self.policy, reference_weights(self.policy, self.reference_adapter)
+
+    def on_fit_start(self) -> None:
+        if self.hparams.precompute_ref_log_probs:
+            self._precompute_reference(["train", "val"])
+
+    def on_validation_start(self) -> None:
+        if self.hparams.precompute_ref_log_probs and self.ref_tables is None:  # trainer.validate alone
+            self._precompute_reference(["val"])
+
+    def _precompute_reference(self, stages: list[str]) -> None:
+        """Reference log-probs of every pair of `stages`, from the cache or scored now; then no reference model."""
+        trainer, hp = self.trainer, self.hparams
+        splits = {s: d for s, d in reference_cache.check_splits(trainer.datamodule).items() if s in stages}
+        self.ref_fingerprint = self.ref_fingerprint or self._reference_fingerprint()
+        folder = hp.ref_logps_cache_dir or reference_cache.DEFAULT_CACHE_DIR
+        paths = {split: os.path.join(folder, reference_cache.cache_key(
+            self.ref_fingerprint, str(trainer.precision), trainer.datamodule.fingerprint(split)) + ".safetensors")
+            for split in splits}
+        cached = {split: reference_cache.load_tables(path) for split, path in paths.items()}
+        # Every rank must score the same splits (scoring calls collectives), so a split counts as cached
+        # only where every rank found it.
+        found = torch.tensor([float(cached[split] is not None) for split in splits], device=self.device)
+        everywhere = (trainer.strategy.reduce(found, reduce_op="sum") == trainer.world_size).tolist()
+        missing = {split: data for (split, data), hit in zip(splits.items(), everywhere) if not hit}
+        tables = self._score_reference(missing) if missing else {}
+        if trainer.is_global_zero:
+            for split, table in tables.items():
+                reference_cache.save_tables({split: table}, paths[split])
+        tables.update({split: cached[split][split].to(self.device) for split in splits if split not in missing})
+        self.ref_tables, self.reference = {**(self.ref_tables or {}), **tables}, None
+        rank_zero_info(f"[dpo_lightning] reference log-probs: {sorted(missing)} scored, {sorted(set(splits) - set(missing))} "
+                       f"read from the cache {folder}; training holds the policy alone")
+
+    def _score_reference(self, splits: dict) -> dict[str, Tensor]:
+        hp, datamodule = self.hparams, self.trainer.datamodule
+        if self.reference is None and (hp.ref_model_name_or_path is not None or not self._policy_is_reference()):
+            source = hp.ref_model_name_or_path or hp.get("model_name_or_path")
+            if not isinstance(source, str):
+                raise ValueError("no cached reference log-probs for this resumed run, and the policy's starting "
+                                 "weights were passed as an object, not a path: restore the cache file or start over")
+            self.reference = load_causal_lm(source, hp.torch_dtype, hp.trust_remote_code).to(self.device).eval()
+        model = self._reference_and_weights()[0]
+        logps = functools.partial(lean_logps, chunk_size=hp.logps_chunk_size) if (
+            self.uses_lean_logps and not lean_unsupported(model)) else naive_logps
+        batch_size = hp.precompute_ref_batch_size or datamodule.hparams.eval_batch_size or datamodule.hparams.batch_size
+        return reference_cache.score_reference(self.trainer, datamodule, splits, lambda b: logps(model, b)[0],
+                                               lambda: self._reference_and_weights()[1], batch_size)
+
+    def _policy_is_reference(self) -> bool:
+        """Whether the policy computes the reference: with adapters always, fully fine-tuned only before step 0."""
+        return isinstance(self.policy, PeftModel) or self.trainer.ckpt_path is None
+
+    def _reference_fingerprint(self) -> str:
+        """What the reference's log-probs depend on: its weight files, or the weights the policy scores it with."""
+        if self.hparams.ref_model_name_or_path is not None:
+            return reference_cache.files_fingerprint(self.hparams.ref_model_name_or_path) + str(self.hparams.torch_dtype)
+        if not self._policy_is_reference():
+            raise ValueError("this checkpoint holds no reference fingerprint (it was saved with "
+                             "precompute_ref_log_probs off): resume with it off, or start the run over")
+        # With adapters the frozen weights are the reference; fully fine-tuned, all of them, at step 0.
+        params = dict(self.policy.named_parameters())
+        frozen = {name: p for name, p in params.items() if not p.requires_grad}
+        return reference_cache.weights_fingerprint(frozen or params)
+
     def _log_train_step(self) -> None:
+        if not self.train_metrics["loss"].update_count:  # every micro-batch of the step was skipped (non-finite)
+            return
         values = {f"train/{name}": metric.compute() for name, metric in self.train_metrics.items()}
         for metric in self.train_metrics.values():
             metric.reset()
@@ -313,11 +429,14 @@ class DPOModule(L.LightningModule):
                   if not param.requires_grad}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items()
                                     if not k.startswith("reference.") and k not in frozen}
+        # A fully fine-tuned policy no longer holds the starting weights: the cache key must come from here.
+        checkpoint["reference_fingerprint"] = self.ref_fingerprint
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         # Lightning loads state dicts strictly; hand it the frozen weights this module already rebuilt.
         for name, value in self.state_dict().items():
             checkpoint["state_dict"].setdefault(name, value)
+        self.ref_fingerprint = checkpoint.get("reference_fingerprint")
 
 
 def lr_factor(step: int, warmup_steps: int, total_steps: int | float, kind: str) -> float:

@@ -56,7 +56,7 @@ def test_new_adapter_reference_is_the_base_model_without_a_copy(tiny_llama):
                 param.normal_(0, 0.1)  # the policy moves away from the base
         policy_logps = model._sequence_logps(model.policy, batch)[0]
     expected = base_logps(tiny_llama, batch)
-    torch.testing.assert_close(model._reference_logps(batch), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(model._reference_logps(batch, "train"), expected, rtol=1e-5, atol=1e-5)
     assert (policy_logps - expected).abs().max() > 0.1
     # One model in memory: the module holds the base weights once, plus the adapter.
     base_params = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(tiny_llama).parameters())
@@ -105,7 +105,7 @@ def test_pretrained_adapter_is_copied_frozen_as_the_reference(tiny_llama, tmp_pa
     with torch.no_grad():
         adapter_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama), tmp_path / "sft-adapter")
         expected = naive_logps(adapter_model, batch)[0]
-    torch.testing.assert_close(model._reference_logps(batch), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(model._reference_logps(batch, "train"), expected, rtol=1e-5, atol=1e-5)
     assert (expected - base_logps(tiny_llama, batch)).abs().max() > 0.1
     torch.testing.assert_close(model._shared_step(batch, "val"), torch.tensor(math.log(2)))  # policy == reference
     # Training moves the policy's adapter, never the reference copy, which is not optimized.
@@ -115,7 +115,7 @@ def test_pretrained_adapter_is_copied_frozen_as_the_reference(tiny_llama, tmp_pa
                                     for n, p in model.policy.named_parameters() if n in reference_before)
     optimized = {id(p) for group in trainer.optimizers[0].param_groups for p in group["params"]}
     assert all(".default." in n for n, p in model.policy.named_parameters() if id(p) in optimized)
-    torch.testing.assert_close(model._reference_logps(batch), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(model._reference_logps(batch, "train"), expected, rtol=1e-5, atol=1e-5)
     assert all(".default." in n for n in adapter_weights(model))  # requires_grad restored after each reference pass
 
 

@@ -1,0 +1,103 @@
+"""Precomputed reference log-probs: the same training as scoring the reference every step, with one model
+in memory, and a cache that a second run reads without building the reference at all.
+
+Tiny Llamas from conftest.py; 12 training pairs in batches of 4, 6 validation pairs.
+"""
+
+import os
+
+import lightning as L
+import pytest
+import torch
+from conftest import ascii_tokenizer, rows
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+import dpo_lightning.module
+from dpo_lightning import DPOModule, PreferenceDataModule
+
+
+class ReferenceAbsent(L.Callback):
+    """Records whether a reference model was held at each training step."""
+
+    def __init__(self):
+        self.held = []
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        self.held.append(module.reference is not None)
+
+
+def fit(policy, root, max_steps=3, ckpt_path=None, callbacks=(), **model_kwargs):
+    L.seed_everything(0)
+    model = DPOModule(policy, learning_rate=1e-2, **model_kwargs)
+    data = PreferenceDataModule(dataset=rows(12), eval_dataset=rows(6), tokenizer=ascii_tokenizer(), max_length=48,
+                                max_prompt_length=24, batch_size=4, eval_batch_size=4)
+    trainer = L.Trainer(max_steps=max_steps, default_root_dir=root, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, num_sanity_val_steps=0, val_check_interval=max_steps, check_val_every_n_epoch=None,
+                        enable_checkpointing=bool(callbacks), callbacks=list(callbacks))
+    trainer.fit(model, data, ckpt_path=ckpt_path)
+    return model, {k: float(v) for k, v in trainer.callback_metrics.items()}
+
+
+def assert_same_run(a, b):
+    (model_a, metrics_a), (model_b, metrics_b) = a, b
+    assert set(metrics_a) == set(metrics_b) and "val/rewards/margins" in metrics_a
+    for name, value in metrics_a.items():
+        assert metrics_b[name] == pytest.approx(value, rel=1e-5, abs=1e-6), name
+    for name, weight in model_a.policy.state_dict().items():
+        torch.testing.assert_close(model_b.policy.state_dict()[name], weight, rtol=1e-5, atol=1e-7)
+
+
+def test_full_fine_tuning_with_the_cache_equals_scoring_the_reference_every_step(tiny_llama, tmp_path):
+    # The policy scores its own starting weights before step 0: no copy is ever made.
+    absent = ReferenceAbsent()
+    live = fit(tiny_llama, tmp_path / "live")
+    cached = fit(tiny_llama, tmp_path / "cached", callbacks=[absent], precompute_ref_log_probs=True,
+                 ref_logps_cache_dir=str(tmp_path / "cache"))
+    assert_same_run(live, cached)
+    assert absent.held == [False] * 3
+    assert len(os.listdir(tmp_path / "cache")) == 2  # one file per split
+    assert cached[1]["val/rewards/margins"] != 0  # trained: the policy moved away from the reference
+
+
+def test_a_second_run_with_another_beta_reads_the_cache_without_loading_the_reference(
+        tiny_llama, other_llama, tmp_path, monkeypatch):
+    kwargs = dict(ref_model_name_or_path=other_llama, ref_logps_cache_dir=str(tmp_path / "cache"))
+    assert_same_run(fit(tiny_llama, tmp_path / "live", **{**kwargs, "ref_logps_cache_dir": None}),
+                    fit(tiny_llama, tmp_path / "first", precompute_ref_log_probs=True, **kwargs))
+    files = sorted(os.listdir(tmp_path / "cache"))
+    load = dpo_lightning.module.load_causal_lm
+
+    def policy_only(path, *args):
+        assert path != other_llama, "the reference was loaded although its log-probs are cached"
+        return load(path, *args)
+
+    monkeypatch.setattr(dpo_lightning.module, "load_causal_lm", policy_only)
+    second = fit(tiny_llama, tmp_path / "second", precompute_ref_log_probs=True, beta=0.3, **kwargs)
+    assert sorted(os.listdir(tmp_path / "cache")) == files  # read, not rescored
+    monkeypatch.undo()
+    assert_same_run(fit(tiny_llama, tmp_path / "live2", ref_model_name_or_path=other_llama, beta=0.3), second)
+
+
+def test_lora_with_the_cache_equals_the_adapter_disabled_reference(tiny_llama, tmp_path):
+    lora = dict(lora_r=4, lora_target_modules=["q_proj", "v_proj"])
+    assert_same_run(fit(tiny_llama, tmp_path / "live", **lora),
+                    fit(tiny_llama, tmp_path / "cached", precompute_ref_log_probs=True,
+                        ref_logps_cache_dir=str(tmp_path / "cache"), **lora))
+
+
+def test_resumed_full_fine_tuning_reads_the_cache_of_its_first_run(tiny_llama, tmp_path, monkeypatch):
+    # After step 2 the policy no longer holds the starting weights: the checkpoint carries the cache key.
+    kwargs = dict(precompute_ref_log_probs=True, ref_logps_cache_dir=str(tmp_path / "cache"))
+    straight = fit(tiny_llama, tmp_path / "straight", max_steps=4, **kwargs)
+    every_2 = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2, save_top_k=-1)
+    fit(tiny_llama, tmp_path / "first", max_steps=2, callbacks=[every_2], **kwargs)
+    monkeypatch.setattr(dpo_lightning.module.reference_cache, "score_reference", None)  # would fail if called
+    resumed = fit(tiny_llama, tmp_path / "second", max_steps=4, ckpt_path=tmp_path / "ckpt" / "epoch=0-step=2.ckpt",
+                  **kwargs)
+    for name, weight in straight[0].policy.state_dict().items():
+        torch.testing.assert_close(resumed[0].policy.state_dict()[name], weight)
+
+
+def test_precomputing_for_a_loss_without_reference_is_an_error(tiny_llama):
+    with pytest.raises(ValueError, match="precompute_ref_log_probs is set but the loss uses no reference"):
+        DPOModule(tiny_llama, loss_type="simpo", precompute_ref_log_probs=True)
