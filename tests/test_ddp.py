@@ -16,17 +16,21 @@ import pytest
 import torch
 
 
-def run(policy: str, reference: str, devices: int, out: Path) -> dict[str, float]:
-    subprocess.run([sys.executable, __file__, policy, reference, str(devices), str(out)], check=True, timeout=600,
-                   cwd=out.parent)
+def run(policy: str, reference: str, devices: int, out: Path, precompute_in: Path | None = None) -> dict[str, float]:
+    subprocess.run([sys.executable, __file__, policy, reference, str(devices), str(out), str(precompute_in or "")],
+                   check=True, timeout=600, cwd=out.parent)
     return json.loads(out.read_text())
 
 
-def test_ddp_equals_single_process(tiny_llama, other_llama, tmp_path):
+@pytest.mark.parametrize("precompute", [False, True], ids=["reference-each-step", "precomputed-reference"])
+def test_ddp_equals_single_process(tiny_llama, other_llama, tmp_path, precompute):
     # Validation metrics before training, then 3 steps of 4 pairs: one process with batches of 4 or two
     # with 2 each (the same pairs each step: each rank takes every other index of the same permutation).
+    # Precomputed, each rank scores half the pairs and every rank gets the whole table.
     single = run(tiny_llama, other_llama, 1, tmp_path / "single.json")
-    ddp = run(tiny_llama, other_llama, 2, tmp_path / "ddp.json")
+    ddp = run(tiny_llama, other_llama, 2, tmp_path / "ddp.json", tmp_path / "cache" if precompute else None)
+    if precompute:
+        assert len(list((tmp_path / "cache").iterdir())) == 2  # train and val tables, written once by rank 0
     assert set(single["val"]) == set(ddp["val"]) and "val/rewards/margin_length_corr" in single["val"]
     assert abs(single["val"]["val/rewards/margins"]) > 1e-3  # the two models really differ
     for name, value in single["val"].items():
@@ -47,10 +51,11 @@ if __name__ == "__main__":
 
     from dpo_lightning import DPOModule, PreferenceDataModule
 
-    policy, reference, devices, out = sys.argv[1], sys.argv[2], int(sys.argv[3]), Path(sys.argv[4])
+    policy, reference, devices, out, cache = sys.argv[1], sys.argv[2], int(sys.argv[3]), Path(sys.argv[4]), sys.argv[5]
     data = PreferenceDataModule(dataset=rows(16), eval_dataset=rows(8), tokenizer=ascii_tokenizer(), max_length=48,
                                 max_prompt_length=24, batch_size=4 // devices, eval_batch_size=3)
-    model = DPOModule(policy, ref_model_name_or_path=reference, learning_rate=1e-3)
+    model = DPOModule(policy, ref_model_name_or_path=reference, learning_rate=1e-3,
+                      precompute_ref_log_probs=bool(cache), ref_logps_cache_dir=cache or None)
     trainer = L.Trainer(accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto", max_steps=3,
                         logger=False, enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
                         num_sanity_val_steps=0, limit_val_batches=0)
