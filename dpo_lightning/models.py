@@ -15,7 +15,7 @@ Where the reference comes from, by case (`DPOModule` picks; the README's "The re
 import contextlib
 import copy
 import os
-from typing import Iterator
+from typing import Any, Iterator, Mapping
 
 import torch
 from peft import LoraConfig, PeftConfig, PeftModel, get_peft_config, get_peft_model
@@ -116,3 +116,51 @@ def enable_activation_checkpointing(model: PreTrainedModel) -> None:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def build_models(source: str | nn.Module, ref_source: str | None, needs_reference: bool,
+                 hp: Mapping[str, Any]) -> tuple[nn.Module, nn.Module | None, str | None]:
+    """The policy, the reference model (or None) and the reference adapter's name (or None), by the three
+    cases above. `hp` holds `DPOModule`'s arguments. With `precompute_ref_log_probs` no reference model is
+    built here: `DPOModule` builds one only if the cache misses."""
+    pretrained_adapter = isinstance(source, PeftModel) or (isinstance(source, str) and is_adapter_folder(source))
+    validate_lora(hp, pretrained_adapter)
+    adapter = lora_config(hp.lora_r, hp.lora_alpha, hp.lora_dropout, hp.lora_target_modules, hp.peft_config)
+    policy = source
+    if isinstance(source, str):
+        policy = (load_adapter_policy if pretrained_adapter else load_causal_lm)(
+            source, hp.torch_dtype, hp.trust_remote_code)
+    # from_pretrained returns eval mode; activation checkpointing only runs in train mode.
+    policy.train()
+    if hp.disable_dropout:
+        zero_dropout(policy)
+    reference, reference_adapter = None, None
+    later = hp.precompute_ref_log_probs
+    if needs_reference and ref_source is not None and not later:
+        reference = load_causal_lm(ref_source, hp.torch_dtype, hp.trust_remote_code)
+    elif needs_reference and pretrained_adapter and ref_source is None:
+        reference_adapter = add_reference_adapter(policy)
+    elif needs_reference and adapter is None and not later:
+        reference = copy.deepcopy(policy)  # same weights and dtype, no reload
+    if reference is not None:
+        reference.eval().requires_grad_(False)
+    if hp.gradient_checkpointing:
+        enable_activation_checkpointing(policy.get_base_model() if isinstance(policy, PeftModel) else policy)
+    if adapter is not None:
+        policy = add_lora(policy, adapter)  # the reference: this model with the adapter disabled
+    return policy, reference, reference_adapter
+
+
+def validate_lora(hp: Mapping[str, Any], pretrained_adapter: bool) -> None:
+    """`DPOModule`'s LoRA and log-prob arguments, checked before any model is loaded."""
+    if hp.lora_r is not None and (hp.peft_config is not None or hp.lora_r <= 0):
+        raise ValueError(f"--model.lora_r must be > 0 and not combined with --model.peft_config; got lora_r "
+                         f"{hp.lora_r}, peft_config {hp.peft_config}")
+    if (hp.lora_r is not None or hp.peft_config is not None) and pretrained_adapter:
+        raise ValueError("--model.model_name_or_path is a peft adapter, which brings its own config: remove "
+                         "--model.lora_r / --model.peft_config")
+    if hp.lora_dropout and hp.disable_dropout:
+        raise ValueError(f"--model.lora_dropout {hp.lora_dropout} has no effect with --model.disable_dropout true "
+                         "(every dropout is set to 0): set disable_dropout false, or lora_dropout 0")
+    if hp.logps_chunk_size <= 0:
+        raise ValueError(f"--model.logps_chunk_size must be > 0, got {hp.logps_chunk_size}")

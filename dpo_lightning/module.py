@@ -9,7 +9,6 @@ and distribution are the Trainer's business: nothing here moves tensors or casts
 """
 
 import contextlib
-import copy
 import functools
 import inspect
 import math
@@ -23,12 +22,11 @@ from peft import PeftModel
 from torch import Tensor, nn
 from transformers import PreTrainedModel
 
+from dpo_lightning import reference_cache
 from dpo_lightning.logps import base_causal_lm, lean_logps, lean_unsupported, naive_logps
 from dpo_lightning.losses import LENGTH_NORMALIZED, LOSSES, REFERENCE_FREE
 from dpo_lightning.metrics import batch_values, make_metrics
-from dpo_lightning.models import (add_lora, add_reference_adapter, enable_activation_checkpointing, is_adapter_folder,
-                                  load_adapter_policy, load_causal_lm, lora_config, reference_weights, zero_dropout)
-from dpo_lightning import reference_cache
+from dpo_lightning.models import build_models, load_causal_lm, reference_weights
 
 LossType = Literal[tuple(LOSSES)]
 PROGRESS_BAR = ("loss", "rewards/accuracies")
@@ -167,7 +165,8 @@ class DPOModule(L.LightningModule):
         # With precomputation the reference is built only if the cache misses, and dropped after scoring.
         self.ref_tables: dict[str, Tensor] | None = None
         self.ref_fingerprint: str | None = None
-        self._build_models(model_name_or_path, ref_model_name_or_path)
+        self.policy, self.reference, self.reference_adapter = build_models(
+            model_name_or_path, ref_model_name_or_path, self.needs_reference, self.hparams)
         self.model_name_or_path = base_causal_lm(self.policy).name_or_path or None  # the tokenizer's default source
         self.uses_lean_logps = lean_logps and self._lean_supported()
         if torch_compile:  # after the lean check, which would compile for its 8 tokens
@@ -180,35 +179,6 @@ class DPOModule(L.LightningModule):
         self.uses_nll = bool(rpo_alpha) or "sft" in self.loss_types
         self.train_metrics, self.val_metrics = make_metrics(self.uses_nll), make_metrics(self.uses_nll)
         self._displacement_warned = False
-
-    def _build_models(self, source: str | nn.Module, ref_source: str | None) -> None:
-        """The policy, its adapter and the reference, by the three cases of `models.py`'s docstring."""
-        hp = self.hparams
-        pretrained_adapter = isinstance(source, PeftModel) or (isinstance(source, str) and is_adapter_folder(source))
-        _validate_lora(hp, pretrained_adapter)
-        adapter = lora_config(hp.lora_r, hp.lora_alpha, hp.lora_dropout, hp.lora_target_modules, hp.peft_config)
-        if isinstance(source, str):
-            source = (load_adapter_policy if pretrained_adapter else load_causal_lm)(
-                source, hp.torch_dtype, hp.trust_remote_code)
-        self.policy = source
-        # from_pretrained returns eval mode; activation checkpointing only runs in train mode.
-        self.policy.train()
-        if hp.disable_dropout:
-            zero_dropout(self.policy)
-        self.reference, self.reference_adapter = None, None
-        later = hp.precompute_ref_log_probs  # then a reference model is built only if the cache misses
-        if self.needs_reference and ref_source is not None and not later:
-            self.reference = load_causal_lm(ref_source, hp.torch_dtype, hp.trust_remote_code)
-        elif self.needs_reference and pretrained_adapter and ref_source is None:
-            self.reference_adapter = add_reference_adapter(self.policy)
-        elif self.needs_reference and adapter is None and not later:
-            self.reference = copy.deepcopy(self.policy)  # same weights and dtype, no reload
-        if self.reference is not None:
-            self.reference.eval().requires_grad_(False)
-        if hp.gradient_checkpointing:
-            enable_activation_checkpointing(base_causal_lm(self.policy))
-        if adapter is not None:
-            self.policy = add_lora(self.policy, adapter)  # the reference: this model with the adapter disabled
 
     def _lean_supported(self) -> bool:
         for model in (self.policy, self.reference):
@@ -472,17 +442,3 @@ def _validate(loss_types: list[str], loss_weights: list[float], options: dict, b
     if learning_rate <= 0 or weight_decay < 0 or warmup_steps < 0:
         raise ValueError(f"--model.learning_rate must be > 0 and weight_decay, warmup_steps >= 0; got "
                          f"{learning_rate}, {weight_decay}, {warmup_steps}")
-
-
-def _validate_lora(hp, pretrained_adapter: bool) -> None:
-    if hp.lora_r is not None and (hp.peft_config is not None or hp.lora_r <= 0):
-        raise ValueError(f"--model.lora_r must be > 0 and not combined with --model.peft_config; got lora_r "
-                         f"{hp.lora_r}, peft_config {hp.peft_config}")
-    if (hp.lora_r is not None or hp.peft_config is not None) and pretrained_adapter:
-        raise ValueError("--model.model_name_or_path is a peft adapter, which brings its own config: remove "
-                         "--model.lora_r / --model.peft_config")
-    if hp.lora_dropout and hp.disable_dropout:
-        raise ValueError(f"--model.lora_dropout {hp.lora_dropout} has no effect with --model.disable_dropout true "
-                         "(every dropout is set to 0): set disable_dropout false, or lora_dropout 0")
-    if hp.logps_chunk_size <= 0:
-        raise ValueError(f"--model.logps_chunk_size must be > 0, got {hp.logps_chunk_size}")
