@@ -5,6 +5,8 @@ over all of its pairs (or tokens), whatever the batch size, the number of DDP ra
 syncs the sums) or the gradient accumulation (training metrics are reduced per optimizer step).
 """
 
+from typing import Callable
+
 import torch
 from torch import Tensor, nn
 from torchmetrics import MeanMetric, Metric
@@ -22,8 +24,8 @@ class MarginLengthCorrelation(Metric):
     example, chosen and rejected always the same length), where the correlation is undefined.
     """
 
-    def __init__(self):
-        super().__init__()
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
         for name in ("n", "sx", "sy", "sxx", "syy", "sxy"):
             self.add_state(name, default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
 
@@ -44,12 +46,27 @@ class MarginLengthCorrelation(Metric):
         return (cov / torch.sqrt(var_x * var_y)).float()
 
 
-def make_metrics(with_nll: bool) -> nn.ModuleDict:
-    """One stage's metrics. Slashes are fine in ModuleDict keys (dots are not)."""
+def make_metrics(with_nll: bool, sync_on_compute: bool = True) -> nn.ModuleDict:
+    """One stage's metrics. Slashes are fine in ModuleDict keys (dots are not).
+
+    `sync_on_compute=False` for metrics computed at every step: `compute_all` then syncs them at once.
+    """
     names = PAIR_METRICS + TOKEN_METRICS[:2] + (("nll_loss",) if with_nll else ())
-    metrics = nn.ModuleDict({name: MeanMetric() for name in names})
-    metrics["rewards/margin_length_corr"] = MarginLengthCorrelation()
+    metrics = nn.ModuleDict({name: MeanMetric(sync_on_compute=sync_on_compute) for name in names})
+    metrics["rewards/margin_length_corr"] = MarginLengthCorrelation(sync_on_compute=sync_on_compute)
     return metrics
+
+
+def compute_all(metrics: nn.ModuleDict, all_reduce_sum: Callable[[Tensor], Tensor]) -> dict[str, Tensor]:
+    """Every metric's value over all ranks, with one all-reduce instead of one per metric state.
+
+    Every state here is a sum (`dist_reduce_fx="sum"`), so summing them stacked equals syncing each.
+    """
+    states = [(metric, name) for metric in metrics.values() for name in metric.metric_state]
+    summed = all_reduce_sum(torch.stack([getattr(metric, name).double() for metric, name in states]))
+    for (metric, name), value in zip(states, summed):
+        setattr(metric, name, value.to(getattr(metric, name).dtype))
+    return {name: metric.compute() for name, metric in metrics.items()}
 
 
 def batch_values(losses: Tensor, chosen_rewards: Tensor, rejected_rewards: Tensor, logps: Tensor,

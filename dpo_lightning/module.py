@@ -25,7 +25,7 @@ from transformers import PreTrainedModel
 from dpo_lightning import reference_cache
 from dpo_lightning.logps import base_causal_lm, lean_logps, lean_unsupported, naive_logps
 from dpo_lightning.losses import LENGTH_NORMALIZED, LOSSES, REFERENCE_FREE
-from dpo_lightning.metrics import batch_values, make_metrics
+from dpo_lightning.metrics import batch_values, compute_all, make_metrics
 from dpo_lightning.models import build_models, load_causal_lm, reference_weights
 
 LossType = Literal[tuple(LOSSES)]
@@ -177,7 +177,8 @@ class DPOModule(L.LightningModule):
         self.register_buffer("bco_reward_sum", torch.zeros((), dtype=torch.float64))
         self.register_buffer("bco_reward_count", torch.zeros((), dtype=torch.float64))
         self.uses_nll = bool(rpo_alpha) or "sft" in self.loss_types
-        self.train_metrics, self.val_metrics = make_metrics(self.uses_nll), make_metrics(self.uses_nll)
+        self.train_metrics = make_metrics(self.uses_nll, sync_on_compute=False)  # reduced at once each step
+        self.val_metrics = make_metrics(self.uses_nll)
         self._displacement_warned = False
 
     def _lean_supported(self) -> bool:
@@ -363,7 +364,8 @@ class DPOModule(L.LightningModule):
     def _log_train_step(self) -> None:
         if not self.train_metrics["loss"].update_count:  # every micro-batch of the step was skipped (non-finite)
             return
-        values = {f"train/{name}": metric.compute() for name, metric in self.train_metrics.items()}
+        reduce = functools.partial(self.trainer.strategy.reduce, reduce_op="sum")
+        values = {f"train/{name}": value for name, value in compute_all(self.train_metrics, reduce).items()}
         for metric in self.train_metrics.values():
             metric.reset()
         for name, value in values.items():

@@ -1,5 +1,5 @@
 """`Trainer(strategy="ddp", devices=2)` on CPU (gloo) equals one process: validation metrics, and the
-weights after training with the same global batch.
+training metrics and weights after training with the same global batch.
 
 The policy and the reference are two different tiny models, so every metric is far from its step-0
 value; 8 validation pairs in batches of 3 split unevenly across batches, so a mean of batch means
@@ -35,6 +35,10 @@ def test_ddp_equals_single_process(tiny_llama, other_llama, tmp_path, precompute
     assert abs(single["val"]["val/rewards/margins"]) > 1e-3  # the two models really differ
     for name, value in single["val"].items():
         assert ddp["val"][name] == pytest.approx(value, rel=1e-5, abs=1e-6), name
+    # The last step's training metrics, reduced over both ranks in one all-reduce.
+    assert len(single["train"]) == 12 and set(single["train"]) == set(ddp["train"])
+    for name, value in single["train"].items():
+        assert ddp["train"][name] == pytest.approx(value, rel=1e-4, abs=1e-5), name
     trained_single = torch.load(tmp_path / "single.pt", weights_only=True)
     trained_ddp = torch.load(tmp_path / "ddp.pt", weights_only=True)
     start = torch.load(tmp_path / "single.start.pt", weights_only=True)
@@ -64,6 +68,7 @@ if __name__ == "__main__":
                         enable_progress_bar=False, enable_model_summary=False).validate(model, data, verbose=False)[0]
     trainer.fit(model, data)
     if trainer.is_global_zero:
-        out.write_text(json.dumps({"val": {k: float(v) for k, v in metrics.items()}}))
+        train = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")}
+        out.write_text(json.dumps({"val": {k: float(v) for k, v in metrics.items()}, "train": train}))
         torch.save(model.policy.state_dict(), out.with_suffix(".pt"))
         torch.save(start, out.with_suffix(".start.pt"))
