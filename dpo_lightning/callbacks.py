@@ -1,14 +1,19 @@
-"""Callbacks for what surrounds a DPO run: a validation summary, samples during evaluation, a Hugging Face export.
+"""Callbacks for what surrounds a DPO run: a validation summary, samples during evaluation, a Hugging Face
+export, and a checkpoint when the job is preempted.
 
 They work with any logger and strategy; add them under `trainer.callbacks` in a config, or to
 `Trainer(callbacks=[...])`. `GenerateSamples` is the seed tutorial's `generate_during_eval=True` (TRL 0.2x,
 removed in TRL 1.0) as a callback: policy and reference answer the same prompts, side by side, in every
-active logger.
+active logger. `PreemptionCheckpoint` turns SIGTERM and SLURM's SIGUSR1 into a checkpoint at the next
+optimizer step, from which `fit(ckpt_path=...)` resumes exactly.
 """
 
 import csv
 import os
-from contextlib import contextmanager, nullcontext
+import signal
+import subprocess
+import threading
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import Iterator
 
@@ -16,13 +21,16 @@ import lightning as L
 import torch
 from lightning.pytorch.loggers import CSVLogger, Logger, MLFlowLogger, TensorBoardLogger, WandbLogger
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
-from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
+from lightning.fabric.plugins.environments import SLURMEnvironment
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from peft import PeftModel
 from torch import nn
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 
 from dpo_lightning.data import adds_bos
 from dpo_lightning.export import export_pretrained
+from dpo_lightning.models import reference_weights
 
 # Strategies whose weights are sharded across ranks: generating on rank 0 alone would wait forever
 # on the other ranks' shards.
@@ -162,11 +170,11 @@ class GenerateSamples(L.Callback):
                 row["chosen"] = tokenizer.decode(p["chosen_input_ids"], skip_special_tokens=True)
         lengths = {}
         for decoding, config in decodings.items():  # columns side by side: policy/greedy, reference/greedy, ...
-            for model_name, context in (("policy", nullcontext(pl_module.policy)),
-                                        ("reference", reference_model(pl_module))):
-                with context as model:
-                    if model is None:
-                        continue
+            for model_name, (model, weights) in (("policy", (pl_module.policy, nullcontext())),
+                                                 ("reference", reference_model(pl_module))):
+                if model is None:
+                    continue
+                with weights:
                     completions = [self._complete(model, p["prompt_input_ids"], config, i, pl_module.device)
                                    for i, p in enumerate(prompts)]
                 for row, ids in zip(rows, completions):
@@ -191,31 +199,17 @@ class GenerateSamples(L.Callback):
                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
 
 
-def reference_model(pl_module: L.LightningModule):
-    """A context giving the reference model, or None where there is none (a reference-free full fine-tune).
+def reference_model(pl_module: L.LightningModule) -> tuple[nn.Module | None, AbstractContextManager]:
+    """The model that computes the reference and the context to run it in; (None, ...) where there is none.
 
-    `pl_module.reference` when the module holds one; otherwise a LoRA policy (`peft.PeftModel`) computes
-    it: with the frozen adapter `pl_module.reference_adapter` active where the module names one (a
-    policy started from a pretrained adapter), else with its adapter disabled (the base weights).
+    `pl_module.reference` when the module holds one; otherwise a LoRA policy computes it within
+    `models.reference_weights` (its adapter disabled, or the frozen `pl_module.reference_adapter` active),
+    the rule training uses. A reference-free full fine-tune has neither. A fresh context at each call.
     """
     reference, policy = getattr(pl_module, "reference", None), pl_module.policy
     if reference is not None or not isinstance(policy, PeftModel):
-        return nullcontext(reference)
-    return _as_reference(policy, getattr(pl_module, "reference_adapter", None))
-
-
-@contextmanager
-def _as_reference(policy: PeftModel, adapter: str | None) -> Iterator[nn.Module]:
-    if adapter is None:
-        with policy.disable_adapter():
-            yield policy
-        return
-    active = policy.active_adapter
-    policy.set_adapter(adapter, inference_mode=True)  # inference_mode: the reference adapter stays frozen
-    try:
-        yield policy
-    finally:
-        policy.set_adapter(active)
+        return reference, nullcontext()
+    return policy, reference_weights(policy, getattr(pl_module, "reference_adapter", None))
 
 
 @contextmanager
@@ -293,3 +287,99 @@ def last_validation(trainer: L.Trainer) -> tuple[int | None, dict[str, float]]:
             row = callback.history[-1]
             return row["step"], {k: v for k, v in row.items() if k != "step"}
     return None, {k: v.item() for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+
+
+class PreemptionCheckpoint(L.Callback):
+    """On SIGTERM or SIGUSR1 during training, finish the optimizer step, save a checkpoint and exit.
+
+    A cluster warns a job before killing it: SIGTERM on preemption (SLURM, Kubernetes), SIGUSR1 ahead of
+    SLURM's time limit with `sbatch --signal=USR1@90`. The signal can land anywhere in a step, mid-backward
+    or between two accumulated micro-batches, so the handler only records it; at the end of the next
+    optimizer step (where Lightning's `ModelCheckpoint` saves too) the weights, optimizer, scheduler and
+    data position agree, and the checkpoint goes to `<dirpath>/<filename>.ckpt`. `fit(ckpt_path=that)`
+    (`--ckpt_path` in the CLI) then trains on exactly the batches an uninterrupted run would have. Under
+    DDP, FSDP or DeepSpeed the ranks agree at every step on whether any of them was signalled (one
+    all-reduce of a scalar), so they save together, whichever rank the signal reached.
+
+    After saving, it raises Lightning's `SIGTERMException` with exit code 128 + the signal number (143,
+    138): `on_exception` hooks run, `on_fit_end` hooks (an `ExportPretrained` of a half-trained policy)
+    don't, and a script can tell a stopped run from a finished one. On SLURM's requeue signal (SIGUSR1),
+    when the Trainer's `SLURMEnvironment` has `auto_requeue` (Lightning's default on SLURM), rank 0 also
+    runs `scontrol requeue` for the job, as Lightning's own handler would.
+
+    How it displaces Lightning's handling, during training only (before, e.g. in the sanity check, and
+    after, Lightning's handlers are in place): Lightning's SIGTERM handler stops at the end of the current
+    batch, even between accumulated micro-batches, and saves nothing; its SLURM SIGUSR1 handler saves
+    `hpc_ckpt_<n>.ckpt` from inside the signal handler, wherever the step happens to be, so the optimizer
+    state and the data position may disagree with the weights. Lightning's `_teardown` restores the
+    handlers it replaced when fit ends, however it ends.
+
+    Budget the signal's lead time (USR1@90: 90 s) for the rest of a step, a validation if one falls due
+    there, and writing the checkpoint. Put this callback after callbacks that update a state at batch end;
+    `ModelCheckpoint` always runs after it, and skips its own save at the step where this one stops.
+
+    Args:
+        dirpath: folder of the checkpoint. Default: the Trainer's `default_root_dir` (where Lightning also
+            writes `hpc_ckpt_<n>.ckpt`), the same at every restart, unlike a logger's versioned folder.
+        filename: the checkpoint's file name, without `.ckpt`. A later preemption overwrites it.
+    """
+
+    SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGUSR1") if hasattr(signal, name))
+
+    def __init__(self, dirpath: str | None = None, filename: str = "preempted"):
+        self.dirpath, self.filename = dirpath, filename
+        self.received = 0  # the first signal number received this fit, 0 for none
+        self._displaced = {}
+
+    def ckpt_path(self, trainer: L.Trainer) -> str:
+        return os.path.join(self.dirpath or trainer.default_root_dir, f"{self.filename}.ckpt")
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.received = 0
+        if threading.current_thread() is not threading.main_thread():
+            rank_zero_warn("PreemptionCheckpoint is inactive: signal handlers can only be set in the main thread")
+            return
+        # After Lightning's own handlers, which the Trainer installs just before training starts.
+        self._displaced = {signum: signal.signal(signum, self._record) for signum in self.SIGNALS}
+
+    def _record(self, signum: int, frame) -> None:
+        self.received = self.received or signum
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch,
+                           batch_idx: int) -> None:
+        if (batch_idx + 1) % trainer.accumulate_grad_batches and not trainer.is_last_batch:
+            return  # mid-accumulation: the gradients so far are in no checkpoint
+        # Every rank reduces at every step, so all of them stop at the same one.
+        signum = int(trainer.strategy.reduce(torch.tensor(self.received, device=trainer.strategy.root_device),
+                                             reduce_op="max"))
+        if not signum:
+            return
+        path = self.ckpt_path(trainer)
+        trainer.save_checkpoint(path)
+        rank_zero_info(f"[dpo_lightning] {signal.Signals(signum).name}: saved step {trainer.global_step} to {path}; "
+                       f"resume with --ckpt_path {path}")
+        if trainer.is_global_zero and self._requeues(trainer, signum):
+            requeue_slurm_job()
+        raise SIGTERMException(128 + signum)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        for signum, handler in self._displaced.items():
+            signal.signal(signum, handler)
+        self._displaced = {}
+
+    @staticmethod
+    def _requeues(trainer: L.Trainer, signum: int) -> bool:
+        # The environment Lightning's signal connector reads; single-device strategies don't expose it.
+        environment = trainer._accelerator_connector.cluster_environment
+        return (isinstance(environment, SLURMEnvironment) and environment.auto_requeue
+                and signum == environment.requeue_signal)
+
+
+def requeue_slurm_job() -> None:
+    """Put this SLURM job (or array task) back in the queue, with the command Lightning's SIGUSR1 handler uses."""
+    array_job = os.environ.get("SLURM_ARRAY_JOB_ID")
+    job_id = f"{array_job}_{os.environ['SLURM_ARRAY_TASK_ID']}" if array_job else os.environ["SLURM_JOB_ID"]
+    if subprocess.call(["scontrol", "requeue", job_id]) != 0:
+        rank_zero_warn(f"`scontrol requeue {job_id}` failed: resubmit the job with --ckpt_path to resume")
+    else:
+        rank_zero_info(f"[dpo_lightning] requeued SLURM job {job_id}")

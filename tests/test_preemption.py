@@ -1,0 +1,105 @@
+"""Preemption: SIGTERM (or SLURM's SIGUSR1) in the middle of an optimizer step saves a checkpoint at the end
+of that step and stops the process; `fit(ckpt_path=...)` from it then trains on exactly the batches an
+uninterrupted run trains on, and ends at the same weights.
+
+Each run is a subprocess executing this file, so a real signal stops a real process. The run signals
+itself at the start of a chosen micro-batch: a fixed point inside a step, with nothing left to timing on
+a loaded machine. Tiny Llama from conftest.py, 12 pairs in batches of 2, 2 micro-batches per optimizer
+step: 3 steps an epoch, and 5 steps cross into the second epoch. No network.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+ACCUMULATE, MAX_STEPS = 2, 5
+
+
+def fit(tiny_llama: str, out: Path, signal_at: int = -1, signal_name: str = "SIGTERM", ckpt_path: Path | None = None,
+        env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run this file; it writes each micro-batch's `row_ids` to `out/rows.jsonl` and, if it finishes, `out/policy.pt`."""
+    out.mkdir(parents=True, exist_ok=True)
+    args = [sys.executable, __file__, tiny_llama, str(out), str(signal_at), signal_name, str(ckpt_path or "")]
+    return subprocess.run(args, timeout=600, cwd=out, env={**os.environ, **(env or {})}, capture_output=True, text=True)
+
+
+def seen(out: Path) -> list[list[int]]:
+    return [json.loads(line) for line in (out / "rows.jsonl").read_text().splitlines()]
+
+
+def test_sigterm_mid_step_saves_at_the_step_end_and_the_resumed_run_matches_an_uninterrupted_one(tiny_llama,
+                                                                                                   tmp_path):
+    straight = fit(tiny_llama, tmp_path / "straight")
+    assert straight.returncode == 0, straight.stderr
+    # Micro-batch 2 opens step 2 (micro-batches 2 and 3): the run must finish that step, then stop.
+    stopped = fit(tiny_llama, tmp_path / "stopped", signal_at=2)
+    assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr
+    ckpt = tmp_path / "stopped" / "preempted.ckpt"
+    assert torch.load(ckpt, weights_only=False)["global_step"] == 2
+    assert len(seen(tmp_path / "stopped")) == 4 and not (tmp_path / "stopped" / "policy.pt").exists()
+
+    resumed = fit(tiny_llama, tmp_path / "resumed", ckpt_path=ckpt)
+    assert resumed.returncode == 0, resumed.stderr
+    assert len(seen(tmp_path / "straight")) == ACCUMULATE * MAX_STEPS
+    assert seen(tmp_path / "stopped") + seen(tmp_path / "resumed") == seen(tmp_path / "straight")
+    expected = torch.load(tmp_path / "straight" / "policy.pt", weights_only=True)
+    actual = torch.load(tmp_path / "resumed" / "policy.pt", weights_only=True)
+    for name, weight in expected.items():
+        torch.testing.assert_close(actual[name], weight)
+
+
+def test_sigusr1_under_slurm_saves_then_requeues_the_job(tiny_llama, tmp_path):
+    # A stand-in `scontrol` records its arguments; the SLURM variables make Lightning pick SLURMEnvironment,
+    # whose auto_requeue is on by default.
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    scontrol = bin_dir / "scontrol"
+    scontrol.write_text(f'#!/bin/sh\necho "$@" >> {tmp_path / "scontrol.log"}\n')
+    scontrol.chmod(0o755)
+    slurm = {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "SLURM_NTASKS": "1", "SLURM_JOB_NAME": "dpo",
+             "SLURM_JOB_ID": "4242", "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0",
+             "SLURM_NODELIST": "localhost"}
+    stopped = fit(tiny_llama, tmp_path / "run", signal_at=3, signal_name="SIGUSR1", env=slurm)
+    assert stopped.returncode == 128 + signal.SIGUSR1, stopped.stderr
+    assert torch.load(tmp_path / "run" / "preempted.ckpt", weights_only=False)["global_step"] == 2
+    assert (tmp_path / "scontrol.log").read_text() == "requeue 4242\n"
+
+
+if __name__ == "__main__":
+    import lightning as L
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from conftest import ascii_tokenizer, rows
+
+    from dpo_lightning import DPOModule, PreferenceDataModule
+    from dpo_lightning.callbacks import PreemptionCheckpoint
+
+    class Record(L.Callback):
+        """Appends each micro-batch's row ids to rows.jsonl; sends this process a signal at micro-batch `at`."""
+
+        def __init__(self, path: Path, at: int, signum: int):
+            self.path, self.at, self.signum, self.count = path, at, signum, 0
+
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            with open(self.path, "a") as f:
+                f.write(json.dumps(batch["row_ids"].tolist()) + "\n")
+            if self.count == self.at:
+                os.kill(os.getpid(), self.signum)
+            self.count += 1
+
+    policy, out, signal_at, signum = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), signal.Signals[sys.argv[4]]
+    L.seed_everything(0)
+    model = DPOModule(policy, learning_rate=1e-2, warmup_steps=3)
+    data = PreferenceDataModule(dataset=rows(12), tokenizer=ascii_tokenizer(), max_length=48, max_prompt_length=24,
+                                batch_size=2)
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=MAX_STEPS, accumulate_grad_batches=ACCUMULATE,
+                        default_root_dir=out, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, num_sanity_val_steps=0,
+                        callbacks=[Record(out / "rows.jsonl", signal_at, signum), PreemptionCheckpoint()])
+    trainer.fit(model, data, ckpt_path=sys.argv[5] or None)
+    torch.save(model.policy.state_dict(), out / "policy.pt")
