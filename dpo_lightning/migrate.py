@@ -13,7 +13,7 @@ of the YAML, so nothing is dropped silently:
 Defaults that transformers applies when a key is absent and that differ from ours (a linear learning-rate
 decay, gradient clipping at 1.0, 3 epochs, no evaluation) are written out too, so the converted run
 trains as the TRL one did. A mapped key that this version's `DPOModule`, `PreferenceDataModule` or
-`Trainer` lacks (LoRA or precomputed reference log-probs before they land) is listed as not carried over.
+`Trainer` lacks is listed as not carried over.
 """
 
 import inspect
@@ -37,7 +37,8 @@ RENAMES = {
     "rpo_alpha": "model.rpo_alpha", "reference_free": "model.reference_free",
     "f_divergence_type": "model.f_divergence_type", "f_alpha_divergence_coef": "model.f_alpha_divergence_coef",
     "discopop_tau": "model.discopop_tau", "disable_dropout": "model.disable_dropout",
-    "precompute_ref_log_probs": "model.precompute_ref_log_probs", "model_name_or_path": "model.model_name_or_path",
+    "precompute_ref_log_probs": "model.precompute_ref_log_probs",
+    "precompute_ref_batch_size": "model.precompute_ref_batch_size", "model_name_or_path": "model.model_name_or_path",
     "ref_model_name_or_path": "model.ref_model_name_or_path", "trust_remote_code": "model.trust_remote_code",
     "torch_dtype": "model.torch_dtype", "dtype": "model.torch_dtype",
     "max_length": "data.max_length", "max_prompt_length": "data.max_prompt_length",
@@ -59,7 +60,7 @@ SAME_AS_OURS = {"adam_beta1": 0.9, "adam_beta2": 0.999, "adam_epsilon": 1e-8, "l
                 "torch_compile": False, "deepspeed": None, "fsdp": None, "neftune_noise_alpha": None,
                 "label_smoothing_factor": 0.0, "use_peft": False, "tools": None, "model_adapter_name": None,
                 "ref_adapter_name": None, "force_use_ref_model": False, "model_init_kwargs": None,
-                "ref_model_init_kwargs": None, "precompute_ref_log_probs": False}
+                "ref_model_init_kwargs": None, "precompute_ref_log_probs": False, "precompute_ref_batch_size": None}
 # Known TRL names with no equivalent here, and why.
 NO_EQUIVALENT = {
     "max_target_length": "TRL 0.2x, encoder-decoder models only; dpo_lightning trains causal LMs",
