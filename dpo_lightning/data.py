@@ -36,10 +36,12 @@ import pyarrow.compute as pc
 import torch
 from datasets import Dataset, IterableDataset
 from datasets.distributed import split_dataset_by_node
+from datasets.fingerprint import Hasher
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, DistributedSampler
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from dpo_lightning import formats
 from dpo_lightning.formats import FIELDS, FORMATS, PRESETS, DatasetSource, detect_format, load_rows, to_strings
 from dpo_lightning.losses import IGNORE_INDEX
 
@@ -110,6 +112,7 @@ def collate_pairs(rows: list[dict], pad_token_id: int) -> dict[str, torch.Tensor
     return batch
 
 
+DATA_CODE = hashlib.sha256(b"".join(open(path, "rb").read() for path in (__file__, formats.__file__))).hexdigest()
 TOKEN_COLUMNS = ("row_id", "prompt_input_ids", "chosen_input_ids", "rejected_input_ids")
 
 
@@ -328,13 +331,12 @@ class PreferenceDataModule(L.LightningDataModule):
         fmt = hp.dataset_format
         if fmt == "auto":
             fmt = detect_format(columns, next(iter(rows)))
-        rows = rows.map(to_strings, with_indices=True, remove_columns=columns,
-                        fn_kwargs=dict(dataset_format=fmt, tokenizer=tokenizer, strict=hp.strict),
-                        **_progress(rows, f"reading {stage} rows ({fmt})"))
+        rows = _map(rows, to_strings, f"reading {stage} rows ({fmt})", with_indices=True, remove_columns=columns,
+                    fn_kwargs=dict(dataset_format=fmt, tokenizer=tokenizer, strict=hp.strict))
         dropped = Counter() if isinstance(rows, IterableDataset) else Counter(r for r in rows["drop_reason"] if r)
         rows = _keep(rows, f"dropping unusable {stage} rows")
-        tokenized = rows.map(
-            tokenize_row, remove_columns=[*FIELDS, "drop_reason"], **_progress(rows, f"tokenizing {stage}"),
+        tokenized = _map(
+            rows, tokenize_row, f"tokenizing {stage}", remove_columns=[*FIELDS, "drop_reason"],
             fn_kwargs=dict(tokenizer=tokenizer, bos_token_id=adds_bos(tokenizer), max_length=hp.max_length,
                            max_prompt_length=hp.max_prompt_length, truncation_mode=hp.truncation_mode,
                            append_eos=fmt != "conversational"),
@@ -412,6 +414,19 @@ class PreferenceDataModule(L.LightningDataModule):
         if self.val_data is None:
             return []
         return self._loader(self.val_data, self.hparams.eval_batch_size or self.hparams.batch_size, shuffle=False)
+
+
+def _map(rows: Dataset | IterableDataset, function, desc: str, **kwargs) -> Dataset | IterableDataset:
+    """`rows.map(function, **kwargs)`, cached under a name that changes with this package's data code.
+
+    `datasets` names a map's cache by the function's module and name, not by its code: without the
+    source of data.py and formats.py in the name, an upgraded dpo_lightning would reuse rows prepared
+    by the old rules.
+    """
+    if isinstance(rows, IterableDataset):  # a stream: no cache, no progress bar
+        return rows.map(function, **kwargs)
+    name = Hasher.hash([rows._fingerprint, DATA_CODE, function.__name__, kwargs])
+    return rows.map(function, desc=desc, new_fingerprint=name, **kwargs)
 
 
 def _keep(rows: Dataset | IterableDataset, desc: str) -> Dataset | IterableDataset:

@@ -13,6 +13,7 @@ import torch
 from conftest import BOS, EOS, ascii_tokenizer, ids, rows
 from datasets import Dataset
 
+import dpo_lightning.data
 from dpo_lightning.data import PreferenceDataModule, adds_bos, collate_pairs, fingerprint, tokenize_row
 from dpo_lightning.formats import load_rows, split_dialogue, split_shared_prefix, to_strings
 
@@ -285,10 +286,11 @@ def test_hub_style_folder_with_splits_loads_by_split(tmp_path):
     assert batch["input_ids"].shape[0] == 6 and batch["labels"].shape == batch["input_ids"].shape
 
 
-def test_tokenization_is_cached_and_reused_by_a_second_data_module(tmp_path):
+def test_tokenization_is_cached_and_reused_by_a_second_data_module(tmp_path, monkeypatch):
     path = _write(tmp_path / "rows.jsonl", rows(8))
     built = []
-    for _ in range(2):
+    for code in ("this version", "this version", "an upgraded data.py"):
+        monkeypatch.setattr(dpo_lightning.data, "DATA_CODE", code)
         dm = PreferenceDataModule(dataset=path, tokenizer=ascii_tokenizer(), max_length=64, max_prompt_length=32)
         dm.prepare_data()
         dm.setup("fit")
@@ -296,6 +298,8 @@ def test_tokenization_is_cached_and_reused_by_a_second_data_module(tmp_path):
     # Same fingerprint and the same cache file: the second module (or DDP rank) read, not re-tokenized.
     assert built[0]._fingerprint == built[1]._fingerprint
     assert built[0].cache_files == built[1].cache_files and built[0].cache_files
+    # Other tokenization code: prepared again, not read from the old rules' cache.
+    assert built[2]._fingerprint != built[0]._fingerprint and built[2].cache_files != built[0].cache_files
 
 
 def test_eval_fraction_holds_out_a_seeded_split():
