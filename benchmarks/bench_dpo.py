@@ -12,6 +12,9 @@ Every mode runs the same batches in the same order, from the same starting weigh
 - lean: DPOModule() (the default): the output head on response tokens only, in chunks.
 - lora: lean + a rank-16 LoRA adapter (peft's default targets); the reference is the adapter disabled.
 - gradient_checkpointing: lean + activation checkpointing.
+- shared: lean on shared-prefix batches (`PreferenceDataModule(prefix_sharing=True)`, packing.py): one row
+  `[prompt | chosen | rejected]` per pair, so each prompt runs once.
+- packed: shared + `packing=True`: several pairs per row, up to max_length tokens a row.
 - compile (only when asked, `--modes ... compile`): lean + `torch_compile=True`; its compilation falls in the
   warm-up steps (the "first step" column) and, at a new shape, in a timed one.
 - trl: TRL's DPOTrainer with its defaults (gradient checkpointing on; bf16 off so all modes are float32),
@@ -21,6 +24,7 @@ A step is timed from batch start to the end of the optimizer step; the first `--
 
     python benchmarks/bench_dpo.py --compare bare trl                 # Llama-shaped
     python benchmarks/bench_dpo.py --model gpt2 --compare bare trl
+    python benchmarks/bench_dpo.py --modes lean shared packed --rounds 3   # prefix sharing and packing
     python benchmarks/bench_dpo.py --quick                            # smoke test, in one process
 """
 
@@ -51,8 +55,10 @@ from dpo_lightning import DPOModule, PreferenceDataModule
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HH = os.path.join(ROOT, "..", "shared", "data", "hh-rlhf", "harmless-base-test-1500.jsonl.gz")
 QUICKSTART = os.path.join(ROOT, "dpo_lightning", "assets", "sort-tiny")
-MODES = ("naive", "lean", "lora", "gradient_checkpointing", "compile")
-DEFAULT_MODES = MODES[:4]  # compile spends minutes compiling in each process: ask for it
+MODES = ("naive", "lean", "lora", "gradient_checkpointing", "shared", "packed", "compile")
+DEFAULT_MODES = MODES[:-1]  # compile spends minutes compiling in each process: ask for it
+# The data module's batch layout of the modes that do not take the padded batches.
+LAYOUTS = {"shared": {"prefix_sharing": True}, "packed": {"prefix_sharing": True, "packing": True}}
 EOS = "<|endoftext|>"
 
 
@@ -90,7 +96,7 @@ def prepare_workload(args) -> dict:
     model_name = f"{args.model}{'-quick' if args.quick else ''}-{'hh' if use_hh else 'sort'}"
     model_dir = build_model(args.model, args.quick, tokenizer_dir, os.path.join(cache, model_name))
     batches_path = os.path.join(cache, f"batches-{'hh' if use_hh else 'sort'}-b{args.batch_pairs}-l{args.max_length}"
-                                       f"-n{n_batches}.pt")
+                                       f"-n{n_batches}-layouts.pt")
     if not os.path.exists(batches_path):
         make_batches(args.data if use_hh else os.path.join(QUICKSTART, "train.jsonl"), tokenizer_dir, args,
                      n_batches, batches_path)
@@ -141,17 +147,21 @@ def build_model(kind: str, quick: bool, tokenizer_dir: str, path: str) -> str:
 
 
 def make_batches(data: str, tokenizer_dir: str, args, n_batches: int, path: str) -> None:
-    """The first n_batches x batch_pairs usable rows, in file order, tokenized by our data rules."""
+    """The first n_batches x batch_pairs usable rows, in file order, tokenized by our data rules, in each layout."""
 
-    dm = PreferenceDataModule(dataset=data, tokenizer=tokenizer_dir, max_length=args.max_length,
-                              max_prompt_length=min(128, args.max_length // 2), batch_size=args.batch_pairs,
-                              eval_fraction=0.0)
+    settings = dict(dataset=data, max_length=args.max_length, max_prompt_length=min(128, args.max_length // 2),
+                    batch_size=args.batch_pairs, eval_fraction=0.0)
+    dm = PreferenceDataModule(tokenizer=tokenizer_dir, **settings)
     dm.setup("fit")
     rows = [dm.train_data[i] for i in range(n_batches * args.batch_pairs)]
     groups = [rows[i:i + args.batch_pairs] for i in range(0, len(rows), args.batch_pairs)]
     token_rows = [{"prompt_ids": r["prompt_input_ids"], "chosen_ids": r["chosen_input_ids"],
                    "rejected_ids": r["rejected_input_ids"]} for r in rows]
-    torch.save({"batches": [dm.collate(group) for group in groups], "rows": token_rows}, path)
+    layouts = {}
+    for mode, flags in LAYOUTS.items():  # the same groups, collated as the data module does with these flags
+        layout_dm = PreferenceDataModule(tokenizer=dm.tokenizer, **settings, **flags)
+        layouts[mode] = [layout_dm.collate(group) for group in groups]
+    torch.save({"batches": [dm.collate(group) for group in groups], "layouts": layouts, "rows": token_rows}, path)
 
 
 # ---------------------------------------------------------------- one mode, in its own process
@@ -222,15 +232,17 @@ def run_bare(mode: str, workload: dict, data: dict):
 def run_module(mode: str, workload: dict, data: dict):
 
     kwargs = {"naive": {"lean_logps": False}, "lean": {}, "lora": {"lora_r": 16},
-              "gradient_checkpointing": {"gradient_checkpointing": True}, "compile": {"torch_compile": True}}[mode]
+              "gradient_checkpointing": {"gradient_checkpointing": True}, "compile": {"torch_compile": True},
+              "shared": {}, "packed": {}}[mode]
     model = DPOModule(workload["model_dir"], learning_rate=1e-6, **kwargs)
+    batches = data["layouts"].get(mode, data["batches"])
     timer = StepTimer()
     trainer = L.Trainer(max_steps=len(data["batches"]), logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                         limit_val_batches=0, callbacks=[timer], devices=1)
     start_rss = current_rss_gb()
-    trainer.fit(model, train_dataloaders=DataLoader(data["batches"], batch_size=None))
-    tokens = [int(b["attention_mask"].sum()) for b in data["batches"]]
+    trainer.fit(model, train_dataloaders=DataLoader(batches, batch_size=None))
+    tokens = [int(b["attention_mask"].sum()) for b in data["batches"]]  # as padded, so every mode counts the same
     return timer.times, timer.losses, tokens, start_rss
 
 
@@ -338,12 +350,13 @@ def report(args, workload: dict, results: dict[str, list[dict]]) -> str:
              f"data: {workload['data']}; {len(timed)} timed batches of {len(timed[0]['input_ids'])} sequences, "
              f"padded length {min(b['input_ids'].shape[1] for b in timed)}-{max(b['input_ids'].shape[1] for b in timed)}, "
              f"{labelled / positions:.0%} of positions are response tokens",
+             *layout_lines(data, workload["warmup"], len(timed[0]["input_ids"]) // 2),
              f"steps: {args.warmup} warm-up + {args.steps} timed per mode and round, {args.rounds} rounds, "
              "modes alternating, each in a fresh process" if not args.quick else "quick: one process, RSS not per mode",
              "",
              "| mode | s/step (median) | per round | CPU s/step | tokens/s | peak RSS GB | vs bare (time, RSS) "
-             "| vs trl (time, RSS) | first step s | last loss |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| vs trl (time, RSS) | vs lean (time, RSS) | first step s | last loss |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     summary = {}
     for mode, runs in results.items():
         times = [t for run in runs for t in run["times"]]
@@ -355,14 +368,33 @@ def report(args, workload: dict, results: dict[str, list[dict]]) -> str:
                          "first": statistics.median(run["first_step"] for run in runs)}
     for mode, s in summary.items():
         ratios = []
-        for base in ("bare", "trl"):
+        for base in ("bare", "trl", "lean"):
             b = summary.get(base)
             ratios.append(f"{s['median'] / b['median']:.2f}x, {s['rss'] / b['rss']:.2f}x" if b else "")
         cuda = f" (CUDA {max(r.get('peak_cuda_gb', 0) for r in results[mode]):.2f})" if torch.cuda.is_available() else ""
         lines.append(f"| {mode} | {s['median']:.3f} | {' / '.join(f'{r:.3f}' for r in s['rounds'])} | {s['cpu']:.2f} | "
-                     f"{s['tokens_per_s']:.0f} | {s['rss']:.2f}{cuda} | {ratios[0]} | {ratios[1]} | {s['first']:.1f} | "
+                     f"{s['tokens_per_s']:.0f} | {s['rss']:.2f}{cuda} | {' | '.join(ratios)} | {s['first']:.1f} | "
                      f"{s['loss']:.4f} |")
     return "\n".join(lines)
+
+
+def layout_lines(data: dict, warmup: int, batch_pairs: int) -> list[str]:
+    """What prefix sharing saves on the timed batches: prompt tokens, and positions (tokens + padding) per layout."""
+    pairs = data["rows"][warmup * batch_pairs:]
+    prompts = sum(len(r["prompt_ids"]) for r in pairs)
+    total = sum(2 * len(r["prompt_ids"]) + len(r["chosen_ids"]) + len(r["rejected_ids"]) for r in pairs)
+    padded = sum(b["input_ids"].numel() for b in data["batches"][warmup:])
+    lines = [f"prefix sharing: prompts are {prompts / total:.1%} of the pairs' tokens (sum P / sum (2P + C + R)), "
+             "run once instead of twice"]
+    for mode, batches in data["layouts"].items():
+        timed = batches[warmup:]
+        positions = sum(b["input_ids"].numel() for b in timed)
+        rows = [len(b["pairs_per_row"]) for b in timed]
+        widths = [b["input_ids"].shape[1] for b in timed]
+        lines.append(f"{mode} layout: {positions / padded:.1%} of the padded layout's positions ({positions} / "
+                     f"{padded}, padding included), {statistics.mean(rows):.1f} rows per batch, "
+                     f"{len(pairs) / sum(rows):.2f} pairs per row, row length {min(widths)}-{max(widths)}")
+    return lines
 
 
 if __name__ == "__main__":

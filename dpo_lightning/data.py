@@ -44,6 +44,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from dpo_lightning import formats
 from dpo_lightning.formats import FIELDS, FORMATS, PRESETS, DatasetSource, detect_format, load_rows, to_strings
 from dpo_lightning.losses import IGNORE_INDEX
+from dpo_lightning.packing import collate_shared
 
 
 def tokenize_row(row: dict, tokenizer: PreTrainedTokenizerBase, bos_token_id: int | None, max_length: int,
@@ -228,6 +229,9 @@ class PreferenceDataModule(L.LightningDataModule):
         eval_batch_size: pairs per validation batch. Default: `batch_size`.
         num_workers: DataLoader worker processes.
         seed: seed of the `eval_fraction` split and of the streaming shuffle.
+        prefix_sharing: batch each pair as one `[prompt | chosen | rejected]` row (packing.py), so each
+            prompt runs through the model once; needs a model that takes a custom 4D attention mask.
+        packing: with prefix_sharing, pack several pairs per row, up to `max_length` tokens a row.
     """
 
     def __init__(
@@ -254,6 +258,8 @@ class PreferenceDataModule(L.LightningDataModule):
         eval_batch_size: int | None = None,
         num_workers: int = 0,
         seed: int = 42,
+        prefix_sharing: bool = False,
+        packing: bool = False,
     ):
         super().__init__()
         if not 0 < max_prompt_length < max_length:
@@ -267,6 +273,9 @@ class PreferenceDataModule(L.LightningDataModule):
             raise ValueError(f"--data.eval_fraction must be in [0, 1), got {eval_fraction}")
         if streaming and eval_fraction:
             raise ValueError("--data.eval_fraction cannot carve a stream: give eval_dataset or eval_split")
+        if packing and not prefix_sharing:
+            raise ValueError("--data.packing packs shared-prefix rows: set --data.prefix_sharing true too, "
+                             "or packing false")
         self.save_hyperparameters(ignore=["dataset", "eval_dataset", "tokenizer"])
         if isinstance(dataset, str) and dataset in PRESETS:
             dataset, preset_format = PRESETS[dataset]
@@ -405,6 +414,8 @@ class PreferenceDataModule(L.LightningDataModule):
         return DataLoader(data, batch_size=batch_size, shuffle=shuffle, **kwargs)
 
     def collate(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        if self.hparams.prefix_sharing:
+            return collate_shared(rows, self.tokenizer.pad_token_id, self.hparams.packing, self.hparams.max_length)
         return collate_pairs(rows, self.tokenizer.pad_token_id)
 
     def train_dataloader(self) -> DataLoader:

@@ -3,6 +3,9 @@
 Both return, for a batch of N rows (chosen rows then rejected rows, see `data.collate_pairs`):
 `logps` (N,) summed float32 log-probs of the labelled tokens, `mean_logits` (N,) the mean logit over the
 vocabulary at those positions (TRL's `logits/chosen` diagnostic) and `n_tokens` (N,) their count.
+A batch in the shared-prefix layout (`packing.collate_shared`: one row per pair, or several pairs packed
+per row) gives the same, with N = 2B in the same order: its outputs are read back into the padded layout
+(`packing.padded_states`) before the log-probs, so the code below serves both layouts.
 
 - `naive_logps` calls the model and hands its (N, T, V) logits to `losses.sequence_logps`. It works for
   every model but holds the logits, their float32 copy and, in backward, their gradients: at 16 rows x
@@ -30,14 +33,15 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from dpo_lightning.losses import IGNORE_INDEX, sequence_logps
+from dpo_lightning.packing import forward_inputs, padded_states
 
 LogpsOutput = tuple[Tensor, Tensor, Tensor]
 
 
 def naive_logps(model: nn.Module, batch: dict[str, Tensor]) -> LogpsOutput:
     """Summed response log-probs (N,), mean response logits (N,) and response lengths (N,), via the full logits."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                   use_cache=False).logits  # (N, T, V)
+    logits = model(**forward_inputs(base_causal_lm(model), batch), use_cache=False).logits  # (N, T, V)
+    logits = padded_states(logits, batch)  # a shared batch's (R, L, V) read back as (N, T, V)
     logps, n_tokens = sequence_logps(logits, batch["labels"])
     mask = batch["labels"][:, 1:] != IGNORE_INDEX  # (N, T-1): position t predicts token t + 1
     mean_logits = (logits[:, :-1].detach().float().mean(-1) * mask).sum(-1) / n_tokens.clamp(min=1)
@@ -52,12 +56,12 @@ def lean_logps(model: nn.Module, batch: dict[str, Tensor], chunk_size: int = 256
 
     Args:
         model: a Hugging Face causal LM, or a peft model wrapping one, for which `lean_unsupported` is None.
-        batch: `input_ids`, `attention_mask`, `labels`, each (N, T).
+        batch: `input_ids`, `attention_mask`, `labels`, each (N, T), or a shared batch (packing.py).
         chunk_size: tokens per head call; memory grows with chunk_size x vocabulary.
     """
     lm = base_causal_lm(model)
-    hidden = lm.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                           use_cache=False).last_hidden_state  # (N, T, D)
+    hidden = lm.base_model(**forward_inputs(lm, batch), use_cache=False).last_hidden_state  # (N, T, D)
+    hidden = padded_states(hidden, batch)  # a shared batch's (R, L, D) read back as (N, T, D)
     # Off by one, as in `sequence_logps`: the hidden state at t scores the token at t + 1.
     labels = batch["labels"][:, 1:]  # (N, T-1)
     mask = labels != IGNORE_INDEX

@@ -27,6 +27,7 @@ from dpo_lightning.logps import base_causal_lm, lean_logps, lean_unsupported, na
 from dpo_lightning.losses import LENGTH_NORMALIZED, LOSSES, REFERENCE_FREE
 from dpo_lightning.metrics import batch_values, compute_all, make_metrics
 from dpo_lightning.models import build_models, load_causal_lm, reference_weights
+from dpo_lightning.packing import shared_layout_unsupported
 
 LossType = Literal[tuple(LOSSES)]
 PROGRESS_BAR = ("loss", "rewards/accuracies")
@@ -223,6 +224,8 @@ class DPOModule(L.LightningModule):
             loss = loss + self.hparams.rpo_alpha * (-chosen_logps.sum() / chosen_tokens.sum())
         if stage == "train" and not self._finite(loss, batch):
             return None
+        if "pairs_per_row" in batch:  # how densely packing fills the rows
+            self.log(f"{stage}/pairs_per_row", batch["pairs_per_row"].float().mean(), batch_size=len(chosen_logps))
         metrics = self.train_metrics if stage == "train" else self.val_metrics
         for name, args in batch_values(losses, chosen_rewards, rejected_rewards, policy_logps, mean_logits,
                                        n_tokens, nll).items():
@@ -297,6 +300,17 @@ class DPOModule(L.LightningModule):
         if self.reference is not None:
             return self.reference, contextlib.nullcontext()
         return self.policy, reference_weights(self.policy, self.reference_adapter)
+
+    def setup(self, stage: str) -> None:
+        # A model that ignores the shared layout's mask would train on wrong log-probs without an error.
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is not None and datamodule.hparams.get("prefix_sharing"):
+            for model in (self.policy, self.reference):
+                reason = shared_layout_unsupported(model) if model is not None else None
+                if reason:
+                    raise ValueError(f"--data.prefix_sharing: {reason}. Set --data.prefix_sharing false, or "
+                                     "load the model with an attention implementation that takes a 4D mask "
+                                     "(sdpa, eager)")
 
     def on_fit_start(self) -> None:
         if self.hparams.precompute_ref_log_probs:

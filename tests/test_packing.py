@@ -1,0 +1,243 @@
+"""The shared-prefix and packed layouts (`dpo_lightning/packing.py`) against the padded layout they replace.
+
+The layout is checked on literal tensors worked out by hand; the packer for its budget; and on a tiny
+Llama and a tiny GPT-2 (sdpa and eager attention) the log-probs, mean logits, token counts, a DPO loss
+and every parameter's gradient must equal the padded batch's (1e-5), through both `naive_logps` and
+`lean_logps`, one pair per row and packed, on pairs of very different lengths with a one-token prompt and
+one-token responses. FlexAttention runs forward only on CPU (torch 2.13 has no CPU backward for it), so
+only its no-grad log-probs are checked. A model that ignores the mask must be caught by
+`shared_layout_unsupported`. Tiny models from configs saved to temp folders (conftest.py): no network.
+"""
+
+import random
+from types import SimpleNamespace
+
+import lightning as L
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from dpo_lightning import DPOModule, PreferenceDataModule
+from dpo_lightning.data import collate_pairs
+from dpo_lightning.logps import lean_logps, naive_logps
+from dpo_lightning.losses import sigmoid_loss
+from dpo_lightning.packing import attention_mask, collate_shared, pack_pairs, shared_layout_unsupported
+
+from conftest import rows as text_rows
+
+
+def pair(prompt: list[int], chosen: list[int], rejected: list[int], **extra) -> dict:
+    return {"prompt_input_ids": prompt, "chosen_input_ids": chosen, "rejected_input_ids": rejected, **extra}
+
+
+# Lengths 13 to 4 tokens: a one-token prompt, one-token responses, a long prompt with a short response
+# and the reverse, so one pair per row pads a lot and packing puts several pairs in a row.
+PAIRS = [pair([5, 6, 9, 10, 11, 12, 13, 14], [7, 2], [8, 9]),
+         pair([3], [20, 21, 22, 23, 24, 25, 26], [30]),
+         pair([13, 14, 15], [50], [60, 61, 62, 63]),
+         pair([40, 41], [42], [43]),
+         pair([70, 71, 72, 73], [74, 75, 76], [77, 78, 79, 80, 81, 82])]
+
+
+def test_one_pair_per_row_layout_by_hand():
+    # Row [p p | c c | r r r]: position ids restart at 2 for the rejected response. Both responses are
+    # scored from the last prompt position (1); the chosen one then from 2, 3 and the rejected from 4, 5, 6.
+    batch = collate_shared([pair([5, 6], [7, 2], [8, 9, 2], row_id=4)], pad_token_id=0)
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 2, 8, 9, 2]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 2, 3, 4]]
+    assert batch["pair_ids"].tolist() == [[0, 0, 0, 0, 0, 0, 0]]
+    assert batch["branch_ids"].tolist() == [[0, 0, 1, 1, 2, 2, 2]]
+    assert batch["response_positions"].tolist() == [[1, 2, 3, 0], [1, 4, 5, 6]]
+    assert batch["labels"].tolist() == [[-100, 7, 2, -100], [-100, 8, 9, 2]]
+    assert batch["pairs_per_row"].tolist() == [1] and batch["row_ids"].tolist() == [4]
+    # Query rows, key columns: chosen sees the prompt and itself, rejected the prompt and itself.
+    expected = [[1, 0, 0, 0, 0, 0, 0],   # p0
+                [1, 1, 0, 0, 0, 0, 0],   # p1
+                [1, 1, 1, 0, 0, 0, 0],   # c0
+                [1, 1, 1, 1, 0, 0, 0],   # c1
+                [1, 1, 0, 0, 1, 0, 0],   # r0: not c0, c1
+                [1, 1, 0, 0, 1, 1, 0],   # r1
+                [1, 1, 0, 0, 1, 1, 1]]   # r2
+    assert attention_mask(stand_in(), batch)[0, 0].int().tolist() == expected
+
+
+def test_packed_layout_by_hand():
+    # Pair 0 = [5 | 7 | 8 9] (4 tokens), pair 1 = [3 4 | 6 2 | 2] (5 tokens), budget 9: the longer pair
+    # goes first, so the row is [3 4 6 2 2 | 5 7 8 9]. Position ids restart per pair; pair ids say whose
+    # token it is. Chosen 0 is scored from 5 (its prompt's last token) and 6; chosen 1 from 1, 2, 3;
+    # rejected 0 from 5, 7, 8; rejected 1 from 1, 4. Padding columns point at 0 with label -100.
+    batch = collate_shared([pair([5], [7], [8, 9]), pair([3, 4], [6, 2], [2])], 0, packing=True, max_tokens_per_row=9)
+    assert batch["input_ids"].tolist() == [[3, 4, 6, 2, 2, 5, 7, 8, 9]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 2, 0, 1, 1, 2]]
+    assert batch["pair_ids"].tolist() == [[1, 1, 1, 1, 1, 0, 0, 0, 0]]
+    assert batch["branch_ids"].tolist() == [[0, 0, 1, 1, 2, 0, 1, 2, 2]]
+    assert batch["response_positions"].tolist() == [[5, 6, 0], [1, 2, 3], [5, 7, 8], [1, 4, 0]]
+    assert batch["labels"].tolist() == [[-100, 7, -100], [-100, 6, 2], [-100, 8, 9], [-100, 2, -100]]
+    assert batch["pairs_per_row"].tolist() == [2]
+    expected = [[1, 0, 0, 0, 0, 0, 0, 0, 0],   # pair 1: p0
+                [1, 1, 0, 0, 0, 0, 0, 0, 0],   # p1
+                [1, 1, 1, 0, 0, 0, 0, 0, 0],   # c0
+                [1, 1, 1, 1, 0, 0, 0, 0, 0],   # c1
+                [1, 1, 0, 0, 1, 0, 0, 0, 0],   # r0
+                [0, 0, 0, 0, 0, 1, 0, 0, 0],   # pair 0: p0, nothing of pair 1
+                [0, 0, 0, 0, 0, 1, 1, 0, 0],   # c0
+                [0, 0, 0, 0, 0, 1, 0, 1, 0],   # r0
+                [0, 0, 0, 0, 0, 1, 0, 1, 1]]   # r1
+    assert attention_mask(stand_in(), batch)[0, 0].int().tolist() == expected
+
+
+def test_rows_end_in_padding_that_sees_only_padding():
+    # Budget 4 forces two rows: [3 4 6 2 2] and [5 7 8 9 pad]; the pad is row 1's pair -1.
+    batch = collate_shared([pair([5], [7], [8, 9]), pair([3, 4], [6, 2], [2])], 0, packing=True, max_tokens_per_row=4)
+    assert batch["input_ids"].tolist() == [[3, 4, 6, 2, 2], [5, 7, 8, 9, 0]]
+    assert batch["pair_ids"].tolist() == [[1, 1, 1, 1, 1], [0, 0, 0, 0, -1]]
+    assert batch["response_positions"].tolist() == [[5, 6, 0], [1, 2, 3], [5, 7, 8], [1, 4, 0]]
+    mask = attention_mask(stand_in(), batch)[1, 0]
+    assert mask[4].int().tolist() == [0, 0, 0, 0, 1] and not mask[:4, 4].any()
+
+
+def test_eager_mask_is_additive():
+    batch = collate_shared([pair([5, 6], [7], [8])], 0)
+    mask = attention_mask(stand_in("eager"), batch)[0, 0]
+    low = torch.finfo(torch.float32).min
+    assert mask.tolist() == [[0, low, low, low], [0, 0, low, low], [0, 0, 0, low], [0, 0, low, 0]]
+
+
+@pytest.mark.parametrize("seed", range(5))
+@pytest.mark.parametrize("budget", [None, 12, 40])
+def test_packer_fills_rows_within_budget_and_places_every_pair_once(seed, budget):
+    generator = random.Random(seed)
+    lengths = [generator.randint(3, 30) for _ in range(generator.randint(1, 16))]
+    rows = pack_pairs(lengths, budget)
+    assert sorted(i for row in rows for i in row) == list(range(len(lengths)))
+    limit = max(lengths) if budget is None else budget
+    for row in rows:
+        # Only a pair longer than the budget may exceed it, and then alone.
+        assert sum(lengths[i] for i in row) <= limit or len(row) == 1
+    if budget is None:  # first-fit: no two rows could have been merged
+        assert all(sum(lengths[i] for i in a) + sum(lengths[i] for i in b) > limit
+                   for n, a in enumerate(rows) for b in rows[n + 1:])
+
+
+def test_first_fit_decreasing_by_hand():
+    assert pack_pairs([3, 5, 2, 4], 7) == [[1, 2], [3, 0]]
+
+
+def test_an_empty_prompt_is_refused():
+    with pytest.raises(ValueError, match="non-empty prompt.*prefix_sharing false"):
+        collate_shared([pair([], [7], [8])], 0)
+
+
+def outputs_and_grads(model, compute, batch):
+    """(logps, mean_logits, n_tokens), a DPO loss and every parameter's gradient of that loss."""
+    model.zero_grad()
+    logps, mean_logits, n_tokens = compute(model, batch)
+    chosen, rejected = logps.chunk(2)
+    reference = torch.linspace(-30.0, -10.0, logps.numel()).chunk(2)  # a fixed reference that differs per row
+    loss = sigmoid_loss(chosen, rejected, *reference, beta=0.5)[0].mean()
+    loss.backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+    return (logps.detach(), mean_logits, n_tokens, loss.detach()), grads
+
+
+@pytest.mark.parametrize("packing", [False, True])
+@pytest.mark.parametrize("compute", [naive_logps, lambda m, b: lean_logps(m, b, chunk_size=5)], ids=["naive", "lean"])
+@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
+@pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_gpt2"])
+def test_shared_layout_equals_padded(fixture, implementation, compute, packing, request):
+    model = AutoModelForCausalLM.from_pretrained(request.getfixturevalue(fixture), attn_implementation=implementation)
+    assert shared_layout_unsupported(model) is None
+    padded, padded_grads = outputs_and_grads(model, compute, collate_pairs(PAIRS, 0))
+    # Pairs of 12, 9, 8, 4 and 13 tokens; budget 25 packs them longest first: 13 + 12, then 9 + 8 + 4.
+    shared_batch = collate_shared(PAIRS, 0, packing=packing, max_tokens_per_row=25)
+    assert shared_batch["pairs_per_row"].tolist() == ([1, 1, 1, 1, 1] if not packing else [2, 3])
+    shared, shared_grads = outputs_and_grads(model, compute, shared_batch)
+    assert padded[2].tolist() == [2, 7, 1, 1, 3, 2, 1, 4, 1, 6]  # n_tokens: chosen, then rejected
+    for name, expected, actual in zip(["logps", "mean_logits", "n_tokens", "loss"], padded, shared):
+        torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5, msg=name)
+    assert shared_grads.keys() == padded_grads.keys()
+    for name, grad in padded_grads.items():
+        torch.testing.assert_close(shared_grads[name], grad, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_flex_attention_forward_equals_padded(tiny_llama):
+    # CPU: forward only (no FlexAttention backward on CPU in torch 2.13), so a reference pass, not training.
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, attn_implementation="flex_attention")
+    with torch.no_grad():
+        padded = lean_logps(model, collate_pairs(PAIRS, 0))
+        shared = lean_logps(model, collate_shared(PAIRS, 0, packing=True, max_tokens_per_row=25))
+    for expected, actual in zip(padded, shared):
+        torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_shared_layout_unsupported_catches_a_model_that_drops_the_mask(tiny_llama, tiny_gpt2):
+    llama = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    # The decoder is called without the custom mask: causal attention over the whole row instead.
+    llama.model.register_forward_pre_hook(lambda module, args, kwargs: (args, {**kwargs, "attention_mask": None}),
+                                          with_kwargs=True)
+    assert "ignores the shared layout's attention mask" in shared_layout_unsupported(llama)
+    gpt2 = AutoModelForCausalLM.from_pretrained(tiny_gpt2)
+    gpt2.transformer.register_forward_pre_hook(lambda module, args, kwargs: (args, {**kwargs, "position_ids": None}),
+                                               with_kwargs=True)
+    assert "ignores the shared layout's attention mask or position ids" in shared_layout_unsupported(gpt2)
+
+
+def test_shared_layout_unsupported_reports_a_mask_the_model_rejects(tiny_llama):
+    llama = AutoModelForCausalLM.from_pretrained(tiny_llama)
+
+    def reject(module, args, kwargs):
+        if kwargs.get("attention_mask") is not None and kwargs["attention_mask"].dim() == 4:
+            raise ValueError("4D masks are not supported")
+
+    llama.model.register_forward_pre_hook(reject, with_kwargs=True)
+    assert "cannot take the shared layout's 4D attention mask" in shared_layout_unsupported(llama)
+
+
+def test_fit_refuses_prefix_sharing_on_a_model_that_drops_the_mask(tiny_llama, tmp_path):
+    llama = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    llama.model.register_forward_pre_hook(lambda module, args, kwargs: (args, {**kwargs, "attention_mask": None}),
+                                          with_kwargs=True)
+    data = PreferenceDataModule(text_rows(4), tokenizer=tiny_llama, batch_size=2, max_length=64,
+                                max_prompt_length=32, prefix_sharing=True)
+    trainer = L.Trainer(max_steps=1, default_root_dir=tmp_path, logger=False, enable_checkpointing=False)
+    with pytest.raises(ValueError, match="--data.prefix_sharing: .* Set --data.prefix_sharing false"):
+        trainer.fit(DPOModule(llama), data)  # before any step
+
+
+def test_data_module_batches_shared_and_packed_pairs(tiny_llama):
+    with pytest.raises(ValueError, match="--data.packing .* --data.prefix_sharing true"):
+        PreferenceDataModule(text_rows(4), tokenizer=tiny_llama, packing=True)
+    data = PreferenceDataModule(text_rows(6), tokenizer=tiny_llama, batch_size=6, max_length=64,
+                                max_prompt_length=32, prefix_sharing=True, packing=True)
+    data.setup("fit")
+    batch = next(iter(data.train_dataloader()))
+    assert batch["labels"].shape[0] == 12 and batch["pairs_per_row"].sum() == 6
+    assert batch["input_ids"].shape[1] <= 64 and len(batch["pairs_per_row"]) < 6
+
+
+@pytest.mark.parametrize("options", [{}, {"lean_logps": False}, {"lora_r": 4}], ids=["lean", "naive", "lora"])
+def test_module_step_on_a_packed_batch_equals_the_padded_step(tiny_llama, options):
+    # module.py only calls naive_logps / lean_logps: its loss, metrics and gradients compose untouched,
+    # with LoRA too (the reference is the policy with its adapter off).
+    results = []
+    for batch in (collate_pairs(PAIRS, 0), collate_shared(PAIRS, 0, packing=True, max_tokens_per_row=25)):
+        torch.manual_seed(0)
+        module = DPOModule(tiny_llama, logps_chunk_size=4, **options)
+        with torch.no_grad():
+            module.policy.lm_head.weight.mul_(1.5)  # the policy differs from the reference
+        loss = module._shared_step(batch, "train")
+        loss.backward()
+        metrics = {name: metric.compute() for name, metric in module.train_metrics.items()}
+        results.append((loss.detach(), metrics, {n: p.grad for n, p in module.policy.named_parameters()
+                                                 if p.requires_grad}))
+    (loss, metrics, grads), (packed_loss, packed_metrics, packed_grads) = results
+    torch.testing.assert_close(packed_loss, loss, rtol=1e-5, atol=1e-5)
+    for name, value in metrics.items():
+        torch.testing.assert_close(packed_metrics[name], value, rtol=1e-5, atol=1e-5, msg=name)
+    for name, grad in grads.items():
+        torch.testing.assert_close(packed_grads[name], grad, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def stand_in(implementation: str = "sdpa") -> SimpleNamespace:
+    """A stand-in model for `attention_mask`, which reads only its attention implementation and dtype."""
+    return SimpleNamespace(config=SimpleNamespace(_attn_implementation=implementation), dtype=torch.float32)
