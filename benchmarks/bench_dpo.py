@@ -12,9 +12,12 @@ Every mode runs the same batches in the same order, from the same starting weigh
 - lean: DPOModule() (the default): the output head on response tokens only, in chunks.
 - lora: lean + a rank-16 LoRA adapter (peft's default targets); the reference is the adapter disabled.
 - gradient_checkpointing: lean + activation checkpointing.
+- precompute: lean + `precompute_ref_log_probs=True`: the reference's log-probs of every batch are scored
+  before the first step (not timed; cached in a fresh folder each run) and training holds the policy alone.
 - shared: lean on shared-prefix batches (`PreferenceDataModule(prefix_sharing=True)`, packing.py): one row
   `[prompt | chosen | rejected]` per pair, so each prompt runs once.
 - packed: shared + `packing=True`: several pairs per row, up to max_length tokens a row.
+- packed_precompute: packed + precompute, everything that makes a step cheaper at once.
 - compile (only when asked, `--modes ... compile`): lean + `torch_compile=True`; its compilation falls in the
   warm-up steps (the "first step" column) and, at a new shape, in a timed one.
 - trl: TRL's DPOTrainer with its defaults (gradient checkpointing on; bf16 off so all modes are float32),
@@ -51,11 +54,13 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, GPT2C
                           LlamaForCausalLM, PreTrainedTokenizerFast)
 
 from dpo_lightning import DPOModule, PreferenceDataModule
+from dpo_lightning.data import load_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HH = os.path.join(ROOT, "..", "shared", "data", "hh-rlhf", "harmless-base-test-1500.jsonl.gz")
 QUICKSTART = os.path.join(ROOT, "dpo_lightning", "assets", "sort-tiny")
-MODES = ("naive", "lean", "lora", "gradient_checkpointing", "shared", "packed", "compile")
+MODES = ("naive", "lean", "lora", "gradient_checkpointing", "precompute", "shared", "packed", "packed_precompute",
+         "compile")
 DEFAULT_MODES = MODES[:-1]  # compile spends minutes compiling in each process: ask for it
 # The data module's batch layout of the modes that do not take the padded batches.
 LAYOUTS = {"shared": {"prefix_sharing": True}, "packed": {"prefix_sharing": True, "packing": True}}
@@ -96,7 +101,7 @@ def prepare_workload(args) -> dict:
     model_name = f"{args.model}{'-quick' if args.quick else ''}-{'hh' if use_hh else 'sort'}"
     model_dir = build_model(args.model, args.quick, tokenizer_dir, os.path.join(cache, model_name))
     batches_path = os.path.join(cache, f"batches-{'hh' if use_hh else 'sort'}-b{args.batch_pairs}-l{args.max_length}"
-                                       f"-n{n_batches}-layouts.pt")
+                                       f"-n{n_batches}-v2.pt")  # v2: row_ids and the shared layouts
     if not os.path.exists(batches_path):
         make_batches(args.data if use_hh else os.path.join(QUICKSTART, "train.jsonl"), tokenizer_dir, args,
                      n_batches, batches_path)
@@ -233,17 +238,39 @@ def run_module(mode: str, workload: dict, data: dict):
 
     kwargs = {"naive": {"lean_logps": False}, "lean": {}, "lora": {"lora_r": 16},
               "gradient_checkpointing": {"gradient_checkpointing": True}, "compile": {"torch_compile": True},
-              "shared": {}, "packed": {}}[mode]
-    model = DPOModule(workload["model_dir"], learning_rate=1e-6, **kwargs)
-    batches = data["layouts"].get(mode, data["batches"])
+              "shared": {}, "packed": {}, "precompute": {"precompute_ref_log_probs": True},
+              "packed_precompute": {"precompute_ref_log_probs": True}}[mode]
+    cache_dir = tempfile.mkdtemp(prefix="dpo_bench_ref_")  # fresh: the scoring runs in every process
+    model = DPOModule(workload["model_dir"], learning_rate=1e-6, ref_logps_cache_dir=cache_dir, **kwargs)
+    batches = data["layouts"].get(mode.removesuffix("_precompute"), data["batches"])
     timer = StepTimer()
     trainer = L.Trainer(max_steps=len(data["batches"]), logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                         limit_val_batches=0, callbacks=[timer], devices=1)
     start_rss = current_rss_gb()
-    trainer.fit(model, train_dataloaders=DataLoader(batches, batch_size=None))
+    trainer.fit(model, datamodule=FixedBatches(data, batches, workload["tokenizer_dir"]))
     tokens = [int(b["attention_mask"].sum()) for b in data["batches"]]  # as padded, so every mode counts the same
     return timer.times, timer.losses, tokens, start_rss
+
+
+class FixedBatches(PreferenceDataModule):
+    """The benchmark's batches in file order, as a data module whose rows precomputation can score."""
+
+    def __init__(self, data: dict, batches: list[dict], tokenizer_dir: str):
+        super().__init__(dataset={}, tokenizer=tokenizer_dir)
+        self.rows, self.batches = data["rows"], batches
+        self.row_ids = torch.cat([batch["row_ids"] for batch in data["batches"]]).tolist()
+
+    def setup(self, stage=None):
+        import datasets
+
+        self.tokenizer = load_tokenizer(self.tokenizer)
+        self.train_data = datasets.Dataset.from_list([
+            {"row_id": i, "prompt_input_ids": r["prompt_ids"], "chosen_input_ids": r["chosen_ids"],
+             "rejected_input_ids": r["rejected_ids"]} for i, r in zip(self.row_ids, self.rows)])
+
+    def train_dataloader(self):
+        return DataLoader(self.batches, batch_size=None)
 
 
 class StepTimer(L.Callback):
