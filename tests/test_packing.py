@@ -170,6 +170,19 @@ def test_flex_attention_forward_equals_padded(tiny_llama):
         torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("bf16", ["weights", "autocast"])
+def test_bf16_shared_layout_matches_padded_to_bf16_rounding(tiny_llama, bf16):
+    # bf16 rounds each matmul: the two layouts sum in different orders, so equal to ~1e-4 relative, not 1e-5.
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.bfloat16 if bf16 == "weights" else None)
+    assert shared_layout_unsupported(model) is None
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=bf16 == "autocast"):
+        padded = lean_logps(model, collate_pairs(PAIRS, 0))
+        shared = lean_logps(model, collate_shared(PAIRS, 0, packing=True, max_tokens_per_row=25))
+    assert padded[0].dtype == shared[0].dtype == torch.float32
+    torch.testing.assert_close(shared[0], padded[0], rtol=1e-3, atol=5e-3)
+    torch.testing.assert_close(shared[2], padded[2])
+
+
 def test_shared_layout_unsupported_catches_a_model_that_drops_the_mask(tiny_llama, tiny_gpt2):
     llama = AutoModelForCausalLM.from_pretrained(tiny_llama)
     # The decoder is called without the custom mask: causal attention over the whole row instead.
