@@ -1,0 +1,60 @@
+"""Exact mid-epoch resume: a training DataLoader whose position is saved in every checkpoint.
+
+A resumed run must train on the next unseen batch, in the order an uninterrupted run would have used,
+so that it ends at the same weights. The shuffle order here is a function of (seed, epoch) alone, and
+the checkpoint records the epoch and how many of its batches were trained on; Lightning calls the
+loader's `state_dict`/`load_state_dict` itself. Under DDP each rank takes every `world_size`-th index
+of the same permutation, as `DistributedSampler` does.
+"""
+
+import lightning as L
+import torch
+from datasets import Dataset
+from torch.utils.data import DataLoader, DistributedSampler
+
+
+class EpochSampler(DistributedSampler):
+    """This rank's share of a permutation drawn from (seed, epoch) alone, minus the batches already done.
+
+    A `DistributedSampler`, so Lightning keeps it under DDP instead of wrapping it; the epoch comes from
+    the Trainer's progress rather than `set_epoch`, whose count is off by one after a restore.
+    """
+
+    def __init__(self, data: Dataset, loader: "ResumableLoader", world_size: int, rank: int, seed: int):
+        super().__init__(data, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
+        self.loader = loader
+
+    def __iter__(self):
+        epoch, done = self.loader.position()
+        order = torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
+        order += order[: self.total_size - len(order)]  # pad to equal shares, as DistributedSampler does
+        mine = order[self.rank:self.total_size:self.num_replicas]
+        return iter(mine[done * self.loader.batch_size:])
+
+
+class ResumableLoader(DataLoader):
+    """A shuffling DataLoader whose position Lightning saves in checkpoints, for exact mid-epoch resume.
+
+    The checkpoint records the epoch and how many of its batches were trained on (the Trainer's own
+    progress, which unlike a count of batches handed out is not ahead by prefetched batches); the
+    first epoch after a restore skips exactly those. Lightning calls `state_dict`/`load_state_dict`.
+    """
+
+    def __init__(self, data: Dataset, batch_size: int, seed: int, trainer: L.Trainer, **kwargs):
+        self.trainer, self.restored = trainer, None
+        sampler = EpochSampler(data, self, trainer.world_size, trainer.global_rank, seed)
+        super().__init__(data, batch_size=batch_size, sampler=sampler, **kwargs)
+
+    def position(self) -> tuple[int, int]:
+        """(epoch, batches of it already trained on) for the iteration that is starting."""
+        if self.restored is not None:
+            position, self.restored = self.restored, None
+            return position
+        return self.trainer.current_epoch, 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.trainer.current_epoch,
+                "batches_done": self.trainer.fit_loop.epoch_loop.batch_progress.current.processed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.restored = (state["epoch"], state["batches_done"])
