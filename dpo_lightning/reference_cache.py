@@ -45,15 +45,15 @@ def weights_fingerprint(tensors: dict[str, Tensor]) -> str:
 def files_fingerprint(name_or_path: str) -> str:
     """sha256 of a model folder's config and weight files, read from disk without loading the model.
 
-    A hub name is resolved to its snapshot in the local Hugging Face cache (downloading it if needed,
-    as loading would).
+    A hub name is identified by the commit its snapshot comes from (the hub's own content address),
+    which costs one small request, or none when `HF_HUB_OFFLINE=1` and the model is cached.
     """
-    folder = name_or_path
-    if not os.path.isdir(folder):
+    if not os.path.isdir(name_or_path):
         from huggingface_hub import snapshot_download
-        folder = snapshot_download(name_or_path, allow_patterns=[f"*{ext}" for ext in WEIGHT_FILES])
+        snapshot = snapshot_download(name_or_path, allow_patterns=["config.json"])  # .../snapshots/<commit>
+        return f"{name_or_path}@{os.path.basename(os.path.normpath(snapshot))}"
     digest = hashlib.sha256()
-    for path in sorted(Path(folder).iterdir()):
+    for path in sorted(Path(name_or_path).iterdir()):
         if path.suffix in WEIGHT_FILES and path.is_file():
             digest.update(path.name.encode())
             with open(path, "rb") as f:

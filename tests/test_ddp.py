@@ -22,11 +22,12 @@ def run(policy: str, reference: str, devices: int, out: Path, precompute_in: Pat
     return json.loads(out.read_text())
 
 
-@pytest.mark.parametrize("precompute", [False, True], ids=["reference-each-step", "precomputed-reference"])
+@pytest.mark.parametrize("precompute", [False, True], ids=["padded", "packed-with-precomputed-reference"])
 def test_ddp_equals_single_process(tiny_llama, other_llama, tmp_path, precompute):
     # Validation metrics before training, then 3 steps of 4 pairs: one process with batches of 4 or two
     # with 2 each (the same pairs each step: each rank takes every other index of the same permutation).
-    # Precomputed, each rank scores half the pairs and every rank gets the whole table.
+    # Precomputed, each rank scores half the pairs and every rank gets the whole table; those DDP runs
+    # also pack their pairs (prefix sharing), against the single process's padded batches.
     single = run(tiny_llama, other_llama, 1, tmp_path / "single.json")
     ddp = run(tiny_llama, other_llama, 2, tmp_path / "ddp.json", tmp_path / "cache" if precompute else None)
     if precompute:
@@ -57,7 +58,8 @@ if __name__ == "__main__":
 
     policy, reference, devices, out, cache = sys.argv[1], sys.argv[2], int(sys.argv[3]), Path(sys.argv[4]), sys.argv[5]
     data = PreferenceDataModule(dataset=rows(16), eval_dataset=rows(8), tokenizer=ascii_tokenizer(), max_length=48,
-                                max_prompt_length=24, batch_size=4 // devices, eval_batch_size=3)
+                                max_prompt_length=24, batch_size=4 // devices, eval_batch_size=3,
+                                prefix_sharing=bool(cache), packing=bool(cache))
     model = DPOModule(policy, ref_model_name_or_path=reference, learning_rate=1e-3,
                       precompute_ref_log_probs=bool(cache), ref_logps_cache_dir=cache or None)
     trainer = L.Trainer(accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto", max_steps=3,
@@ -68,7 +70,8 @@ if __name__ == "__main__":
                         enable_progress_bar=False, enable_model_summary=False).validate(model, data, verbose=False)[0]
     trainer.fit(model, data)
     if trainer.is_global_zero:
-        train = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")}
+        train = {k: float(v) for k, v in trainer.callback_metrics.items()
+                 if k.startswith("train/") and k != "train/pairs_per_row"}  # packing's own
         out.write_text(json.dumps({"val": {k: float(v) for k, v in metrics.items()}, "train": train}))
         torch.save(model.policy.state_dict(), out.with_suffix(".pt"))
         torch.save(start, out.with_suffix(".start.pt"))

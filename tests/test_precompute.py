@@ -114,3 +114,19 @@ def test_packed_prefix_sharing_with_the_cache_equals_padded_batches_scored_every
     assert 1 < packed[1]["train/pairs_per_row"] <= 4  # 4 pairs a batch, in fewer rows
     # Another summation order: Adam turns float32 rounding of near-zero gradients into ~1e-5 weight changes.
     assert_same_run(fit(tiny_llama, tmp_path / "padded", **kwargs), packed, rel=1e-4, atol=1e-4)
+
+
+def test_the_reference_is_identified_by_its_weight_files_or_its_hub_commit(tiny_llama, tmp_path, monkeypatch):
+    import shutil
+
+    import huggingface_hub
+
+    from dpo_lightning.reference_cache import files_fingerprint
+
+    copy = shutil.copytree(tiny_llama, tmp_path / "copy")
+    assert files_fingerprint(str(copy)) == files_fingerprint(tiny_llama)  # content, not the path
+    (copy / "model.safetensors").write_bytes((copy / "model.safetensors").read_bytes()[:-1] + b"\0")
+    assert files_fingerprint(str(copy)) != files_fingerprint(tiny_llama)  # one byte of the weights
+    monkeypatch.setattr(huggingface_hub, "snapshot_download",
+                        lambda name, allow_patterns: f"/cache/models--org--m/snapshots/{name[-1]}c0ffee/")
+    assert files_fingerprint("org/m1") == "org/m1@1c0ffee" != files_fingerprint("org/m2")
