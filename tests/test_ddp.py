@@ -70,8 +70,10 @@ if __name__ == "__main__":
                         enable_progress_bar=False, enable_model_summary=False).validate(model, data, verbose=False)[0]
     trainer.fit(model, data)
     if trainer.is_global_zero:
-        train = {k: float(v) for k, v in trainer.callback_metrics.items()
-                 if k.startswith("train/") and k != "train/pairs_per_row"}  # packing's own
-        out.write_text(json.dumps({"val": {k: float(v) for k, v in metrics.items()}, "train": train}))
+        def compared(values: dict, stage: str) -> dict:  # the metrics both layouts have (not packing's own)
+            return {k: float(v) for k, v in values.items() if k.startswith(stage) and not k.endswith("pairs_per_row")}
+
+        out.write_text(json.dumps({"val": compared(metrics, "val/"), "train": compared(trainer.callback_metrics,
+                                                                                        "train/")}))
         torch.save(model.policy.state_dict(), out.with_suffix(".pt"))
         torch.save(start, out.with_suffix(".start.pt"))
