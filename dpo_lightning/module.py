@@ -324,7 +324,8 @@ class DPOModule(L.LightningModule):
         """Reference log-probs of every pair of `stages`, from the cache or scored now; then no reference model."""
         trainer, hp = self.trainer, self.hparams
         splits = {s: d for s, d in reference_cache.check_splits(trainer.datamodule).items() if s in stages}
-        self.ref_fingerprint = self.ref_fingerprint or self._reference_fingerprint()
+        # Rank 0's, so that every rank names the same files (under FSDP each rank hashes its own shard).
+        self.ref_fingerprint = trainer.strategy.broadcast(self.ref_fingerprint or self._reference_fingerprint())
         folder = hp.ref_logps_cache_dir or reference_cache.DEFAULT_CACHE_DIR
         paths = {split: os.path.join(folder, reference_cache.cache_key(
             self.ref_fingerprint, str(trainer.precision), trainer.datamodule.fingerprint(split)) + ".safetensors")
