@@ -185,7 +185,10 @@ class PreferenceDataModule(L.LightningDataModule):
         seed: seed of the `eval_fraction` split and of the streaming shuffle.
         prefix_sharing: batch each pair as one `[prompt | chosen | rejected]` row (packing.py), so each
             prompt runs through the model once; needs a model that takes a custom 4D attention mask.
-        packing: with prefix_sharing, pack several pairs per row, up to `max_length` tokens a row.
+        packing: with prefix_sharing, pack several pairs per row, up to `packing_max_tokens` tokens a row.
+        packing_max_tokens: the packed rows' length budget. Default: `max_length`. A pair holds a prompt
+            and two responses, so short pairs (under half of `max_length`) pack only with a larger budget;
+            attention costs grow with the square of the row length.
     """
 
     def __init__(
@@ -214,6 +217,7 @@ class PreferenceDataModule(L.LightningDataModule):
         seed: int = 42,
         prefix_sharing: bool = False,
         packing: bool = False,
+        packing_max_tokens: int | None = None,
     ):
         super().__init__()
         if not 0 < max_prompt_length < max_length:
@@ -230,6 +234,9 @@ class PreferenceDataModule(L.LightningDataModule):
         if packing and not prefix_sharing:
             raise ValueError("--data.packing packs shared-prefix rows: set --data.prefix_sharing true too, "
                              "or packing false")
+        if packing_max_tokens is not None and (not packing or packing_max_tokens <= 0):
+            raise ValueError(f"--data.packing_max_tokens {packing_max_tokens} needs --data.packing true and a "
+                             "value > 0")
         self.save_hyperparameters(ignore=["dataset", "eval_dataset", "tokenizer"])
         if isinstance(dataset, str) and dataset in PRESETS:
             dataset, preset_format = PRESETS[dataset]
@@ -369,7 +376,8 @@ class PreferenceDataModule(L.LightningDataModule):
 
     def collate(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         if self.hparams.prefix_sharing:
-            return collate_shared(rows, self.tokenizer.pad_token_id, self.hparams.packing, self.hparams.max_length)
+            return collate_shared(rows, self.tokenizer.pad_token_id, self.hparams.packing,
+                                  self.hparams.packing_max_tokens or self.hparams.max_length)
         return collate_pairs(rows, self.tokenizer.pad_token_id)
 
     def train_dataloader(self) -> DataLoader:

@@ -35,3 +35,21 @@ def test_quickstart_learns_and_exports(tmp_path, monkeypatch):
         torch.testing.assert_close(exported.state_dict()[name], weight, rtol=0, atol=0)
     assert AutoTokenizer.from_pretrained(run / "hf_model")("sort cab:")["input_ids"] == cli.datamodule.tokenizer(
         "sort cab:")["input_ids"]
+
+
+def test_quickstart_packed_trains_the_same_weights_as_padded(monkeypatch):
+    # 25 steps and a validation through the CLI: prefix sharing and packing change the batches' layout,
+    # not the training.
+    monkeypatch.chdir(ROOT)
+    runs = {}
+    for layout, flags in (("padded", []), ("packed", ["--data.prefix_sharing=true", "--data.packing=true",
+                                                      "--data.packing_max_tokens=128"])):
+        runs[layout] = cli_main(["fit", "--config", "configs/quickstart.yaml", "--trainer.max_steps=25",
+                                 "--trainer.logger=false", "--trainer.callbacks=[]", "--trainer.enable_checkpointing=false",
+                                 "--trainer.enable_progress_bar=false", *flags])
+    padded, packed = runs["padded"], runs["packed"]
+    assert packed.trainer.callback_metrics["train/pairs_per_row"] > 3  # pairs of ~26 tokens in rows of 128
+    for name, value in padded.trainer.callback_metrics.items():
+        torch.testing.assert_close(packed.trainer.callback_metrics[name], value, rtol=1e-5, atol=1e-6)
+    for name, weight in padded.model.policy.state_dict().items():
+        torch.testing.assert_close(packed.model.policy.state_dict()[name], weight, rtol=1e-5, atol=1e-6)
