@@ -69,7 +69,7 @@ NO_EQUIVALENT = {
     "ref_model_mixup_alpha": "TR-DPO reference syncing is not implemented",
     "ref_model_sync_steps": "TR-DPO reference syncing is not implemented",
     "use_weighting": "WPO weighting is not implemented", "ld_alpha": "LD-DPO is not implemented",
-    "padding_free": "batches are padded (see issue 7, packing)", "tools": "tool-calling chat templates: not supported",
+    "padding_free": "set data.prefix_sharing and data.packing true: no padding inside rows, each prompt run once", "tools": "tool-calling chat templates: not supported",
     "is_encoder_decoder": "encoder-decoder models are not supported",
     "save_total_limit": "Lightning keeps top-k checkpoints only by a monitored metric; set a ModelCheckpoint",
     "load_best_model_at_end": "add a ModelCheckpoint(monitor=...) and load its best_model_path",
