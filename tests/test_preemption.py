@@ -3,8 +3,8 @@ of that step and stops the process; `fit(ckpt_path=...)` from it then trains on 
 uninterrupted run trains on, and ends at the same weights.
 
 Each run is a subprocess executing this file, so a real signal stops a real process. The run signals
-itself at the start of a chosen micro-batch: a fixed point inside a step, with nothing left to timing on
-a loaded machine. Tiny Llama from conftest.py, 12 pairs in batches of 2, 2 micro-batches per optimizer
+itself at the start of a chosen micro-batch (a fixed point inside a step, whose checkpoint step the test
+knows), and then, as a cluster would, the test sends SIGTERM from outside at whatever moment it lands. Tiny Llama from conftest.py, 12 pairs in batches of 2, 2 micro-batches per optimizer
 step: 3 steps an epoch, and 5 steps cross into the second epoch. No network.
 """
 
@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -21,11 +22,15 @@ ACCUMULATE, MAX_STEPS = 2, 5
 
 
 def fit(tiny_llama: str, out: Path, signal_at: int = -1, signal_name: str = "SIGTERM", ckpt_path: Path | None = None,
-        env: dict | None = None) -> subprocess.CompletedProcess:
+        env: dict | None = None, wait: bool = True) -> subprocess.CompletedProcess | subprocess.Popen:
     """Run this file; it writes each micro-batch's `row_ids` to `out/rows.jsonl` and, if it finishes, `out/policy.pt`."""
     out.mkdir(parents=True, exist_ok=True)
     args = [sys.executable, __file__, tiny_llama, str(out), str(signal_at), signal_name, str(ckpt_path or "")]
-    return subprocess.run(args, timeout=600, cwd=out, env={**os.environ, **(env or {})}, capture_output=True, text=True)
+    kwargs = dict(cwd=out, env={**os.environ, **(env or {})}, text=True)
+    if wait:
+        return subprocess.run(args, timeout=600, capture_output=True, **kwargs)
+    # Running on while the test polls: its output goes to a file, which never fills up and blocks it as a pipe can.
+    return subprocess.Popen(args, stdout=open(out / "output.txt", "w"), stderr=subprocess.STDOUT, **kwargs)
 
 
 def seen(out: Path) -> list[list[int]]:
@@ -49,6 +54,22 @@ def test_sigterm_mid_step_saves_at_the_step_end_and_the_resumed_run_matches_an_u
     assert seen(tmp_path / "stopped") + seen(tmp_path / "resumed") == seen(tmp_path / "straight")
     expected = torch.load(tmp_path / "straight" / "policy.pt", weights_only=True)
     actual = torch.load(tmp_path / "resumed" / "policy.pt", weights_only=True)
+    for name, weight in expected.items():
+        torch.testing.assert_close(actual[name], weight)
+
+    # The same with SIGTERM sent by another process, wherever in a step it lands: here once 3 micro-batches
+    # have started (each paced to 0.5 s so that the signal arrives before the run ends).
+    running = fit(tiny_llama, tmp_path / "killed", env={"PACE_SECONDS": "0.5"}, wait=False)
+    deadline = time.monotonic() + 300
+    while not (tmp_path / "killed" / "rows.jsonl").exists() or len(seen(tmp_path / "killed")) < 3:
+        assert running.poll() is None and time.monotonic() < deadline, (tmp_path / "killed" / "output.txt").read_text()
+        time.sleep(0.02)
+    running.send_signal(signal.SIGTERM)
+    assert running.wait(timeout=600) == 128 + signal.SIGTERM, (tmp_path / "killed" / "output.txt").read_text()
+    resumed = fit(tiny_llama, tmp_path / "resumed_after_kill", ckpt_path=tmp_path / "killed" / "preempted.ckpt")
+    assert resumed.returncode == 0, resumed.stderr
+    assert seen(tmp_path / "killed") + seen(tmp_path / "resumed_after_kill") == seen(tmp_path / "straight")
+    actual = torch.load(tmp_path / "resumed_after_kill" / "policy.pt", weights_only=True)
     for name, weight in expected.items():
         torch.testing.assert_close(actual[name], weight)
 
@@ -91,6 +112,7 @@ if __name__ == "__main__":
             if self.count == self.at:
                 os.kill(os.getpid(), self.signum)
             self.count += 1
+            time.sleep(float(os.environ.get("PACE_SECONDS", 0)))
 
     policy, out, signal_at, signum = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), signal.Signals[sys.argv[4]]
     L.seed_everything(0)
