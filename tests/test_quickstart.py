@@ -37,7 +37,7 @@ def test_quickstart_learns_and_exports(tmp_path, monkeypatch):
         "sort cab:")["input_ids"]
 
 
-def test_quickstart_packed_trains_the_same_weights_as_padded(monkeypatch):
+def test_quickstart_packed_trains_the_same_weights_as_padded(tmp_path, monkeypatch):
     # 25 steps and a validation through the CLI: prefix sharing and packing change the batches' layout,
     # not the training.
     monkeypatch.chdir(ROOT)
@@ -45,7 +45,7 @@ def test_quickstart_packed_trains_the_same_weights_as_padded(monkeypatch):
     for layout, flags in (("padded", []), ("packed", ["--data.prefix_sharing=true", "--data.packing=true",
                                                       "--data.packing_max_tokens=128"])):
         runs[layout] = cli_main(["fit", "--config", "configs/quickstart.yaml", "--trainer.max_steps=25",
-                                 "--trainer.logger=false", "--trainer.callbacks=[]", "--trainer.enable_checkpointing=false",
+                                 f"--trainer.default_root_dir={tmp_path / layout}", "--trainer.logger=false", "--trainer.callbacks=[]", "--trainer.enable_checkpointing=false",
                                  "--trainer.enable_progress_bar=false", *flags])
     padded, packed = runs["padded"], runs["packed"]
     assert packed.trainer.callback_metrics["train/pairs_per_row"] > 3  # pairs of ~26 tokens in rows of 128
