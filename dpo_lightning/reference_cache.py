@@ -9,8 +9,9 @@ every loss takes (the length-normalized ones divide by the response lengths, whi
 The cache file is named by `cache_key`: a hash of the reference's weights, the precision it ran in and
 each split's token fingerprint (`data.fingerprint`, which covers the data, the tokenizer and the
 truncation settings by their result). A second run on the same data and reference, e.g. with another
-`beta` or `loss_type`, finds the file and never builds the reference. TRL's `precompute_ref_log_probs`
-keeps its table in memory only, so each run scores again.
+`beta` or `loss_type`, finds the file and never builds the reference. TRL 1.16 caches beside the dataset,
+keyed by `datasets`' fingerprint and a hash of the loaded model: a separate reference model is loaded
+to be hashed, and the fingerprint does not change when the tokenizing code does.
 """
 
 import hashlib
