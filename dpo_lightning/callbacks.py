@@ -31,6 +31,7 @@ from transformers import GenerationConfig, PreTrainedTokenizerBase
 from dpo_lightning.data import adds_bos
 from dpo_lightning.export import export_pretrained
 from dpo_lightning.models import reference_weights
+from dpo_lightning.resume import ends_optimizer_step
 
 # Strategies whose weights are sharded across ranks: generating on rank 0 alone would wait forever
 # on the other ranks' shards.
@@ -347,7 +348,7 @@ class PreemptionCheckpoint(L.Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch,
                            batch_idx: int) -> None:
-        if (batch_idx + 1) % trainer.accumulate_grad_batches and not trainer.is_last_batch:
+        if not ends_optimizer_step(trainer, batch_idx):
             return  # mid-accumulation: the gradients so far are in no checkpoint
         # Every rank reduces at every step, so all of them stop at the same one.
         signum = int(trainer.strategy.reduce(torch.tensor(self.received, device=trainer.strategy.root_device),

@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from dpo_lightning.losses import IGNORE_INDEX, sequence_logps
+from dpo_lightning.models import base_causal_lm
 from dpo_lightning.packing import forward_inputs, padded_states
 
 LogpsOutput = tuple[Tensor, Tensor, Tensor]
@@ -109,11 +110,6 @@ class LabelLogProb(torch.autograd.Function):
         grad_logits = (logits - lse[:, None]).exp_().mul_(-grad[:, None])  # (C, V): -g * softmax
         grad_logits.scatter_add_(-1, targets[:, None], grad[:, None])  # + g at the target
         return grad_logits, None
-
-
-def base_causal_lm(model: nn.Module) -> nn.Module:
-    """The transformers model inside a peft wrapper (its layers carry the adapters), or the model itself."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def logit_transform(lm: nn.Module) -> Callable[[Tensor], Tensor]:

@@ -27,6 +27,11 @@ POLICY_ADAPTER = "default"  # peft's name for the adapter a model is wrapped wit
 REFERENCE_ADAPTER = "reference"
 
 
+def base_causal_lm(model: nn.Module) -> nn.Module:
+    """The transformers model inside a peft wrapper (its layers carry the adapters), or the model itself."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def load_causal_lm(name_or_path: str, torch_dtype: str | None, trust_remote_code: bool) -> PreTrainedModel:
     dtype = DTYPES.get(torch_dtype, torch_dtype)  # "auto" and None pass through to transformers
     return AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, trust_remote_code=trust_remote_code)
@@ -145,7 +150,7 @@ def build_models(source: str | nn.Module, ref_source: str | None, needs_referenc
     if reference is not None:
         reference.eval().requires_grad_(False)
     if hp.gradient_checkpointing:
-        enable_activation_checkpointing(policy.get_base_model() if isinstance(policy, PeftModel) else policy)
+        enable_activation_checkpointing(base_causal_lm(policy))
     if adapter is not None:
         policy = add_lora(policy, adapter)  # the reference: this model with the adapter disabled
     return policy, reference, reference_adapter

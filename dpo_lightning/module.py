@@ -23,11 +23,12 @@ from torch import Tensor, nn
 from transformers import PreTrainedModel
 
 from dpo_lightning import reference_cache
-from dpo_lightning.logps import base_causal_lm, lean_logps, lean_unsupported, naive_logps
+from dpo_lightning.logps import lean_logps, lean_unsupported, naive_logps
 from dpo_lightning.losses import LENGTH_NORMALIZED, LOSSES, REFERENCE_FREE
 from dpo_lightning.metrics import batch_values, compute_all, make_metrics
-from dpo_lightning.models import build_models, load_causal_lm, reference_weights
+from dpo_lightning.models import base_causal_lm, build_models, load_causal_lm, reference_weights
 from dpo_lightning.packing import shared_layout_unsupported
+from dpo_lightning.resume import ends_optimizer_step
 
 LossType = Literal[tuple(LOSSES)]
 PROGRESS_BAR = ("loss", "rewards/accuracies")
@@ -200,7 +201,7 @@ class DPOModule(L.LightningModule):
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor | None:
         loss = self._shared_step(batch, "train")
         # Log once per optimizer step, reduced over all its micro-batches (not the last one's value).
-        if (batch_idx + 1) % self.trainer.accumulate_grad_batches == 0 or self.trainer.is_last_batch:
+        if ends_optimizer_step(self.trainer, batch_idx):
             self._log_train_step()
         # None for a skipped non-finite loss: Lightning runs no backward, so the optimizer finds no gradient
         # and changes no weight (its step counter and the scheduler still advance).

@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask
 
 from dpo_lightning.losses import IGNORE_INDEX
+from dpo_lightning.models import base_causal_lm
 
 PROMPT, CHOSEN, REJECTED = 0, 1, 2  # `branch_ids` values
 Response = tuple[list[int], list[int]]  # the flat positions that score a response, and its token ids
@@ -210,7 +211,7 @@ def shared_layout_unsupported(model: nn.Module) -> str | None:
     response or the other pair, and ignored position ids shift the rejected response: either moves the
     hidden states by 1e-2 or more, even in a randomly initialised model, whose logits would barely move.
     """
-    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    lm = base_causal_lm(model)
     vocab = lm.config.get_text_config().vocab_size
     device = next(lm.parameters()).device
 

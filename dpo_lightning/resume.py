@@ -4,7 +4,8 @@ A resumed run must train on the next unseen batch, in the order an uninterrupted
 so that it ends at the same weights. The shuffle order here is a function of (seed, epoch) alone, and
 the checkpoint records the epoch and how many of its batches were trained on; Lightning calls the
 loader's `state_dict`/`load_state_dict` itself. Under DDP each rank takes every `world_size`-th index
-of the same permutation, as `DistributedSampler` does.
+of the same permutation, as `DistributedSampler` does. `ends_optimizer_step` says where a checkpoint
+(or a log of a whole step) is consistent: after the last micro-batch of an optimizer step.
 """
 
 import lightning as L
@@ -58,3 +59,8 @@ class ResumableLoader(DataLoader):
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.restored = (state["epoch"], state["batches_done"])
+
+
+def ends_optimizer_step(trainer: L.Trainer, batch_idx: int) -> bool:
+    """Whether this training batch is the last micro-batch of an optimizer step (with gradient accumulation)."""
+    return (batch_idx + 1) % trainer.accumulate_grad_batches == 0 or trainer.is_last_batch
