@@ -1,81 +1,134 @@
 """Preference data: rows of (prompt, chosen, rejected) -> token ids -> padded batches.
 
-Tokenization rules, applied in this order by `tokenize_row` (after the DPO reference's
-`preference_datasets.py::tokenize_batch_element`):
+Tokenization rules, applied in this order by `tokenize_row` for one row and by `prepare_rows` for a
+batch of rows (after the DPO reference's `preference_datasets.py::tokenize_batch_element`):
 
 1. Prompt. Each row becomes prompt, chosen and rejected strings as its format says (formats.py:
    explicit, HH dialogues, implicit shared prefix, chat-template conversations). A row whose two sides
    do not share a prompt is dropped and counted, never sliced into a corrupt response.
 2. Tokenize prompt, chosen and rejected separately with `add_special_tokens=False`, so the prompt ids
    are identical in both sequences and no token merges across the prompt/response boundary. One BOS
-   goes in front of the prompt where the tokenizer adds one to plain text (not a second one when the
-   text, e.g. a chat template's, already starts with it); EOS is appended to each response, except
-   for conversations, whose responses end with the template's own end-of-turn token.
-3. If prompt + longer response exceeds `max_length`, the prompt keeps `max_prompt_length` tokens (BOS
-   included): its end with `truncation_mode="keep_end"` (dialogues end with the turn being answered),
-   its start with `"keep_start"`. If still too long, both responses are cut to the room left, which is
-   at least one token because `max_prompt_length < max_length`: no response is ever empty, and a
-   prompt longer than `max_length` is cut like any other rather than dropped (as the DPO reference does).
+   goes in front of the prompt where the tokenizer adds one to plain text (`with_bos`: not a second one
+   when the text, e.g. a chat template's, already starts with it); EOS is appended to each response,
+   except for conversations, whose responses end with the template's own end-of-turn token. A prompt
+   with no tokens at all (`""` without BOS) is dropped and counted: no position would predict the first
+   response token, so it would silently go unscored. With BOS, an empty prompt is `[BOS]`.
+3. If prompt + longer response exceeds `max_length`, a prompt longer than `max_prompt_length` keeps
+   `max_prompt_length` tokens (BOS included and kept in front): its end with `truncation_mode="keep_end"`
+   (dialogues end with the turn being answered), its start with `"keep_start"`; a shorter prompt stays
+   whole. If still too long, both responses are cut to the room left, which is at least one token
+   because `max_prompt_length < max_length`: no response is ever empty, and a prompt longer than
+   `max_length` is cut like any other rather than dropped (as the DPO reference does).
 4. Labels are the input ids with every prompt position set to `IGNORE_INDEX`. The collator places them
    by lengths, never by comparing ids, so a response's EOS is learned even when pad == eos.
 
 Rows that cannot be used (a missing, non-text or empty field, identical responses, prompts that
-differ) are dropped and counted by reason in
-`PreferenceDataModule.summary`, or with `strict=True` raise an error naming the row, the field and the
-fix. Batches hold chosen rows first, then rejected rows, so one forward pass scores both
+differ; the README's bad-input table lists every reason) are dropped and counted by reason in
+`PreferenceDataModule.summary`, or with `strict=True` raise an error naming the split, the row, the
+field and the fix. Batches hold chosen rows first, then rejected rows, so one forward pass scores both
 (see `collate_pairs`).
 """
 
 import hashlib
 from collections import Counter
+from functools import partial
 from typing import Any, Literal
 
 import lightning as L
 import numpy as np
 import pyarrow.compute as pc
 import torch
-from datasets import Dataset, IterableDataset
+from datasets import Dataset, Features, IterableDataset, List, Value
 from datasets.distributed import split_dataset_by_node
 from datasets.fingerprint import Hasher
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from dpo_lightning import formats
-from dpo_lightning.formats import FIELDS, FORMATS, PRESETS, DatasetSource, detect_format, load_rows, to_strings
+from dpo_lightning import formats, sources
+from dpo_lightning.formats import FORMATS, PRESETS, detect_format, drop_error, to_strings
 from dpo_lightning.losses import IGNORE_INDEX
 from dpo_lightning.packing import collate_shared
 from dpo_lightning.resume import ResumableLoader
+from dpo_lightning.sources import FIELDS, STAGE_NAMES, DatasetSource, load_rows
 
 
-def tokenize_row(row: dict, tokenizer: PreTrainedTokenizerBase, bos_token_id: int | None, max_length: int,
-                 max_prompt_length: int, truncation_mode: str, append_eos: bool = True) -> dict[str, Any]:
-    """Rules 2 and 3: token ids of the prompt and of each response (EOS included), truncated.
+def with_bos(ids: list[int], bos_token_id: int | None) -> list[int]:
+    """Rule 2's one BOS: `ids` with `bos_token_id` in front, unless it is None or `ids` already start with it.
+
+    Example:
+        with_bos([5, 6], 1) == [1, 5, 6];  with_bos([1, 5], 1) == [1, 5];  with_bos([5], None) == [5]
+    """
+    return ids if bos_token_id is None or ids[:1] == [bos_token_id] else [bos_token_id, *ids]
+
+
+def encode(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[list[int]]:
+    """Each text's ids without special tokens, in one call: a fast tokenizer encodes the list in Rust."""
+    return tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+
+
+def truncate(prompt: list[int], chosen: list[int], rejected: list[int], max_length: int, max_prompt_length: int,
+             truncation_mode: str, bos_token_id: int | None = None) -> dict[str, Any]:
+    """Rule 3 on token ids: the prompt (with its BOS) and each response (with its EOS), cut to fit.
 
     Returns `prompt_input_ids`, `chosen_input_ids`, `rejected_input_ids` (the collator concatenates
     prompt + response and builds the labels, rule 4), and for the data summary: `length` (prompt +
     longer response before truncation), `truncated` and `chosen_longer`.
     """
-    def encode(text: str) -> list[int]:
-        return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-    bos = [bos_token_id] if bos_token_id is not None else []
-    prompt = encode(row["prompt"])
-    if prompt[:1] == bos:  # the text already starts with BOS: don't add a second one
-        prompt = prompt[1:]
-    eos = [tokenizer.eos_token_id] if append_eos else []
-    chosen, rejected = encode(row["chosen"]) + eos, encode(row["rejected"]) + eos
-
-    longer = max(len(chosen), len(rejected))
-    length = len(bos) + len(prompt) + longer
+    length = len(prompt) + max(len(chosen), len(rejected))
     stats = {"length": length, "truncated": length > max_length, "chosen_longer": len(chosen) > len(rejected)}
-    if length > max_length:
-        keep = max_prompt_length - len(bos)
-        prompt = prompt[len(prompt) - keep:] if truncation_mode == "keep_end" else prompt[:keep]
-    prompt = bos + prompt
+    if length > max_length and len(prompt) > max_prompt_length:
+        head = prompt[:1] if bos_token_id is not None and prompt[:1] == [bos_token_id] else []  # BOS stays in front
+        body, keep = prompt[len(head):], max_prompt_length - len(head)
+        prompt = head + (body[len(body) - keep:] if truncation_mode == "keep_end" else body[:keep])
     room = max_length - len(prompt)
     return {"prompt_input_ids": prompt, "chosen_input_ids": chosen[:room], "rejected_input_ids": rejected[:room],
             **stats}
+
+
+def tokenize_row(row: dict, tokenizer: PreTrainedTokenizerBase, bos_token_id: int | None, max_length: int,
+                 max_prompt_length: int, truncation_mode: str, append_eos: bool = True) -> dict[str, Any]:
+    """Rules 2 and 3 for one row of strings: `truncate`'s token ids and summary fields.
+
+    `prepare_rows` applies the same rules to a batch; an empty prompt is dropped there (rule 2).
+    """
+    prompt, chosen, rejected = encode(tokenizer, [row[field] for field in FIELDS])
+    eos = [tokenizer.eos_token_id] if append_eos else []
+    return truncate(with_bos(prompt, bos_token_id), chosen + eos, rejected + eos, max_length, max_prompt_length,
+                    truncation_mode, bos_token_id)
+
+
+PREPARED = Features({"row_id": Value("int64"), "drop_reason": Value("string"),
+                     **{f"{field}_input_ids": List(Value("int64")) for field in FIELDS},
+                     "length": Value("int64"), "truncated": Value("bool"), "chosen_longer": Value("bool")})
+
+
+def prepare_rows(batch: dict[str, list], indices: list[int], dataset_format: str, tokenizer: PreTrainedTokenizerBase,
+                 bos_token_id: int | None, max_length: int, max_prompt_length: int,
+                 truncation_mode: str) -> dict[str, list]:
+    """Rules 1 to 3 for a batch of rows (a batched `datasets.map` function), with `tokenize_row`'s ids.
+
+    Returns a `PREPARED` row for every input row: its `row_id` (its position in its split; batches carry
+    it, so error messages and cached reference log-probs name rows by it), its `drop_reason` ("" if kept;
+    a dropped row's ids are empty) and `truncate`'s fields. Each field is tokenized in one batched call.
+    """
+    checked = [to_strings(dict(zip(batch, values)), index, dataset_format, tokenizer)
+               for index, values in zip(indices, zip(*batch.values()))]
+    ids = [encode(tokenizer, [row[field] for row in checked]) for field in FIELDS]
+    eos = [] if dataset_format == "conversational" else [tokenizer.eos_token_id]
+    out = {name: [] for name in PREPARED}
+    for index, row, prompt, chosen, rejected in zip(indices, checked, *ids):
+        prompt = with_bos(prompt, bos_token_id)
+        reason = row["drop_reason"] or ("" if prompt else "empty prompt")
+        if reason:
+            prepared = {"prompt_input_ids": [], "chosen_input_ids": [], "rejected_input_ids": [], "length": 0,
+                        "truncated": False, "chosen_longer": False}
+        else:
+            prepared = truncate(prompt, chosen + eos, rejected + eos, max_length, max_prompt_length,
+                                truncation_mode, bos_token_id)
+        for name, value in {"row_id": index, "drop_reason": reason, **prepared}.items():
+            out[name].append(value)
+    return out
 
 
 def collate_pairs(rows: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
@@ -114,7 +167,8 @@ def collate_pairs(rows: list[dict], pad_token_id: int) -> dict[str, torch.Tensor
     return batch
 
 
-DATA_CODE = hashlib.sha256(b"".join(open(path, "rb").read() for path in (__file__, formats.__file__))).hexdigest()
+DATA_CODE = hashlib.sha256(b"".join(open(path, "rb").read()
+                                     for path in (__file__, formats.__file__, sources.__file__))).hexdigest()
 TOKEN_COLUMNS = ("row_id", "prompt_input_ids", "chosen_input_ids", "rejected_input_ids")
 
 
@@ -135,14 +189,19 @@ def fingerprint(data: Dataset) -> str:
     return digest.hexdigest()
 
 
-def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
-    """A tokenizer with a pad token: pad = eos when it has none (padding is masked, so its id is free)."""
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=False)
+def with_pad_token(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    """`tokenizer`, checked for an EOS, with pad = eos where it has no pad token (padding is masked, so its id
+    is free). The one place this is decided: `load_tokenizer` and the data module both call it."""
     if tokenizer.eos_token_id is None:
-        raise ValueError(f"tokenizer {name_or_path!r} has no eos_token; set one before training")
+        raise ValueError(f"tokenizer {tokenizer.name_or_path!r} has no eos_token; set one before training")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
+    """A tokenizer by name or path (no remote code), through `with_pad_token`."""
+    return with_pad_token(AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=False))
 
 
 def adds_bos(tokenizer: PreTrainedTokenizerBase) -> int | None:
@@ -162,7 +221,7 @@ class PreferenceDataModule(L.LightningDataModule):
             `dataset`, else `eval_fraction` of the training rows, else no validation.
         tokenizer: tokenizer name or path (or object). Default: the model's (`DPOModule.model_name_or_path`).
         dataset_format: how rows hold prompt and responses (see formats.py); "auto" detects it from the
-            columns and the first row.
+            columns' types and a sample of rows.
         prompt_column: the column holding the prompt, when it is not called "prompt".
         chosen_column: the column holding the preferred response, when it is not called "chosen".
         rejected_column: the column holding the dispreferred response, when it is not called "rejected".
@@ -186,6 +245,8 @@ class PreferenceDataModule(L.LightningDataModule):
         prefix_sharing: batch each pair as one `[prompt | chosen | rejected]` row (packing.py), so each
             prompt runs through the model once; needs a model that takes a custom 4D attention mask.
         packing: with prefix_sharing, pack several pairs per row, up to `packing_max_tokens` tokens a row.
+        dataset_num_proc: processes that check and tokenize rows (`datasets.map(num_proc=...)`, TRL's name).
+            Default: one; the tokenizer itself already encodes each batch on every core.
         packing_max_tokens: the packed rows' length budget. Default: `max_length`. A pair holds a prompt
             and two responses, so short pairs (under half of `max_length`) pack only with a larger budget;
             attention costs grow with the square of the row length.
@@ -218,6 +279,7 @@ class PreferenceDataModule(L.LightningDataModule):
         prefix_sharing: bool = False,
         packing: bool = False,
         packing_max_tokens: int | None = None,
+        dataset_num_proc: int | None = None,
     ):
         super().__init__()
         if not 0 < max_prompt_length < max_length:
@@ -237,6 +299,8 @@ class PreferenceDataModule(L.LightningDataModule):
         if packing_max_tokens is not None and (not packing or packing_max_tokens <= 0):
             raise ValueError(f"--data.packing_max_tokens {packing_max_tokens} needs --data.packing true and a "
                              "value > 0")
+        if dataset_num_proc is not None and dataset_num_proc < 1:
+            raise ValueError(f"--data.dataset_num_proc must be >= 1 (or null for one process), got {dataset_num_proc}")
         self.save_hyperparameters(ignore=["dataset", "eval_dataset", "tokenizer"])
         if isinstance(dataset, str) and dataset in PRESETS:
             dataset, preset_format = PRESETS[dataset]
@@ -248,38 +312,37 @@ class PreferenceDataModule(L.LightningDataModule):
         self._fingerprints: dict[str, str | None] = {}
 
     def prepare_data(self) -> None:
-        # Runs on one process per node: downloads and tokenizes file-backed sources, so that `setup` on
-        # every rank finds the `datasets` cache instead of tokenizing again.
+        # Runs on one process per node: downloads and tokenizes file-backed sources into the `datasets`
+        # cache, so that `setup` on every rank reads it (and prints the summary once) instead of tokenizing.
         if isinstance(self.dataset, str) or isinstance(self.eval_dataset, str):
-            self._build()
+            self._build(report=False)
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_data is None:
             self.train_data, self.val_data = self._build()
 
-    def _build(self) -> tuple[Dataset | IterableDataset, Dataset | None]:
+    def _build(self, report: bool = True) -> tuple[Dataset | IterableDataset, Dataset | None]:
         hp = self.hparams
         tokenizer = self._resolve_tokenizer()
-        source = (hp.dataset_config, hp.data_dir)
-        train = load_rows(self.dataset, hp.split, *source, streaming=hp.streaming)
+        columns = {"prompt": hp.prompt_column, "chosen": hp.chosen_column, "rejected": hp.rejected_column}
+        load = partial(load_rows, name=hp.dataset_config, data_dir=hp.data_dir, columns=columns)
+        train = load(self.dataset, hp.split, streaming=hp.streaming)
         if self.eval_dataset is not None:
-            val = load_rows(self.eval_dataset, hp.split, *source)
+            val = load(self.eval_dataset, hp.eval_split or hp.split, stage="val")
         elif hp.eval_split is not None:
-            val = load_rows(self.dataset, hp.eval_split, *source)
+            val = load(self.dataset, hp.eval_split, stage="val")
         elif hp.eval_fraction > 0:
             parts = train.train_test_split(test_size=hp.eval_fraction, seed=hp.seed)
             train, val = parts["train"], parts["test"]
         else:
             val = None
-        train = self._prepare_split(train, "train", tokenizer)
-        val = self._prepare_split(val, "val", tokenizer) if val is not None else None
+        train = self._prepare_split(train, "train", tokenizer, report)
+        val = self._prepare_split(val, "val", tokenizer, report) if val is not None else None
         return train, val
 
     def _resolve_tokenizer(self) -> PreTrainedTokenizerBase:
         if isinstance(self.tokenizer, PreTrainedTokenizerBase):
-            if self.tokenizer.pad_token_id is None:
-                self.tokenizer.pad_token = self.tokenizer.eos_token
-            return self.tokenizer
+            return with_pad_token(self.tokenizer)
         name = self.tokenizer
         if name is None:
             # Default to the model's tokenizer so a config names the model once.
@@ -291,42 +354,41 @@ class PreferenceDataModule(L.LightningDataModule):
         self.tokenizer = load_tokenizer(name)
         return self.tokenizer
 
-    def _prepare_split(self, rows: Dataset | IterableDataset, stage: str,
-                       tokenizer: PreTrainedTokenizerBase) -> Dataset | IterableDataset:
+    def _prepare_split(self, rows: Dataset | IterableDataset, stage: str, tokenizer: PreTrainedTokenizerBase,
+                       report: bool = True) -> Dataset | IterableDataset:
         hp = self.hparams
-        renames = {hp.prompt_column: "prompt", hp.chosen_column: "chosen", hp.rejected_column: "rejected"}
-        columns = rows.column_names or list(next(iter(rows)))  # a stream may not know its columns yet
-        rows = rows.rename_columns({k: v for k, v in renames.items() if k != v and k in columns})
-        columns = [renames.get(c, c) for c in columns]
-        fmt = hp.dataset_format
-        if fmt == "auto":
-            fmt = detect_format(columns, next(iter(rows)))
-        rows = _map(rows, to_strings, f"reading {stage} rows ({fmt})", with_indices=True, remove_columns=columns,
-                    fn_kwargs=dict(dataset_format=fmt, tokenizer=tokenizer, strict=hp.strict))
-        dropped = Counter() if isinstance(rows, IterableDataset) else Counter(r for r in rows["drop_reason"] if r)
-        rows = _keep(rows, f"dropping unusable {stage} rows")
-        tokenized = _map(
-            rows, tokenize_row, f"tokenizing {stage}", remove_columns=[*FIELDS, "drop_reason"],
-            fn_kwargs=dict(tokenizer=tokenizer, bos_token_id=adds_bos(tokenizer), max_length=hp.max_length,
-                           max_prompt_length=hp.max_prompt_length, truncation_mode=hp.truncation_mode,
-                           append_eos=fmt != "conversational"),
-        )
-        if isinstance(tokenized, IterableDataset):  # a stream: no counts, rows are checked as they come
+        fmt = detect_format(rows, hp.dataset_format, stage, tokenizer)
+        prepared = _map(rows, prepare_rows, f"preparing {STAGE_NAMES[stage]} rows ({fmt})", batched=True,
+                        with_indices=True, remove_columns=rows.column_names or list(next(iter(rows))),
+                        features=PREPARED, num_proc=hp.dataset_num_proc, fn_kwargs=dict(
+                            dataset_format=fmt, tokenizer=tokenizer, bos_token_id=adds_bos(tokenizer),
+                            max_length=hp.max_length, max_prompt_length=hp.max_prompt_length,
+                            truncation_mode=hp.truncation_mode))
+        if isinstance(prepared, IterableDataset):  # a stream: no counts, rows are checked as they come
+            prepared = prepared.filter(_keep_row, input_columns=["drop_reason", "row_id"],
+                                       fn_kwargs=dict(strict=hp.strict, stage=stage)).remove_columns("drop_reason")
             if self.trainer is not None and self.trainer.world_size > 1:
-                tokenized = split_dataset_by_node(tokenized, self.trainer.global_rank, self.trainer.world_size)
-            return tokenized
-        self.summary[stage] = summarize(tokenized, hp.max_length, dropped)
-        rank_zero_info(f"[dpo_lightning] {stage} data: {format_summary(self.summary[stage])}")
+                prepared = split_dataset_by_node(prepared, self.trainer.global_rank, self.trainer.world_size)
+            return prepared
+        reasons = np.asarray(prepared["drop_reason"], dtype=object)
+        dropped = np.flatnonzero(reasons != "")
+        if hp.strict and len(dropped):  # the first bad row, by its position in the split
+            raise drop_error(reasons[dropped[0]], int(dropped[0]), stage)
+        kept = prepared.select(np.flatnonzero(reasons == "")) if len(dropped) else prepared
+        self.summary[stage] = summarize(kept.remove_columns("drop_reason"), hp.max_length, Counter(reasons[dropped]))
+        if report:
+            rank_zero_info(f"[dpo_lightning] {STAGE_NAMES[stage]} data: {format_summary(self.summary[stage])}")
         self._check_drops(stage)
-        return tokenized
+        return kept.remove_columns("drop_reason")
 
     def _check_drops(self, stage: str) -> None:
-        summary, hp = self.summary[stage], self.hparams
+        summary, hp, label = self.summary[stage], self.hparams, STAGE_NAMES[stage]
         if summary["kept"] == 0:
-            raise ValueError(f"no usable {stage} rows left: {format_summary(summary)}")
+            raise ValueError(f"no usable {label} rows left: {format_summary(summary)}. The README's bad-input table "
+                             "says what each reason means and how to fix it (strict: true names the first row)")
         dropped = summary["rows"] - summary["kept"]
         if hp.max_drop_fraction is not None and dropped > hp.max_drop_fraction * summary["rows"]:
-            raise ValueError(f"{dropped} of {summary['rows']} {stage} rows dropped, over max_drop_fraction="
+            raise ValueError(f"{dropped} of {summary['rows']} {label} rows dropped, over max_drop_fraction="
                              f"{hp.max_drop_fraction}: {summary['dropped']}")
 
     def fingerprint(self, stage: str = "train") -> str | None:
@@ -389,27 +451,25 @@ class PreferenceDataModule(L.LightningDataModule):
         return self._loader(self.val_data, self.hparams.eval_batch_size or self.hparams.batch_size, shuffle=False)
 
 
-def _map(rows: Dataset | IterableDataset, function, desc: str, **kwargs) -> Dataset | IterableDataset:
+def _map(rows: Dataset | IterableDataset, function, desc: str, num_proc: int | None = None,
+         **kwargs) -> Dataset | IterableDataset:
     """`rows.map(function, **kwargs)`, cached under a name that changes with this package's data code.
 
     `datasets` names a map's cache by the function's module and name, not by its code: without the
-    source of data.py and formats.py in the name, an upgraded dpo_lightning would reuse rows prepared
-    by the old rules.
+    source of data.py, formats.py and sources.py in the name, an upgraded dpo_lightning would reuse
+    rows prepared by the old rules.
     """
-    if isinstance(rows, IterableDataset):  # a stream: no cache, no progress bar
+    if isinstance(rows, IterableDataset):  # a stream: no cache, no progress bar, no worker processes
         return rows.map(function, **kwargs)
     name = Hasher.hash([rows._fingerprint, DATA_CODE, function.__name__, kwargs])
-    return rows.map(function, desc=desc, new_fingerprint=name, **kwargs)
+    return rows.map(function, desc=desc, new_fingerprint=name, num_proc=num_proc, **kwargs)
 
 
-def _keep(rows: Dataset | IterableDataset, desc: str) -> Dataset | IterableDataset:
-    """The rows without a drop reason."""
-    return rows.filter(lambda reason: not reason, input_columns="drop_reason", **_progress(rows, desc))
-
-
-def _progress(rows: Dataset | IterableDataset, desc: str) -> dict:
-    # IterableDataset.map takes no progress-bar description.
-    return {} if isinstance(rows, IterableDataset) else {"desc": desc}
+def _keep_row(reason: str, row_id: int, strict: bool, stage: str) -> bool:
+    """A streamed row's filter: kept without a drop reason; with one, under `strict`, its error."""
+    if reason and strict:
+        raise drop_error(reason, row_id, stage)
+    return not reason
 
 
 def summarize(tokenized: Dataset, max_length: int, dropped: Counter) -> dict[str, Any]:

@@ -1,113 +1,138 @@
 """Preference rows in the formats users bring, turned into (prompt, chosen, rejected) strings: rule 1 of data.py.
 
-Formats, detected from the columns and the first row (or named by `dataset_format`):
+Formats, detected from the columns' types and a sample of rows (or named by `dataset_format`):
 
 - explicit: `prompt`, `chosen`, `rejected` strings, used as given.
 - hh: only `chosen` and `rejected`, whole Anthropic HH dialogues ("\\n\\nHuman: ... \\n\\nAssistant: ...").
-  The prompt is the chosen dialogue through its last "\\n\\nAssistant:"; the rejected dialogue must start
-  with the same prompt, or the row is dropped (never sliced at the chosen prompt's length, which
-  corrupts rows like 1254 of the HH harmless-base test split).
+  Detected when most sampled `chosen` texts hold "\\n\\nAssistant:". Each dialogue's prompt is its text
+  through its own last "\\n\\nAssistant:"; the two prompts must be equal, or the row is dropped (never
+  sliced at the chosen prompt's length, which corrupts rows like 1254 of the HH harmless-base test split,
+  nor kept when the rejected dialogue carries one more exchange). A dialogue without an assistant turn
+  is dropped as `no assistant turn`.
 - implicit: only `chosen` and `rejected`, whole texts without HH markers. The prompt is their longest
-  shared prefix, cut back to the last whitespace so that no word is split between prompt and response.
+  shared prefix, cut back to a position that is whitespace in both texts, so no word is split.
 - conversational: `prompt` a list of {"role", "content"} messages and `chosen`/`rejected` lists of the
-  answering messages, or only `chosen`/`rejected` whole conversations sharing their leading messages.
-  Rendered with the tokenizer's chat template: the prompt with `add_generation_prompt=True`, each
-  response as the rest of the whole conversation's rendering, so it ends with the template's own
-  end-of-turn token (no EOS is appended) and carries no second BOS.
+  answering messages, or only `chosen`/`rejected` whole conversations, whose every message but the last
+  must be the same on both sides. Rendered with the tokenizer's chat template: the prompt with
+  `add_generation_prompt=True`, each response as the rest of the whole conversation's rendering, so it
+  ends with the template's own end-of-turn token (no EOS is appended) and carries no second BOS.
 
-`to_strings` returns the strings and a `drop_reason` ("" when the row is kept); `strict=True` raises
-instead, naming the row, the field and the fix.
+`to_strings` returns the strings and a `drop_reason` ("" when the row is kept). `drop_error` turns a
+reason into the error `strict=True` raises: the split, the row, the field and the fix (`FIXES`).
 """
 
-import glob
 import os
-from typing import Any, Union
+from typing import Any
 
-from datasets import Dataset, DatasetDict, IterableDataset, load_dataset
+from datasets import Dataset, IterableDataset, LargeList, List
 from transformers import PreTrainedTokenizerBase
 
+from dpo_lightning.sources import FIELDS, STAGE_NAMES
+
 HH_ASSISTANT = "\n\nAssistant:"
-FIELDS = ("prompt", "chosen", "rejected")
 FORMATS = ("explicit", "hh", "implicit", "conversational")
-# A dataset given as: a hub name, a local file, folder, glob or list of files, an in-memory dict of
-# columns or list of rows, or a `datasets` object.
-DatasetSource = Union[str, dict, list, Dataset, DatasetDict]
+ROLES = ("system", "user", "assistant", "tool")
 PRESETS = {"hh": ("Anthropic/hh-rlhf", "hh")}  # dataset shorthand -> (hub name, format)
-_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+_REQUIRED = {"explicit": FIELDS, "hh": FIELDS[1:], "implicit": FIELDS[1:], "conversational": FIELDS[1:]}
+
+# drop reason (without its field) -> what a user can do about it: strict mode's errors, the README's table.
+FIXES = {
+    "missing": "fill the field or filter the row out",
+    "not text": "give the field as text (a JSON string, not a number or object), or filter the row out",
+    "not messages": "give the field as a list of {'role': ..., 'content': ...} messages with text content",
+    "unknown role": f"use the roles {', '.join(ROLES)} (map ShareGPT-style 'human'/'gpt' roles first)",
+    "empty": "remove the row: an empty answer teaches nothing",
+    "empty prompt": "give the row a prompt: without BOS no position predicts the first response token",
+    "chosen == rejected": "remove the row: a tie carries no preference",
+    "prompts differ": "fix the row so both sides share the prompt, or give an explicit prompt column",
+    "no assistant turn": "end the dialogue's prompt with '\\n\\nAssistant:', or give an explicit prompt column",
+    "no shared prompt": "give an explicit prompt column",
+    "not a dict": "give each row as a JSON object / dict {'prompt': ..., 'chosen': ..., 'rejected': ...}",
+    "not valid JSON": "fix or remove the line (one JSON object per line)",
+}
+# reasons that name no field of their own -> the field the error names (None: the whole row)
+_ROW_REASONS = {"chosen == rejected": "rejected", "prompts differ": "rejected", "no shared prompt": "rejected",
+                "empty prompt": "prompt", "not a dict": None, "not valid JSON": None}
 
 
-def _file_builder(path: str) -> str | None:
-    stem = path[:-3] if path.endswith(".gz") else path
-    return _FILE_BUILDERS.get(os.path.splitext(stem)[1])
+def drop_error(reason: str, index: int, stage: str = "train") -> ValueError:
+    """The error for a dropped row under `strict=True`: the split, the row, the field and the fix."""
+    kind, _, field = (reason, "", _ROW_REASONS[reason]) if reason in _ROW_REASONS else reason.rpartition(" ")
+    where = f"field {field!r}: " if field else ""
+    return ValueError(f"{STAGE_NAMES.get(stage, stage)} row {index}: {where}{reason}; {FIXES[kind]} "
+                      "(or set strict: false to drop and count such rows)")
 
 
-def load_rows(source: DatasetSource, split: str = "train", name: str | None = None, data_dir: str | None = None,
-              streaming: bool = False) -> Dataset | IterableDataset:
-    """Load one split of preference rows from any supported source.
-
-    Local data files (.json, .jsonl, .parquet, .csv, optionally .gz; one path, a glob, or a list of paths)
-    are read as a single split; any other string goes to `datasets.load_dataset(source, name,
-    data_dir=..., split=...)`, which reads a hub dataset or a local folder of split files alike.
-    `streaming=True` returns an `IterableDataset` that reads as it goes (file and hub sources).
-    """
-    if isinstance(source, dict):
-        return Dataset.from_dict(source)
-    if isinstance(source, list) and not all(isinstance(item, str) for item in source):
-        return Dataset.from_list(source)
-    if isinstance(source, DatasetDict):
-        if split not in source:
-            raise ValueError(f"split {split!r} not in the dataset; it has {sorted(source)}: set --data.split")
-        return source[split]
-    if isinstance(source, Dataset):
-        return source
-    files = source if isinstance(source, list) else sorted(glob.glob(source)) if glob.has_magic(source) else [source]
-    if files and all(os.path.isfile(f) for f in files):
-        builders = {_file_builder(f) for f in files}
-        if None in builders or len(builders) > 1:
-            raise ValueError(f"{source}: files must share one type of {sorted(_FILE_BUILDERS)} (optionally .gz)")
-        return load_dataset(builders.pop(), data_files=files, split="train", streaming=streaming)
-    if isinstance(source, list) or glob.has_magic(source):
-        raise FileNotFoundError(f"no data files at {source}")
-    return load_dataset(source, name, data_dir=data_dir, split=split, streaming=streaming)
+def _kind(feature) -> str | None:
+    return None if feature is None else "messages" if isinstance(feature, (List, LargeList)) else "text"
 
 
-def detect_format(columns: list[str], first_row: dict) -> str:
-    """The format of rows with these columns, judged by the first row's values."""
-    if {"chosen", "rejected"} - set(columns):
-        raise ValueError(f"data has columns {sorted(columns)}; expected 'chosen' and 'rejected' (and 'prompt'): "
-                         "map yours with --data.prompt_column / chosen_column / rejected_column")
-    if isinstance(first_row["chosen"], list):
-        return "conversational"
-    if "prompt" in columns:
-        return "explicit"
-    return "hh" if HH_ASSISTANT in (first_row["chosen"] or "") else "implicit"
+def detect_format(rows: Dataset | IterableDataset, dataset_format: str = "auto", stage: str = "train",
+                  tokenizer: PreTrainedTokenizerBase | None = None) -> str:
+    """The format of `rows` (columns from `sources.load_rows`): `dataset_format`, checked, or detected."""
+    label = STAGE_NAMES.get(stage, stage)
+    sample = list(rows.take(100)) if isinstance(rows, IterableDataset) else rows.select(range(min(100, len(rows))))
+    if not sample:
+        raise ValueError(f"the {label} dataset is empty: no rows")
+    columns = set(rows.column_names or sample[0])
+    features = rows.features or {}
+    kinds = {f: _kind(features.get(f)) or ("messages" if isinstance(sample[0].get(f), list) else "text")
+             for f in FIELDS if f in columns}
+    if {"chosen", "rejected"} - columns:
+        raise ValueError(f"{label} data has fields {sorted(columns - {'source_issue'})}; expected 'chosen' and "
+                         "'rejected' (and 'prompt'): map yours with --data.prompt_column / chosen_column / "
+                         "rejected_column")
+    if kinds.get("prompt", kinds["chosen"]) != kinds["chosen"] or kinds["chosen"] != kinds["rejected"]:
+        which = "prompt" if kinds.get("prompt", kinds["chosen"]) != kinds["chosen"] else "rejected"
+        raise ValueError(f"{label} data: {which!r} holds {kinds[which]} but 'chosen' holds {kinds['chosen']}: give "
+                         "prompt, chosen and rejected all as text, or all as messages (responses as lists like "
+                         "[{'role': 'assistant', 'content': ...}])")
+    fmt = dataset_format
+    if fmt == "auto":
+        if kinds["chosen"] == "messages":
+            fmt = "conversational"
+        elif "prompt" in columns:
+            fmt = "explicit"
+        else:
+            texts = [row["chosen"] for row in sample if isinstance(row["chosen"], str)]
+            fmt = "hh" if 2 * sum(HH_ASSISTANT in text for text in texts) > len(texts) else "implicit"
+    missing = set(_REQUIRED[fmt]) - columns
+    if missing:
+        raise ValueError(f"dataset_format {fmt!r} needs columns {sorted(_REQUIRED[fmt])}; the {label} data has no "
+                         f"{sorted(missing)[0]!r}: map yours with --data.prompt_column / chosen_column / "
+                         "rejected_column, or set --data.dataset_format")
+    if fmt == "conversational" and (tokenizer is None or not tokenizer.chat_template):
+        raise ValueError(f"{label} data holds conversations but the tokenizer has no chat_template: use a chat "
+                         "model's tokenizer, or set tokenizer.chat_template (a Jinja template) before training")
+    return fmt
 
 
 def split_dialogue(chosen: str, rejected: str) -> tuple[str, str, str] | None:
-    """HH dialogues: (prompt, chosen response, rejected response), or None if the prompts differ.
+    """HH dialogues: (prompt, chosen response, rejected response), or None if their prompts differ.
+
+    Each dialogue's prompt is its text through its own last "\\n\\nAssistant:".
 
     Example:
         >>> split_dialogue("\\n\\nHuman: hi\\n\\nAssistant: hello", "\\n\\nHuman: hi\\n\\nAssistant: go away")
         ('\\n\\nHuman: hi\\n\\nAssistant:', ' hello', ' go away')
     """
-    end = chosen.rfind(HH_ASSISTANT)
-    if end < 0:
+    ends = [text.rfind(HH_ASSISTANT) + len(HH_ASSISTANT) for text in (chosen, rejected)]
+    if min(ends) < len(HH_ASSISTANT) or chosen[: ends[0]] != rejected[: ends[1]]:
         return None
-    prompt = chosen[: end + len(HH_ASSISTANT)]
-    if not rejected.startswith(prompt):
-        return None
-    return prompt, chosen[len(prompt):], rejected[len(prompt):]
+    return chosen[: ends[0]], chosen[ends[0]:], rejected[ends[1]:]
 
 
 def split_shared_prefix(chosen: str, rejected: str) -> tuple[str, str, str] | None:
-    """Implicit texts: the shared prefix up to its last whitespace is the prompt; None if there is none.
+    """Implicit texts: the shared prefix, cut where both texts have whitespace, is the prompt; None if none.
 
     Example:
-        >>> split_shared_prefix("The sky is blue.", "The sky is bright.")
-        ('The sky is', ' blue.', ' bright.')
+        >>> split_shared_prefix("The cat sat down.", "The cats ran off.")
+        ('The', ' cat sat down.', ' cats ran off.')
     """
     n = len(os.path.commonprefix([chosen, rejected]))
-    cut = max(chosen.rfind(" ", 0, n + 1), chosen.rfind("\n", 0, n + 1))
+    # Up to n the texts agree; at n itself (the first difference) both must be whitespace.
+    cut = next((i for i in range(min(n, len(chosen) - 1, len(rejected) - 1), 0, -1)
+                if chosen[i].isspace() and rejected[i].isspace()), 0)
     if cut <= 0:
         return None
     return chosen[:cut], chosen[cut:], rejected[cut:]
@@ -117,13 +142,12 @@ def render_conversation(prompt: list[dict] | None, chosen: list[dict], rejected:
                         tokenizer: PreTrainedTokenizerBase) -> tuple[str, str, str] | None:
     """Chat-template texts (prompt, chosen response, rejected response); None if they cannot be split.
 
-    Without a `prompt`, the leading messages that chosen and rejected share are the prompt.
+    Without a `prompt`, every message but the last is the prompt, and must be the same on both sides.
     """
     if prompt is None:
-        n = 0
-        while n < min(len(chosen), len(rejected)) - 1 and chosen[n] == rejected[n]:
-            n += 1
-        prompt, chosen, rejected = chosen[:n], chosen[n:], rejected[n:]
+        if not chosen or chosen[:-1] != rejected[:-1]:
+            return None
+        prompt, chosen, rejected = chosen[:-1], chosen[-1:], rejected[-1:]
     if not prompt:
         return None
     prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
@@ -136,43 +160,31 @@ def render_conversation(prompt: list[dict] | None, chosen: list[dict], rejected:
     return prompt_text, *responses
 
 
-# drop reason -> what a user can do about it, for strict mode's errors and the README's table.
-FIXES = {
-    "missing": "fill the field or filter the row out",
-    "not text": "convert the field to text, or set --data.dataset_format",
-    "empty": "remove the row: an empty answer teaches nothing",
-    "chosen == rejected": "remove the row: a tie carries no preference",
-    "prompts differ": "fix the row so both sides share the prompt, or give an explicit prompt column",
-    "no shared prompt": "give an explicit prompt column",
-}
-
-
-def _reason(kind: str, field: str, index: int, strict: bool) -> str:
-    reason = kind if kind in ("chosen == rejected", "prompts differ", "no shared prompt") else f"{kind} {field}"
-    if strict:
-        raise ValueError(f"row {index}: field {field!r}: {reason}; {FIXES[kind]} (or drop such rows: strict=False)")
-    return reason
-
-
 def to_strings(row: dict, index: int, dataset_format: str, tokenizer: PreTrainedTokenizerBase | None = None,
-               strict: bool = False) -> dict[str, Any]:
-    """Rule 1 and the row checks: `prompt`, `chosen`, `rejected` strings, a `drop_reason` ("" if kept) and
-    the row's position in its split as `row_id` (batches carry it: error messages and cached reference
-    log-probs name rows by it)."""
-    return {**_split_and_check(row, index, dataset_format, tokenizer, strict), "row_id": index}
+               strict: bool = False, stage: str = "train") -> dict[str, Any]:
+    """Rule 1 and the row checks: `prompt`, `chosen`, `rejected` strings and a `drop_reason` ("" if kept).
+
+    With `strict=True` a row that would be dropped raises `drop_error` instead.
+    """
+    out = _split_and_check(row, dataset_format, tokenizer)
+    if strict and out["drop_reason"]:
+        raise drop_error(out["drop_reason"], index, stage)
+    return out
 
 
-def _split_and_check(row: dict, index: int, dataset_format: str, tokenizer: PreTrainedTokenizerBase | None,
-                     strict: bool) -> dict[str, Any]:
-    fields = FIELDS if "prompt" in row and dataset_format in ("explicit", "conversational") else FIELDS[1:]
-    wanted = list if dataset_format == "conversational" else str
+def _split_and_check(row: dict, dataset_format: str, tokenizer: PreTrainedTokenizerBase | None) -> dict[str, Any]:
     empty = {field: "" for field in FIELDS}
+    if row.get("source_issue"):
+        return {**empty, "drop_reason": row["source_issue"]}
+    fields = FIELDS if "prompt" in row and dataset_format in ("explicit", "conversational") else FIELDS[1:]
     for field in fields:
-        value = row[field]
-        if value is None:
-            return {**empty, "drop_reason": _reason("missing", field, index, strict)}
-        if not isinstance(value, wanted) or (wanted is list and not all(isinstance(m, dict) for m in value)):
-            return {**empty, "drop_reason": _reason("not text", field, index, strict)}
+        problem = _field_problem(row.get(field), dataset_format)
+        if problem:
+            return {**empty, "drop_reason": f"{problem} {field}"}
+    if dataset_format == "hh":
+        for field in ("chosen", "rejected"):
+            if HH_ASSISTANT not in row[field]:
+                return {**empty, "drop_reason": f"no assistant turn {field}"}
     if dataset_format == "explicit":
         parts = row["prompt"], row["chosen"], row["rejected"]
     elif dataset_format == "hh":
@@ -182,12 +194,21 @@ def _split_and_check(row: dict, index: int, dataset_format: str, tokenizer: PreT
     else:
         parts = render_conversation(row.get("prompt"), row["chosen"], row["rejected"], tokenizer)
     if parts is None:
-        kind = "no shared prompt" if dataset_format == "implicit" else "prompts differ"
-        return {**empty, "drop_reason": _reason(kind, "rejected", index, strict)}
+        return {**empty, "drop_reason": "no shared prompt" if dataset_format == "implicit" else "prompts differ"}
     out = dict(zip(FIELDS, parts))
     for field in ("chosen", "rejected"):
         if not out[field].strip():
-            return {**out, "drop_reason": _reason("empty", field, index, strict)}
-    if out["chosen"] == out["rejected"]:
-        return {**out, "drop_reason": _reason("chosen == rejected", "rejected", index, strict)}
-    return {**out, "drop_reason": ""}
+            return {**out, "drop_reason": f"empty {field}"}
+    return {**out, "drop_reason": "chosen == rejected" if out["chosen"] == out["rejected"] else ""}
+
+
+def _field_problem(value: Any, dataset_format: str) -> str:
+    """Why a field's value cannot be used ("" if it can)."""
+    if value is None:
+        return "missing"
+    if dataset_format != "conversational":
+        return "" if isinstance(value, str) else "not text"
+    if not isinstance(value, list) or not all(isinstance(m, dict) and isinstance(m.get("content"), str)
+                                              for m in value):
+        return "not messages"
+    return "" if all(m.get("role") in ROLES for m in value) else "unknown role"

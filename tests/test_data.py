@@ -15,7 +15,8 @@ from datasets import Dataset
 
 import dpo_lightning.data
 from dpo_lightning.data import PreferenceDataModule, adds_bos, collate_pairs, fingerprint, tokenize_row
-from dpo_lightning.formats import load_rows, split_dialogue, split_shared_prefix, to_strings
+from dpo_lightning.formats import split_dialogue, split_shared_prefix, to_strings
+from dpo_lightning.sources import load_rows
 
 HH_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "hh-rlhf" / "harmless-base-test-1500.jsonl.gz"
 
@@ -251,7 +252,8 @@ def test_every_source_loads_the_same_rows(kind, tmp_path):
         source = str(tmp_path / "part*.jsonl") if kind == "glob" else paths
     elif source is None:
         source = _write(tmp_path / f"rows.{kind}", data)
-    assert load_rows(source).to_dict() == data
+    loaded = load_rows(source).to_dict()
+    assert {field: loaded[field] for field in data} == data and not any(loaded.get("source_issue", []))
 
 
 def test_streaming_yields_the_same_batches_as_the_prepared_dataset(tmp_path):
@@ -374,3 +376,157 @@ def test_prompt_and_response_never_merge_into_one_bpe_token():
     out = tokenize_row({"prompt": "xa", "chosen": "b!", "rejected": "a"}, tokenizer, None, 64, 32, "keep_end")
     assert out["prompt_input_ids"] == [vocab["x"], vocab["a"]]
     assert out["chosen_input_ids"] == [vocab["b"], vocab["!"], vocab["</s>"]]
+
+
+# --- The 13 defects of issue 13, one test each (each failed before its fix). ---
+
+def test_keep_end_keeps_a_prompt_that_already_fits_max_prompt_length():
+    # prompt 11 tokens <= max_prompt_length 16, chosen 99 + EOS = 100 > room: only the responses are cut.
+    out = tokenize({"prompt": "abcdefghijk", "chosen": " " * 99, "rejected": " b"}, max_length=64, max_prompt_length=16)
+    assert out["prompt_input_ids"] == ids("abcdefghijk")
+    assert out["chosen_input_ids"] == ids(" " * 53)
+
+
+def test_hh_rejected_dialogue_with_an_extra_exchange_is_dropped_not_kept_with_turns_in_its_response():
+    chosen = "\n\nHuman: hi\n\nAssistant: hello"
+    rejected = "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: more?\n\nAssistant: no"
+    assert split_dialogue(chosen, rejected) is None
+    assert to_strings({"chosen": chosen, "rejected": rejected}, 0, "hh")["drop_reason"] == "prompts differ"
+
+
+def test_whole_conversations_must_share_every_leading_message():
+    tokenizer = ascii_tokenizer()
+    tokenizer.chat_template = CHAT_TEMPLATE
+    user, answer = {"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}
+    row = {"chosen": [user, answer], "rejected": [user, answer, {"role": "user", "content": "r"},
+                                                  {"role": "assistant", "content": "b"}]}
+    assert to_strings(row, 0, "conversational", tokenizer)["drop_reason"] == "prompts differ"
+
+
+def test_format_is_detected_from_a_sample_and_a_row_without_an_assistant_turn_is_dropped():
+    data = {"chosen": ["\n\nHuman: hi", "\n\nHuman: a\n\nAssistant: b", "\n\nHuman: c\n\nAssistant: d"],
+            "rejected": ["\n\nHuman: hi there", "\n\nHuman: a\n\nAssistant: x", "\n\nHuman: c\n\nAssistant: y"]}
+    dm = PreferenceDataModule(dataset=data, tokenizer=ascii_tokenizer(), max_length=64, max_prompt_length=32)
+    dm.setup("fit")
+    assert dm.summary["train"]["dropped"] == {"no assistant turn chosen": 1}
+    assert dm.train_data[0]["prompt_input_ids"] == ids("\n\nHuman: a\n\nAssistant:")
+    strict = PreferenceDataModule(dataset=data, tokenizer=ascii_tokenizer(), strict=True)
+    with pytest.raises(ValueError, match=r"train row 0: field 'chosen': no assistant turn"):
+        strict.setup("fit")
+
+
+def test_every_row_dropped_gives_the_no_usable_rows_error_with_the_counts():
+    dm = PreferenceDataModule(dataset={"prompt": ["p", "q"], "chosen": [" a", " b"], "rejected": [" a", " b"]},
+                              tokenizer=ascii_tokenizer())
+    with pytest.raises(ValueError, match=r"no usable train rows left: 2 rows, 0 kept, dropped \{chosen == rejected: 2\}"):
+        dm.setup("fit")
+
+
+@pytest.mark.parametrize("kind", ["list", "dict", "jsonl"])
+def test_empty_input_says_which_dataset_is_empty(kind, tmp_path):
+    empty = {"list": [], "dict": {}, "jsonl": None}[kind]
+    if kind == "jsonl":
+        (tmp_path / "empty.jsonl").write_text("")
+        empty = str(tmp_path / "empty.jsonl")
+    with pytest.raises(ValueError, match=r"the train dataset is empty"):
+        PreferenceDataModule(dataset=empty, tokenizer=ascii_tokenizer()).setup("fit")
+    with pytest.raises(ValueError, match=r"the eval dataset is empty"):
+        PreferenceDataModule(dataset=rows(2), eval_dataset=empty, tokenizer=ascii_tokenizer()).setup("fit")
+
+
+def test_forced_explicit_format_with_a_missing_prompt_column_names_it():
+    dm = PreferenceDataModule(dataset={"chosen": [" a"], "rejected": [" b"]}, dataset_format="explicit",
+                              tokenizer=ascii_tokenizer())
+    with pytest.raises(ValueError, match=r"dataset_format 'explicit' needs columns \['chosen', 'prompt', 'rejected'\]"
+                                         r".*no 'prompt'.*--data.prompt_column"):
+        dm.setup("fit")
+
+
+def test_a_number_in_a_text_column_of_a_list_of_rows_is_a_counted_drop():
+    data = [{"prompt": "p", "chosen": " a", "rejected": " b"}, {"prompt": "q", "chosen": 5, "rejected": " c"}]
+    dm = PreferenceDataModule(dataset=data, tokenizer=ascii_tokenizer())
+    dm.setup("fit")
+    assert dm.summary["train"]["dropped"] == {"not text chosen": 1} and dm.summary["train"]["kept"] == 1
+
+
+def test_jsonl_strings_that_look_like_numbers_stay_text_and_numbers_name_their_row(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_text('{"prompt": "p", "chosen": "1.5", "rejected": "2"}\n{"prompt": "q", "chosen": 1.5, "rejected": "3"}\n')
+    dm = PreferenceDataModule(dataset=str(path), tokenizer=ascii_tokenizer())
+    dm.setup("fit")
+    assert dm.summary["train"]["dropped"] == {"not text chosen": 1}
+    assert dm.train_data[0]["chosen_input_ids"] == ids("1.5") + [EOS]
+    with pytest.raises(ValueError, match=r"train row 1: field 'chosen': not text"):
+        PreferenceDataModule(dataset=str(path), tokenizer=ascii_tokenizer(), strict=True).setup("fit")
+
+
+@pytest.mark.parametrize("kind", ["list", "jsonl"])
+def test_rows_that_are_not_dicts_are_named(kind, tmp_path):
+    source = ["just a string", "another"]
+    if kind == "jsonl":
+        (tmp_path / "rows.jsonl").write_text('"just a string"\n"another"\n')
+        source = str(tmp_path / "rows.jsonl")
+    with pytest.raises(ValueError, match=r"no usable train rows left: 2 rows, 0 kept, dropped \{not a dict: 2\}"):
+        PreferenceDataModule(dataset=source, tokenizer=ascii_tokenizer()).setup("fit")
+    with pytest.raises(ValueError, match=r"train row 0: not a dict; give each row as"):
+        PreferenceDataModule(dataset=source, tokenizer=ascii_tokenizer(), strict=True).setup("fit")
+
+
+def test_conversations_without_a_chat_template_name_the_fix():
+    row = {"prompt": [{"role": "user", "content": "q"}], "chosen": [{"role": "assistant", "content": "y"}],
+           "rejected": [{"role": "assistant", "content": "n"}]}
+    with pytest.raises(ValueError, match=r"tokenizer has no chat_template.*tokenizer.chat_template"):
+        PreferenceDataModule(dataset=[row], tokenizer=ascii_tokenizer()).setup("fit")
+
+
+def test_prompt_messages_with_plain_text_responses_name_the_field_and_the_fix():
+    tokenizer = ascii_tokenizer()
+    tokenizer.chat_template = CHAT_TEMPLATE
+    row = {"prompt": [{"role": "user", "content": "q"}], "chosen": " yes", "rejected": " no"}
+    with pytest.raises(ValueError, match=r"'prompt' holds messages but 'chosen' holds text.*\{'role': 'assistant'"):
+        PreferenceDataModule(dataset=[row], tokenizer=tokenizer).setup("fit")
+
+
+def test_an_unknown_role_is_a_counted_drop_and_strict_names_the_row():
+    tokenizer = ascii_tokenizer()
+    tokenizer.chat_template = CHAT_TEMPLATE
+    good = {"prompt": [{"role": "user", "content": "q"}], "chosen": [{"role": "assistant", "content": "y"}],
+            "rejected": [{"role": "assistant", "content": "n"}]}
+    bad = {**good, "prompt": [{"role": "human", "content": "q"}]}
+    dm = PreferenceDataModule(dataset=[good, bad], tokenizer=tokenizer)
+    dm.setup("fit")
+    assert dm.summary["train"]["dropped"] == {"unknown role prompt": 1}
+    with pytest.raises(ValueError, match=r"train row 1: field 'prompt': unknown role prompt; use the roles system, user, assistant"):
+        PreferenceDataModule(dataset=[good, bad], tokenizer=tokenizer, strict=True).setup("fit")
+
+
+def test_implicit_prompt_ends_at_whitespace_in_both_texts():
+    assert split_shared_prefix("The cat sat down.", "The cats ran off.") == ("The", " cat sat down.", " cats ran off.")
+
+
+def test_eval_split_applies_to_eval_dataset():
+    from datasets import DatasetDict
+
+    evaluation = DatasetDict({"test": Dataset.from_dict(rows(3))})
+    dm = PreferenceDataModule(dataset=rows(4), eval_dataset=evaluation, eval_split="test", tokenizer=ascii_tokenizer())
+    dm.setup("fit")
+    assert len(dm.val_data) == 3
+
+
+def test_empty_prompt_scores_every_token_with_bos_and_is_dropped_without():
+    data = {"prompt": ["", "p"], "chosen": [" a", " b"], "rejected": [" c", " d"]}
+    with_bos = PreferenceDataModule(dataset=data, tokenizer=ascii_tokenizer(add_bos=True))
+    with_bos.setup("fit")
+    assert with_bos.train_data[0]["prompt_input_ids"] == [BOS]  # BOS predicts the first response token
+    without = PreferenceDataModule(dataset=data, tokenizer=ascii_tokenizer())
+    without.setup("fit")
+    assert without.summary["train"]["dropped"] == {"empty prompt": 1} and without.summary["train"]["kept"] == 1
+
+
+def test_file_sources_build_and_report_once(tmp_path, monkeypatch):
+    printed = []
+    monkeypatch.setattr(dpo_lightning.data, "rank_zero_info", printed.append)
+    dm = PreferenceDataModule(dataset=_write(tmp_path / "rows.jsonl", rows(4)), tokenizer=ascii_tokenizer())
+    dm.prepare_data()
+    dm.setup("fit")
+    assert len([line for line in printed if "train data" in line]) == 1
