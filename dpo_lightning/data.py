@@ -370,16 +370,17 @@ class PreferenceDataModule(L.LightningDataModule):
             if self.trainer is not None and self.trainer.world_size > 1:
                 prepared = split_dataset_by_node(prepared, self.trainer.global_rank, self.trainer.world_size)
             return prepared
-        reasons = np.asarray(prepared["drop_reason"], dtype=object)
-        dropped = np.flatnonzero(reasons != "")
-        if hp.strict and len(dropped):  # the first bad row, by its position in the split
-            raise drop_error(reasons[dropped[0]], int(dropped[0]), stage)
-        kept = prepared.select(np.flatnonzero(reasons == "")) if len(dropped) else prepared
-        self.summary[stage] = summarize(kept.remove_columns("drop_reason"), hp.max_length, Counter(reasons[dropped]))
+        self.summary[stage] = summarize(prepared, hp.max_length)
+        if hp.strict and self.summary[stage]["dropped"]:  # the first bad row, by its position in the split
+            first = prepared.filter(bool, input_columns="drop_reason")[0]
+            raise drop_error(first["drop_reason"], first["row_id"], stage)
         if report:
             rank_zero_info(f"[dpo_lightning] {STAGE_NAMES[stage]} data: {format_summary(self.summary[stage])}")
         self._check_drops(stage)
-        return kept.remove_columns("drop_reason")
+        if self.summary[stage]["dropped"]:
+            prepared = prepared.filter(_no_reason, input_columns="drop_reason", batched=True,
+                                       desc=f"dropping unusable {STAGE_NAMES[stage]} rows")
+        return prepared.remove_columns("drop_reason")
 
     def _check_drops(self, stage: str) -> None:
         summary, hp, label = self.summary[stage], self.hparams, STAGE_NAMES[stage]
@@ -465,6 +466,10 @@ def _map(rows: Dataset | IterableDataset, function, desc: str, num_proc: int | N
     return rows.map(function, desc=desc, new_fingerprint=name, num_proc=num_proc, **kwargs)
 
 
+def _no_reason(reasons: list[str]) -> list[bool]:
+    return [not reason for reason in reasons]
+
+
 def _keep_row(reason: str, row_id: int, strict: bool, stage: str) -> bool:
     """A streamed row's filter: kept without a drop reason; with one, under `strict`, its error."""
     if reason and strict:
@@ -472,14 +477,22 @@ def _keep_row(reason: str, row_id: int, strict: bool, stage: str) -> bool:
     return not reason
 
 
-def summarize(tokenized: Dataset, max_length: int, dropped: Counter) -> dict[str, Any]:
-    """Rows read, kept, dropped by reason, truncated, length percentiles (before truncation), length bias."""
-    lengths = np.asarray(tokenized["length"]) if len(tokenized) else np.zeros(1)
-    return {"rows": len(tokenized) + sum(dropped.values()), "kept": len(tokenized), "dropped": dict(dropped),
-            "truncated": int(np.sum(tokenized["truncated"])),
+def summarize(prepared: Dataset, max_length: int) -> dict[str, Any]:
+    """Rows read, kept, dropped by reason, truncated, length percentiles (before truncation), length bias.
+
+    Read from the Arrow columns of `prepare_rows`' output, kept and dropped rows alike (a row-by-row
+    read of 20,000 rows takes seconds).
+    """
+    table = prepared.select_columns(["drop_reason", "length", "truncated", "chosen_longer"]).with_format("arrow")[:]
+    reasons = table.column("drop_reason").to_pylist()
+    kept = np.asarray([not reason for reason in reasons], dtype=bool)
+    column = {name: table.column(name).to_numpy(zero_copy_only=False)[kept] for name in table.column_names[1:]}
+    lengths = column["length"] if kept.any() else np.zeros(1)
+    return {"rows": len(reasons), "kept": int(kept.sum()), "dropped": dict(Counter(r for r in reasons if r)),
+            "truncated": int(column["truncated"].sum()),
             "length_p50_p95_max": [int(np.percentile(lengths, 50)), int(np.percentile(lengths, 95)),
                                    int(lengths.max())],
-            "chosen_longer": int(np.sum(tokenized["chosen_longer"])), "max_length": max_length}
+            "chosen_longer": int(column["chosen_longer"].sum()), "max_length": max_length}
 
 
 def format_summary(summary: dict[str, Any]) -> str:
