@@ -235,8 +235,8 @@ class PreferenceDataModule(L.LightningDataModule):
         max_length: maximum tokens of prompt + response (rule 3).
         max_prompt_length: prompt tokens kept when a pair is too long (rule 3).
         truncation_mode: which end of a too-long prompt to keep (rule 3).
-        strict: raise on the first unusable row (naming the row, the field and the fix) instead of
-            dropping and counting it.
+        strict: raise on the first unusable row (naming the split, the row, the field and the fix)
+            instead of dropping and counting it.
         max_drop_fraction: fail at setup when more than this share of a split's rows is dropped.
         batch_size: preference pairs per batch and device; a batch holds 2 * batch_size sequences.
         eval_batch_size: pairs per validation batch. Default: `batch_size`.
@@ -245,11 +245,11 @@ class PreferenceDataModule(L.LightningDataModule):
         prefix_sharing: batch each pair as one `[prompt | chosen | rejected]` row (packing.py), so each
             prompt runs through the model once; needs a model that takes a custom 4D attention mask.
         packing: with prefix_sharing, pack several pairs per row, up to `packing_max_tokens` tokens a row.
-        dataset_num_proc: processes that check and tokenize rows (`datasets.map(num_proc=...)`, TRL's name).
-            Default: one; the tokenizer itself already encodes each batch on every core.
         packing_max_tokens: the packed rows' length budget. Default: `max_length`. A pair holds a prompt
             and two responses, so short pairs (under half of `max_length`) pack only with a larger budget;
             attention costs grow with the square of the row length.
+        dataset_num_proc: processes that check and tokenize rows (`datasets.map(num_proc=...)`, TRL's name).
+            Default: one; the tokenizer itself already encodes each batch on every core.
     """
 
     def __init__(

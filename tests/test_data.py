@@ -165,6 +165,12 @@ CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{{ m['role'] }}: {{ m['c
                  "{% if add_generation_prompt %}assistant:{% endif %}")
 
 
+def chat_tokenizer(add_bos: bool = False):
+    tokenizer = ascii_tokenizer(add_bos)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
 @pytest.mark.parametrize("row", [
     {"prompt": [{"role": "user", "content": "q"}], "chosen": [{"role": "assistant", "content": "yes"}],
      "rejected": [{"role": "assistant", "content": "no"}]},
@@ -172,8 +178,7 @@ CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{{ m['role'] }}: {{ m['c
      "rejected": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "no"}]},
 ], ids=["prompt+answers", "whole-conversations"])
 def test_conversations_render_with_the_chat_template_and_one_bos(row):
-    tokenizer = ascii_tokenizer(add_bos=True)
-    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer = chat_tokenizer(add_bos=True)
     dm = PreferenceDataModule(dataset=[row], tokenizer=tokenizer, max_length=64, max_prompt_length=32)
     dm.setup("fit")
     out = dm.train_data[0]
@@ -395,8 +400,7 @@ def test_hh_rejected_dialogue_with_an_extra_exchange_is_dropped_not_kept_with_tu
 
 
 def test_whole_conversations_must_share_every_leading_message():
-    tokenizer = ascii_tokenizer()
-    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer = chat_tokenizer()
     user, answer = {"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}
     row = {"chosen": [user, answer], "rejected": [user, answer, {"role": "user", "content": "r"},
                                                   {"role": "assistant", "content": "b"}]}
@@ -480,16 +484,14 @@ def test_conversations_without_a_chat_template_name_the_fix():
 
 
 def test_prompt_messages_with_plain_text_responses_name_the_field_and_the_fix():
-    tokenizer = ascii_tokenizer()
-    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer = chat_tokenizer()
     row = {"prompt": [{"role": "user", "content": "q"}], "chosen": " yes", "rejected": " no"}
     with pytest.raises(ValueError, match=r"'prompt' holds messages but 'chosen' holds text.*\{'role': 'assistant'"):
         PreferenceDataModule(dataset=[row], tokenizer=tokenizer).setup("fit")
 
 
 def test_an_unknown_role_is_a_counted_drop_and_strict_names_the_row():
-    tokenizer = ascii_tokenizer()
-    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer = chat_tokenizer()
     good = {"prompt": [{"role": "user", "content": "q"}], "chosen": [{"role": "assistant", "content": "y"}],
             "rejected": [{"role": "assistant", "content": "n"}]}
     bad = {**good, "prompt": [{"role": "human", "content": "q"}]}
