@@ -210,6 +210,29 @@ def adds_bos(tokenizer: PreTrainedTokenizerBase) -> int | None:
     return bos if bos is not None and tokenizer("a")["input_ids"][:1] == [bos] else None
 
 
+def _check_arguments(hp: dict[str, Any]) -> None:
+    """The data module's arguments, checked at construction: each error names the flag and the fix."""
+    if not 0 < hp.max_prompt_length < hp.max_length:
+        raise ValueError(f"--data.max_prompt_length must be in (0, max_length={hp.max_length}) so every "
+                         f"response keeps at least one token, got {hp.max_prompt_length}")
+    if hp.truncation_mode not in ("keep_end", "keep_start"):
+        raise ValueError(f"--data.truncation_mode must be 'keep_end' or 'keep_start', got {hp.truncation_mode!r}")
+    if hp.dataset_format != "auto" and hp.dataset_format not in FORMATS:
+        raise ValueError(f"--data.dataset_format must be 'auto' or one of {FORMATS}, got {hp.dataset_format!r}")
+    if not 0.0 <= hp.eval_fraction < 1.0:
+        raise ValueError(f"--data.eval_fraction must be in [0, 1), got {hp.eval_fraction}")
+    if hp.streaming and hp.eval_fraction:
+        raise ValueError("--data.eval_fraction cannot carve a stream: give eval_dataset or eval_split")
+    if hp.packing and not hp.prefix_sharing:
+        raise ValueError("--data.packing packs shared-prefix rows: set --data.prefix_sharing true too, "
+                         "or packing false")
+    if hp.packing_max_tokens is not None and (not hp.packing or hp.packing_max_tokens <= 0):
+        raise ValueError(f"--data.packing_max_tokens {hp.packing_max_tokens} needs --data.packing true and a "
+                         "value > 0")
+    if hp.dataset_num_proc is not None and hp.dataset_num_proc < 1:
+        raise ValueError(f"--data.dataset_num_proc must be >= 1 (or null for one process), got {hp.dataset_num_proc}")
+
+
 class PreferenceDataModule(L.LightningDataModule):
     """Preference pairs for DPO: loads, checks, tokenizes once (cached by `datasets`), and batches.
 
@@ -282,26 +305,8 @@ class PreferenceDataModule(L.LightningDataModule):
         dataset_num_proc: int | None = None,
     ):
         super().__init__()
-        if not 0 < max_prompt_length < max_length:
-            raise ValueError(f"--data.max_prompt_length must be in (0, max_length={max_length}) so every "
-                             f"response keeps at least one token, got {max_prompt_length}")
-        if truncation_mode not in ("keep_end", "keep_start"):
-            raise ValueError(f"--data.truncation_mode must be 'keep_end' or 'keep_start', got {truncation_mode!r}")
-        if dataset_format != "auto" and dataset_format not in FORMATS:
-            raise ValueError(f"--data.dataset_format must be 'auto' or one of {FORMATS}, got {dataset_format!r}")
-        if not 0.0 <= eval_fraction < 1.0:
-            raise ValueError(f"--data.eval_fraction must be in [0, 1), got {eval_fraction}")
-        if streaming and eval_fraction:
-            raise ValueError("--data.eval_fraction cannot carve a stream: give eval_dataset or eval_split")
-        if packing and not prefix_sharing:
-            raise ValueError("--data.packing packs shared-prefix rows: set --data.prefix_sharing true too, "
-                             "or packing false")
-        if packing_max_tokens is not None and (not packing or packing_max_tokens <= 0):
-            raise ValueError(f"--data.packing_max_tokens {packing_max_tokens} needs --data.packing true and a "
-                             "value > 0")
-        if dataset_num_proc is not None and dataset_num_proc < 1:
-            raise ValueError(f"--data.dataset_num_proc must be >= 1 (or null for one process), got {dataset_num_proc}")
         self.save_hyperparameters(ignore=["dataset", "eval_dataset", "tokenizer"])
+        _check_arguments(self.hparams)
         if isinstance(dataset, str) and dataset in PRESETS:
             dataset, preset_format = PRESETS[dataset]
             self.hparams.dataset_format = preset_format if dataset_format == "auto" else dataset_format

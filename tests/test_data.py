@@ -9,7 +9,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 from conftest import BOS, EOS, ascii_tokenizer, ids, rows
 from datasets import Dataset
 
