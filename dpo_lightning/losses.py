@@ -1,4 +1,4 @@
-"""DPO-family losses as pure functions of log-probabilities, and the one function that makes those log-probs.
+"""DPO-family losses as pure functions of log-probabilities.
 
 Every loss takes four `(B,)` tensors of response log-probs -- policy chosen, policy rejected, reference
 chosen, reference rejected -- plus keyword options, and returns `(losses, chosen_rewards, rejected_rewards)`,
@@ -22,6 +22,7 @@ References (arXiv ids):
   ORPO 2403.07691 (Hong et al.); CPO 2401.08417 (Xu et al.).
 """
 
+import inspect
 import math
 from typing import Callable
 
@@ -445,30 +446,8 @@ LENGTH_NORMALIZED = frozenset({"ipo", "sigmoid_norm", "simpo", "orpo", "sft"})
 # Losses that never read the reference log-probs: the caller loads no reference and passes zeros.
 REFERENCE_FREE = frozenset({"simpo", "orpo", "cpo", "sft"})
 
-
-def sequence_logps(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-    """Sum of log p(label_t | tokens before t) over each row's labelled positions, in float32.
-
-    Args:
-        logits: (N, T, V) model outputs, any float dtype; upcast to float32 here so bf16 autocast
-            does not round the log-probs.
-        labels: (N, T) token ids, `IGNORE_INDEX` where no loss is taken (prompt and padding).
-
-    Returns:
-        logps: (N,) summed log-probs of the labelled tokens, float32.
-        n_tokens: (N,) number of labelled tokens per row.
-
-    Example:
-        logits at position t predict the token at t + 1, so for input `[p0, p1, r0, r1]` with labels
-        `[-100, -100, r0, r1]` the result is log p(r0 | p0 p1) + log p(r1 | p0 p1 r0).
-    """
-    # Off by one: logits[:, t] scores token t + 1, so drop the last logit and the first label.
-    logits = logits[:, :-1].float()  # (N, T-1, V)
-    labels = labels[:, 1:]  # (N, T-1)
-    mask = labels != IGNORE_INDEX
-    # gather needs a valid index everywhere; masked positions are zeroed out below anyway.
-    safe_labels = labels.masked_fill(~mask, 0)
-    label_logits = logits.gather(-1, safe_labels.unsqueeze(-1)).squeeze(-1)  # (N, T-1)
-    # log softmax at the label only: logit - logsumexp, without keeping a (N, T-1, V) log-softmax.
-    token_logps = label_logits - torch.logsumexp(logits, dim=-1)
-    return (token_logps * mask).sum(-1), mask.sum(-1)
+# The keyword options each loss takes (beta, its config options, the batch's lengths or bco_pair's shift),
+# read once here so that callers bind them at construction instead of inspecting a loss at every step.
+LOSS_ARGS: dict[str, frozenset[str]] = {
+    name: frozenset(arg for arg, p in inspect.signature(fn).parameters.items() if p.kind == p.KEYWORD_ONLY)
+    for name, fn in LOSSES.items()}

@@ -33,8 +33,8 @@ def test_margin_length_correlation_is_zero_when_lengths_never_differ():
 def test_ties_count_half_and_logits_are_token_weighted():
     # Pair 0 wins, pair 1 ties, pair 2 loses: accuracy (1 + 0.5 + 0) / 3.
     rewards_c, rewards_r = torch.tensor([1.0, 0.0, -1.0]), torch.tensor([0.0, 0.0, 1.0])
-    values = batch_values(torch.zeros(3), rewards_c, rewards_r, torch.zeros(6), torch.arange(6.0),
-                          torch.tensor([1, 3, 1, 2, 2, 2]), None)
+    values = batch_values({"sigmoid": torch.zeros(3)}, [1.0], rewards_c, rewards_r, torch.zeros(6), torch.arange(6.0),
+                          torch.tensor([1, 3, 1, 2, 2, 2]))
     accuracy, _ = values["rewards/accuracies"]
     assert accuracy.mean().item() == pytest.approx(0.5)
     logits, weights = values["logits/chosen"]  # per-sequence means [0, 1, 2] over 1, 3, 1 tokens
