@@ -41,10 +41,11 @@ class PoisonedRow(DPOModule):
 
 
 class PoisonedStep(PoisonedRow):
-    """NaN log-probs in the first of the two micro-batches of optimizer step 1, so a step trains after it."""
+    """NaN log-probs in the first of the two micro-batches of optimizer step 1 (on rank 0 only, under DDP),
+    so that a step trains after it."""
 
     def poisoned(self, batch) -> bool:
-        return self.global_step == 1 and self.trainer.fit_loop.epoch_loop.batch_idx % 2 == 0
+        return self.global_step == 1 and self.trainer.fit_loop.epoch_loop.batch_idx % 2 == 0 and self.global_rank == 0
 
 
 class RecordSteps(L.Callback):
