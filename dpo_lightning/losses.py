@@ -22,6 +22,7 @@ References (arXiv ids):
   ORPO 2403.07691 (Hong et al.); CPO 2401.08417 (Xu et al.).
 """
 
+import functools
 import inspect
 import math
 from typing import Callable
@@ -451,3 +452,32 @@ REFERENCE_FREE = frozenset({"simpo", "orpo", "cpo", "sft"})
 LOSS_ARGS: dict[str, frozenset[str]] = {
     name: frozenset(arg for arg, p in inspect.signature(fn).parameters.items() if p.kind == p.KEYWORD_ONLY)
     for name, fn in LOSSES.items()}
+
+
+def bind_losses(loss_types: list[str], loss_weights: list[float], beta: float,
+                options: dict) -> dict[str, Callable[..., LossOutput]]:
+    """Each of `loss_types` with `beta` and the `options` it declares bound, once, after checking them.
+
+    The errors name the config flags (`--model.<option>`): an unknown loss, one weight per loss, an option
+    that no selected loss takes (a silent no-op otherwise), and the options' ranges.
+    """
+    unknown = [name for name in loss_types if name not in LOSSES]
+    if unknown or not loss_types:
+        raise ValueError(f"--model.loss_type {unknown or loss_types} is not one of {sorted(LOSSES)}")
+    if len(loss_weights) != len(loss_types):
+        raise ValueError(f"--model.loss_weights has {len(loss_weights)} entries for {len(loss_types)} loss types "
+                         f"{loss_types}: give one weight per loss")
+    for option in options:
+        if not any(option in LOSS_ARGS[name] for name in loss_types):
+            users = sorted(name for name in LOSSES if option in LOSS_ARGS[name])
+            raise ValueError(f"--model.{option} is set but loss_type {loss_types} ignores it; it is used by "
+                             f"{users}: remove it or pick one of those losses")
+    if beta <= 0:
+        raise ValueError(f"--model.beta must be > 0, got {beta}")
+    if not 0.0 <= options.get("label_smoothing", 0.0) < 0.5:
+        raise ValueError(f"--model.label_smoothing must be in [0, 0.5), got {options['label_smoothing']}")
+    if "exo_pair" in loss_types and options.get("label_smoothing") == 0:
+        raise ValueError("--model.label_smoothing must be > 0 for exo_pair (its loss is infinite at 0): "
+                         "leave it unset for the paper's 1e-3")
+    return {name: functools.partial(LOSSES[name], beta=beta, **{k: v for k, v in options.items()
+                                                                if k in LOSS_ARGS[name]}) for name in loss_types}

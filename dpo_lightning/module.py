@@ -6,6 +6,12 @@ log-probs (lean by default: no full-vocabulary logits), and the losses named by 
 functions in `losses.py`) turn those into per-pair losses and rewards. The reference is a frozen copy,
 or with a LoRA adapter the policy itself with its adapter switched off (`models.py`). Devices, precision
 and distribution are the Trainer's business: nothing here moves tensors or casts them.
+
+The hooks come in the order Lightning calls them (setup, training_step, on_before_optimizer_step,
+lr_scheduler_step, on_train_batch_end, validation_step), then the step they share (`_shared_step`:
+log-probs, reference log-probs, loss, metrics) and its helpers. A non-finite loss with
+`nonfinite_loss: skip` marks the optimizer step skipped on every rank, and the hooks after it leave the
+weights, optimizer, schedule and metrics alone (`_finite_on_every_rank`, `on_before_optimizer_step`).
 """
 
 import contextlib
@@ -23,7 +29,7 @@ from transformers import PreTrainedModel
 
 from dpo_lightning import reference_cache
 from dpo_lightning.logps import lean_logps, lean_unsupported, naive_logps
-from dpo_lightning.losses import LENGTH_NORMALIZED, LOSS_ARGS, LOSSES, REFERENCE_FREE
+from dpo_lightning.losses import LENGTH_NORMALIZED, LOSS_ARGS, LOSSES, REFERENCE_FREE, bind_losses
 from dpo_lightning.metrics import compute_all, make_metrics, update_metrics
 from dpo_lightning.models import base_causal_lm, build_models, load_causal_lm, reference_weights
 from dpo_lightning.packing import shared_layout_unsupported
@@ -149,10 +155,10 @@ class DPOModule(L.LightningModule):
         self.loss_types = [loss_type] if isinstance(loss_type, str) else list(loss_type)
         self.loss_weights = list(loss_weights) if loss_weights is not None else [1.0] * len(self.loss_types)
         options = {name: value for name, value in locals().items() if name in LOSS_OPTIONS and value is not None}
-        _validate(self.loss_types, self.loss_weights, options, beta, learning_rate, weight_decay, warmup_steps)
-        # Each loss with beta and the options it declares, bound once; the batch's lengths come at each step.
-        self.loss_fns = {name: functools.partial(LOSSES[name], beta=beta, **{
-            k: v for k, v in options.items() if k in LOSS_ARGS[name]}) for name in self.loss_types}
+        self.loss_fns = bind_losses(self.loss_types, self.loss_weights, beta, options)  # the batch's lengths: per step
+        if learning_rate <= 0 or weight_decay < 0 or warmup_steps < 0:
+            raise ValueError(f"--model.learning_rate must be > 0 and weight_decay, warmup_steps >= 0; got "
+                             f"{learning_rate}, {weight_decay}, {warmup_steps}")
         self.save_hyperparameters(ignore=["model_name_or_path"] if isinstance(model_name_or_path, nn.Module) else None)
 
         self.needs_reference = not reference_free and not set(self.loss_types) <= REFERENCE_FREE
@@ -449,28 +455,3 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int | float, kind: str)
         return 1.0
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
     return 1.0 - progress if kind == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def _validate(loss_types: list[str], loss_weights: list[float], options: dict, beta: float, learning_rate: float,
-              weight_decay: float, warmup_steps: int) -> None:
-    unknown = [name for name in loss_types if name not in LOSSES]
-    if unknown or not loss_types:
-        raise ValueError(f"--model.loss_type {unknown or loss_types} is not one of {sorted(LOSSES)}")
-    if len(loss_weights) != len(loss_types):
-        raise ValueError(f"--model.loss_weights has {len(loss_weights)} entries for {len(loss_types)} loss types "
-                         f"{loss_types}: give one weight per loss")
-    for option in options:
-        users = sorted(name for name in LOSSES if option in LOSS_ARGS[name])
-        if not any(option in LOSS_ARGS[name] for name in loss_types):
-            raise ValueError(f"--model.{option} is set but loss_type {loss_types} ignores it; it is used by "
-                             f"{users}: remove it or pick one of those losses")
-    if beta <= 0:
-        raise ValueError(f"--model.beta must be > 0, got {beta}")
-    if not 0.0 <= options.get("label_smoothing", 0.0) < 0.5:
-        raise ValueError(f"--model.label_smoothing must be in [0, 0.5), got {options['label_smoothing']}")
-    if "exo_pair" in loss_types and options.get("label_smoothing") == 0:
-        raise ValueError("--model.label_smoothing must be > 0 for exo_pair (its loss is infinite at 0): "
-                         "leave it unset for the paper's 1e-3")
-    if learning_rate <= 0 or weight_decay < 0 or warmup_steps < 0:
-        raise ValueError(f"--model.learning_rate must be > 0 and weight_decay, warmup_steps >= 0; got "
-                         f"{learning_rate}, {weight_decay}, {warmup_steps}")

@@ -76,12 +76,12 @@ def rows(n: int) -> dict[str, list[str]]:
 BF16_RTOL = 4 * 2 ** -8
 
 
-def data_module(n: int = 16, eval_n: int = 4, **kwargs):
-    """`rows(n)` to train on and `rows(eval_n)` to validate on, batches of 4, the ASCII tokenizer."""
+def data_module(n: int = 16, eval_n: int = 4, dataset: dict | None = None, **kwargs):
+    """`rows(n)` (or `dataset`) to train on and `rows(eval_n)` to validate on, batches of 4, the ASCII tokenizer."""
     from dpo_lightning import PreferenceDataModule
 
     options = {"tokenizer": ascii_tokenizer(), "max_length": 48, "max_prompt_length": 24, "batch_size": 4, **kwargs}
-    return PreferenceDataModule(dataset=rows(n), eval_dataset=rows(eval_n) if eval_n else None, **options)
+    return PreferenceDataModule(dataset=dataset or rows(n), eval_dataset=rows(eval_n) if eval_n else None, **options)
 
 
 def quiet_trainer(root, max_steps: int = 4, **kwargs) -> L.Trainer:

@@ -10,9 +10,9 @@ import statistics
 import lightning as L
 import pytest
 import torch
-from conftest import ascii_tokenizer, rows
+from conftest import data_module
 
-from dpo_lightning import DPOModule, PreferenceDataModule
+from dpo_lightning import DPOModule
 from dpo_lightning.metrics import MarginLengthCorrelation, batch_values
 
 
@@ -44,8 +44,7 @@ def test_ties_count_half_and_logits_are_token_weighted():
 def fit_and_validate(policy: str, reference: str, batch_size: int, accumulate: int, eval_batch_size: int,
                      root) -> tuple[DPOModule, dict, dict]:
     L.seed_everything(0)
-    data = PreferenceDataModule(dataset=rows(16), eval_dataset=rows(10), tokenizer=ascii_tokenizer(), max_length=48,
-                                max_prompt_length=24, batch_size=batch_size, eval_batch_size=eval_batch_size)
+    data = data_module(16, eval_n=10, batch_size=batch_size, eval_batch_size=eval_batch_size)
     model = DPOModule(policy, ref_model_name_or_path=reference, learning_rate=1e-3)
     trainer = L.Trainer(max_steps=2, accumulate_grad_batches=accumulate, log_every_n_steps=1, logger=False,
                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
