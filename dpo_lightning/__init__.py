@@ -2,7 +2,8 @@
 
 from dpo_lightning.callbacks import ExportPretrained, GenerateSamples, PreemptionCheckpoint, ValidationSummary
 from dpo_lightning.data import PreferenceDataModule
-from dpo_lightning.losses import LOSSES, hinge_loss, ipo_loss, sequence_logps, sigmoid_loss
+from dpo_lightning.logps import sequence_logps
+from dpo_lightning.losses import LOSSES, hinge_loss, ipo_loss, sigmoid_loss
 from dpo_lightning.module import DPOModule
 
 __all__ = ["DPOModule", "PreferenceDataModule", "ValidationSummary", "GenerateSamples", "ExportPretrained",

@@ -49,7 +49,7 @@ from dpo_lightning import formats, sources
 from dpo_lightning.formats import FORMATS, PRESETS, detect_format, drop_error, to_strings
 from dpo_lightning.losses import IGNORE_INDEX
 from dpo_lightning.packing import collate_shared
-from dpo_lightning.resume import ResumableLoader
+from dpo_lightning.resume import EvalSampler, ResumableLoader
 from dpo_lightning.sources import FIELDS, STAGE_NAMES, DatasetSource, load_rows
 
 
@@ -454,7 +454,13 @@ class PreferenceDataModule(L.LightningDataModule):
     def val_dataloader(self) -> DataLoader | list:
         if self.val_data is None:
             return []
-        return self._loader(self.val_data, self.hparams.eval_batch_size or self.hparams.batch_size, shuffle=False)
+        batch_size = self.hparams.eval_batch_size or self.hparams.batch_size
+        if self.trainer is None or self.trainer.world_size == 1 or isinstance(self.val_data, IterableDataset):
+            return self._loader(self.val_data, batch_size, shuffle=False)
+        # Each pair on one rank: Lightning's own sampler would pad, counting some pairs twice (resume.py).
+        sampler = EvalSampler(self.val_data, self.trainer.world_size, self.trainer.global_rank)
+        return DataLoader(self.val_data, batch_size=batch_size, sampler=sampler, collate_fn=self.collate,
+                          num_workers=self.hparams.num_workers)
 
 
 def _map(rows: Dataset | IterableDataset, function, desc: str, num_proc: int | None = None,

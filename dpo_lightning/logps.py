@@ -5,9 +5,10 @@ Both return, for a batch of N rows (chosen rows then rejected rows, see `data.co
 vocabulary at those positions (TRL's `logits/chosen` diagnostic) and `n_tokens` (N,) their count.
 A batch in the shared-prefix layout (`packing.collate_shared`: one row per pair, or several pairs packed
 per row) gives the same, with N = 2B in the same order: its outputs are read back into the padded layout
-(`packing.padded_states`) before the log-probs, so the code below serves both layouts.
+(`packing.padded_states`) before the log-probs, so the code below serves both layouts; a padded batch goes
+to the model as it is. Both paths take their targets from one place, `shifted_labels`.
 
-- `naive_logps` calls the model and hands its (N, T, V) logits to `losses.sequence_logps`. It works for
+- `naive_logps` calls the model and hands its (N, T, V) logits to `sequence_logps`. It works for
   every model but holds the logits, their float32 copy and, in backward, their gradients: at 16 rows x
   512 tokens x 32k vocabulary each of those is 1 GB, and at a 128k vocabulary and 2k tokens, tens of GB.
 - `lean_logps` calls the decoder for hidden states (N, T, D), keeps only the positions that carry a label
@@ -32,21 +33,63 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from dpo_lightning.losses import IGNORE_INDEX, sequence_logps
+from dpo_lightning.losses import IGNORE_INDEX
 from dpo_lightning.models import base_causal_lm
-from dpo_lightning.packing import forward_inputs, padded_states
+from dpo_lightning.packing import is_shared, padded_states, rounding_tolerance, shared_inputs
 
 LogpsOutput = tuple[Tensor, Tensor, Tensor]
 
 
+def shifted_labels(labels: Tensor) -> tuple[Tensor, Tensor]:
+    """The token each position predicts (N, T-1) and which of them carry a label (N, T-1).
+
+    Off by one: the output at position t scores the token at t + 1, so the last position scores nothing
+    and the first token is never a target. Unlabelled targets are set to 0, a valid index for `gather`;
+    the mask zeroes them out afterwards.
+    """
+    labels = labels[:, 1:]
+    mask = labels != IGNORE_INDEX
+    return labels.masked_fill(~mask, 0), mask
+
+
+def sequence_logps(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """Sum of log p(label_t | tokens before t) over each row's labelled positions, in float32.
+
+    Args:
+        logits: (N, T, V) model outputs, any float dtype; upcast to float32 here so bf16 autocast
+            does not round the log-probs.
+        labels: (N, T) token ids, `IGNORE_INDEX` where no loss is taken (prompt and padding).
+
+    Returns:
+        logps: (N,) summed log-probs of the labelled tokens, float32.
+        n_tokens: (N,) number of labelled tokens per row.
+
+    Example:
+        logits at position t predict the token at t + 1, so for input `[p0, p1, r0, r1]` with labels
+        `[-100, -100, r0, r1]` the result is log p(r0 | p0 p1) + log p(r1 | p0 p1 r0).
+    """
+    targets, mask = shifted_labels(labels)  # (N, T-1) each
+    logits = logits[:, :-1].float()  # (N, T-1, V): the last position predicts past the sequence
+    label_logits = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (N, T-1)
+    # log softmax at the label only: logit - logsumexp, without keeping a (N, T-1, V) log-softmax.
+    token_logps = label_logits - torch.logsumexp(logits, dim=-1)
+    return (token_logps * mask).sum(-1), mask.sum(-1)
+
+
 def naive_logps(model: nn.Module, batch: dict[str, Tensor]) -> LogpsOutput:
     """Summed response log-probs (N,), mean response logits (N,) and response lengths (N,), via the full logits."""
-    logits = model(**forward_inputs(base_causal_lm(model), batch), use_cache=False).logits  # (N, T, V)
-    logits = padded_states(logits, batch)  # a shared batch's (R, L, V) read back as (N, T, V)
+    logits = _padded_outputs(lambda **inputs: model(**inputs).logits, base_causal_lm(model), batch)  # (N, T, V)
     logps, n_tokens = sequence_logps(logits, batch["labels"])
-    mask = batch["labels"][:, 1:] != IGNORE_INDEX  # (N, T-1): position t predicts token t + 1
+    mask = shifted_labels(batch["labels"])[1]  # (N, T-1)
     mean_logits = (logits[:, :-1].detach().float().mean(-1) * mask).sum(-1) / n_tokens.clamp(min=1)
     return logps, mean_logits, n_tokens
+
+
+def _padded_outputs(call: Callable[..., Tensor], lm: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+    """`call`'s per-position outputs (N, T, ...) in the padded layout that `batch["labels"]` follows."""
+    if not is_shared(batch):
+        return call(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+    return padded_states(call(**shared_inputs(lm, batch), use_cache=False), batch)  # (R, L, ...) read back
 
 
 def lean_logps(model: nn.Module, batch: dict[str, Tensor], chunk_size: int = 256) -> LogpsOutput:
@@ -61,12 +104,9 @@ def lean_logps(model: nn.Module, batch: dict[str, Tensor], chunk_size: int = 256
         chunk_size: tokens per head call; memory grows with chunk_size x vocabulary.
     """
     lm = base_causal_lm(model)
-    hidden = lm.base_model(**forward_inputs(lm, batch), use_cache=False).last_hidden_state  # (N, T, D)
-    hidden = padded_states(hidden, batch)  # a shared batch's (R, L, D) read back as (N, T, D)
-    # Off by one, as in `sequence_logps`: the hidden state at t scores the token at t + 1.
-    labels = batch["labels"][:, 1:]  # (N, T-1)
-    mask = labels != IGNORE_INDEX
-    hidden, targets = hidden[:, :-1][mask], labels[mask]  # (M, D), (M,): labelled positions only
+    hidden = _padded_outputs(lambda **inputs: lm.base_model(**inputs).last_hidden_state, lm, batch)  # (N, T, D)
+    targets, mask = shifted_labels(batch["labels"])  # (N, T-1) each
+    hidden, targets = hidden[:, :-1][mask], targets[mask]  # (M, D), (M,): labelled positions only
     score = functools.partial(_score_chunk, lm.get_output_embeddings(), logit_transform(lm))
     pieces = []
     for hidden_chunk, target_chunk in zip(hidden.split(chunk_size), targets.split(chunk_size)):
@@ -132,7 +172,8 @@ def lean_unsupported(model: nn.Module, n_tokens: int = 8) -> str | None:
     """Why `lean_logps` would not reproduce the model's own logits, or None when it does.
 
     Runs the model's forward and the decoder + head + transform on `n_tokens` tokens and compares the
-    logits (relative tolerance 1e-3: bf16 weights round differently in the two graphs).
+    logits, within `packing.rounding_tolerance` of the model's dtype (bf16 weights round differently in the
+    two graphs).
     """
     lm = base_causal_lm(model)
     vocab = lm.config.get_text_config().vocab_size
@@ -149,8 +190,9 @@ def lean_unsupported(model: nn.Module, n_tokens: int = 8) -> str | None:
         return f"calling {type(lm).__name__}'s decoder and output head separately failed ({error!r})"
     finally:
         lm.train(was_training)
-    if actual.shape != expected.shape or not torch.allclose(actual, expected, rtol=1e-3,
-                                                            atol=1e-3 * expected.abs().max().item()):
+    tolerance = rounding_tolerance(lm.dtype)
+    if actual.shape != expected.shape or not torch.allclose(actual, expected, rtol=tolerance,
+                                                            atol=tolerance * expected.abs().max().item()):
         return (f"{type(lm).__name__}'s logits are not its output head applied to its decoder's hidden states "
                 "(a logit scale or transform this package does not model)")
     return None

@@ -1,4 +1,4 @@
-"""DPO-family losses as pure functions of log-probabilities, and the one function that makes those log-probs.
+"""DPO-family losses as pure functions of log-probabilities.
 
 Every loss takes four `(B,)` tensors of response log-probs -- policy chosen, policy rejected, reference
 chosen, reference rejected -- plus keyword options, and returns `(losses, chosen_rewards, rejected_rewards)`,
@@ -22,6 +22,8 @@ References (arXiv ids):
   ORPO 2403.07691 (Hong et al.); CPO 2401.08417 (Xu et al.).
 """
 
+import functools
+import inspect
 import math
 from typing import Callable
 
@@ -445,30 +447,37 @@ LENGTH_NORMALIZED = frozenset({"ipo", "sigmoid_norm", "simpo", "orpo", "sft"})
 # Losses that never read the reference log-probs: the caller loads no reference and passes zeros.
 REFERENCE_FREE = frozenset({"simpo", "orpo", "cpo", "sft"})
 
+# The keyword options each loss takes (beta, its config options, the batch's lengths or bco_pair's shift),
+# read once here so that callers bind them at construction instead of inspecting a loss at every step.
+LOSS_ARGS: dict[str, frozenset[str]] = {
+    name: frozenset(arg for arg, p in inspect.signature(fn).parameters.items() if p.kind == p.KEYWORD_ONLY)
+    for name, fn in LOSSES.items()}
 
-def sequence_logps(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-    """Sum of log p(label_t | tokens before t) over each row's labelled positions, in float32.
 
-    Args:
-        logits: (N, T, V) model outputs, any float dtype; upcast to float32 here so bf16 autocast
-            does not round the log-probs.
-        labels: (N, T) token ids, `IGNORE_INDEX` where no loss is taken (prompt and padding).
+def bind_losses(loss_types: list[str], loss_weights: list[float], beta: float,
+                options: dict) -> dict[str, Callable[..., LossOutput]]:
+    """Each of `loss_types` with `beta` and the `options` it declares bound, once, after checking them.
 
-    Returns:
-        logps: (N,) summed log-probs of the labelled tokens, float32.
-        n_tokens: (N,) number of labelled tokens per row.
-
-    Example:
-        logits at position t predict the token at t + 1, so for input `[p0, p1, r0, r1]` with labels
-        `[-100, -100, r0, r1]` the result is log p(r0 | p0 p1) + log p(r1 | p0 p1 r0).
+    The errors name the config flags (`--model.<option>`): an unknown loss, one weight per loss, an option
+    that no selected loss takes (a silent no-op otherwise), and the options' ranges.
     """
-    # Off by one: logits[:, t] scores token t + 1, so drop the last logit and the first label.
-    logits = logits[:, :-1].float()  # (N, T-1, V)
-    labels = labels[:, 1:]  # (N, T-1)
-    mask = labels != IGNORE_INDEX
-    # gather needs a valid index everywhere; masked positions are zeroed out below anyway.
-    safe_labels = labels.masked_fill(~mask, 0)
-    label_logits = logits.gather(-1, safe_labels.unsqueeze(-1)).squeeze(-1)  # (N, T-1)
-    # log softmax at the label only: logit - logsumexp, without keeping a (N, T-1, V) log-softmax.
-    token_logps = label_logits - torch.logsumexp(logits, dim=-1)
-    return (token_logps * mask).sum(-1), mask.sum(-1)
+    unknown = [name for name in loss_types if name not in LOSSES]
+    if unknown or not loss_types:
+        raise ValueError(f"--model.loss_type {unknown or loss_types} is not one of {sorted(LOSSES)}")
+    if len(loss_weights) != len(loss_types):
+        raise ValueError(f"--model.loss_weights has {len(loss_weights)} entries for {len(loss_types)} loss types "
+                         f"{loss_types}: give one weight per loss")
+    for option in options:
+        if not any(option in LOSS_ARGS[name] for name in loss_types):
+            users = sorted(name for name in LOSSES if option in LOSS_ARGS[name])
+            raise ValueError(f"--model.{option} is set but loss_type {loss_types} ignores it; it is used by "
+                             f"{users}: remove it or pick one of those losses")
+    if beta <= 0:
+        raise ValueError(f"--model.beta must be > 0, got {beta}")
+    if not 0.0 <= options.get("label_smoothing", 0.0) < 0.5:
+        raise ValueError(f"--model.label_smoothing must be in [0, 0.5), got {options['label_smoothing']}")
+    if "exo_pair" in loss_types and options.get("label_smoothing") == 0:
+        raise ValueError("--model.label_smoothing must be > 0 for exo_pair (its loss is infinite at 0): "
+                         "leave it unset for the paper's 1e-3")
+    return {name: functools.partial(LOSSES[name], beta=beta, **{k: v for k, v in options.items()
+                                                                if k in LOSS_ARGS[name]}) for name in loss_types}

@@ -2,7 +2,10 @@
 
 Every metric is a torchmetrics object holding sums and counts, so a split's value is the exact mean
 over all of its pairs (or tokens), whatever the batch size, the number of DDP ranks (torchmetrics
-syncs the sums) or the gradient accumulation (training metrics are reduced per optimizer step).
+syncs the sums; each validation pair is on one rank only, `resume.EvalSampler`) or the gradient
+accumulation (training metrics are reduced per optimizer step). `loss` is the loss as trained: the
+weighted sum of the `loss_type` losses, plus `rpo_alpha` x `nll_loss`; when it has several terms, each
+loss type's own (unweighted) mean is logged as `loss/<loss_type>`.
 """
 
 from typing import Callable
@@ -46,13 +49,43 @@ class MarginLengthCorrelation(Metric):
         return (cov / torch.sqrt(var_x * var_y)).float()
 
 
-def make_metrics(with_nll: bool, sync_on_compute: bool = True) -> nn.ModuleDict:
+class TotalLoss(Metric):
+    """The loss as trained over a split or a step: the mean pair loss + rpo_alpha x the chosen responses' NLL per token.
+
+    The RPO term is token-weighted (a cross-entropy over all chosen tokens, as TRL's `rpo_alpha`), the
+    pair term a mean over pairs, so neither is a mean of batch values: both are kept as sums.
+    """
+
+    def __init__(self, rpo_alpha: float = 0.0, **kwargs):
+        super().__init__(**kwargs)
+        self.rpo_alpha = rpo_alpha
+        for name in ("pair_loss", "pairs", "chosen_nll", "chosen_tokens"):
+            self.add_state(name, default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, pair_losses: Tensor, chosen_nll: Tensor, chosen_tokens: Tensor) -> None:
+        """pair_losses (B,); chosen_nll (B,) each chosen response's summed NLL over its chosen_tokens (B,) tokens."""
+        self.pair_loss += pair_losses.double().sum()
+        self.pairs += pair_losses.numel()
+        self.chosen_nll += chosen_nll.double().sum()
+        self.chosen_tokens += chosen_tokens.double().sum()
+
+    def compute(self) -> Tensor:
+        loss = self.pair_loss / self.pairs
+        if self.rpo_alpha:
+            loss = loss + self.rpo_alpha * self.chosen_nll / self.chosen_tokens
+        return loss.float()
+
+
+def make_metrics(loss_types: list[str], rpo_alpha: float | None, with_nll: bool,
+                 sync_on_compute: bool = True) -> nn.ModuleDict:
     """One stage's metrics. Slashes are fine in ModuleDict keys (dots are not).
 
     `sync_on_compute=False` for metrics computed at every step: `compute_all` then syncs them at once.
     """
-    names = PAIR_METRICS + TOKEN_METRICS[:2] + (("nll_loss",) if with_nll else ())
-    metrics = nn.ModuleDict({name: MeanMetric(sync_on_compute=sync_on_compute) for name in names})
+    parts = tuple(f"loss/{name}" for name in loss_types) if len(loss_types) > 1 or rpo_alpha else ()
+    names = PAIR_METRICS[1:] + TOKEN_METRICS[:2] + (("nll_loss",) if with_nll else ()) + parts
+    metrics = nn.ModuleDict({"loss": TotalLoss(rpo_alpha or 0.0, sync_on_compute=sync_on_compute)})
+    metrics.update({name: MeanMetric(sync_on_compute=sync_on_compute) for name in names})
     metrics["rewards/margin_length_corr"] = MarginLengthCorrelation(sync_on_compute=sync_on_compute)
     return metrics
 
@@ -69,25 +102,35 @@ def compute_all(metrics: nn.ModuleDict, all_reduce_sum: Callable[[Tensor], Tenso
     return {name: metric.compute() for name, metric in metrics.items()}
 
 
-def batch_values(losses: Tensor, chosen_rewards: Tensor, rejected_rewards: Tensor, logps: Tensor,
-                 mean_logits: Tensor, n_tokens: Tensor, nll: Tensor | None) -> dict[str, tuple[Tensor, Tensor]]:
+def update_metrics(metrics: nn.ModuleDict, losses: dict[str, Tensor], weights: list[float], chosen_rewards: Tensor,
+                   rejected_rewards: Tensor, logps: Tensor, mean_logits: Tensor, n_tokens: Tensor) -> None:
+    """Add one batch to every metric in `metrics` (see `batch_values` for the arguments)."""
+    for name, args in batch_values(losses, weights, chosen_rewards, rejected_rewards, logps, mean_logits,
+                                   n_tokens).items():
+        if name in metrics:
+            metrics[name].update(*args)
+
+
+def batch_values(losses: dict[str, Tensor], weights: list[float], chosen_rewards: Tensor, rejected_rewards: Tensor,
+                 logps: Tensor, mean_logits: Tensor, n_tokens: Tensor) -> dict[str, tuple[Tensor, ...]]:
     """Each metric's update arguments for one batch: (value, weight) for means, (margins, Δlength) for the correlation.
 
     Args:
-        losses, chosen_rewards, rejected_rewards: (B,) from the loss.
+        losses: each loss type's per-pair losses (B,), unweighted; `weights` in the same order.
+        chosen_rewards, rejected_rewards: (B,) from the first loss.
         logps, mean_logits, n_tokens: (2B,) summed log-probs, mean logit and token count per sequence,
             chosen rows first.
-        nll: (B,) per-pair NLL of the chosen response per token, or None when no loss term uses it.
     """
     # A tie (policy == reference, as at step 0) counts as half right: the accuracy of a coin flip.
     # TRL counts ties as wrong, which reads 0.0 at step 0 instead of 0.5.
     accuracy = (chosen_rewards > rejected_rewards).float() + 0.5 * (chosen_rewards == rejected_rewards).float()
     margins = chosen_rewards - rejected_rewards
-    one = torch.ones_like(losses)
+    one = torch.ones_like(chosen_rewards)
     (chosen_logps, rejected_logps), (chosen_logits, rejected_logits) = logps.chunk(2), mean_logits.chunk(2)
     chosen_tokens, rejected_tokens = n_tokens.float().chunk(2)
+    pair_losses = sum(weight * part for weight, part in zip(weights, losses.values()))
     values = {
-        "loss": (losses, one),
+        "loss": (pair_losses, -chosen_logps, chosen_tokens),
         "rewards/chosen": (chosen_rewards, one),
         "rewards/rejected": (rejected_rewards, one),
         "rewards/accuracies": (accuracy, one),
@@ -100,7 +143,7 @@ def batch_values(losses: Tensor, chosen_rewards: Tensor, rejected_rewards: Tenso
         "logits/chosen": (chosen_logits, chosen_tokens),
         "logits/rejected": (rejected_logits, rejected_tokens),
         "rewards/margin_length_corr": (margins, chosen_tokens - rejected_tokens),
+        "nll_loss": (-chosen_logps / chosen_tokens, chosen_tokens),  # per token, over all chosen tokens
+        **{f"loss/{name}": (part, one) for name, part in losses.items()},
     }
-    if nll is not None:
-        values["nll_loss"] = (nll, chosen_tokens)
-    return {name: (value.detach(), weight) for name, (value, weight) in values.items()}
+    return {name: tuple(arg.detach() for arg in args) for name, args in values.items()}

@@ -6,11 +6,16 @@ log-probs (lean by default: no full-vocabulary logits), and the losses named by 
 functions in `losses.py`) turn those into per-pair losses and rewards. The reference is a frozen copy,
 or with a LoRA adapter the policy itself with its adapter switched off (`models.py`). Devices, precision
 and distribution are the Trainer's business: nothing here moves tensors or casts them.
+
+The hooks come in the order Lightning calls them (setup, training_step, on_before_optimizer_step,
+lr_scheduler_step, on_train_batch_end, validation_step), then the step they share (`_shared_step`:
+log-probs, reference log-probs, loss, metrics) and its helpers. A non-finite loss with
+`nonfinite_loss: skip` marks the optimizer step skipped on every rank, and the hooks after it leave the
+weights, optimizer, schedule and metrics alone (`_finite_on_every_rank`, `on_before_optimizer_step`).
 """
 
 import contextlib
 import functools
-import inspect
 import math
 import os
 from typing import Literal
@@ -24,8 +29,8 @@ from transformers import PreTrainedModel
 
 from dpo_lightning import reference_cache
 from dpo_lightning.logps import lean_logps, lean_unsupported, naive_logps
-from dpo_lightning.losses import LENGTH_NORMALIZED, LOSSES, REFERENCE_FREE
-from dpo_lightning.metrics import batch_values, compute_all, make_metrics
+from dpo_lightning.losses import LENGTH_NORMALIZED, LOSS_ARGS, LOSSES, REFERENCE_FREE, bind_losses
+from dpo_lightning.metrics import compute_all, make_metrics, update_metrics
 from dpo_lightning.models import base_causal_lm, build_models, load_causal_lm, reference_weights
 from dpo_lightning.packing import shared_layout_unsupported
 from dpo_lightning.resume import ends_optimizer_step
@@ -36,11 +41,6 @@ PROGRESS_BAR = ("loss", "rewards/accuracies")
 # loss declares is an error rather than a silent no-op.
 LOSS_OPTIONS = ("label_smoothing", "simpo_gamma", "dpop_lambda", "rdpo_alpha", "discopop_tau",
                 "f_divergence_type", "f_alpha_divergence_coef")
-
-
-def declared(loss_type: str) -> set[str]:
-    """The keyword options a loss function takes."""
-    return set(inspect.signature(LOSSES[loss_type]).parameters)
 
 
 class DPOModule(L.LightningModule):
@@ -76,8 +76,10 @@ class DPOModule(L.LightningModule):
         ref_logps_cache_dir: where precomputed reference log-probs are kept. Default:
             ~/.cache/dpo_lightning/reference_logps.
         nonfinite_loss: what a NaN or infinite training loss does, before it reaches the weights:
-            "stop" the run with a message naming the step and the batch's rows, or "skip" the batch
-            (every rank skips it together) with a warning.
+            "stop" the run with a message naming the step and the batch's rows, or "skip", with a warning,
+            the optimizer step the batch belongs to (all its micro-batches, on every rank together): no
+            weight, optimizer state, learning rate, metric or bco_pair mean changes; `global_step` and
+            the data still move on.
         chosen_logp_drop_warning: warn once when the chosen responses' log-prob, averaged over a training
             step's pairs, falls this far (in nats per response) below the reference's: the likelihood
             displacement that precedes degenerate generations. None: off.
@@ -153,9 +155,10 @@ class DPOModule(L.LightningModule):
         self.loss_types = [loss_type] if isinstance(loss_type, str) else list(loss_type)
         self.loss_weights = list(loss_weights) if loss_weights is not None else [1.0] * len(self.loss_types)
         options = {name: value for name, value in locals().items() if name in LOSS_OPTIONS and value is not None}
-        _validate(self.loss_types, self.loss_weights, options, beta, learning_rate, weight_decay, warmup_steps)
-        self.loss_kwargs = {name: {"beta": beta, **{k: v for k, v in options.items() if k in declared(name)}}
-                            for name in self.loss_types}
+        self.loss_fns = bind_losses(self.loss_types, self.loss_weights, beta, options)  # the batch's lengths: per step
+        if learning_rate <= 0 or weight_decay < 0 or warmup_steps < 0:
+            raise ValueError(f"--model.learning_rate must be > 0 and weight_decay, warmup_steps >= 0; got "
+                             f"{learning_rate}, {weight_decay}, {warmup_steps}")
         self.save_hyperparameters(ignore=["model_name_or_path"] if isinstance(model_name_or_path, nn.Module) else None)
 
         self.needs_reference = not reference_free and not set(self.loss_types) <= REFERENCE_FREE
@@ -178,9 +181,11 @@ class DPOModule(L.LightningModule):
         # bco_pair shifts rewards by their running mean over all training pairs so far (kept for resume).
         self.register_buffer("bco_reward_sum", torch.zeros((), dtype=torch.float64))
         self.register_buffer("bco_reward_count", torch.zeros((), dtype=torch.float64))
-        self.uses_nll = bool(rpo_alpha) or "sft" in self.loss_types
-        self.train_metrics = make_metrics(self.uses_nll, sync_on_compute=False)  # reduced at once each step
-        self.val_metrics = make_metrics(self.uses_nll)
+        self._bco_step_totals: Tensor | None = None  # this optimizer step's (reward sum, count), not yet added
+        uses_nll = bool(rpo_alpha) or "sft" in self.loss_types
+        self.train_metrics = make_metrics(self.loss_types, rpo_alpha, uses_nll, sync_on_compute=False)
+        self.val_metrics = make_metrics(self.loss_types, rpo_alpha, uses_nll)
+        self._skip_step = False  # a non-finite loss in this optimizer step, with nonfinite_loss: skip
         self._displacement_warned = False
 
     def _lean_supported(self) -> bool:
@@ -191,6 +196,17 @@ class DPOModule(L.LightningModule):
                 return False
         return True
 
+    def setup(self, stage: str) -> None:
+        # A model that ignores the shared layout's mask would train on wrong log-probs without an error.
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is not None and datamodule.hparams.get("prefix_sharing"):
+            for model in (self.policy, self.reference):
+                reason = shared_layout_unsupported(model) if model is not None else None
+                if reason:
+                    raise ValueError(f"--data.prefix_sharing: {reason}. Set --data.prefix_sharing false, or "
+                                     "load the model with an attention implementation that takes a 4D mask "
+                                     "(sdpa, eager)")
+
     def train(self, mode: bool = True):
         # Lightning switches the whole module to train mode each epoch; the reference stays in eval.
         super().train(mode)
@@ -198,14 +214,29 @@ class DPOModule(L.LightningModule):
             self.reference.eval()
         return self
 
-    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor | None:
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         loss = self._shared_step(batch, "train")
-        # Log once per optimizer step, reduced over all its micro-batches (not the last one's value).
-        if ends_optimizer_step(self.trainer, batch_idx):
+        if ends_optimizer_step(self.trainer, batch_idx):  # log once per optimizer step, over all its micro-batches
             self._log_train_step()
-        # None for a skipped non-finite loss: Lightning runs no backward, so the optimizer finds no gradient
-        # and changes no weight (its step counter and the scheduler still advance).
         return loss
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if self._skip_step:
+            # No gradient at all, rather than a zero one: AdamW and RMSprop pass over such parameters, so no
+            # weight, moment or step count moves (a zero gradient still moves them through momentum and decay).
+            optimizer.zero_grad(set_to_none=True)
+        elif self._bco_step_totals is not None:  # before on_train_batch_end, where checkpoints are saved
+            self.bco_reward_sum += self._bco_step_totals[0]
+            self.bco_reward_count += self._bco_step_totals[1]
+        self._bco_step_totals = None
+
+    def lr_scheduler_step(self, scheduler, metric) -> None:
+        if not self._skip_step:  # a skipped step leaves the schedule where it was, too
+            super().lr_scheduler_step(scheduler, metric)
+
+    def on_train_batch_end(self, outputs, batch: dict[str, Tensor], batch_idx: int) -> None:
+        if ends_optimizer_step(self.trainer, batch_idx):
+            self._skip_step = False
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         loss = self._shared_step(batch, "val")
@@ -214,29 +245,58 @@ class DPOModule(L.LightningModule):
         return loss
 
     def _shared_step(self, batch: dict[str, Tensor], stage: str) -> Tensor:
-        policy_logps, mean_logits, n_tokens = self._sequence_logps(self.policy, batch)  # each (2B,)
+        policy_logps, mean_logits, n_tokens = self._sequence_logps(self.policy, batch)  # each (2B,), chosen first
         ref_logps = self._reference_logps(batch, stage) if self.needs_reference else torch.zeros_like(policy_logps)
-        losses, chosen_rewards, rejected_rewards = self._preference_loss(policy_logps, ref_logps, n_tokens, stage)
-        chosen_logps, chosen_tokens = policy_logps.chunk(2)[0], n_tokens.chunk(2)[0]
-        nll = -chosen_logps / chosen_tokens if self.uses_nll else None  # (B,) per-token NLL of each chosen
-        loss = losses.mean()
+        losses, chosen_rewards, rejected_rewards = self._losses(policy_logps, ref_logps, n_tokens, stage)  # (B,) each
+        loss = sum(weight * losses[name].mean() for name, weight in zip(self.loss_types, self.loss_weights))
         if self.hparams.rpo_alpha:
             # Token-weighted over the batch, as a cross-entropy over all chosen tokens (TRL's rpo_alpha).
+            chosen_logps, chosen_tokens = policy_logps.chunk(2)[0], n_tokens.chunk(2)[0]
             loss = loss + self.hparams.rpo_alpha * (-chosen_logps.sum() / chosen_tokens.sum())
-        if stage == "train" and not self._finite(loss, batch):
-            return None
-        if "pairs_per_row" in batch:  # how densely packing fills the rows
-            self.log(f"{stage}/pairs_per_row", batch["pairs_per_row"].float().mean(), batch_size=len(chosen_logps))
+        if stage == "train" and not self._finite_on_every_rank(loss, batch):
+            return loss  # its optimizer step is skipped: see on_before_optimizer_step
         metrics = self.train_metrics if stage == "train" else self.val_metrics
-        for name, args in batch_values(losses, chosen_rewards, rejected_rewards, policy_logps, mean_logits,
-                                       n_tokens, nll).items():
-            metrics[name].update(*args)
+        update_metrics(metrics, losses, self.loss_weights, chosen_rewards, rejected_rewards, policy_logps,
+                       mean_logits, n_tokens)
+        if "pairs_per_row" in batch:  # how densely packing fills the rows
+            self.log(f"{stage}/pairs_per_row", batch["pairs_per_row"].float().mean(), batch_size=len(chosen_rewards))
         return loss
 
-    def _finite(self, loss: Tensor, batch: dict[str, Tensor]) -> bool:
-        """Whether the loss is finite on every rank; if not, stop with the step and rows, or warn and skip."""
+    def _losses(self, policy_logps: Tensor, ref_logps: Tensor, n_tokens: Tensor,
+                stage: str) -> tuple[dict[str, Tensor], Tensor, Tensor]:
+        """Each selected loss per pair (B,), unweighted, and the first loss's rewards (B,) each."""
+        chosen_tokens, rejected_tokens = n_tokens.float().chunk(2)
+        batch_args = {"chosen_lengths": chosen_tokens, "rejected_lengths": rejected_tokens}
+        if "bco_pair" in self.loss_types:
+            batch_args["bco_reward_shift"] = self._bco_reward_shift(policy_logps, ref_logps, stage)
+        losses, rewards = {}, []
+        for name, loss_fn in self.loss_fns.items():
+            policy, ref = (policy_logps / n_tokens, ref_logps / n_tokens) if name in LENGTH_NORMALIZED else (
+                policy_logps, ref_logps)
+            kwargs = {k: v for k, v in batch_args.items() if k in LOSS_ARGS[name]}
+            losses[name], *pair_rewards = loss_fn(*policy.chunk(2), *ref.chunk(2), **kwargs)
+            rewards = rewards or pair_rewards
+        return losses, *rewards
+
+    def _bco_reward_shift(self, policy_logps: Tensor, ref_logps: Tensor, stage: str) -> Tensor:
+        """Running mean of the implicit rewards of every trained pair so far, this step's included (TRL's delta).
+
+        This optimizer step's sums are added to the running ones only once the step is taken
+        (`on_before_optimizer_step`), so a skipped step leaves no trace in later batches.
+        """
+        totals = torch.stack([self.bco_reward_sum, self.bco_reward_count])
+        if stage == "train":
+            rewards = (self.hparams.beta * (policy_logps - ref_logps)).detach().double()  # (2B,)
+            batch = self.all_gather(torch.stack([rewards.sum(), rewards.new_tensor(rewards.numel())]))
+            batch = batch.reshape(-1, 2).sum(0)  # over ranks
+            self._bco_step_totals = batch if self._bco_step_totals is None else self._bco_step_totals + batch
+            totals = totals + self._bco_step_totals
+        return (totals[0] / totals[1].clamp(min=1)).float()
+
+    def _finite_on_every_rank(self, loss: Tensor, batch: dict[str, Tensor]) -> bool:
+        """Whether the loss is finite on every rank; if not, stop naming the step and rows, or mark the step skipped."""
         bad = (~torch.isfinite(loss.detach())).float()
-        if self._trainer is not None:  # every rank must skip together, or DDP's gradient all-reduce hangs
+        if self._trainer is not None:  # every rank must decide alike, or DDP's gradient all-reduce hangs
             bad = self.trainer.strategy.reduce(bad, reduce_op="sum")
         if bad.item() == 0:
             return True
@@ -249,38 +309,27 @@ class DPOModule(L.LightningModule):
             raise FloatingPointError(f"{message}. The weights were not updated. Check these rows with "
                                      "`dpo-lightning inspect-data`; try a lower learning rate, bf16 instead of "
                                      "fp16, or --model.nonfinite_loss skip")
-        rank_zero_warn(f"{message}: skipped (--model.nonfinite_loss skip)")
+        if not self._skip_step:
+            rank_zero_warn(f"{message}: this optimizer step is skipped on every rank (--model.nonfinite_loss skip)")
+        self._skip_step = True
         return False
 
-    def _preference_loss(self, policy_logps: Tensor, ref_logps: Tensor, n_tokens: Tensor,
-                         stage: str) -> tuple[Tensor, Tensor, Tensor]:
-        """Per-pair weighted sum of the selected losses (B,), and the first loss's rewards (B,) each."""
-        chosen_tokens, rejected_tokens = n_tokens.float().chunk(2)
-        batch_kwargs = {"chosen_lengths": chosen_tokens, "rejected_lengths": rejected_tokens}
-        if "bco_pair" in self.loss_types:
-            batch_kwargs["bco_reward_shift"] = self._bco_reward_shift(policy_logps, ref_logps, stage)
-        total, rewards = 0.0, None
-        for name, weight in zip(self.loss_types, self.loss_weights):
-            policy, ref = policy_logps, ref_logps
-            if name in LENGTH_NORMALIZED:
-                policy, ref = policy / n_tokens, ref / n_tokens
-            wanted = declared(name)
-            kwargs = {**self.loss_kwargs[name], **{k: v for k, v in batch_kwargs.items() if k in wanted}}
-            losses, chosen_rewards, rejected_rewards = LOSSES[name](*policy.chunk(2), *ref.chunk(2), **kwargs)
-            total = total + weight * losses
-            if rewards is None:
-                rewards = (chosen_rewards, rejected_rewards)
-        return total, *rewards
-
-    def _bco_reward_shift(self, policy_logps: Tensor, ref_logps: Tensor, stage: str) -> Tensor:
-        """Running mean of the implicit rewards of every training pair so far, this batch included (TRL's delta)."""
-        if stage == "train":
-            rewards = (self.hparams.beta * (policy_logps - ref_logps)).detach().double()  # (2B,)
-            totals = self.all_gather(torch.stack([rewards.sum(), rewards.new_tensor(rewards.numel())]))
-            totals = totals.reshape(-1, 2).sum(0)  # over ranks
-            self.bco_reward_sum += totals[0]
-            self.bco_reward_count += totals[1]
-        return (self.bco_reward_sum / self.bco_reward_count.clamp(min=1)).float()
+    def _log_train_step(self) -> None:
+        """Log the optimizer step's training metrics over all its micro-batches and ranks, with one all-reduce."""
+        reduce = functools.partial(self.trainer.strategy.reduce, reduce_op="sum")
+        values = {} if self._skip_step else {f"train/{k}": v for k, v in compute_all(self.train_metrics, reduce).items()}
+        for metric in self.train_metrics.values():
+            metric.reset()
+        for name, value in values.items():
+            self.log(name, value, on_step=True, on_epoch=False, prog_bar=name.removeprefix("train/") in PROGRESS_BAR)
+        threshold = self.hparams.chosen_logp_drop_warning
+        if values and threshold is not None and self.needs_reference and not self._displacement_warned:
+            drop = -values["train/rewards/chosen"].item() / self.hparams.beta  # mean log ref - log pi of chosen
+            if drop > threshold:
+                self._displacement_warned = True
+                rank_zero_warn(f"step {self.global_step}: the chosen responses' log-prob is {drop:.2f} nats below "
+                               f"the reference's (threshold {threshold}): likelihood displacement; consider "
+                               "rpo_alpha, a larger beta or a smaller learning rate")
 
     def _sequence_logps(self, model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
         """Summed response log-probs (2B,), mean response logits (2B,) and response lengths (2B,)."""
@@ -301,17 +350,6 @@ class DPOModule(L.LightningModule):
         if self.reference is not None:
             return self.reference, contextlib.nullcontext()
         return self.policy, reference_weights(self.policy, self.reference_adapter)
-
-    def setup(self, stage: str) -> None:
-        # A model that ignores the shared layout's mask would train on wrong log-probs without an error.
-        datamodule = getattr(self.trainer, "datamodule", None)
-        if datamodule is not None and datamodule.hparams.get("prefix_sharing"):
-            for model in (self.policy, self.reference):
-                reason = shared_layout_unsupported(model) if model is not None else None
-                if reason:
-                    raise ValueError(f"--data.prefix_sharing: {reason}. Set --data.prefix_sharing false, or "
-                                     "load the model with an attention implementation that takes a 4D mask "
-                                     "(sdpa, eager)")
 
     def on_fit_start(self) -> None:
         if self.hparams.precompute_ref_log_probs:
@@ -377,24 +415,6 @@ class DPOModule(L.LightningModule):
         frozen = {name: p for name, p in params.items() if not p.requires_grad}
         return reference_cache.weights_fingerprint(frozen or params)
 
-    def _log_train_step(self) -> None:
-        if not self.train_metrics["loss"].update_count:  # every micro-batch of the step was skipped (non-finite)
-            return
-        reduce = functools.partial(self.trainer.strategy.reduce, reduce_op="sum")
-        values = {f"train/{name}": value for name, value in compute_all(self.train_metrics, reduce).items()}
-        for metric in self.train_metrics.values():
-            metric.reset()
-        for name, value in values.items():
-            self.log(name, value, on_step=True, on_epoch=False, prog_bar=name.removeprefix("train/") in PROGRESS_BAR)
-        threshold = self.hparams.chosen_logp_drop_warning
-        if threshold is not None and self.needs_reference and not self._displacement_warned:
-            drop = -values["train/rewards/chosen"].item() / self.hparams.beta  # mean log ref - log pi of chosen
-            if drop > threshold:
-                self._displacement_warned = True
-                rank_zero_warn(f"step {self.global_step}: the chosen responses' log-prob is {drop:.2f} nats below "
-                               f"the reference's (threshold {threshold}): likelihood displacement; consider "
-                               "rpo_alpha, a larger beta or a smaller learning rate")
-
     def configure_optimizers(self):
         hp = self.hparams
         params = [p for p in self.policy.parameters() if p.requires_grad]
@@ -435,28 +455,3 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int | float, kind: str)
         return 1.0
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
     return 1.0 - progress if kind == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def _validate(loss_types: list[str], loss_weights: list[float], options: dict, beta: float, learning_rate: float,
-              weight_decay: float, warmup_steps: int) -> None:
-    unknown = [name for name in loss_types if name not in LOSSES]
-    if unknown or not loss_types:
-        raise ValueError(f"--model.loss_type {unknown or loss_types} is not one of {sorted(LOSSES)}")
-    if len(loss_weights) != len(loss_types):
-        raise ValueError(f"--model.loss_weights has {len(loss_weights)} entries for {len(loss_types)} loss types "
-                         f"{loss_types}: give one weight per loss")
-    for option in options:
-        users = sorted(name for name in LOSSES if option in declared(name))
-        if not any(option in declared(name) for name in loss_types):
-            raise ValueError(f"--model.{option} is set but loss_type {loss_types} ignores it; it is used by "
-                             f"{users}: remove it or pick one of those losses")
-    if beta <= 0:
-        raise ValueError(f"--model.beta must be > 0, got {beta}")
-    if not 0.0 <= options.get("label_smoothing", 0.0) < 0.5:
-        raise ValueError(f"--model.label_smoothing must be in [0, 0.5), got {options['label_smoothing']}")
-    if "exo_pair" in loss_types and options.get("label_smoothing") == 0:
-        raise ValueError("--model.label_smoothing must be > 0 for exo_pair (its loss is infinite at 0): "
-                         "leave it unset for the paper's 1e-3")
-    if learning_rate <= 0 or weight_decay < 0 or warmup_steps < 0:
-        raise ValueError(f"--model.learning_rate must be > 0 and weight_decay, warmup_steps >= 0; got "
-                         f"{learning_rate}, {weight_decay}, {warmup_steps}")

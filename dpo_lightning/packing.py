@@ -15,7 +15,7 @@ every sequence to the batch's longest. Here a pair is one stretch of tokens `[pr
 Log-probs are then read back per response, not by shifting the row by one: the first token of *both*
 responses is predicted from the last prompt position, which is followed in the row by the first chosen
 token only. The batch names, for each response, the positions whose hidden states score it (the last
-prompt position, then the response's own tokens), so `forward_inputs` + `padded_states` turn a shared
+prompt position, then the response's own tokens), so `shared_inputs` + `padded_states` turn a shared
 batch's hidden states into those of a padded batch whose prompts are cut to their last token, and the
 padded path's log-prob code runs unchanged on them (logps.py).
 
@@ -182,34 +182,42 @@ def attention_mask(lm: nn.Module, batch: dict[str, Tensor]) -> Tensor | BlockMas
     return mask
 
 
-def forward_inputs(lm: nn.Module, batch: dict[str, Tensor]) -> dict:
-    """The model's keyword arguments for a padded batch, or for a shared one (with its mask and position ids)."""
-    if not is_shared(batch):
-        return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+def shared_inputs(lm: nn.Module, batch: dict[str, Tensor]) -> dict:
+    """The model's keyword arguments for a shared batch: its ids, position ids and 4D mask."""
     return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"],
             "attention_mask": attention_mask(lm, batch)}
 
 
 def padded_states(states: Tensor, batch: dict[str, Tensor]) -> Tensor:
-    """Per-position outputs (hidden states or logits) in the padded layout that `batch["labels"]` follows.
+    """A shared batch's per-position outputs (hidden states or logits) in the padded layout of `batch["labels"]`.
 
-    A padded batch's (N, T, ...) are returned as they are; a shared batch's (R, L, ...) are gathered at
-    `response_positions` into (2B, S, ...), where, as in the padded layout, column t scores label t + 1.
-    An output that scores two tokens (the last prompt position) is gathered twice, and its gradient summed.
+    The (R, L, ...) outputs are gathered at `response_positions` into (2B, S, ...), where, as in the padded
+    layout, column t scores label t + 1. An output that scores two tokens (the last prompt position) is
+    gathered twice, and its gradient summed.
     """
-    if not is_shared(batch):
-        return states
     return states.flatten(0, 1)[batch["response_positions"]]
+
+
+def rounding_tolerance(dtype: torch.dtype) -> float:
+    """How far, relative to the largest value, two computations of the same outputs in `dtype` may differ.
+
+    1e-3 in float32; in bf16 (2^-8 relative rounding, 8 bits of mantissa) and fp16, 4 units of rounding,
+    since CPU kernel sets (AVX-512, AVX2, the `default` one) and GPU kernels round each matmul differently
+    (measured: up to 1.5 units on a 2-layer model under ATEN_CPU_CAPABILITY=avx2).
+    """
+    return max(1e-3, 2 * torch.finfo(dtype).eps)
 
 
 def shared_layout_unsupported(model: nn.Module) -> str | None:
     """Why the shared layout would not reproduce the padded layout's outputs on `model`, or None when it does.
 
     Packs two pairs of a few tokens into one row and compares the decoder's hidden states at each response's
-    scoring positions with those of the response run alone, unpadded (relative tolerance 1e-3 of the
-    largest, as `logps.lean_unsupported`). A mask the model ignores lets a rejected token see the chosen
-    response or the other pair, and ignored position ids shift the rejected response: either moves the
-    hidden states by 1e-2 or more, even in a randomly initialised model, whose logits would barely move.
+    scoring positions with those of the response run alone, unpadded, within `rounding_tolerance` of the
+    model's dtype (as `logps.lean_unsupported`). A mask the model ignores lets a rejected token see the
+    chosen response or the other pair: that moves the hidden states by half their largest value or more,
+    even in a randomly initialised model, so it is caught in any dtype. Ignored position ids shift the
+    rejected response, which moves a random Llama's states by under 1% (its attention is nearly uniform):
+    caught in float32, below bf16's tolerance.
     """
     lm = base_causal_lm(model)
     vocab = lm.config.get_text_config().vocab_size
@@ -225,7 +233,7 @@ def shared_layout_unsupported(model: nn.Module) -> str | None:
     lm.eval()  # no dropout, so the two runs are comparable
     try:
         with torch.no_grad():
-            shared = padded_states(lm.base_model(**forward_inputs(lm, batch), use_cache=False).last_hidden_state,
+            shared = padded_states(lm.base_model(**shared_inputs(lm, batch), use_cache=False).last_hidden_state,
                                    batch)  # (4, S, D)
             alone = [_alone_states(lm, row["prompt_input_ids"], row[side], device)
                      for side in ("chosen_input_ids", "rejected_input_ids") for row in rows]
@@ -233,9 +241,10 @@ def shared_layout_unsupported(model: nn.Module) -> str | None:
         return f"{type(lm).__name__} cannot take the shared layout's 4D attention mask ({error!r})"
     finally:
         lm.train(was_training)
+    tolerance = rounding_tolerance(lm.dtype)
     for k, expected in enumerate(alone):
         actual = shared[k, : len(expected)].float()
-        if not torch.allclose(actual, expected, rtol=1e-3, atol=1e-3 * expected.abs().max().item()):
+        if not torch.allclose(actual, expected, rtol=tolerance, atol=tolerance * expected.abs().max().item()):
             return (f"{type(lm).__name__} with attn_implementation={lm.config._attn_implementation!r} ignores "
                     "the shared layout's attention mask or position ids (its hidden states differ from the "
                     "padded layout's)")

@@ -1,11 +1,20 @@
-"""Exact mid-epoch resume: a training DataLoader whose position is saved in every checkpoint.
+"""Which pairs each rank sees: a training DataLoader whose position is saved in every checkpoint (exact
+mid-epoch resume), and a validation sampler that gives every pair to exactly one rank.
 
 A resumed run must train on the next unseen batch, in the order an uninterrupted run would have used,
 so that it ends at the same weights. The shuffle order here is a function of (seed, epoch) alone, and
 the checkpoint records the epoch and how many of its batches were trained on; Lightning calls the
 loader's `state_dict`/`load_state_dict` itself. Under DDP each rank takes every `world_size`-th index
-of the same permutation, as `DistributedSampler` does. `ends_optimizer_step` says where a checkpoint
-(or a log of a whole step) is consistent: after the last micro-batch of an optimizer step.
+of the same permutation, as `DistributedSampler` does: the permutation is filled up with its first pairs
+to a multiple of `world_size`, so when the last global batch would not fill every rank, the ranks short
+of pairs train again on the epoch's first ones (one process trains a smaller last batch instead).
+`ends_optimizer_step` says where a checkpoint (or a log of a whole step) is consistent: after the last
+micro-batch of an optimizer step.
+
+Validation must not repeat pairs: its metrics are exact means over the split. Lightning would wrap the
+val loader in a padding `DistributedSampler`; `EvalSampler` is one that does not pad, so ranks may get
+one pair (and one batch) more than others. That is safe for DDP in evaluation: its forward syncs buffers
+only on the first no-grad batch, and the metrics sync sums of fixed shape (metrics.py).
 """
 
 import lightning as L
@@ -64,3 +73,21 @@ class ResumableLoader(DataLoader):
 def ends_optimizer_step(trainer: L.Trainer, batch_idx: int) -> bool:
     """Whether this training batch is the last micro-batch of an optimizer step (with gradient accumulation)."""
     return (batch_idx + 1) % trainer.accumulate_grad_batches == 0 or trainer.is_last_batch
+
+
+class EvalSampler(DistributedSampler):
+    """This rank's share of an evaluation split, in order, each pair on exactly one rank (no padding).
+
+    A `DistributedSampler`, so Lightning keeps it instead of wrapping the loader in a padding one.
+    """
+
+    def __init__(self, data: Dataset, world_size: int, rank: int):
+        if len(data) < world_size:
+            raise ValueError(f"the validation split has {len(data)} pairs for {world_size} ranks: every rank needs "
+                             "one (DDP's first forward is a collective); add pairs or use fewer devices")
+        super().__init__(data, num_replicas=world_size, rank=rank, shuffle=False)
+        self.num_samples = len(range(rank, len(data), world_size))
+        self.total_size = len(data)
+
+    def __iter__(self):
+        return iter(range(self.rank, len(self.dataset), self.num_replicas))

@@ -1,9 +1,13 @@
-"""Shared fixtures: a tokenizer whose ids are ASCII codes, and tiny models saved to temp folders.
+"""Shared fixtures: a tokenizer whose ids are ASCII codes, tiny models saved to temp folders, and the
+helpers the module-level tests share: a data module of `rows`, a quiet Trainer, a first batch, the
+response log-probs recomputed from a model's logits (an oracle that calls no package code), and a
+callback recording each training batch's rows and the weights around it.
 
 Nothing here touches the network: models are built from a config and saved with `save_pretrained`, then
 loaded by path, the way a user's hub model would be.
 """
 
+import lightning as L
 import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
@@ -66,3 +70,57 @@ def rows(n: int) -> dict[str, list[str]]:
     return {"prompt": [f"Q{i}: say {'ab' * (i % 3 + 1)}?" for i in range(n)],
             "chosen": [f" {'ab' * (i % 3 + 1)}" for i in range(n)],
             "rejected": [f" no{'!' * (i % 4)}" for i in range(n)]}
+
+
+# bf16 keeps 8 significant bits: two computations of one value agree to a few units of 2^-8, relative.
+BF16_RTOL = 4 * 2 ** -8
+
+
+def data_module(n: int = 16, eval_n: int = 4, dataset: dict | None = None, **kwargs):
+    """`rows(n)` (or `dataset`) to train on and `rows(eval_n)` to validate on, batches of 4, the ASCII tokenizer."""
+    from dpo_lightning import PreferenceDataModule
+
+    options = {"tokenizer": ascii_tokenizer(), "max_length": 48, "max_prompt_length": 24, "batch_size": 4, **kwargs}
+    return PreferenceDataModule(dataset=dataset or rows(n), eval_dataset=rows(eval_n) if eval_n else None, **options)
+
+
+def quiet_trainer(root, max_steps: int = 4, **kwargs) -> L.Trainer:
+    """A CPU Trainer without logger, progress bar, summary or sanity check, writing under `root`."""
+    options = {"logger": False, "enable_progress_bar": False, "enable_model_summary": False,
+               "num_sanity_val_steps": 0, **kwargs}
+    return L.Trainer(max_steps=max_steps, default_root_dir=root, **options)
+
+
+def first_batch(dm) -> dict[str, torch.Tensor]:
+    """The first training batch of a data module."""
+    dm.setup("fit")
+    return next(iter(dm.train_dataloader()))
+
+
+def response_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-probs (2B,) of each row's labelled tokens, and their counts (2B,), from the model's logits.
+
+    Written from the rule, not from logps.py: the logits at t predict the token at t + 1.
+    """
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
+    labels = batch["labels"][:, 1:]
+    mask = labels != -100
+    picked = logits.log_softmax(-1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # (2B, T-1)
+    return (picked * mask).sum(-1), mask.sum(-1)
+
+
+class RecordBatches(L.Callback):
+    """Each training batch's row ids (`batches`), and the policy's weights before (`before`) and after (`after`) it."""
+
+    def __init__(self, weights: bool = False):
+        self.weights, self.batches, self.before, self.after = weights, [], [], []
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        self.batches.append(batch["row_ids"].tolist())
+        if self.weights:
+            self.before.append({k: v.clone() for k, v in module.policy.state_dict().items()})
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        if self.weights:
+            self.after.append({k: v.clone() for k, v in module.policy.state_dict().items()})

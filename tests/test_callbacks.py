@@ -15,7 +15,8 @@ from unittest.mock import create_autospec
 
 import lightning as L
 import torch
-from conftest import ascii_tokenizer, rows
+from conftest import ascii_tokenizer, data_module, quiet_trainer, rows
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, MLFlowLogger, TensorBoardLogger, WandbLogger
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
@@ -119,12 +120,23 @@ def test_under_ddp_rank_zero_generates_alone_without_a_deadlock(tiny_llama, tmp_
     assert len(read_table(tables[-1])) == 2
 
 
-def test_validation_history_survives_a_checkpoint():
-    summary = ValidationSummary()
-    summary.history = [{"step": 0, "val/loss": 0.69}, {"step": 50, "val/loss": 0.5}]
-    restored = ValidationSummary()
-    restored.load_state_dict(summary.state_dict())
-    assert restored.history == summary.history
+def test_validation_history_survives_a_checkpoint(tiny_llama, tmp_path):
+    # Validations at steps 0 (sanity check, whole split), 2 and 4; the run resumed from step 4's checkpoint
+    # starts with those three and adds step 6's.
+    def fit(max_steps: int, ckpt_path=None) -> ValidationSummary:
+        summary = ValidationSummary()
+        checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+        quiet_trainer(tmp_path, max_steps=max_steps, val_check_interval=2, check_val_every_n_epoch=None,
+                      num_sanity_val_steps=-1, callbacks=[summary, checkpoint]).fit(
+            DPOModule(tiny_llama, learning_rate=1e-2), data_module(), ckpt_path=ckpt_path)
+        return summary
+
+    first = fit(4)
+    assert [row["step"] for row in first.history] == [0, 2, 4]
+    resumed = fit(6, ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+    assert resumed.history[:3] == first.history  # read back from the checkpoint file, every val/ metric
+    assert [row["step"] for row in resumed.history] == [0, 2, 4, 6]
+    assert resumed.history[3]["val/loss"] != first.history[2]["val/loss"]  # step 6 is a new validation
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""The DPO-family losses and `sequence_logps` against values worked out by hand in each test.
+"""The DPO-family losses against values worked out by hand in each test (`sequence_logps`: test_logps.py).
 
 Pure tensor math: no model, no tokenizer, no network. Inputs are chosen so the arithmetic is round; the
 derivation is in a comment and the expected value comes from the closed form with `math`. Identities,
@@ -10,13 +10,11 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-from dpo_lightning.losses import (IGNORE_INDEX, LENGTH_NORMALIZED, LOSSES, REFERENCE_FREE, aot_loss, aot_pair_loss,
-                                  apo_down_loss, apo_zero_loss, bco_pair_loss, cpo_loss, discopop_loss, dpop_loss,
-                                  exo_pair_loss, hinge_loss, ipo_loss, nca_pair_loss, orpo_loss, rdpo_loss,
-                                  robust_loss, sequence_logps, sft_loss, sigmoid_loss, sigmoid_norm_loss, simpo_loss,
-                                  sppo_hard_loss)
+from dpo_lightning.losses import (LOSS_ARGS, LOSSES, REFERENCE_FREE, aot_loss, aot_pair_loss, apo_down_loss,
+                                  apo_zero_loss, bco_pair_loss, cpo_loss, discopop_loss, dpop_loss, exo_pair_loss,
+                                  hinge_loss, ipo_loss, nca_pair_loss, orpo_loss, rdpo_loss, robust_loss, sft_loss,
+                                  sigmoid_loss, sigmoid_norm_loss, simpo_loss, sppo_hard_loss)
 
 # Inputs that make h = (pc - pr) - (rc - rr) = [0, 10, 20], so beta * h = [0, 1, 2] at beta = 0.1.
 PC, PR = torch.tensor([-1.0, -5.0, -1.0]), torch.tensor([-1.0, -15.0, -21.0])
@@ -263,17 +261,14 @@ def test_simpo_at_zero_margin_and_cpo_without_nll_are_dpo_with_no_reference():
     torch.testing.assert_close(cpo, dpo - PC / 3)
 
 
-@pytest.mark.parametrize("loss_type", sorted(REFERENCE_FREE))
-def test_reference_free_losses_equal_zero_reference(loss_type):
+@pytest.mark.parametrize("loss_type", sorted(LOSSES))
+def test_reference_free_names_exactly_the_losses_that_ignore_the_reference(loss_type):
+    # REFERENCE_FREE decides whether a reference is loaded at all: a loss left out of it wastes a model,
+    # a loss wrongly in it trains against zeros.
     ref_c, ref_r = torch.tensor([-3.0, -2.0, -7.0]), torch.tensor([-4.0, -1.0, -0.5])
-    with_ref = call(loss_type, PC / 10, PR / 30, ref_c, ref_r)  # means in (-1, 0) for ORPO
-    without = call(loss_type, PC / 10, PR / 30, ZEROS, ZEROS)
-    torch.testing.assert_close(with_ref, without)
-
-
-def test_loss_tables_name_only_known_losses():
-    assert LENGTH_NORMALIZED <= set(LOSSES) and REFERENCE_FREE <= set(LOSSES)
-    assert "sft" in LENGTH_NORMALIZED and "sft" in REFERENCE_FREE
+    with_ref, _, _ = call(loss_type, PC / 10, PR / 30, ref_c, ref_r)  # means in (-1, 0) for ORPO
+    without, _, _ = call(loss_type, PC / 10, PR / 30, ZEROS, ZEROS)
+    assert torch.equal(with_ref, without) == (loss_type in REFERENCE_FREE)
 
 
 # The option names the module reads from its config or batch: a loss may declare only these.
@@ -287,6 +282,7 @@ def test_signature_is_four_log_probs_then_named_keyword_options(loss_type):
     assert [p.name for p in params[:4]] == ["policy_chosen_logps", "policy_rejected_logps", "ref_chosen_logps",
                                             "ref_rejected_logps"]
     assert all(p.kind is p.KEYWORD_ONLY and p.name in OPTIONS for p in params[4:])
+    assert LOSS_ARGS[loss_type] == {p.name for p in params[4:]}  # what the module binds, read once
     assert "beta" in {p.name for p in params}  # the module passes beta to every loss
 
 
@@ -311,29 +307,3 @@ def test_rewards_are_detached(loss_type):
     pc = PC.clone().requires_grad_()
     losses, chosen_rewards, rejected_rewards = call(loss_type, pc / 10, PR / 30, ZEROS, ZEROS)
     assert losses.requires_grad and not chosen_rewards.requires_grad and not rejected_rewards.requires_grad
-
-
-def test_sequence_logps_sums_labelled_tokens_only():
-    # Vocab of 2. logits[t] = [ln 3, 0] gives p(0) = 3/4, [0, ln 3] gives p(1) = 3/4.
-    # labels [-100, 0, 1, -100]: logits[0] scores label 0 (3/4), logits[1] scores label 1 (3/4);
-    # logits[2] would score a masked position and logits[3] scores nothing.
-    ln3 = math.log(3)
-    logits = torch.tensor([[[ln3, 0.0], [0.0, ln3], [9.0, -9.0], [5.0, 5.0]]])
-    labels = torch.tensor([[IGNORE_INDEX, 0, 1, IGNORE_INDEX]])
-    logps, n_tokens = sequence_logps(logits, labels)
-    torch.testing.assert_close(logps, torch.tensor([2 * math.log(0.75)]))
-    assert n_tokens.tolist() == [2]
-
-
-def test_sequence_logps_equals_cross_entropy_and_is_float32_from_bf16():
-    torch.manual_seed(0)
-    logits = torch.randn(3, 7, 11)
-    labels = torch.randint(0, 11, (3, 7))
-    labels[:, :3] = IGNORE_INDEX  # a prompt
-    labels[2, 5:] = IGNORE_INDEX  # padding
-    expected = -F.cross_entropy(logits[:, :-1].transpose(1, 2), labels[:, 1:], reduction="none").sum(-1)
-    logps, n_tokens = sequence_logps(logits, labels)
-    torch.testing.assert_close(logps, expected)
-    assert n_tokens.tolist() == [4, 4, 2]
-    bf16_logps, _ = sequence_logps(logits.bfloat16(), labels)
-    assert bf16_logps.dtype == torch.float32

@@ -10,9 +10,9 @@ import statistics
 import lightning as L
 import pytest
 import torch
-from conftest import ascii_tokenizer, rows
+from conftest import data_module
 
-from dpo_lightning import DPOModule, PreferenceDataModule
+from dpo_lightning import DPOModule
 from dpo_lightning.metrics import MarginLengthCorrelation, batch_values
 
 
@@ -33,8 +33,8 @@ def test_margin_length_correlation_is_zero_when_lengths_never_differ():
 def test_ties_count_half_and_logits_are_token_weighted():
     # Pair 0 wins, pair 1 ties, pair 2 loses: accuracy (1 + 0.5 + 0) / 3.
     rewards_c, rewards_r = torch.tensor([1.0, 0.0, -1.0]), torch.tensor([0.0, 0.0, 1.0])
-    values = batch_values(torch.zeros(3), rewards_c, rewards_r, torch.zeros(6), torch.arange(6.0),
-                          torch.tensor([1, 3, 1, 2, 2, 2]), None)
+    values = batch_values({"sigmoid": torch.zeros(3)}, [1.0], rewards_c, rewards_r, torch.zeros(6), torch.arange(6.0),
+                          torch.tensor([1, 3, 1, 2, 2, 2]))
     accuracy, _ = values["rewards/accuracies"]
     assert accuracy.mean().item() == pytest.approx(0.5)
     logits, weights = values["logits/chosen"]  # per-sequence means [0, 1, 2] over 1, 3, 1 tokens
@@ -44,8 +44,7 @@ def test_ties_count_half_and_logits_are_token_weighted():
 def fit_and_validate(policy: str, reference: str, batch_size: int, accumulate: int, eval_batch_size: int,
                      root) -> tuple[DPOModule, dict, dict]:
     L.seed_everything(0)
-    data = PreferenceDataModule(dataset=rows(16), eval_dataset=rows(10), tokenizer=ascii_tokenizer(), max_length=48,
-                                max_prompt_length=24, batch_size=batch_size, eval_batch_size=eval_batch_size)
+    data = data_module(16, eval_n=10, batch_size=batch_size, eval_batch_size=eval_batch_size)
     model = DPOModule(policy, ref_model_name_or_path=reference, learning_rate=1e-3)
     trainer = L.Trainer(max_steps=2, accumulate_grad_batches=accumulate, log_every_n_steps=1, logger=False,
                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,

@@ -12,27 +12,12 @@ import warnings
 import lightning as L
 import pytest
 import torch
-from conftest import ascii_tokenizer, rows
+from conftest import BF16_RTOL, data_module, first_batch, response_logps, rows
+from conftest import quiet_trainer as trainer
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from dpo_lightning import DPOModule, ExportPretrained, PreferenceDataModule
-from dpo_lightning.losses import ipo_loss, sequence_logps
-
-
-def data_module(n: int = 16, **kwargs) -> PreferenceDataModule:
-    return PreferenceDataModule(dataset=rows(n), eval_dataset=rows(4), tokenizer=ascii_tokenizer(), max_length=48,
-                                max_prompt_length=24, batch_size=4, **kwargs)
-
-
-def trainer(tmp_path, max_steps: int = 4, **kwargs) -> L.Trainer:
-    return L.Trainer(max_steps=max_steps, default_root_dir=tmp_path, logger=False, enable_progress_bar=False,
-                     enable_model_summary=False, num_sanity_val_steps=0, **kwargs)
-
-
-def first_batch(dm: PreferenceDataModule) -> dict[str, torch.Tensor]:
-    dm.setup("fit")
-    return next(iter(dm.train_dataloader()))
 
 
 @pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_gpt2"])
@@ -47,14 +32,16 @@ def test_step_zero_loss_is_ln2_rewards_zero_accuracy_half(fixture, request):
 
 
 def test_ipo_uses_per_token_mean_log_probs(tiny_llama):
+    # IPO (Azar et al., Eq. 17): (h - 1/(2 beta))^2 with h from per-token MEAN log-probs, 1/(2 beta) = 5.
     model = DPOModule(tiny_llama, loss_type="ipo", beta=0.1)
     batch = first_batch(data_module())
     with torch.no_grad():
         model.policy.lm_head.weight.mul_(1.5)  # make the policy differ from the reference
         loss = model._shared_step(batch, "val")
-    policy, ref, n = batch_logps(model, batch)
-    expected, _, _ = ipo_loss(*(policy / n).chunk(2), *(ref / n).chunk(2), beta=0.1)
-    torch.testing.assert_close(loss, expected.mean())
+    (pc, pr), (rc, rr), (nc, nr) = batch_logps(model, batch)
+    h = (pc / nc - pr / nr) - (rc / nc - rr / nr)
+    assert h.abs().max() > 0.01  # the policy really differs, so the per-token division matters
+    torch.testing.assert_close(loss, ((h - 5.0) ** 2).mean())
 
 
 def test_training_moves_the_policy_and_never_the_reference(tiny_llama, tmp_path):
@@ -162,20 +149,23 @@ def test_tokenizer_defaults_to_the_models(tiny_llama, tmp_path):
     assert dm.train_data[0]["prompt_input_ids"][0] == dm.tokenizer.bos_token_id  # the Llama stand-in adds BOS
 
 
-def test_bf16_mixed_runs_on_cpu_with_float32_log_probs(tiny_llama, tmp_path):
-    model = DPOModule(tiny_llama, learning_rate=1e-3)
-    seen = []
-    original = model._sequence_logps
-
-    def spy(m, batch):
-        out = original(m, batch)
-        seen.append(out[0].dtype)
-        return out
-
-    model._sequence_logps = spy
-    trainer(tmp_path, max_steps=2, precision="bf16-mixed").fit(model, data_module())
-    assert seen and set(seen) == {torch.float32}
-    assert torch.isfinite(torch.stack([p.detach().float().sum() for p in model.policy.parameters()])).all()
+@pytest.mark.parametrize("lean", [True, False], ids=["lean", "naive"])
+def test_bf16_mixed_log_probs_are_float32_and_match_the_float32_run(tiny_llama, other_llama, tmp_path, lean):
+    # The policy's log-probs at the first step (the same weights and batch in both runs): float32 numbers
+    # from bf16 matmuls, so equal to the float32 run's to bf16's rounding, not to float32's.
+    seen = {}
+    for precision in ("32-true", "bf16-mixed"):
+        model = DPOModule(tiny_llama, ref_model_name_or_path=other_llama, learning_rate=1e-3, lean_logps=lean)
+        original, seen[precision] = model._sequence_logps, []
+        model._sequence_logps = lambda m, batch, original=original, out=seen[precision]: out.append(
+            original(m, batch)) or out[-1]
+        trainer(tmp_path, max_steps=1, precision=precision).fit(model, data_module())
+    (policy_32, _, tokens_32), (policy_bf16, _, tokens_bf16) = seen["32-true"][0], seen["bf16-mixed"][0]
+    assert policy_bf16.dtype == torch.float32
+    assert torch.equal(tokens_bf16, tokens_32)
+    per_token_32, per_token_bf16 = policy_32 / tokens_32, policy_bf16 / tokens_bf16
+    torch.testing.assert_close(per_token_bf16, per_token_32, rtol=BF16_RTOL, atol=0)
+    assert not torch.equal(per_token_bf16, per_token_32)  # bf16 really ran
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -202,27 +192,32 @@ def test_reference_free_losses_load_no_reference(tiny_llama, kwargs):
     assert torch.isfinite(loss)
 
 
-def batch_logps(model: DPOModule, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Policy and reference summed log-probs (2B,) and token counts (2B,), recomputed outside the module."""
-    with torch.no_grad():
-        out = [sequence_logps(m(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
-                              batch["labels"]) for m in (model.policy, model.reference)]
-    return out[0][0], out[1][0], out[0][1]
+def batch_logps(model: DPOModule, batch) -> tuple[tuple, tuple, tuple]:
+    """(policy chosen, rejected), (reference chosen, rejected) summed log-probs and (chosen, rejected) token
+    counts, each (B,), recomputed from the models' logits by the conftest oracle."""
+    (policy, n_tokens), (ref, _) = (response_logps(m, batch) for m in (model.policy, model.reference))
+    return policy.chunk(2), ref.chunk(2), n_tokens.float().chunk(2)
 
 
-def test_weighted_combination_and_rpo_nll(tiny_llama):
-    # loss = 1.0 * mean(sigmoid) + 0.5 * mean(sft: per-token NLL of chosen) + 0.2 * token-mean NLL of chosen
+def test_weighted_combination_and_rpo_nll_and_the_logged_total(tiny_llama):
+    # loss = 1.0 * mean(sigmoid) + 0.5 * mean(sft: per-token NLL of chosen) + 0.2 * token-mean NLL of chosen,
+    # with -log sigmoid(x) = log(1 + e^-x) and h = (pc - pr) - (rc - rr).
     model = DPOModule(tiny_llama, loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.5], rpo_alpha=0.2)
     batch = first_batch(data_module())
     with torch.no_grad():
         model.policy.lm_head.weight.mul_(1.5)
         loss = model._shared_step(batch, "val")
-    policy, ref, n = batch_logps(model, batch)
-    (pc, pr), (rc, rr), (nc, _) = policy.chunk(2), ref.chunk(2), n.chunk(2)
-    dpo = -torch.nn.functional.logsigmoid(0.1 * ((pc - pr) - (rc - rr))).mean()
-    expected = dpo + 0.5 * (-pc / nc).mean() + 0.2 * (-pc.sum() / nc.sum())
+    (pc, pr), (rc, rr), (nc, _) = batch_logps(model, batch)
+    sigmoid = torch.log1p(torch.exp(-0.1 * ((pc - pr) - (rc - rr)))).mean()
+    sft, nll = (-pc / nc).mean(), -pc.sum() / nc.sum()
+    expected = sigmoid + 0.5 * sft + 0.2 * nll
     torch.testing.assert_close(loss, expected)
-    assert model.val_metrics["nll_loss"].compute() == pytest.approx((-pc.sum() / nc.sum()).item(), rel=1e-5)
+    # The logged loss is the total as trained, rpo term included; its parts are logged beside it.
+    metrics = {name: metric.compute() for name, metric in model.val_metrics.items()}
+    torch.testing.assert_close(metrics["loss"], expected)
+    torch.testing.assert_close(metrics["loss/sigmoid"], sigmoid)
+    torch.testing.assert_close(metrics["loss/sft"], sft)
+    torch.testing.assert_close(metrics["nll_loss"], nll)
 
 
 def test_bco_pair_shift_is_the_running_mean_of_all_training_rewards(tiny_llama, tmp_path):
@@ -230,7 +225,7 @@ def test_bco_pair_shift_is_the_running_mean_of_all_training_rewards(tiny_llama, 
 
     class Record(L.Callback):
         def on_train_batch_start(self, trainer, module, batch, batch_idx):
-            policy, ref, _ = batch_logps(module, batch)
+            (policy, _), (ref, _) = (response_logps(m, batch) for m in (module.policy, module.reference))
             seen.append(0.1 * (policy - ref))
 
     model = DPOModule(tiny_llama, loss_type="bco_pair", learning_rate=1e-2)
@@ -240,12 +235,33 @@ def test_bco_pair_shift_is_the_running_mean_of_all_training_rewards(tiny_llama, 
     assert model.bco_reward_count.item() == 3 * 8  # 3 steps of 4 pairs = 8 sequences each
 
 
-def test_likelihood_displacement_warns_once_past_the_threshold(tiny_llama, tmp_path):
-    # The chosen log-prob drop (ref - policy, nats) is finite, so it always exceeds -1e9 and never 1e9.
-    for threshold, expected in ((-1e9, 1), (1e9, 0)):
-        model = DPOModule(tiny_llama, learning_rate=1e-2, chosen_logp_drop_warning=threshold)
+def test_likelihood_displacement_warns_once_past_the_threshold(tiny_llama, other_llama, tmp_path):
+    # One step against another reference: the drop is mean(log ref(y_w) - log pi(y_w)) over the step's
+    # pairs, recomputed here before the step; a threshold just under it warns, just over it does not.
+    drops = []
+
+    class Drop(L.Callback):
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            (policy, _), (ref, _) = (response_logps(m, batch)[0].chunk(2) for m in (module.policy, module.reference))
+            drops.append((ref - policy).mean().item())
+
+    def warnings_at(threshold: float | None) -> list[str]:
+        model = DPOModule(tiny_llama, ref_model_name_or_path=other_llama, chosen_logp_drop_warning=threshold)
         with warnings.catch_warnings(record=True) as record:
             warnings.simplefilter("always")
-            trainer(tmp_path, max_steps=3).fit(model, data_module())
-        messages = [str(w.message) for w in record if "likelihood displacement" in str(w.message)]
-        assert len(messages) == expected, messages
+            trainer(tmp_path, max_steps=1, callbacks=[Drop()]).fit(model, data_module())
+        return [str(w.message) for w in record if "likelihood displacement" in str(w.message)]
+
+    assert warnings_at(None) == []
+    drop = drops[0]
+    assert abs(drop) > 0.1  # the two models differ: a sign error in the drop would be caught
+    messages = warnings_at(drop - 0.05)
+    assert len(messages) == 1 and f"log-prob is {drop:.2f} nats below" in messages[0], messages
+    assert warnings_at(drop + 0.05) == []
+
+    # Warned once: a threshold under every step's drop warns at the first step only.
+    model = DPOModule(tiny_llama, ref_model_name_or_path=other_llama, chosen_logp_drop_warning=-1e9)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        trainer(tmp_path, max_steps=3).fit(model, data_module())
+    assert len([w for w in record if "likelihood displacement" in str(w.message)]) == 1

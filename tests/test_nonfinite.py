@@ -1,71 +1,125 @@
-"""A NaN loss never reaches the weights: the run stops naming the step and the rows, or skips the batch.
+"""A NaN loss never reaches the weights: the run stops naming the step and the rows, or skips the optimizer step.
 
-The policy's log-probs are poisoned for the batch that holds row 5 (12 pairs in batches of 4, not
-shuffled across the check: the row's batch and step are read from the run itself).
+The policy's log-probs are poisoned for the batch that holds row 5 (the row's batch and step are read
+from the run itself), or for the first micro-batch of optimizer step 1. With `skip` and gradient
+accumulation 2, the poisoned micro-batch's whole optimizer step is skipped: no weight, no AdamW moment or step count, no learning-rate schedule, no logged metric
+and no bco_pair running mean moves, while every other step trains. The same under 2 and 3 DDP ranks is
+in test_ddp_matrix.py.
 """
+
+import copy
 
 import lightning as L
 import pytest
 import torch
-from conftest import ascii_tokenizer, rows
+from conftest import RecordBatches, data_module, quiet_trainer, response_logps
 
-from dpo_lightning import DPOModule, PreferenceDataModule
+from dpo_lightning import DPOModule
+from dpo_lightning.resume import ends_optimizer_step
 
 POISONED_ROW = 5
 
 
 class PoisonedRow(DPOModule):
+    """NaN log-probs for the batch holding `POISONED_ROW`; records the global step of every `train/` log."""
+
+    logged_at: list[int]
+
+    def log(self, name, *args, **kwargs):
+        if name.startswith("train/"):
+            self.__dict__.setdefault("logged_at", []).append(self.global_step)
+        return super().log(name, *args, **kwargs)
+
     def _sequence_logps(self, model, batch):
         logps, mean_logits, n_tokens = super()._sequence_logps(model, batch)
-        if torch.is_grad_enabled() and POISONED_ROW in batch["row_ids"]:  # the policy's pass, in training
+        if torch.is_grad_enabled() and self.poisoned(batch):  # the policy's pass, in training
             logps = logps * float("nan")
         return logps, mean_logits, n_tokens
 
+    def poisoned(self, batch) -> bool:
+        return POISONED_ROW in batch["row_ids"]
 
-class Record(L.Callback):
-    """Each batch's rows and the policy's weights before it (`weights`) and after it (`after`)."""
+
+class PoisonedStep(PoisonedRow):
+    """NaN log-probs in the first of the two micro-batches of optimizer step 1 (on rank 0 only, under DDP),
+    so that a step trains after it."""
+
+    def poisoned(self, batch) -> bool:
+        return self.global_step == 1 and self.trainer.fit_loop.epoch_loop.batch_idx % 2 == 0 and self.global_rank == 0
+
+
+class RecordSteps(L.Callback):
+    """At the end of each optimizer step: its rows, the weights, the optimizer state and the learning rate."""
 
     def __init__(self):
-        self.batches, self.weights, self.after = [], [], []
+        self.steps, self.rows = [], []
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx):
-        self.batches.append(batch["row_ids"].tolist())
-        self.weights.append({k: v.clone() for k, v in module.policy.state_dict().items()})
+        self.rows.extend(batch["row_ids"].tolist())
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-        self.after.append({k: v.clone() for k, v in module.policy.state_dict().items()})
+        if ends_optimizer_step(trainer, batch_idx):
+            optimizer = trainer.optimizers[0]
+            self.steps.append({"rows": self.rows, "lr": optimizer.param_groups[0]["lr"],
+                               "weights": {k: v.clone() for k, v in module.policy.state_dict().items()},
+                               "optimizer": copy.deepcopy(optimizer.state_dict()["state"])})
+            self.rows = []
 
 
-def fit(nonfinite_loss, tiny_llama, tmp_path):
+def fit(nonfinite_loss, tiny_llama, tmp_path, accumulate=1, callbacks=(), **model_kwargs):
     L.seed_everything(0)
-    record = Record()
-    model = PoisonedRow(tiny_llama, learning_rate=1e-2, nonfinite_loss=nonfinite_loss)
-    data = PreferenceDataModule(dataset=rows(12), tokenizer=ascii_tokenizer(), max_length=48, max_prompt_length=24,
-                                batch_size=4)
-    trainer = L.Trainer(max_epochs=1, default_root_dir=tmp_path, logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, enable_checkpointing=False, callbacks=[record])
-    return model, trainer, record, lambda: trainer.fit(model, data)
+    model = (PoisonedStep if accumulate > 1 else PoisonedRow)(tiny_llama, learning_rate=1e-2, nonfinite_loss=nonfinite_loss, **model_kwargs)
+    trainer = quiet_trainer(tmp_path, max_steps=-1, max_epochs=1, enable_checkpointing=False,
+                            accumulate_grad_batches=accumulate, log_every_n_steps=1, callbacks=list(callbacks))
+    return model, trainer, lambda: trainer.fit(model, data_module(12, eval_n=0, batch_size=2 if accumulate > 1 else 4))
 
 
 def test_nan_loss_stops_the_run_naming_step_and_rows_before_any_update(tiny_llama, tmp_path):
-    model, trainer, record, run = fit("stop", tiny_llama, tmp_path)
+    record = RecordBatches(weights=True)
+    model, trainer, run = fit("stop", tiny_llama, tmp_path, callbacks=[record])
     with pytest.raises(FloatingPointError) as error:
         run()
     step, rows_ = len(record.batches) - 1, record.batches[-1]
     assert POISONED_ROW in rows_
     assert f"at step {step}, batch {step} of epoch 0, rows {rows_}" in str(error.value)
     assert "--model.nonfinite_loss skip" in str(error.value)
-    for name, weight in record.weights[-1].items():  # the weights as they were before the poisoned batch
+    for name, weight in record.before[-1].items():  # the weights as they were before the poisoned batch
         torch.testing.assert_close(model.policy.state_dict()[name], weight, rtol=0, atol=0)
 
 
-def test_skipped_nan_batch_makes_no_optimizer_step_and_the_run_goes_on(tiny_llama, tmp_path):
-    model, trainer, record, run = fit("skip", tiny_llama, tmp_path)
-    with pytest.warns(UserWarning, match=r"non-finite training loss .* skipped"):
+@pytest.mark.parametrize("loss_type", ["sigmoid", "bco_pair"])
+def test_skipped_step_changes_no_weight_optimizer_state_schedule_or_metric(tiny_llama, tmp_path, loss_type):
+    # 12 pairs, micro-batches of 2, accumulation 2: 3 optimizer steps of 4 pairs; the poisoned micro-batch
+    # is one of its step's two. Warm-up over 3 steps makes the learning rate differ at every step.
+    record, rewards = RecordSteps(), {}
+
+    class Rewards(L.Callback):  # bco_pair's implicit rewards of each batch, recomputed before its step
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            (policy, _), (ref, _) = (response_logps(m, batch) for m in (module.policy, module.reference))
+            rewards[tuple(batch["row_ids"].tolist())] = 0.1 * (policy - ref)
+
+    model, trainer, run = fit("skip", tiny_llama, tmp_path, accumulate=2, callbacks=[record, Rewards()],
+                              loss_type=loss_type, warmup_steps=3)
+    with pytest.warns(UserWarning, match=r"non-finite training loss .* this optimizer step is skipped"):
         run()
-    assert len(record.batches) == len(record.after) == 3  # the run went on to the end of the epoch
-    for rows_, before, after in zip(record.batches, record.weights, record.after):
-        moved = any(not torch.equal(before[k], after[k]) for k in before)
-        assert moved == (POISONED_ROW not in rows_), rows_  # only the poisoned batch changed nothing
+    assert len(record.steps) == 3 and sorted(sum((s["rows"] for s in record.steps), [])) == list(range(12))
+    skipped = 1
+    assert sorted(set(model.logged_at)) == [i for i in range(3) if i != skipped]  # no metric for the skipped step
+    for i, step in enumerate(record.steps):
+        previous = record.steps[i - 1]["weights"] if i else None
+        if i == skipped:
+            assert all(torch.equal(step["weights"][k], previous[k]) for k in previous)
+            for key, state in record.steps[i - 1]["optimizer"].items():  # moments and step count as they were
+                assert all(torch.equal(step["optimizer"][key][n], v) for n, v in state.items()), key
+        elif previous is not None:
+            assert any(not torch.equal(step["weights"][k], previous[k]) for k in previous)
+    # Warm-up: lr = 1e-2 * (k + 1) / 4 after k scheduler steps, and a skipped step is not one.
+    trained = [sum(1 for j in range(i + 1) if j != skipped) for i in range(3)]
+    assert [s["lr"] for s in record.steps] == pytest.approx([1e-2 * (k + 1) / 4 for k in trained])
     assert all(torch.isfinite(w).all() for w in model.policy.state_dict().values())
-    assert all(torch.isfinite(torch.tensor(v)) for k, v in trainer.callback_metrics.items() if k.startswith("train/"))
+    if loss_type == "bco_pair":
+        # The running mean holds the trained steps' rewards only (a NaN in it would poison every later step).
+        kept = torch.cat([r for rows, r in rewards.items() if not set(rows) & set(record.steps[skipped]["rows"])])
+        assert model.bco_reward_count.item() == kept.numel() == 2 * 8
+        torch.testing.assert_close(model.bco_reward_sum / model.bco_reward_count, kept.double().mean(),
+                                   rtol=1e-4, atol=1e-6)

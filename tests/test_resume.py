@@ -7,32 +7,20 @@ Tiny Llama from conftest.py, 24 pairs in batches of 4: 6 steps an epoch, 10 step
 import lightning as L
 import pytest
 import torch
-from conftest import ascii_tokenizer, rows
+from conftest import RecordBatches, data_module, quiet_trainer, rows
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from dpo_lightning import DPOModule, PreferenceDataModule
-
-
-class RecordBatches(L.Callback):
-    """The row ids of every training batch: which pairs were seen, in which order."""
-
-    def __init__(self):
-        self.seen: list[list[int]] = []
-
-    def on_train_batch_start(self, trainer, module, batch, batch_idx):
-        self.seen.append(batch["row_ids"].tolist())
+from dpo_lightning import DPOModule
+from dpo_lightning.resume import EvalSampler
 
 
 def fit(tiny_llama, root, max_steps, ckpt_path=None, callbacks=(), dataset=None):
     L.seed_everything(0)
     record = RecordBatches()
     model = DPOModule(tiny_llama, learning_rate=1e-2, warmup_steps=3)
-    data = PreferenceDataModule(dataset=dataset or rows(24), tokenizer=ascii_tokenizer(), max_length=48,
-                                max_prompt_length=24, batch_size=4)
-    trainer = L.Trainer(max_steps=max_steps, default_root_dir=root, logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, num_sanity_val_steps=0, callbacks=[record, *callbacks])
-    trainer.fit(model, data, ckpt_path=ckpt_path)
-    return model, record.seen
+    data = data_module(24, eval_n=0, dataset=dataset)
+    quiet_trainer(root, max_steps=max_steps, callbacks=[record, *callbacks]).fit(model, data, ckpt_path=ckpt_path)
+    return model, record.batches
 
 
 def test_resumed_mid_epoch_run_sees_each_batch_once_and_reaches_the_same_weights(tiny_llama, tmp_path):
@@ -50,3 +38,18 @@ def test_resumed_mid_epoch_run_sees_each_batch_once_and_reaches_the_same_weights
     other["chosen"][5] += " changed"
     with pytest.raises(ValueError, match="the checkpoint was trained on other data: its train split had 24 pairs"):
         fit(tiny_llama, tmp_path / "third", 10, ckpt_path=tmp_path / "ckpt" / "epoch=0-step=4.ckpt", dataset=other)
+
+
+@pytest.mark.parametrize("n_pairs, world_size", [(7, 3), (8, 2), (5, 5), (9, 4)])
+def test_eval_sampler_gives_every_pair_to_exactly_one_rank(n_pairs, world_size):
+    # Rank r takes pairs r, r + world_size, ...: no padding, so shares differ by at most one pair.
+    shares = [list(EvalSampler(list(range(n_pairs)), world_size, rank)) for rank in range(world_size)]
+    assert sorted(sum(shares, [])) == list(range(n_pairs))
+    assert [len(share) for share in shares] == [len(range(r, n_pairs, world_size)) for r in range(world_size)]
+    assert [len(EvalSampler(list(range(n_pairs)), world_size, r)) for r in range(world_size)] == [
+        len(share) for share in shares]
+
+
+def test_eval_sampler_refuses_fewer_pairs_than_ranks():
+    with pytest.raises(ValueError, match="the validation split has 2 pairs for 3 ranks: .* use fewer devices"):
+        EvalSampler([0, 1], 3, 0)
