@@ -2,7 +2,9 @@
 
 The workload (issue 6): a Llama-shaped model built from a config (hidden 256, 4 layers, vocabulary 32,000)
 or a GPT-2-shaped one (same sizes, head tied to the embedding); 8 pairs a batch (16 sequences),
-max_length 512, max_prompt_length 128; the Anthropic HH slice in ../shared/data/hh-rlhf/ tokenized with a
+max_length 512, max_prompt_length 128. `--preset qwen-vocab` (issue 15) is where the logits dominate: a
+Qwen2.5-0.5B-shaped model (vocabulary 151,936, hidden 896, tied head) cut to 4 layers, 4 pairs a batch,
+max_length 1024, bare and TRL against lean and packed; the Anthropic HH slice in ../shared/data/hh-rlhf/ tokenized with a
 byte-level BPE tokenizer (vocabulary 32,000) trained on it here, or, without the slice, the quickstart's
 sorting data and tokenizer. Everything is cached in $DPO_BENCH_CACHE (default: <tmp>/dpo_lightning_bench).
 
@@ -28,6 +30,7 @@ A step is timed from batch start to the end of the optimizer step; the first `--
     python benchmarks/bench_dpo.py --compare bare trl                 # Llama-shaped
     python benchmarks/bench_dpo.py --model gpt2 --compare bare trl
     python benchmarks/bench_dpo.py --modes lean shared packed --rounds 3   # prefix sharing and packing
+    python benchmarks/bench_dpo.py --preset qwen-vocab --steps 3 --warmup 1   # Qwen's 151,936 vocabulary
     python benchmarks/bench_dpo.py --quick                            # smoke test, in one process
 """
 
@@ -50,8 +53,8 @@ import torch
 import torch.nn.functional as F
 import transformers
 from torch.utils.data import DataLoader
-from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, LlamaConfig,
-                          LlamaForCausalLM, PreTrainedTokenizerFast)
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, GPT2Config, LlamaConfig, PretrainedConfig,
+                          PreTrainedTokenizerFast, Qwen2Config)
 
 from dpo_lightning import DPOModule, PreferenceDataModule
 from dpo_lightning.data import load_tokenizer
@@ -69,7 +72,9 @@ EOS = "<|endoftext|>"
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", choices=["llama", "gpt2"], default="llama")
+    parser.add_argument("--model", choices=["llama", "gpt2", "qwen"], default="llama")
+    parser.add_argument("--preset", choices=["qwen-vocab"], help="qwen-vocab: Qwen2.5-0.5B's shape and vocabulary, "
+                        "4 layers, 4 pairs, max_length 1024, bare and TRL vs lean and packed")
     parser.add_argument("--modes", nargs="+", default=list(DEFAULT_MODES), choices=MODES)
     parser.add_argument("--compare", nargs="*", default=[], choices=["bare", "trl"])
     parser.add_argument("--steps", type=int, default=10, help="timed steps per mode and round")
@@ -82,6 +87,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # internal: run one mode, print its result
     parser.add_argument("--workload", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.preset == "qwen-vocab":
+        args.model, args.batch_pairs, args.max_length = "qwen", 4, 1024
+        args.compare = args.compare or ["bare", "trl"]
+        args.modes = args.modes if args.modes != list(DEFAULT_MODES) else ["lean", "packed"]
     if args.quick:
         args.steps, args.warmup, args.rounds, args.batch_pairs, args.max_length = 2, 1, 1, 2, 128
         args.compare = args.compare or ["bare"]
@@ -98,13 +107,15 @@ def prepare_workload(args) -> dict:
     use_hh = os.path.exists(args.data) and not args.quick
     tokenizer_dir = train_tokenizer(args.data, os.path.join(cache, "tokenizer-hh-32000")) if use_hh else QUICKSTART
     n_batches = args.warmup + args.steps
-    model_name = f"{args.model}{'-quick' if args.quick else ''}-{'hh' if use_hh else 'sort'}"
-    model_dir = build_model(args.model, args.quick, tokenizer_dir, os.path.join(cache, model_name))
+    size = (64, 2, 1024) if args.quick else (896, 4, 151936) if args.model == "qwen" else (256, 4, 32000)
+    model_name = f"{args.model}-{'-'.join(map(str, size))}-{'hh' if use_hh else 'sort'}"
+    model_dir = build_model(args.model, size, tokenizer_dir, os.path.join(cache, model_name))
     batches_path = os.path.join(cache, f"batches-{'hh' if use_hh else 'sort'}-b{args.batch_pairs}-l{args.max_length}"
                                        f"-n{n_batches}-v2.pt")  # v2: row_ids and the shared layouts
     if not os.path.exists(batches_path):
-        make_batches(args.data if use_hh else os.path.join(QUICKSTART, "train.jsonl"), tokenizer_dir, args,
-                     n_batches, batches_path)
+        rows = tokenized_rows(args.data if use_hh else os.path.join(QUICKSTART, "train.jsonl"), tokenizer_dir,
+                              args.max_length, n_batches * args.batch_pairs)
+        save_batches(rows, tokenizer_dir, args.batch_pairs, args.max_length, batches_path)
     return {"model_dir": model_dir, "tokenizer_dir": tokenizer_dir, "batches": batches_path,
             "data": os.path.abspath(args.data) if use_hh else "quickstart sorting data", "warmup": args.warmup}
 
@@ -127,46 +138,63 @@ def train_tokenizer(data: str, path: str) -> str:
     return path
 
 
-def build_model(kind: str, quick: bool, tokenizer_dir: str, path: str) -> str:
-    """Random weights (seed 0) from a config, saved once so every mode and TRL's reference load the same."""
+def build_model(kind: str, size: tuple[int, int, int], tokenizer_dir: str, path: str) -> str:
+    """Random weights (seed 0) from a config of `size` = (hidden, layers, vocabulary), saved once so that every
+    mode and TRL's reference load the same."""
     if os.path.exists(os.path.join(path, "config.json")):
         return path
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    hidden, layers, vocab = (64, 2, 1024) if quick else (256, 4, 32000)
+    hidden, layers, vocab = size
     vocab = max(vocab, len(tokenizer))
-    ids = {"bos_token_id": tokenizer.eos_token_id, "eos_token_id": tokenizer.eos_token_id}
     torch.manual_seed(0)
-    if kind == "llama":
-        # intermediate 688 = 8/3 x hidden rounded to 16, Llama's ratio; the head is untied, as in Llama.
-        config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 8 // 3 // 16 * 16,
-                             num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=4,
-                             max_position_embeddings=1024, tie_word_embeddings=False, **ids)
-        model = LlamaForCausalLM(config)
-    else:
-        config = GPT2Config(vocab_size=vocab, n_embd=hidden, n_layer=layers, n_head=4, n_positions=1024,
-                            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **ids)
-        model = GPT2LMHeadModel(config)
+    model = AutoModelForCausalLM.from_config(model_config(kind, hidden, layers, vocab, tokenizer.eos_token_id))
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
 
 
-def make_batches(data: str, tokenizer_dir: str, args, n_batches: int, path: str) -> None:
-    """The first n_batches x batch_pairs usable rows, in file order, tokenized by our data rules, in each layout."""
+def model_config(kind: str, hidden: int, layers: int, vocab: int, eos_id: int) -> PretrainedConfig:
+    ids = {"bos_token_id": eos_id, "eos_token_id": eos_id}
+    if kind == "llama":
+        # intermediate 688 = 8/3 x hidden rounded to 16, Llama's ratio; the head is untied, as in Llama.
+        return LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 8 // 3 // 16 * 16,
+                           num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=4,
+                           max_position_embeddings=1024, tie_word_embeddings=False, **ids)
+    if kind == "qwen":
+        # Qwen2.5-0.5B at hidden 896: intermediate 4864, 14 heads of 64, 2 key-value heads, head tied to the
+        # embedding, rope theta 1e6 (its config.json); smaller widths keep the ratios.
+        heads = max(hidden // 64, 4)
+        return Qwen2Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 38 // 7 // 16 * 16,
+                           num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=2,
+                           max_position_embeddings=2048, rope_theta=1e6, rms_norm_eps=1e-6,
+                           tie_word_embeddings=True, **ids)
+    return GPT2Config(vocab_size=vocab, n_embd=hidden, n_layer=layers, n_head=4, n_positions=1024,
+                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **ids)
 
-    settings = dict(dataset=data, max_length=args.max_length, max_prompt_length=min(128, args.max_length // 2),
-                    batch_size=args.batch_pairs, eval_fraction=0.0)
-    dm = PreferenceDataModule(tokenizer=tokenizer_dir, **settings)
+
+def data_settings(max_length: int, batch_pairs: int) -> dict:
+    return dict(max_length=max_length, max_prompt_length=min(128, max_length // 2), batch_size=batch_pairs,
+                eval_fraction=0.0)
+
+
+def tokenized_rows(data: str, tokenizer_dir: str, max_length: int, n_rows: int) -> list[dict]:
+    """The first n_rows usable rows, in file order, tokenized by our data rules (`PreferenceDataModule`)."""
+    dm = PreferenceDataModule(dataset=data, tokenizer=tokenizer_dir, **data_settings(max_length, 1))
     dm.setup("fit")
-    rows = [dm.train_data[i] for i in range(n_batches * args.batch_pairs)]
-    groups = [rows[i:i + args.batch_pairs] for i in range(0, len(rows), args.batch_pairs)]
+    return [dm.train_data[i] for i in range(n_rows)]
+
+
+def save_batches(rows: list[dict], tokenizer_dir: str, batch_pairs: int, max_length: int, path: str) -> None:
+    """`rows` in groups of batch_pairs, collated as the data module does: padded, and in each of LAYOUTS."""
+    groups = [rows[i:i + batch_pairs] for i in range(0, len(rows), batch_pairs)]
     token_rows = [{"prompt_ids": r["prompt_input_ids"], "chosen_ids": r["chosen_input_ids"],
                    "rejected_ids": r["rejected_input_ids"]} for r in rows]
-    layouts = {}
-    for mode, flags in LAYOUTS.items():  # the same groups, collated as the data module does with these flags
-        layout_dm = PreferenceDataModule(tokenizer=dm.tokenizer, **settings, **flags)
-        layouts[mode] = [layout_dm.collate(group) for group in groups]
-    torch.save({"batches": [dm.collate(group) for group in groups], "layouts": layouts, "rows": token_rows}, path)
+    tokenizer = load_tokenizer(tokenizer_dir)
+    collated = {}
+    for mode, flags in {"padded": {}, **LAYOUTS}.items():
+        dm = PreferenceDataModule(tokenizer=tokenizer, dataset={}, **data_settings(max_length, batch_pairs), **flags)
+        collated[mode] = [dm.collate(group) for group in groups]
+    torch.save({"batches": collated.pop("padded"), "layouts": collated, "rows": token_rows}, path)
 
 
 # ---------------------------------------------------------------- one mode, in its own process
@@ -234,23 +262,32 @@ def run_bare(mode: str, workload: dict, data: dict):
     return times, losses, tokens, start_rss
 
 
-def run_module(mode: str, workload: dict, data: dict):
+MODULE_KWARGS = {"naive": {"lean_logps": False}, "lean": {}, "lora": {"lora_r": 16},
+                 "gradient_checkpointing": {"gradient_checkpointing": True}, "compile": {"torch_compile": True},
+                 "shared": {}, "packed": {}, "precompute": {"precompute_ref_log_probs": True},
+                 "packed_precompute": {"precompute_ref_log_probs": True}}
 
-    kwargs = {"naive": {"lean_logps": False}, "lean": {}, "lora": {"lora_r": 16},
-              "gradient_checkpointing": {"gradient_checkpointing": True}, "compile": {"torch_compile": True},
-              "shared": {}, "packed": {}, "precompute": {"precompute_ref_log_probs": True},
-              "packed_precompute": {"precompute_ref_log_probs": True}}[mode]
-    cache_dir = tempfile.mkdtemp(prefix="dpo_bench_ref_")  # fresh: the scoring runs in every process
-    model = DPOModule(workload["model_dir"], learning_rate=1e-6, ref_logps_cache_dir=cache_dir, **kwargs)
+
+def run_module(mode: str, workload: dict, data: dict):
     batches = data["layouts"].get(mode.removesuffix("_precompute"), data["batches"])
-    timer = StepTimer()
-    trainer = L.Trainer(max_steps=len(data["batches"]), logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                        limit_val_batches=0, callbacks=[timer], devices=1)
-    start_rss = current_rss_gb()
-    trainer.fit(model, datamodule=FixedBatches(data, batches, workload["tokenizer_dir"]))
+    timer, start_rss = fit_module(workload, data, batches, MODULE_KWARGS[mode])
     tokens = [int(b["attention_mask"].sum()) for b in data["batches"]]  # as padded, so every mode counts the same
     return timer.times, timer.losses, tokens, start_rss
+
+
+def fit_module(workload: dict, data: dict, batches: list[dict], module_kwargs: dict, trainer_kwargs: dict | None = None,
+               model: str | torch.nn.Module | None = None) -> tuple["StepTimer", float]:
+    """`DPOModule(model or the workload's model, **module_kwargs)` trained on `batches` by a Lightning Trainer."""
+    cache_dir = tempfile.mkdtemp(prefix="dpo_bench_ref_")  # fresh: the scoring runs in every process
+    module = DPOModule(workload["model_dir"] if model is None else model, learning_rate=1e-6,
+                       ref_logps_cache_dir=cache_dir, **module_kwargs)
+    timer = StepTimer()
+    trainer = L.Trainer(**{"max_steps": len(batches), "logger": False, "enable_checkpointing": False,
+                           "enable_progress_bar": False, "enable_model_summary": False, "num_sanity_val_steps": 0,
+                           "limit_val_batches": 0, "devices": 1, **(trainer_kwargs or {})}, callbacks=[timer])
+    start_rss = current_rss_gb()
+    trainer.fit(module, datamodule=FixedBatches(data, batches, workload["tokenizer_dir"]))
+    return timer, start_rss
 
 
 class FixedBatches(PreferenceDataModule):
@@ -274,10 +311,11 @@ class FixedBatches(PreferenceDataModule):
 
 
 class StepTimer(L.Callback):
-    """Batch start to batch end: forward, backward and the optimizer step (automatic optimization)."""
+    """Batch start to batch end: forward, backward and the optimizer step (automatic optimization); and the
+    first step's logged mean log-probs, which every mode computing the same thing must agree on."""
 
     def __init__(self):
-        self.times, self.losses, self.start = [], [], (0.0, 0.0)
+        self.times, self.losses, self.start, self.first_logps = [], [], (0.0, 0.0), {}
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx):
         self.start = clock()
@@ -285,9 +323,15 @@ class StepTimer(L.Callback):
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
         self.times.append(since(self.start))
         self.losses.append(outputs["loss"].item())
+        if not self.first_logps:
+            self.first_logps = {side: float(trainer.callback_metrics[f"train/logps/{side}"])
+                                for side in ("chosen", "rejected")}
 
 
-def run_trl(mode: str, workload: dict, data: dict):
+def run_trl(mode: str, workload: dict, data: dict, config_kwargs: dict | None = None, dtype: torch.dtype | None = None,
+            first_logps: dict | None = None):
+    """TRL's DPOTrainer on our batches: its defaults, float32, unless `config_kwargs` (DPOConfig's) say otherwise;
+    `first_logps` receives its first step's logged mean log-probs."""
     import datasets
     from torch.utils.data import SequentialSampler
     from transformers import TrainerCallback
@@ -315,11 +359,17 @@ def run_trl(mode: str, workload: dict, data: dict):
         def on_step_end(self, *args, **kwargs):
             times.append(since(self.start))
 
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if first_logps is not None and not first_logps and "logps/chosen" in (logs or {}):
+                first_logps.update(chosen=logs["logps/chosen"], rejected=logs["logps/rejected"])
+
     batch_pairs = len(data["batches"][0]["input_ids"]) // 2
     with tempfile.TemporaryDirectory() as output_dir:
-        config = DPOConfig(output_dir=output_dir, per_device_train_batch_size=batch_pairs, max_steps=len(data["batches"]),
-                           max_length=None, bf16=False, report_to="none", save_strategy="no", disable_tqdm=True)
-        trainer = OurBatches(model=AutoModelForCausalLM.from_pretrained(workload["model_dir"]), args=config,
+        config = DPOConfig(**{"output_dir": output_dir, "per_device_train_batch_size": batch_pairs,
+                              "max_steps": len(data["batches"]), "max_length": None, "bf16": False, "report_to": "none",
+                              "save_strategy": "no", "disable_tqdm": True, "logging_steps": 1, **(config_kwargs or {})})
+        model = AutoModelForCausalLM.from_pretrained(workload["model_dir"], dtype=dtype)
+        trainer = OurBatches(model=model, args=config,
                              train_dataset=datasets.Dataset.from_list(data["rows"]),
                              processing_class=AutoTokenizer.from_pretrained(workload["tokenizer_dir"]),
                              callbacks=[Timer()])

@@ -22,6 +22,7 @@ import torch
 import yaml
 from peft import PeftModel
 from torch import nn
+from torch.distributed.tensor import DTensor
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 
 from dpo_lightning.data import load_tokenizer
@@ -59,6 +60,8 @@ def export_pretrained(module: DPOModule, tokenizer: PreTrainedTokenizerBase | No
     model, adapter_only = unwrap_policy(module.policy, merge_lora)
     # Adapter only: the policy's adapter, not a frozen reference adapter the policy may also carry.
     kwargs = {"selected_adapters": [model.active_adapter]} if adapter_only else {}
+    if any(isinstance(p, DTensor) for p in model.parameters()):  # FSDP2's shards: every rank gathers each weight
+        kwargs["state_dict"] = {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in model.state_dict().items()}
     model.save_pretrained(out, is_main_process=is_main_process, **kwargs)
     if not is_main_process:
         return out

@@ -207,6 +207,16 @@ class DPOModule(L.LightningModule):
                                      "load the model with an attention implementation that takes a 4D mask "
                                      "(sdpa, eager)")
 
+    def configure_model(self) -> None:
+        # Lightning's ModelParallelStrategy (FSDP2) hands the module a device mesh and leaves the sharding to it
+        # (configs/fsdp2.yaml); every other strategy wraps the module itself and sets no mesh.
+        if self.device_mesh is not None:
+            from dpo_lightning.distributed import fully_shard_models
+            fully_shard_models(self, self.device_mesh["data_parallel"])
+            # That strategy loads a checkpoint into the sharded module itself, before `on_load_checkpoint`
+            # can add back the frozen weights `on_save_checkpoint` leaves out: it must load them non-strictly.
+            self.strict_loading = False
+
     def train(self, mode: bool = True):
         # Lightning switches the whole module to train mode each epoch; the reference stays in eval.
         super().train(mode)
@@ -442,7 +452,8 @@ class DPOModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         # Lightning loads state dicts strictly; hand it the frozen weights this module already rebuilt.
-        for name, value in self.state_dict().items():
+        # (ModelParallelStrategy has loaded and removed the state dict already: see configure_model.)
+        for name, value in self.state_dict().items() if "state_dict" in checkpoint else ():
             checkpoint["state_dict"].setdefault(name, value)
         self.ref_fingerprint = checkpoint.get("reference_fingerprint")
 

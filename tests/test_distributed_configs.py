@@ -1,4 +1,4 @@
-"""The multi-GPU configs (ddp, fsdp, deepspeed_zero2, deepspeed_zero3): what test_cli.py's parse check does not see.
+"""The multi-GPU configs (ddp, fsdp, fsdp2, deepspeed_zero2, deepspeed_zero3): what test_cli.py's parse check does not see.
 
 Each names a strategy Lightning knows (DeepSpeed's presets are registered even where DeepSpeed is not
 installed, as here), runs on every GPU in bf16-mixed, and keeps its preemption checkpoint in the same
@@ -16,6 +16,7 @@ from dpo_lightning.distributed import DecoderLayers
 from test_cli import ROOT
 
 STRATEGIES = {"ddp.yaml": "ddp", "fsdp.yaml": "lightning.pytorch.strategies.FSDPStrategy",
+              "fsdp2.yaml": "lightning.pytorch.strategies.ModelParallelStrategy",
               "deepspeed_zero2.yaml": "deepspeed_stage_2", "deepspeed_zero3.yaml": "deepspeed_stage_3"}
 
 

@@ -1,0 +1,75 @@
+"""FSDP2 (`fully_shard` under Lightning's `ModelParallelStrategy`, `DPOModule.configure_model`) on CPU with gloo:
+torch 2.13 and Lightning 2.6.6 run it there, unlike FSDP1 (tests/test_fsdp.py). Tiny models from conftest.py;
+no network. Each run is a subprocess executing this file, because Lightning's launcher re-runs the command
+that started it.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+
+def run(mode: str, policy: str, reference: str, devices: int, out: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, __file__, mode, policy, reference, str(devices), str(out)],
+                          capture_output=True, text=True, timeout=600, cwd=out.parent)
+
+
+def test_two_sharded_ranks_train_the_weights_of_one_unsharded_process(tiny_llama, other_llama, tmp_path):
+    # 3 steps of 4 pairs: one process with batches of 4, unsharded, or two FSDP2 ranks with 2 each. Llama's
+    # head is untied, so the lean log-probs (the default) call the decoder's and the head's units apart.
+    for devices in (1, 2):
+        done = run("train", tiny_llama, other_llama, devices, tmp_path / f"{devices}.json")
+        assert done.returncode == 0, done.stderr[-3000:]
+    single, sharded = (json.loads((tmp_path / f"{n}.json").read_text()) for n in (1, 2))
+    assert sharded["sharded_units"] == 2 * (2 + 2 + 1)  # policy and reference: 2 layers, decoder, head, root
+    assert abs(single["train/rewards/margins"]) > 1e-4  # the reference differs: the metrics are not step-0 zeros
+    for name, value in single.items():
+        if name.startswith("train/"):
+            assert abs(sharded[name] - value) <= 1e-4 * abs(value) + 1e-5, name
+    trained_single, trained_sharded = (torch.load(tmp_path / f"{n}.pt", weights_only=True) for n in (1, 2))
+    start = torch.load(tmp_path / "1.start.pt", weights_only=True)
+    assert all(not torch.equal(trained_single[k], start[k]) for k in start)  # every weight moved
+    # AdamW moves each weight by up to lr = 1e-3 a step whatever its gradient's size, so for a gradient near
+    # 0 the reduce-scatter's other summation order shows; 1e-4 is a tenth of one step's move.
+    for name, weight in trained_single.items():
+        torch.testing.assert_close(trained_sharded[name], weight, rtol=1e-4, atol=1e-4, msg=name)
+
+
+def test_a_tied_head_with_lean_logps_names_the_fix(tiny_gpt2, tmp_path):
+    # GPT-2 ties its head to the embedding: the head alone cannot gather a weight the decoder's unit owns.
+    done = run("train", tiny_gpt2, "", 2, tmp_path / "tied.json")
+    assert done.returncode != 0 and "--model.lean_logps false" in done.stderr
+
+
+if __name__ == "__main__":
+    import lightning as L
+    from lightning.pytorch.strategies import ModelParallelStrategy
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from conftest import ascii_tokenizer, rows
+
+    from dpo_lightning import DPOModule, PreferenceDataModule
+
+    mode, policy, reference, devices, out = sys.argv[1], sys.argv[2], sys.argv[3] or None, int(sys.argv[4]), \
+        Path(sys.argv[5])
+    data = PreferenceDataModule(dataset=rows(12), tokenizer=ascii_tokenizer(), max_length=48, max_prompt_length=24,
+                                batch_size=4 // devices, eval_fraction=0.0)
+    model = DPOModule(policy, ref_model_name_or_path=reference, learning_rate=1e-3)
+    start = {k: v.clone() for k, v in model.policy.state_dict().items()}
+    strategy = ModelParallelStrategy(data_parallel_size=devices, tensor_parallel_size=1) if devices > 1 else "auto"
+    trainer = L.Trainer(accelerator="cpu", devices=devices, strategy=strategy, max_steps=3, logger=False,
+                        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                        num_sanity_val_steps=0, limit_val_batches=0)
+    trainer.fit(model, data)
+    weights = {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in model.policy.state_dict().items()}
+    if trainer.is_global_zero:
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+        metrics["sharded_units"] = sum(isinstance(m, FSDPModule) for m in model.modules())
+        out.write_text(json.dumps(metrics))
+        torch.save(weights, out.with_suffix(".pt"))
+        torch.save(start, out.with_suffix(".start.pt"))
