@@ -12,7 +12,8 @@ import torch
 from conftest import ascii_tokenizer, rows
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-import dpo_lightning.module
+import dpo_lightning.models
+import dpo_lightning.reference
 from dpo_lightning import DPOModule, PreferenceDataModule
 
 
@@ -66,13 +67,14 @@ def test_a_second_run_with_another_beta_reads_the_cache_without_loading_the_refe
     assert_same_run(fit(tiny_llama, tmp_path / "live", **{**kwargs, "ref_logps_cache_dir": None}),
                     fit(tiny_llama, tmp_path / "first", precompute_ref_log_probs=True, **kwargs))
     files = sorted(os.listdir(tmp_path / "cache"))
-    load = dpo_lightning.module.load_causal_lm
+    load = dpo_lightning.models.load_causal_lm
 
     def policy_only(path, *args):
         assert path != other_llama, "the reference was loaded although its log-probs are cached"
         return load(path, *args)
 
-    monkeypatch.setattr(dpo_lightning.module, "load_causal_lm", policy_only)
+    for module in (dpo_lightning.models, dpo_lightning.reference):
+        monkeypatch.setattr(module, "load_causal_lm", policy_only)
     second = fit(tiny_llama, tmp_path / "second", precompute_ref_log_probs=True, beta=0.3, **kwargs)
     assert sorted(os.listdir(tmp_path / "cache")) == files  # read, not rescored
     monkeypatch.undo()
@@ -92,7 +94,7 @@ def test_resumed_full_fine_tuning_reads_the_cache_of_its_first_run(tiny_llama, t
     straight = fit(tiny_llama, tmp_path / "straight", max_steps=4, **kwargs)
     every_2 = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2, save_top_k=-1)
     fit(tiny_llama, tmp_path / "first", max_steps=2, callbacks=[every_2], **kwargs)
-    monkeypatch.setattr(dpo_lightning.module.reference_cache, "score_reference", None)  # would fail if called
+    monkeypatch.setattr(dpo_lightning.reference, "score_reference", None)  # would fail if called
     resumed = fit(tiny_llama, tmp_path / "second", max_steps=4, ckpt_path=tmp_path / "ckpt" / "epoch=0-step=2.ckpt",
                   **kwargs)
     for name, weight in straight[0].policy.state_dict().items():
@@ -121,7 +123,7 @@ def test_the_reference_is_identified_by_its_weight_files_or_its_hub_commit(tiny_
 
     import huggingface_hub
 
-    from dpo_lightning.reference_cache import files_fingerprint
+    from dpo_lightning.reference import files_fingerprint
 
     copy = shutil.copytree(tiny_llama, tmp_path / "copy")
     assert files_fingerprint(str(copy)) == files_fingerprint(tiny_llama)  # content, not the path
