@@ -4,14 +4,19 @@ in memory, and a cache that a second run reads without building the reference at
 Tiny Llamas from conftest.py; 12 training pairs in batches of 4, 6 validation pairs.
 """
 
+import contextlib
+import math
 import os
+from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
 from conftest import ascii_tokenizer, rows
 from lightning.pytorch.callbacks import ModelCheckpoint
+from transformers import AutoModelForCausalLM
 
+import dpo_lightning.logps
 import dpo_lightning.models
 import dpo_lightning.reference
 from dpo_lightning import DPOModule, PreferenceDataModule
@@ -132,3 +137,121 @@ def test_the_reference_is_identified_by_its_weight_files_or_its_hub_commit(tiny_
     monkeypatch.setattr(huggingface_hub, "snapshot_download",
                         lambda name, allow_patterns: f"/cache/models--org--m/snapshots/{name[-1]}c0ffee/")
     assert files_fingerprint("org/m1") == "org/m1@1c0ffee" != files_fingerprint("org/m2")
+
+
+def data_module() -> PreferenceDataModule:
+    return PreferenceDataModule(dataset=rows(12), eval_dataset=rows(6), tokenizer=ascii_tokenizer(), max_length=48,
+                                max_prompt_length=24, batch_size=4, eval_batch_size=4)
+
+
+def validate(model: DPOModule) -> dict[str, float]:
+    trainer = L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False)
+    return {k: float(v) for k, v in trainer.validate(model, data_module(), verbose=False)[0].items()}
+
+
+def trained_checkpoint(policy, root, **model_kwargs) -> str:
+    model, _ = fit(policy, root, **model_kwargs)
+    path = str(root / "trained.ckpt")
+    model.trainer.save_checkpoint(path)
+    return path
+
+
+@pytest.mark.parametrize("trained_with_precompute", [False, True], ids=["live-reference", "precomputed"])
+def test_a_reloaded_trained_checkpoint_validated_on_an_empty_cache_scores_the_starting_weights(
+        tiny_llama, tmp_path, trained_with_precompute):
+    # The trained policy is not the reference: the starting weights are reloaded from their path and scored,
+    # giving the metrics of the live reference that load_from_checkpoint rebuilds without precomputation.
+    kwargs = dict(precompute_ref_log_probs=True, ref_logps_cache_dir=str(tmp_path / "first")) if (
+        trained_with_precompute) else {}
+    path = trained_checkpoint(tiny_llama, tmp_path, **kwargs)
+    live = validate(DPOModule.load_from_checkpoint(path, precompute_ref_log_probs=False, ref_logps_cache_dir=None))
+    assert abs(live["val/rewards/margins"]) > 1e-3  # trained: policy and reference differ
+    cache = tmp_path / "empty"
+    cached = validate(DPOModule.load_from_checkpoint(path, precompute_ref_log_probs=True, ref_logps_cache_dir=str(cache)))
+    assert cached.keys() == live.keys()
+    for name, value in live.items():
+        assert cached[name] == pytest.approx(value, rel=1e-5, abs=1e-6), name
+    # The file written holds the starting weights' log-probs under their key: an untrained module finds it
+    # (no new file) and sees a policy equal to its reference (margin 0, loss ln 2), not the trained policy.
+    files = sorted(os.listdir(cache))
+    fresh = validate(DPOModule(tiny_llama, precompute_ref_log_probs=True, ref_logps_cache_dir=str(cache)))
+    assert sorted(os.listdir(cache)) == files
+    assert fresh["val/rewards/margins"] == pytest.approx(0.0, abs=1e-6)
+    assert fresh["val/loss"] == pytest.approx(math.log(2), abs=1e-6)
+
+
+def test_a_reloaded_trained_policy_given_as_an_object_stops_and_names_the_fix(tiny_llama, tmp_path):
+    path = trained_checkpoint(AutoModelForCausalLM.from_pretrained(tiny_llama), tmp_path)
+    model = DPOModule.load_from_checkpoint(path, model_name_or_path=AutoModelForCausalLM.from_pretrained(tiny_llama),
+                                           precompute_ref_log_probs=True, ref_logps_cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(ValueError, match="the policy has trained.*give --model.ref_model_name_or_path"):
+        validate(model)
+    assert not (tmp_path / "cache").exists()  # nothing scored, nothing saved
+
+
+def test_a_fully_fine_tuned_model_with_frozen_parameters_is_keyed_by_all_its_weights(tiny_llama, tmp_path):
+    # Two policies sharing their frozen embeddings but not their head: each must get its own table (before,
+    # the second read the first's, and its margin was the two heads' difference instead of 0).
+    cache = str(tmp_path / "cache")
+    for scale in (1.0, 2.0):
+        policy = AutoModelForCausalLM.from_pretrained(tiny_llama)
+        policy.model.embed_tokens.requires_grad_(False)
+        with torch.no_grad():
+            policy.lm_head.weight.mul_(scale)
+        metrics = validate(DPOModule(policy, precompute_ref_log_probs=True, ref_logps_cache_dir=cache))
+        assert metrics["val/rewards/margins"] == pytest.approx(0.0, abs=1e-6)  # at the start, policy == reference
+    assert len(os.listdir(cache)) == 2
+
+
+def test_the_cache_key_follows_the_log_prob_code(tmp_path, monkeypatch):
+    # Content, not the path: a copy of logps.py keys the same; one changed line, another key (old tables unused).
+    key = dpo_lightning.reference.cache_key("weights", "32-true", "data")
+    copy = tmp_path / "logps.py"
+    copy.write_text(Path(dpo_lightning.logps.__file__).read_text())
+    monkeypatch.setattr(dpo_lightning.logps, "__file__", str(copy))
+    assert dpo_lightning.reference.cache_key("weights", "32-true", "data") == key
+    copy.write_text(copy.read_text().replace("IGNORE_INDEX", "IGNORE_INDEX ", 1))
+    assert dpo_lightning.reference.cache_key("weights", "32-true", "data") != key
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_every_rank_gets_an_equal_share_and_every_row_once(world):
+    from dpo_lightning.reference import rank_share
+    for n in range(1, 12):
+        shares = [rank_share(n, rank, world) for rank in range(world)]
+        per_rank = (n + world - 1) // world  # ceil: as many forwards on every rank, however n divides
+        assert all(len(indices) == per_rank for indices, _ in shares), (n, world)
+        own = sorted(i for indices, count in shares for i in indices[:count])
+        assert own == list(range(n)), (n, world)  # the padding past `count` is never kept
+
+
+def test_scoring_on_two_ranks_runs_as_many_batches_each_and_sums_to_the_one_rank_table():
+    # 7 pairs, one a batch: rank 0 scores rows 0 2 4 6, rank 1 rows 1 3 5 and a discarded padding row. The
+    # "reference" sums each sequence's token ids, so the table is known from the tokens alone.
+    from types import SimpleNamespace
+
+    from dpo_lightning.reference import score_reference
+
+    data = PreferenceDataModule(dataset=rows(7), tokenizer=ascii_tokenizer(), max_length=48, max_prompt_length=24,
+                                batch_size=1)
+    data.setup("fit")
+    calls = []
+
+    def token_sums(batch):
+        calls[-1] += 1
+        return (batch["input_ids"] * batch["attention_mask"]).sum(1).float()  # (2B,)
+
+    tables = []
+    for rank in range(2):
+        strategy = SimpleNamespace(root_device=torch.device("cpu"), batch_to_device=lambda b: b,
+                                   reduce=lambda table, reduce_op: table)  # the other rank's share is added below
+        trainer = SimpleNamespace(global_rank=rank, world_size=2, strategy=strategy,
+                                  precision_plugin=SimpleNamespace(forward_context=contextlib.nullcontext))
+        calls.append(0)
+        tables.append(score_reference(trainer, data, {"train": data.train_data}, token_sums, contextlib.nullcontext,
+                                      batch_size=1)["train"])
+    assert calls == [4, 4]
+    expected = torch.tensor([[sum(r["prompt_input_ids"] + r["chosen_input_ids"]),
+                              sum(r["prompt_input_ids"] + r["rejected_input_ids"])]
+                             for r in sorted(data.train_data, key=lambda r: r["row_id"])], dtype=torch.float32)
+    torch.testing.assert_close(tables[0] + tables[1], expected)
