@@ -4,10 +4,8 @@ in memory, and a cache that a second run reads without building the reference at
 Tiny Llamas from conftest.py; 12 training pairs in batches of 4, 6 validation pairs.
 """
 
-import contextlib
 import math
 import os
-from pathlib import Path
 
 import lightning as L
 import pytest
@@ -16,7 +14,6 @@ from conftest import ascii_tokenizer, rows
 from lightning.pytorch.callbacks import ModelCheckpoint
 from transformers import AutoModelForCausalLM
 
-import dpo_lightning.logps
 import dpo_lightning.models
 import dpo_lightning.reference
 from dpo_lightning import DPOModule, PreferenceDataModule
@@ -123,22 +120,6 @@ def test_packed_prefix_sharing_with_the_cache_equals_padded_batches_scored_every
     assert_same_run(fit(tiny_llama, tmp_path / "padded", **kwargs), packed, rel=1e-4, atol=1e-4)
 
 
-def test_the_reference_is_identified_by_its_weight_files_or_its_hub_commit(tiny_llama, tmp_path, monkeypatch):
-    import shutil
-
-    import huggingface_hub
-
-    from dpo_lightning.reference import files_fingerprint
-
-    copy = shutil.copytree(tiny_llama, tmp_path / "copy")
-    assert files_fingerprint(str(copy)) == files_fingerprint(tiny_llama)  # content, not the path
-    (copy / "model.safetensors").write_bytes((copy / "model.safetensors").read_bytes()[:-1] + b"\0")
-    assert files_fingerprint(str(copy)) != files_fingerprint(tiny_llama)  # one byte of the weights
-    monkeypatch.setattr(huggingface_hub, "snapshot_download",
-                        lambda name, allow_patterns: f"/cache/models--org--m/snapshots/{name[-1]}c0ffee/")
-    assert files_fingerprint("org/m1") == "org/m1@1c0ffee" != files_fingerprint("org/m2")
-
-
 def data_module() -> PreferenceDataModule:
     return PreferenceDataModule(dataset=rows(12), eval_dataset=rows(6), tokenizer=ascii_tokenizer(), max_length=48,
                                 max_prompt_length=24, batch_size=4, eval_batch_size=4)
@@ -201,57 +182,3 @@ def test_a_fully_fine_tuned_model_with_frozen_parameters_is_keyed_by_all_its_wei
         metrics = validate(DPOModule(policy, precompute_ref_log_probs=True, ref_logps_cache_dir=cache))
         assert metrics["val/rewards/margins"] == pytest.approx(0.0, abs=1e-6)  # at the start, policy == reference
     assert len(os.listdir(cache)) == 2
-
-
-def test_the_cache_key_follows_the_log_prob_code(tmp_path, monkeypatch):
-    # Content, not the path: a copy of logps.py keys the same; one changed line, another key (old tables unused).
-    key = dpo_lightning.reference.cache_key("weights", "32-true", "data")
-    copy = tmp_path / "logps.py"
-    copy.write_text(Path(dpo_lightning.logps.__file__).read_text())
-    monkeypatch.setattr(dpo_lightning.logps, "__file__", str(copy))
-    assert dpo_lightning.reference.cache_key("weights", "32-true", "data") == key
-    copy.write_text(copy.read_text().replace("IGNORE_INDEX", "IGNORE_INDEX ", 1))
-    assert dpo_lightning.reference.cache_key("weights", "32-true", "data") != key
-
-
-@pytest.mark.parametrize("world", [1, 2, 3, 4])
-def test_every_rank_gets_an_equal_share_and_every_row_once(world):
-    from dpo_lightning.reference import rank_share
-    for n in range(1, 12):
-        shares = [rank_share(n, rank, world) for rank in range(world)]
-        per_rank = (n + world - 1) // world  # ceil: as many forwards on every rank, however n divides
-        assert all(len(indices) == per_rank for indices, _ in shares), (n, world)
-        own = sorted(i for indices, count in shares for i in indices[:count])
-        assert own == list(range(n)), (n, world)  # the padding past `count` is never kept
-
-
-def test_scoring_on_two_ranks_runs_as_many_batches_each_and_sums_to_the_one_rank_table():
-    # 7 pairs, one a batch: rank 0 scores rows 0 2 4 6, rank 1 rows 1 3 5 and a discarded padding row. The
-    # "reference" sums each sequence's token ids, so the table is known from the tokens alone.
-    from types import SimpleNamespace
-
-    from dpo_lightning.reference import score_reference
-
-    data = PreferenceDataModule(dataset=rows(7), tokenizer=ascii_tokenizer(), max_length=48, max_prompt_length=24,
-                                batch_size=1)
-    data.setup("fit")
-    calls = []
-
-    def token_sums(batch):
-        calls[-1] += 1
-        return (batch["input_ids"] * batch["attention_mask"]).sum(1).float()  # (2B,)
-
-    tables = []
-    for rank in range(2):
-        strategy = SimpleNamespace(root_device=torch.device("cpu"), batch_to_device=lambda b: b,
-                                   reduce=lambda table, reduce_op: table)  # the other rank's share is added below
-        trainer = SimpleNamespace(global_rank=rank, world_size=2, strategy=strategy,
-                                  precision_plugin=SimpleNamespace(forward_context=contextlib.nullcontext))
-        calls.append(0)
-        tables.append(score_reference(trainer, data, {"train": data.train_data}, token_sums, contextlib.nullcontext,
-                                      batch_size=1)["train"])
-    assert calls == [4, 4]
-    expected = torch.tensor([[sum(r["prompt_input_ids"] + r["chosen_input_ids"]),
-                              sum(r["prompt_input_ids"] + r["rejected_input_ids"])]
-                             for r in sorted(data.train_data, key=lambda r: r["row_id"])], dtype=torch.float32)
-    torch.testing.assert_close(tables[0] + tables[1], expected)
