@@ -135,8 +135,8 @@ class Reference(nn.Module):
             return torch.cat([pairs[:, 0], pairs[:, 1]])
         model, context = self.weights(policy)
         if model is None:
-            raise RuntimeError(f"no reference for the {stage} batches: precompute_ref_log_probs scored no "
-                               f"table for {stage!r}, and the policy no longer holds its starting weights")
+            raise RuntimeError(f"no reference for the {stage} batches: no table was precomputed for {stage!r}, "
+                               "and no model computes the reference (the policy has trained)")
         with torch.no_grad(), context:
             return score(model, batch)
 
@@ -168,10 +168,12 @@ class Reference(nn.Module):
 
     def _score(self, trainer: L.Trainer, policy: nn.Module, splits: dict[str, Dataset], score: Score) -> dict[str, Tensor]:
         if self.weights(policy)[0] is None:
-            self.model = self._load().to(trainer.strategy.root_device)
+            self.model = self._load()
         model = self.weights(policy)[0]
-        if model is not policy and lean_unsupported(model):  # a loaded reference of another architecture
-            score = lambda model, batch: naive_logps(model, batch)[0]  # noqa: E731
+        if model is not policy:  # loaded here (now, or for its fingerprint), on the CPU
+            model.to(trainer.strategy.root_device)
+            if lean_unsupported(model):  # another architecture than the policy's, which `score` was checked on
+                score = lambda model, batch: naive_logps(model, batch)[0]  # noqa: E731
         hp = trainer.datamodule.hparams
         return score_reference(trainer, trainer.datamodule, splits, lambda batch: score(model, batch),
                                lambda: self.weights(policy)[1], self.batch_size or hp.eval_batch_size or hp.batch_size)
