@@ -122,3 +122,12 @@ def test_the_reference_runs_without_dropout_while_the_module_trains(tiny_gpt2):
         for _ in range(2):
             torch.testing.assert_close(model._reference_logps(batch, "train"), expected)
     assert model.reference.training  # its mode is restored after each forward
+
+
+def test_a_checkpoint_of_the_previous_format_keeps_its_cache_key_and_counts_as_trained(tiny_llama):
+    # Before `reference` held both facts, checkpoints carried `reference_fingerprint` and the step alone.
+    model = DPOModule(tiny_llama, precompute_ref_log_probs=True)
+    model.ref.load_checkpoint_state({"reference_fingerprint": "f00d", "global_step": 3})
+    assert (model.ref.fingerprint, model.ref.policy_trained) == ("f00d", True)
+    model.ref.load_checkpoint_state({"reference": {"fingerprint": None, "policy_trained": False}, "global_step": 3})
+    assert (model.ref.fingerprint, model.ref.policy_trained) == (None, False)  # the recorded fact wins
