@@ -10,6 +10,10 @@ share and one all-reduce gives every rank the whole table), the table goes to an
 reference model is dropped. A table holds, per `row_id`, the summed log-probs of the chosen and the
 rejected response, which is all every loss takes (the length-normalized ones divide by lengths the batch carries).
 
+A held reference model is frozen and switched to eval mode within each of its forwards only
+(`reference_weights`), so outside them it takes the module's mode and Lightning's "modules in eval mode at
+the start of training" warning counts only the user's own modules.
+
 A fully fine-tuned policy computes its own reference only until it trains: `policy_trained` records that
 it has (set at fit start, saved in checkpoints), and from then on the starting weights are reloaded from
 their path, or the run stops and says what to give instead. Nothing is inferred from how the module was
@@ -151,7 +155,8 @@ class Reference(nn.Module):
         cached = {split: load_tables(path) for split, path in paths.items()}
         # Every rank must score the same splits (scoring calls collectives), so a split counts as cached
         # only where every rank found it.
-        found = torch.tensor([float(cached[split] is not None) for split in splits], device=trainer.strategy.root_device)
+        found = torch.tensor([float(cached[split] is not None) for split in splits],
+                             device=trainer.strategy.root_device)
         everywhere = (trainer.strategy.reduce(found, reduce_op="sum") == trainer.world_size).tolist()
         missing = {split: data for (split, data), hit in zip(splits.items(), everywhere) if not hit}
         tables = self._score(trainer, policy, missing, score) if missing else {}
@@ -166,7 +171,9 @@ class Reference(nn.Module):
                        f"{sorted(set(splits) - set(missing))} read from the cache {self.cache_dir}; "
                        "training holds the policy alone")
 
-    def _score(self, trainer: L.Trainer, policy: nn.Module, splits: dict[str, Dataset], score: Score) -> dict[str, Tensor]:
+    def _score(self, trainer: L.Trainer, policy: nn.Module, splits: dict[str, Dataset],
+               score: Score) -> dict[str, Tensor]:
+        """`score_reference` with the model that computes the reference, loading it from its path if none does."""
         if self.weights(policy)[0] is None:
             self.model = self._load()
         model = self.weights(policy)[0]
