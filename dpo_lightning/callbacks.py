@@ -24,13 +24,11 @@ from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelP
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from peft import PeftModel
 from torch import nn
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 
 from dpo_lightning.data import adds_bos
 from dpo_lightning.export import export_pretrained
-from dpo_lightning.models import reference_weights
 from dpo_lightning.resume import ends_optimizer_step
 
 # Strategies whose weights are sharded across ranks: generating on rank 0 alone would wait forever
@@ -203,14 +201,11 @@ class GenerateSamples(L.Callback):
 def reference_model(pl_module: L.LightningModule) -> tuple[nn.Module | None, AbstractContextManager]:
     """The model that computes the reference and the context to run it in; (None, ...) where there is none.
 
-    `pl_module.reference` when the module holds one; otherwise a LoRA policy computes it within
-    `models.reference_weights` (its adapter disabled, or the frozen `pl_module.reference_adapter` active),
-    the rule training uses. A reference-free full fine-tune has neither. A fresh context at each call.
+    Asked of the module's `reference.Reference` (`pl_module.ref.weights`), the rule training uses: a held
+    reference model, or the LoRA policy with its adapter disabled (or the frozen reference adapter active).
+    A fresh context at each call.
     """
-    reference, policy = getattr(pl_module, "reference", None), pl_module.policy
-    if reference is not None or not isinstance(policy, PeftModel):
-        return reference, nullcontext()
-    return policy, reference_weights(policy, getattr(pl_module, "reference_adapter", None))
+    return pl_module.ref.weights(pl_module.policy)
 
 
 @contextmanager

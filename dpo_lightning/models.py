@@ -1,6 +1,6 @@
 """Building the policy and its reference: loading, dropout, activation checkpointing, LoRA adapters (peft).
 
-Where the reference comes from, by case (`DPOModule` picks; the README's "The reference" says why):
+Where the reference comes from, by case (`build_models` picks; the README's "The reference" says why):
 1. Full fine-tuning: a frozen in-memory copy of the policy, in the policy's dtype (TRL 1.16 reloads the
    reference from its hub name instead).
 2. A new LoRA adapter (`add_lora`): the policy with the adapter disabled. No second copy; exact, because
@@ -9,13 +9,14 @@ Where the reference comes from, by case (`DPOModule` picks; the README's "The re
 3. A pretrained adapter (`load_adapter_policy`, e.g. an SFT adapter): disabling it would score against
    the bare base, not the model training starts from, and every reward would be off by the SFT shift
    from step 0 on, silently. Instead the adapter is copied, frozen, as a second adapter named
-   `REFERENCE_ADAPTER` on the same base (as TRL's "ref" adapter), and `reference_weights` switches to it.
+   `REFERENCE_ADAPTER` on the same base (as TRL's "ref" adapter), and `reference.reference_weights`
+   switches to it.
+`build_models` makes these parts; `reference.Reference` owns them from there on (and precomputed tables).
 """
 
-import contextlib
 import copy
 import os
-from typing import Any, Iterator, Mapping
+from typing import Any, Mapping
 
 import torch
 from peft import LoraConfig, PeftConfig, PeftModel, get_peft_config, get_peft_model
@@ -80,33 +81,6 @@ def add_reference_adapter(model: PeftModel) -> str:
     return REFERENCE_ADAPTER
 
 
-@contextlib.contextmanager
-def reference_weights(model: nn.Module, adapter: str | None) -> Iterator[None]:
-    """Within the block, `model` computes the reference: adapters disabled, or the frozen copy `adapter` active.
-
-    The model is in eval mode within the block, as a separate reference always is (no LoRA dropout). A
-    model without adapters is only switched to eval mode: at step 0 the policy is its own reference.
-    """
-    was_training = model.training
-    model.eval()
-    try:
-        if not isinstance(model, PeftModel):
-            yield
-        elif adapter is None:
-            with model.disable_adapter():
-                yield
-        else:
-            # peft's set_adapter makes the adapter it activates trainable and freezes the others; switching
-            # back (before backward) restores both. No gradient is taken in between (torch.no_grad).
-            model.set_adapter(adapter)
-            try:
-                yield
-            finally:
-                model.set_adapter(POLICY_ADAPTER)
-    finally:
-        model.train(was_training)
-
-
 def zero_dropout(model: nn.Module) -> None:
     # With dropout on, the policy and reference disagree at step 0 and the rewards start as noise.
     for module in model.modules():
@@ -127,7 +101,8 @@ def build_models(source: str | nn.Module, ref_source: str | None, needs_referenc
                  hp: Mapping[str, Any]) -> tuple[nn.Module, nn.Module | None, str | None]:
     """The policy, the reference model (or None) and the reference adapter's name (or None), by the three
     cases above. `hp` holds `DPOModule`'s arguments. With `precompute_ref_log_probs` no reference model is
-    built here: `DPOModule` builds one only if the cache misses."""
+    built here: `Reference` loads one only if the cache misses. The reference model comes back as loaded;
+    `Reference` freezes it."""
     pretrained_adapter = isinstance(source, PeftModel) or (isinstance(source, str) and is_adapter_folder(source))
     validate_lora(hp, pretrained_adapter)
     adapter = lora_config(hp.lora_r, hp.lora_alpha, hp.lora_dropout, hp.lora_target_modules, hp.peft_config)
@@ -147,8 +122,6 @@ def build_models(source: str | nn.Module, ref_source: str | None, needs_referenc
         reference_adapter = add_reference_adapter(policy)
     elif needs_reference and adapter is None and not later:
         reference = copy.deepcopy(policy)  # same weights and dtype, no reload
-    if reference is not None:
-        reference.eval().requires_grad_(False)
     if hp.gradient_checkpointing:
         enable_activation_checkpointing(base_causal_lm(policy))
     if adapter is not None:

@@ -4,7 +4,7 @@ The policy and, for reference-based losses, the reference each run one forward o
 chosen rows then rejected rows (see `data.collate_pairs`); `logps.py` turns that into per-sequence
 log-probs (lean by default: no full-vocabulary logits), and the losses named by `loss_type` (pure
 functions in `losses.py`) turn those into per-pair losses and rewards. The reference is a frozen copy,
-or with a LoRA adapter the policy itself with its adapter switched off (`models.py`). Devices, precision
+or with a LoRA adapter the policy itself with its adapter switched off (`reference.py`). Devices, precision
 and distribution are the Trainer's business: nothing here moves tensors or casts them.
 
 The hooks come in the order Lightning calls them (setup, training_step, on_before_optimizer_step,
@@ -14,25 +14,22 @@ log-probs, reference log-probs, loss, metrics) and its helpers. A non-finite los
 weights, optimizer, schedule and metrics alone (`_finite_on_every_rank`, `on_before_optimizer_step`).
 """
 
-import contextlib
 import functools
 import math
-import os
 from typing import Literal
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from peft import PeftModel
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from transformers import PreTrainedModel
 
-from dpo_lightning import reference_cache
 from dpo_lightning.logps import lean_logps, lean_unsupported, naive_logps
 from dpo_lightning.losses import LENGTH_NORMALIZED, LOSS_ARGS, LOSSES, REFERENCE_FREE, bind_losses
 from dpo_lightning.metrics import compute_all, make_metrics, update_metrics
-from dpo_lightning.models import base_causal_lm, build_models, load_causal_lm, reference_weights
+from dpo_lightning.models import base_causal_lm, build_models
 from dpo_lightning.packing import shared_layout_unsupported
+from dpo_lightning.reference import Reference
 from dpo_lightning.resume import ends_optimizer_step
 
 LossType = Literal[tuple(LOSSES)]
@@ -68,7 +65,7 @@ class DPOModule(L.LightningModule):
         f_divergence_type: the f-divergence of the sigmoid loss's regularizer (Wang et al. 2023).
         f_alpha_divergence_coef: alpha of `f_divergence_type: alpha_divergence`.
         precompute_ref_log_probs: score the reference once over the train and val data before training,
-            cache the log-probs on disk (`reference_cache.py`) and train with the policy alone. A later
+            cache the log-probs on disk (`reference.py`) and train with the policy alone. A later
             run on the same reference and data (another beta or loss_type) reads the cache and never
             builds the reference.
         precompute_ref_batch_size: pairs per reference forward when precomputing. Default: the data's
@@ -167,11 +164,12 @@ class DPOModule(L.LightningModule):
             if value and not self.needs_reference:
                 raise ValueError(f"--model.{flag} is set but the loss uses no reference (loss_type "
                                  f"{self.loss_types}, reference_free {reference_free}): remove it")
-        # With precomputation the reference is built only if the cache misses, and dropped after scoring.
-        self.ref_tables: dict[str, Tensor] | None = None
-        self.ref_fingerprint: str | None = None
-        self.policy, self.reference, self.reference_adapter = build_models(
+        self.policy, reference, reference_adapter = build_models(
             model_name_or_path, ref_model_name_or_path, self.needs_reference, self.hparams)
+        # Which weights are the reference and where its log-probs come from: `reference.py`, and only there.
+        self.ref = Reference(reference, reference_adapter, self.needs_reference, ref_model_name_or_path,
+                             model_name_or_path if isinstance(model_name_or_path, str) else None, torch_dtype,
+                             trust_remote_code, ref_logps_cache_dir, precompute_ref_batch_size)
         self.model_name_or_path = base_causal_lm(self.policy).name_or_path or None  # the tokenizer's default source
         self.uses_lean_logps = lean_logps and self._lean_supported()
         if torch_compile:  # after the lean check, which would compile for its 8 tokens
@@ -196,6 +194,11 @@ class DPOModule(L.LightningModule):
                 return False
         return True
 
+    @property
+    def reference(self) -> nn.Module | None:
+        """The frozen reference model, where one is held (`Reference.model`): not with LoRA or precomputation."""
+        return self.ref.model
+
     def setup(self, stage: str) -> None:
         # A model that ignores the shared layout's mask would train on wrong log-probs without an error.
         datamodule = getattr(self.trainer, "datamodule", None)
@@ -216,13 +219,6 @@ class DPOModule(L.LightningModule):
             # That strategy loads a checkpoint into the sharded module itself, before `on_load_checkpoint`
             # can add back the frozen weights `on_save_checkpoint` leaves out: it must load them non-strictly.
             self.strict_loading = False
-
-    def train(self, mode: bool = True):
-        # Lightning switches the whole module to train mode each epoch; the reference stays in eval.
-        super().train(mode)
-        if self.reference is not None:
-            self.reference.eval()
-        return self
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         loss = self._shared_step(batch, "train")
@@ -348,82 +344,20 @@ class DPOModule(L.LightningModule):
         return naive_logps(model, batch)
 
     def _reference_logps(self, batch: dict[str, Tensor], stage: str) -> Tensor:
-        """Summed response log-probs (2B,) under the reference: a frozen model, the policy's adapter switched,
-        or looked up in the precomputed table."""
-        if self.ref_tables is not None:
-            return reference_cache.reference_table_logps(self.ref_tables[stage], batch["row_ids"])
-        model, weights = self._reference_and_weights()
-        with torch.no_grad(), weights:
-            return self._sequence_logps(model, batch)[0]
+        """Summed response log-probs (2B,) under the reference, chosen rows then rejected (`Reference.logps`)."""
+        return self.ref.logps(self.policy, batch, stage, self._reference_score)
 
-    def _reference_and_weights(self) -> tuple[nn.Module, contextlib.AbstractContextManager]:
-        if self.reference is not None:
-            return self.reference, contextlib.nullcontext()
-        return self.policy, reference_weights(self.policy, self.reference_adapter)
+    def _reference_score(self, model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+        return self._sequence_logps(model, batch)[0]
 
     def on_fit_start(self) -> None:
         if self.hparams.precompute_ref_log_probs:
-            self._precompute_reference(["train", "val"])
+            self.ref.precompute(self.trainer, self.policy, ["train", "val"], self._reference_score)
+        self.ref.policy_trained = True  # from the first step on, a fully fine-tuned policy is not its reference
 
     def on_validation_start(self) -> None:
-        if self.hparams.precompute_ref_log_probs and self.ref_tables is None:  # trainer.validate alone
-            self._precompute_reference(["val"])
-
-    def _precompute_reference(self, stages: list[str]) -> None:
-        """Reference log-probs of every pair of `stages`, from the cache or scored now; then no reference model."""
-        trainer, hp = self.trainer, self.hparams
-        splits = {s: d for s, d in reference_cache.check_splits(trainer.datamodule).items() if s in stages}
-        # Rank 0's, so that every rank names the same files (under FSDP each rank hashes its own shard).
-        self.ref_fingerprint = trainer.strategy.broadcast(self.ref_fingerprint or self._reference_fingerprint())
-        folder = hp.ref_logps_cache_dir or reference_cache.DEFAULT_CACHE_DIR
-        paths = {split: os.path.join(folder, reference_cache.cache_key(
-            self.ref_fingerprint, str(trainer.precision), trainer.datamodule.fingerprint(split)) + ".safetensors")
-            for split in splits}
-        cached = {split: reference_cache.load_tables(path) for split, path in paths.items()}
-        # Every rank must score the same splits (scoring calls collectives), so a split counts as cached
-        # only where every rank found it.
-        found = torch.tensor([float(cached[split] is not None) for split in splits], device=self.device)
-        everywhere = (trainer.strategy.reduce(found, reduce_op="sum") == trainer.world_size).tolist()
-        missing = {split: data for (split, data), hit in zip(splits.items(), everywhere) if not hit}
-        tables = self._score_reference(missing) if missing else {}
-        if trainer.is_global_zero:
-            for split, table in tables.items():
-                reference_cache.save_tables({split: table}, paths[split])
-        tables.update({split: cached[split][split].to(self.device) for split in splits if split not in missing})
-        self.ref_tables, self.reference = {**(self.ref_tables or {}), **tables}, None
-        rank_zero_info(f"[dpo_lightning] reference log-probs: {sorted(missing)} scored, {sorted(set(splits) - set(missing))} "
-                       f"read from the cache {folder}; training holds the policy alone")
-
-    def _score_reference(self, splits: dict) -> dict[str, Tensor]:
-        hp, datamodule = self.hparams, self.trainer.datamodule
-        if self.reference is None and (hp.ref_model_name_or_path is not None or not self._policy_is_reference()):
-            source = hp.ref_model_name_or_path or hp.get("model_name_or_path")
-            if not isinstance(source, str):
-                raise ValueError("no cached reference log-probs for this resumed run, and the policy's starting "
-                                 "weights were passed as an object, not a path: restore the cache file or start over")
-            self.reference = load_causal_lm(source, hp.torch_dtype, hp.trust_remote_code).to(self.device).eval()
-        model = self._reference_and_weights()[0]
-        logps = functools.partial(lean_logps, chunk_size=hp.logps_chunk_size) if (
-            self.uses_lean_logps and not lean_unsupported(model)) else naive_logps
-        batch_size = hp.precompute_ref_batch_size or datamodule.hparams.eval_batch_size or datamodule.hparams.batch_size
-        return reference_cache.score_reference(self.trainer, datamodule, splits, lambda b: logps(model, b)[0],
-                                               lambda: self._reference_and_weights()[1], batch_size)
-
-    def _policy_is_reference(self) -> bool:
-        """Whether the policy computes the reference: with adapters always, fully fine-tuned only before step 0."""
-        return isinstance(self.policy, PeftModel) or self.trainer.ckpt_path is None
-
-    def _reference_fingerprint(self) -> str:
-        """What the reference's log-probs depend on: its weight files, or the weights the policy scores it with."""
-        if self.hparams.ref_model_name_or_path is not None:
-            return reference_cache.files_fingerprint(self.hparams.ref_model_name_or_path) + str(self.hparams.torch_dtype)
-        if not self._policy_is_reference():
-            raise ValueError("this checkpoint holds no reference fingerprint (it was saved with "
-                             "precompute_ref_log_probs off): resume with it off, or start the run over")
-        # With adapters the frozen weights are the reference; fully fine-tuned, all of them, at step 0.
-        params = dict(self.policy.named_parameters())
-        frozen = {name: p for name, p in params.items() if not p.requires_grad}
-        return reference_cache.weights_fingerprint(frozen or params)
+        if self.hparams.precompute_ref_log_probs and "val" not in self.ref.tables:  # trainer.validate alone
+            self.ref.precompute(self.trainer, self.policy, ["val"], self._reference_score)
 
     def configure_optimizers(self):
         hp = self.hparams
@@ -446,16 +380,16 @@ class DPOModule(L.LightningModule):
         frozen = {f"policy.{name}" for name, param in self.policy.named_parameters(remove_duplicate=False)
                   if not param.requires_grad}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items()
-                                    if not k.startswith("reference.") and k not in frozen}
-        # A fully fine-tuned policy no longer holds the starting weights: the cache key must come from here.
-        checkpoint["reference_fingerprint"] = self.ref_fingerprint
+                                    if not k.startswith("ref.") and k not in frozen}
+        # A fully fine-tuned policy no longer holds its starting weights: the reference is found from here.
+        checkpoint["reference"] = self.ref.checkpoint_state()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         # Lightning loads state dicts strictly; hand it the frozen weights this module already rebuilt.
         # (ModelParallelStrategy has loaded and removed the state dict already: see configure_model.)
         for name, value in self.state_dict().items() if "state_dict" in checkpoint else ():
             checkpoint["state_dict"].setdefault(name, value)
-        self.ref_fingerprint = checkpoint.get("reference_fingerprint")
+        self.ref.load_checkpoint_state(checkpoint)
 
 
 def lr_factor(step: int, warmup_steps: int, total_steps: int | float, kind: str) -> float:

@@ -81,7 +81,7 @@ def test_lora_policy_without_a_reference_is_compared_with_its_base_weights(tiny_
     tokenizer = ascii_tokenizer(add_bos=True)
     model = DPOModule(tiny_llama)
     model.policy = get_peft_model(model.policy, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
-    model.reference = None  # as DPOModule does with LoRA: the reference is the policy, adapter disabled
+    model.ref.model = None  # as DPOModule does with LoRA: the reference is the policy, adapter disabled
     with torch.no_grad():
         for name, param in model.policy.named_parameters():
             if "lora_B" in name:

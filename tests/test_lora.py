@@ -48,7 +48,7 @@ def adapter_weights(model: DPOModule) -> dict[str, torch.Tensor]:
 
 def test_new_adapter_reference_is_the_base_model_without_a_copy(tiny_llama):
     model = DPOModule(tiny_llama, lora_r=4, lora_target_modules=["q_proj", "v_proj", "lm_head"])
-    assert model.reference is None and model.reference_adapter is None
+    assert model.reference is None and model.ref.adapter is None
     batch = first_batch()
     with torch.no_grad():
         for name, param in model.policy.named_parameters():
@@ -99,7 +99,7 @@ def test_pretrained_adapter_is_copied_frozen_as_the_reference(tiny_llama, tmp_pa
                          LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
     sft.save_pretrained(tmp_path / "sft-adapter")
     model = DPOModule(str(tmp_path / "sft-adapter"), learning_rate=1e-2)
-    assert model.reference is None and model.reference_adapter == "reference"
+    assert model.reference is None and model.ref.adapter == "reference"
     assert model.model_name_or_path == tiny_llama  # the tokenizer comes from the base model
     batch = first_batch()
     with torch.no_grad():

@@ -4,6 +4,7 @@ in memory, and a cache that a second run reads without building the reference at
 Tiny Llamas from conftest.py; 12 training pairs in batches of 4, 6 validation pairs.
 """
 
+import math
 import os
 
 import lightning as L
@@ -11,8 +12,10 @@ import pytest
 import torch
 from conftest import ascii_tokenizer, rows
 from lightning.pytorch.callbacks import ModelCheckpoint
+from transformers import AutoModelForCausalLM
 
-import dpo_lightning.module
+import dpo_lightning.models
+import dpo_lightning.reference
 from dpo_lightning import DPOModule, PreferenceDataModule
 
 
@@ -66,13 +69,14 @@ def test_a_second_run_with_another_beta_reads_the_cache_without_loading_the_refe
     assert_same_run(fit(tiny_llama, tmp_path / "live", **{**kwargs, "ref_logps_cache_dir": None}),
                     fit(tiny_llama, tmp_path / "first", precompute_ref_log_probs=True, **kwargs))
     files = sorted(os.listdir(tmp_path / "cache"))
-    load = dpo_lightning.module.load_causal_lm
+    load = dpo_lightning.models.load_causal_lm
 
     def policy_only(path, *args):
         assert path != other_llama, "the reference was loaded although its log-probs are cached"
         return load(path, *args)
 
-    monkeypatch.setattr(dpo_lightning.module, "load_causal_lm", policy_only)
+    for module in (dpo_lightning.models, dpo_lightning.reference):
+        monkeypatch.setattr(module, "load_causal_lm", policy_only)
     second = fit(tiny_llama, tmp_path / "second", precompute_ref_log_probs=True, beta=0.3, **kwargs)
     assert sorted(os.listdir(tmp_path / "cache")) == files  # read, not rescored
     monkeypatch.undo()
@@ -92,7 +96,7 @@ def test_resumed_full_fine_tuning_reads_the_cache_of_its_first_run(tiny_llama, t
     straight = fit(tiny_llama, tmp_path / "straight", max_steps=4, **kwargs)
     every_2 = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2, save_top_k=-1)
     fit(tiny_llama, tmp_path / "first", max_steps=2, callbacks=[every_2], **kwargs)
-    monkeypatch.setattr(dpo_lightning.module.reference_cache, "score_reference", None)  # would fail if called
+    monkeypatch.setattr(dpo_lightning.reference, "score_reference", None)  # would fail if called
     resumed = fit(tiny_llama, tmp_path / "second", max_steps=4, ckpt_path=tmp_path / "ckpt" / "epoch=0-step=2.ckpt",
                   **kwargs)
     for name, weight in straight[0].policy.state_dict().items():
@@ -116,17 +120,65 @@ def test_packed_prefix_sharing_with_the_cache_equals_padded_batches_scored_every
     assert_same_run(fit(tiny_llama, tmp_path / "padded", **kwargs), packed, rel=1e-4, atol=1e-4)
 
 
-def test_the_reference_is_identified_by_its_weight_files_or_its_hub_commit(tiny_llama, tmp_path, monkeypatch):
-    import shutil
+def data_module() -> PreferenceDataModule:
+    return PreferenceDataModule(dataset=rows(12), eval_dataset=rows(6), tokenizer=ascii_tokenizer(), max_length=48,
+                                max_prompt_length=24, batch_size=4, eval_batch_size=4)
 
-    import huggingface_hub
 
-    from dpo_lightning.reference_cache import files_fingerprint
+def validate(model: DPOModule) -> dict[str, float]:
+    trainer = L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False)
+    return {k: float(v) for k, v in trainer.validate(model, data_module(), verbose=False)[0].items()}
 
-    copy = shutil.copytree(tiny_llama, tmp_path / "copy")
-    assert files_fingerprint(str(copy)) == files_fingerprint(tiny_llama)  # content, not the path
-    (copy / "model.safetensors").write_bytes((copy / "model.safetensors").read_bytes()[:-1] + b"\0")
-    assert files_fingerprint(str(copy)) != files_fingerprint(tiny_llama)  # one byte of the weights
-    monkeypatch.setattr(huggingface_hub, "snapshot_download",
-                        lambda name, allow_patterns: f"/cache/models--org--m/snapshots/{name[-1]}c0ffee/")
-    assert files_fingerprint("org/m1") == "org/m1@1c0ffee" != files_fingerprint("org/m2")
+
+def trained_checkpoint(policy, root, **model_kwargs) -> str:
+    model, _ = fit(policy, root, **model_kwargs)
+    path = str(root / "trained.ckpt")
+    model.trainer.save_checkpoint(path)
+    return path
+
+
+@pytest.mark.parametrize("trained_with_precompute", [False, True], ids=["live-reference", "precomputed"])
+def test_a_reloaded_trained_checkpoint_validated_on_an_empty_cache_scores_the_starting_weights(
+        tiny_llama, tmp_path, trained_with_precompute):
+    # The trained policy is not the reference: the starting weights are reloaded from their path and scored,
+    # giving the metrics of the live reference that load_from_checkpoint rebuilds without precomputation.
+    kwargs = dict(precompute_ref_log_probs=True, ref_logps_cache_dir=str(tmp_path / "first")) if (
+        trained_with_precompute) else {}
+    path = trained_checkpoint(tiny_llama, tmp_path, **kwargs)
+    live = validate(DPOModule.load_from_checkpoint(path, precompute_ref_log_probs=False, ref_logps_cache_dir=None))
+    assert abs(live["val/rewards/margins"]) > 1e-3  # trained: policy and reference differ
+    cache = tmp_path / "empty"
+    cached = validate(DPOModule.load_from_checkpoint(path, precompute_ref_log_probs=True, ref_logps_cache_dir=str(cache)))
+    assert cached.keys() == live.keys()
+    for name, value in live.items():
+        assert cached[name] == pytest.approx(value, rel=1e-5, abs=1e-6), name
+    # The file written holds the starting weights' log-probs under their key: an untrained module finds it
+    # (no new file) and sees a policy equal to its reference (margin 0, loss ln 2), not the trained policy.
+    files = sorted(os.listdir(cache))
+    fresh = validate(DPOModule(tiny_llama, precompute_ref_log_probs=True, ref_logps_cache_dir=str(cache)))
+    assert sorted(os.listdir(cache)) == files
+    assert fresh["val/rewards/margins"] == pytest.approx(0.0, abs=1e-6)
+    assert fresh["val/loss"] == pytest.approx(math.log(2), abs=1e-6)
+
+
+def test_a_reloaded_trained_policy_given_as_an_object_stops_and_names_the_fix(tiny_llama, tmp_path):
+    path = trained_checkpoint(AutoModelForCausalLM.from_pretrained(tiny_llama), tmp_path)
+    model = DPOModule.load_from_checkpoint(path, model_name_or_path=AutoModelForCausalLM.from_pretrained(tiny_llama),
+                                           precompute_ref_log_probs=True, ref_logps_cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(ValueError, match="the policy has trained.*give --model.ref_model_name_or_path"):
+        validate(model)
+    assert not (tmp_path / "cache").exists()  # nothing scored, nothing saved
+
+
+def test_a_fully_fine_tuned_model_with_frozen_parameters_is_keyed_by_all_its_weights(tiny_llama, tmp_path):
+    # Two policies sharing their frozen embeddings but not their head: each must get its own table (before,
+    # the second read the first's, and its margin was the two heads' difference instead of 0).
+    cache = str(tmp_path / "cache")
+    for scale in (1.0, 2.0):
+        policy = AutoModelForCausalLM.from_pretrained(tiny_llama)
+        policy.model.embed_tokens.requires_grad_(False)
+        with torch.no_grad():
+            policy.lm_head.weight.mul_(scale)
+        metrics = validate(DPOModule(policy, precompute_ref_log_probs=True, ref_logps_cache_dir=cache))
+        assert metrics["val/rewards/margins"] == pytest.approx(0.0, abs=1e-6)  # at the start, policy == reference
+    assert len(os.listdir(cache)) == 2
