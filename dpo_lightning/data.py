@@ -43,6 +43,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from dpo_lightning import formats
 from dpo_lightning.formats import FIELDS, FORMATS, PRESETS, DatasetSource, detect_format, load_rows, to_strings
+from dpo_lightning.locate import model_source
 from dpo_lightning.losses import IGNORE_INDEX
 from dpo_lightning.packing import collate_shared
 from dpo_lightning.resume import ResumableLoader
@@ -137,7 +138,7 @@ def fingerprint(data: Dataset) -> str:
 
 def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
     """A tokenizer with a pad token: pad = eos when it has none (padding is masked, so its id is free)."""
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=False)
+    tokenizer = AutoTokenizer.from_pretrained(model_source(name_or_path, "tokenizer"), trust_remote_code=False)
     if tokenizer.eos_token_id is None:
         raise ValueError(f"tokenizer {name_or_path!r} has no eos_token; set one before training")
     if tokenizer.pad_token_id is None:
