@@ -57,7 +57,8 @@ def cli_main(args: list[str] | None = None) -> LightningCLI:
         trainer_defaults={"logger": {"class_path": "lightning.pytorch.loggers.CSVLogger",
                                      "init_args": {"save_dir": "runs"}}},
         save_config_kwargs={"overwrite": True},
-        # configure_optimizers is driven by DPOModule arguments (optimizer, learning_rate, ...), not --optimizer.
+        # The optimizer is --model.optimizer (a name or class_path + init_args) with --model.learning_rate etc.,
+        # so that configure_optimizers keeps the weight-decay groups; not LightningCLI's top-level --optimizer.
         auto_configure_optimizers=False,
     )
 
