@@ -31,6 +31,7 @@ from dpo_lightning.metrics import batch_values, compute_all, make_metrics
 from dpo_lightning.models import base_causal_lm, build_models, load_causal_lm, reference_weights
 from dpo_lightning.packing import shared_layout_unsupported
 from dpo_lightning.resume import ends_optimizer_step
+from dpo_lightning.throughput import Throughput
 
 LossType = Literal[tuple(LOSSES)]
 PROGRESS_BAR = ("loss", "rewards/accuracies")
@@ -422,6 +423,10 @@ class DPOModule(L.LightningModule):
                                      kind=hp.lr_scheduler_type)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def configure_callbacks(self) -> list[L.Callback]:
+        # Tokens per second and padding in every run's logs (throughput.py); one in the Trainer's list is replaced.
+        return [Throughput()]
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # Only what trains is stored (with LoRA, the adapter). The reference and frozen weights (a LoRA
