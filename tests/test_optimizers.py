@@ -8,7 +8,6 @@ runs (it does on this CPU). Tiny models from conftest.py; no network.
 """
 
 import math
-from pathlib import Path
 
 import lightning as L
 import pytest
