@@ -89,6 +89,27 @@ def test_under_ddp_the_rates_are_sums_over_ranks_divided_once(tiny_llama, tmp_pa
     assert "train/mfu" not in logged[0]  # a CPU: no peak to compare with
 
 
+def test_mfu_is_model_flops_over_the_peak_when_the_device_has_one(tiny_llama, tmp_path, monkeypatch):
+    # No GPU here: give the CPU a peak of 1 GFLOP/s and a clock where every step takes 2 s.
+    import dpo_lightning.throughput as throughput
+
+    ticks = iter(range(0, 1000, 1))
+    monkeypatch.setattr(throughput, "perf_counter", lambda: 2.0 * next(ticks))
+    monkeypatch.setattr(throughput.Throughput, "_peak_flops", staticmethod(lambda trainer: 1e9))
+    record = RecordBatches(tmp_path)
+    data = PreferenceDataModule(dataset=uneven_rows(8), tokenizer=ascii_tokenizer(add_bos=True), max_length=48,
+                                max_prompt_length=24, batch_size=4)
+    module = DPOModule(tiny_llama)
+    L.Trainer(max_steps=2, log_every_n_steps=1, limit_val_batches=0, logger=CSVLogger(tmp_path),
+              enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+              callbacks=[record]).fit(module, data)
+    with open(next(tmp_path.rglob("metrics.csv"))) as f:
+        logged = [float(r["train/mfu"]) for r in csv.DictReader(f) if r.get("train/mfu")]
+    rows_per_step = 2 * 4  # chosen and rejected rows of 4 pairs
+    expected = [tokens * flops_per_token(module, tokens / rows_per_step) / 2.0 / 1e9 for tokens, _ in record.steps]
+    assert logged == pytest.approx(expected, rel=1e-12) and len(logged) == 2
+
+
 def test_quickstart_metrics_csv_has_the_throughput_columns(tmp_path, monkeypatch):
     from dpo_lightning.cli import cli_main
 
