@@ -93,8 +93,8 @@ class Throughput(L.Callback):
             return
         self._window[3] += self._now(trainer) - self._step_start
         self._step_start = None
-        if trainer.global_step % trainer.log_every_n_steps:
-            return
+        if not trainer.log_every_n_steps or trainer.global_step % trainer.log_every_n_steps:
+            return  # 0: Lightning logs no training step, nor does this
         # One collective at the steps every rank logs: sums over ranks, then the divisions.
         tokens, positions, rows, seconds = trainer.strategy.reduce(
             self._window.to(pl_module.device), reduce_op="sum").tolist()
