@@ -237,6 +237,18 @@ def log_table(loggers: list[Logger], rows: list[dict[str, str]], step: int, name
                                         artifact_file=f"{name}/step_{step}.json")
 
 
+def log_file(loggers: list[Logger], path: Path, step: int) -> None:
+    """Keep a file (the exported model card) with each logger's run: a W&B run file and an MLflow artifact,
+    both under the name of its folder (`hf_model/README.md`), and TensorBoard text of that name."""
+    for logger in loggers:
+        if isinstance(logger, WandbLogger):
+            logger.experiment.save(str(path), base_path=str(path.parent.parent), policy="now")
+        elif isinstance(logger, MLFlowLogger):
+            logger.experiment.log_artifact(logger.run_id, str(path), artifact_path=path.parent.name)
+        elif isinstance(logger, TensorBoardLogger):
+            logger.experiment.add_text(path.parent.name, path.read_text(), global_step=step)
+
+
 def markdown_table(columns: list[str], rows: list[dict[str, str]]) -> str:
     def cell(text: str) -> str:
         return text.replace("|", "\\|").replace("\n", "\\n")
@@ -250,7 +262,8 @@ class ExportPretrained(L.Callback):
 
     The folder (safetensors, generation config, README.md model card with the base model, data, loss,
     beta, steps and last validation metrics) loads with `AutoModelForCausalLM.from_pretrained` and
-    `AutoTokenizer.from_pretrained`; see `export.export_pretrained`.
+    `AutoTokenizer.from_pretrained`; see `export.export_pretrained`. The card also goes to the run's loggers
+    (`log_file`: W&B and MLflow keep it as `hf_model/README.md`, TensorBoard as text).
 
     Args:
         dirpath: where to write. Default: `<trainer.log_dir>/hf_model`.
@@ -273,6 +286,7 @@ class ExportPretrained(L.Callback):
                           self.merge_lora, metrics, steps=trainer.global_step, validation_step=step, data=data,
                           is_main_process=trainer.is_global_zero)
         if trainer.is_global_zero:
+            log_file(trainer.loggers, Path(path) / "README.md", trainer.global_step)
             print(f"[dpo_lightning] saved the policy, tokenizer and model card to {path}")
 
 

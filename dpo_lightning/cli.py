@@ -17,23 +17,48 @@ import yaml
 
 from lightning.pytorch.cli import LightningCLI
 
+from dpo_lightning.console import quiet_known_warnings, tidy_trainer
 from dpo_lightning.data import PreferenceDataModule
 from dpo_lightning.export import export_checkpoint
+from dpo_lightning.locate import shipped
 from dpo_lightning.migrate import from_trl
 from dpo_lightning.module import DPOModule
 from dpo_lightning.plots import find_metrics_csv, plot_metrics
 
 
+# Data files a config may name under dpo_lightning/ (the quickstart's assets); models and tokenizers are
+# resolved where they are loaded (locate.model_source).
+DATA_PATHS = ("dataset", "eval_dataset")
+
+
+class DPOLightningCLI(LightningCLI):
+    """LightningCLI with the shipped assets found from any directory, and a console that reads cleanly."""
+
+    def before_instantiate_classes(self) -> None:
+        data = (self.config[self.subcommand] if self.subcommand else self.config).data
+        for key in DATA_PATHS:
+            value = data.get(key)
+            if isinstance(value, str):
+                data[key] = shipped(value)
+            elif isinstance(value, list) and all(isinstance(v, str) for v in value):
+                data[key] = [shipped(v) for v in value]
+
+    def instantiate_trainer(self, **kwargs):
+        return tidy_trainer(super().instantiate_trainer(**kwargs))
+
+
 def cli_main(args: list[str] | None = None) -> LightningCLI:
     """Parse `args` (default: the command line), run the subcommand, return the CLI (its model, data, trainer)."""
-    return LightningCLI(
+    quiet_known_warnings()
+    return DPOLightningCLI(
         DPOModule, PreferenceDataModule, args=args,
         seed_everything_default=42,
         # Lightning's default logger is TensorBoard, which is not a dependency; CSV needs nothing.
         trainer_defaults={"logger": {"class_path": "lightning.pytorch.loggers.CSVLogger",
                                      "init_args": {"save_dir": "runs"}}},
         save_config_kwargs={"overwrite": True},
-        # configure_optimizers is driven by DPOModule arguments (optimizer, learning_rate, ...), not --optimizer.
+        # The optimizer is --model.optimizer (a name or class_path + init_args) with --model.learning_rate etc.,
+        # so that configure_optimizers keeps the weight-decay groups; not LightningCLI's top-level --optimizer.
         auto_configure_optimizers=False,
     )
 
@@ -92,6 +117,7 @@ def inspect_data_main(argv: list[str]) -> None:
     data_args = dict(config.get("data", {}))
     # As in training, the tokenizer defaults to the model's; the model itself is not loaded.
     data_args.setdefault("tokenizer", config.get("model", {}).get("model_name_or_path"))
+    data_args.update({key: shipped(data_args[key]) for key in DATA_PATHS if isinstance(data_args.get(key), str)})
     data = PreferenceDataModule(**data_args)
     print(data.inspect(n_rows=args.rows))
     if data.val_data is not None:
@@ -109,7 +135,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     if argv[:1] in (["-h"], ["--help"]):
         print(f"Besides LightningCLI's subcommands: {', '.join(TOOLS)} (dpo-lightning export -h, ...)\n")
-    cli_main(argv)
+    # args=None when they are the command line: LightningCLI warns when given both.
+    cli_main(None if argv == sys.argv[1:] else argv)
 
 
 if __name__ == "__main__":

@@ -47,6 +47,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from dpo_lightning import formats, sources
 from dpo_lightning.formats import FORMATS, PRESETS, detect_format, drop_error, to_strings
+from dpo_lightning.locate import model_source
 from dpo_lightning.losses import IGNORE_INDEX
 from dpo_lightning.packing import collate_shared
 from dpo_lightning.resume import EvalSampler, ResumableLoader
@@ -201,7 +202,7 @@ def with_pad_token(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBas
 
 def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
     """A tokenizer by name or path (no remote code), through `with_pad_token`."""
-    return with_pad_token(AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=False))
+    return with_pad_token(AutoTokenizer.from_pretrained(model_source(name_or_path, "tokenizer"), trust_remote_code=False))
 
 
 def adds_bos(tokenizer: PreTrainedTokenizerBase) -> int | None:

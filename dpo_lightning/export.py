@@ -14,22 +14,22 @@ the last validation's metrics. `AutoModelForCausalLM.from_pretrained(folder)` lo
 import copy
 import csv
 import os
-import re
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
+from lightning.pytorch.utilities import rank_zero_warn
 from peft import PeftModel
 from torch import nn
 from torch.distributed.tensor import DTensor
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 
 from dpo_lightning.data import load_tokenizer
+from dpo_lightning.locate import is_hub_id
+from dpo_lightning.models import base_causal_lm
 from dpo_lightning.module import DPOModule
 
-# A hub repo id ("gpt2", "org/name"); the hub rejects a card whose base_model or datasets is anything else.
-HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
 CARD_METRICS = ("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected",
                 "logps/chosen", "logps/rejected")
 
@@ -67,8 +67,8 @@ def export_pretrained(module: DPOModule, tokenizer: PreTrainedTokenizerBase | No
         return out
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
-    if not adapter_only:
-        generation_config(model, tokenizer).save_pretrained(out)
+    # Adapter folders too: peft's loader reads it, and without a pad id `generate` has none.
+    generation_config(base_causal_lm(model), tokenizer).save_pretrained(out)
     card = model_card(module, adapter_only=adapter_only, with_tokenizer=tokenizer is not None, metrics=metrics or {},
                       steps=steps, validation_step=validation_step, data=data or {})
     (out / "README.md").write_text(card)
@@ -82,6 +82,9 @@ def unwrap_policy(policy: nn.Module, merge_lora: bool) -> tuple[nn.Module, bool]
     `merge_and_unload` then drops every adapter layer, a frozen reference adapter included.
     """
     if not isinstance(policy, PeftModel):
+        if not merge_lora:
+            rank_zero_warn("merge_lora=False: the policy has no LoRA adapter (a full fine-tune), so the whole model "
+                           "is saved")
         return policy, False
     if not merge_lora:
         return policy, True
@@ -145,12 +148,10 @@ def validation_table(metrics: dict[str, float], step: int | None) -> list[str]:
         return ["No validation metrics were recorded for this run.", ""]
     shown = [f"val/{m}" for m in CARD_METRICS if f"val/{m}" in metrics]
     shown += sorted(k for k in metrics if k not in shown)
-    title = f"## Validation metrics (step {step})" if step is not None else "## Validation metrics (last validation)"
+    # Lightning's loggers put a validation after N optimizer steps on the row of step N - 1 (0 stays 0).
+    title = (f"## Validation metrics (after {step} optimizer steps; metrics.csv row step {max(step - 1, 0)})"
+             if step is not None else "## Validation metrics (last validation)")
     return [title, "", "| metric | value |", "|---|---|", *[f"| {k} | {metrics[k]:.4f} |" for k in shown], ""]
-
-
-def is_hub_id(name: str) -> bool:
-    return not os.path.exists(name) and bool(HUB_ID.match(name))
 
 
 def describe_data(data: dict[str, Any]) -> str:
@@ -180,7 +181,11 @@ def export_checkpoint(ckpt_path: str | os.PathLike, output_dir: str | os.PathLik
     run_dir = ckpt_path.parent.parent  # <log_dir>/checkpoints/x.ckpt
     config = run_config(run_dir)
     data_hparams = {**checkpoint.get("datamodule_hyper_parameters", {}), **config.get("data", {})}
-    name = tokenizer or data_hparams.get("tokenizer") or module.hparams.get("model_name_or_path")
+    if not merge_lora and not isinstance(module.policy, PeftModel):
+        raise ValueError(f"--adapter_only: {ckpt_path} holds a full fine-tune, not a LoRA adapter; export it "
+                         "without --adapter_only")
+    # As training did (PreferenceDataModule._resolve_tokenizer): the base model's, not an adapter folder's.
+    name = tokenizer or data_hparams.get("tokenizer") or module.model_name_or_path
     step, metrics = checkpoint_validation(checkpoint, run_dir)
     return export_pretrained(module, load_tokenizer(name) if name else None, output_dir, merge_lora, metrics,
                              steps=checkpoint.get("global_step"), validation_step=step,
@@ -210,4 +215,5 @@ def checkpoint_validation(checkpoint: dict, run_dir: Path) -> tuple[int | None, 
     if not rows:
         return None, {}
     last = rows[-1]
-    return int(last["step"]), {k: float(v) for k, v in last.items() if k.startswith("val/") and v}
+    steps = int(last["step"]) + 1 if int(last["step"]) else 0  # the row of step N - 1 is after N steps
+    return steps, {k: float(v) for k, v in last.items() if k.startswith("val/") and v}

@@ -87,8 +87,13 @@ NOT_NEEDED = {"remove_unused_columns": "the data module keeps only the columns i
 # What transformers does when these are absent, where it differs from ours.
 TRL_DEFAULTS = {"lr_scheduler_type": "linear", "max_grad_norm": 1.0, "num_train_epochs": 3.0, "eval_strategy": "no"}
 SCHEDULERS = {"linear": "linear", "cosine": "cosine", "constant": "constant", "constant_with_warmup": "constant"}
+# transformers' `optim` names; the 8-bit ones are bitsandbytes' classes, as transformers uses them (paged
+# AdamW falls back to unpaged on CPU, with bitsandbytes' warning).
 OPTIMIZERS = {"adamw_torch": "adamw", "adamw_torch_fused": "adamw", "adamw_hf": "adamw", "adamw": "adamw",
-              "rmsprop": "rmsprop"}
+              "rmsprop": "rmsprop", "adamw_8bit": {"class_path": "bitsandbytes.optim.AdamW8bit"},
+              "adamw_bnb_8bit": {"class_path": "bitsandbytes.optim.AdamW8bit"},
+              "paged_adamw_8bit": {"class_path": "bitsandbytes.optim.PagedAdamW8bit"},
+              "paged_adamw_32bit": {"class_path": "bitsandbytes.optim.PagedAdamW32bit"}}
 LOGGERS = {"tensorboard": "lightning.pytorch.loggers.TensorBoardLogger", "wandb": "lightning.pytorch.loggers.WandbLogger",
            "mlflow": "lightning.pytorch.loggers.MLFlowLogger"}
 

@@ -23,6 +23,8 @@ from peft import LoraConfig, PeftConfig, PeftModel, get_peft_config, get_peft_mo
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
+from dpo_lightning.locate import model_source
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 POLICY_ADAPTER = "default"  # peft's name for the adapter a model is wrapped with
 REFERENCE_ADAPTER = "reference"
@@ -35,6 +37,7 @@ def base_causal_lm(model: nn.Module) -> nn.Module:
 
 def load_causal_lm(name_or_path: str, torch_dtype: str | None, trust_remote_code: bool) -> PreTrainedModel:
     dtype = DTYPES.get(torch_dtype, torch_dtype)  # "auto" and None pass through to transformers
+    name_or_path = model_source(name_or_path)  # a folder, the shipped assets or a hub id; else our message
     return AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, trust_remote_code=trust_remote_code)
 
 

@@ -15,11 +15,13 @@ weights, optimizer, schedule and metrics alone (`_finite_on_every_rank`, `on_bef
 """
 
 import functools
+import importlib
 import math
 from typing import Literal
 
 import lightning as L
 import torch
+from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from transformers import PreTrainedModel
@@ -31,6 +33,7 @@ from dpo_lightning.models import base_causal_lm, build_models
 from dpo_lightning.packing import shared_layout_unsupported
 from dpo_lightning.reference import Reference
 from dpo_lightning.resume import ends_optimizer_step
+from dpo_lightning.throughput import Throughput
 
 LossType = Literal[tuple(LOSSES)]
 PROGRESS_BAR = ("loss", "rewards/accuracies")
@@ -84,7 +87,10 @@ class DPOModule(L.LightningModule):
         weight_decay: decoupled weight decay, applied to matrices only (not biases and norms).
         warmup_steps: linear warm-up steps from 0 to `learning_rate`.
         lr_scheduler_type: what follows the warm-up: constant (the DPO reference), linear or cosine decay to 0.
-        optimizer: AdamW, or RMSprop as in the DPO reference.
+        optimizer: "adamw", "rmsprop" (the DPO reference's), or any optimizer the LightningCLI way: in YAML
+            `class_path` + `init_args` (e.g. bitsandbytes.optim.AdamW8bit), from Python a callable taking the
+            parameter groups, or the same dict (keeps checkpoints loadable with `weights_only=True`).
+            `learning_rate` and `weight_decay` are set per group and win over an `lr` or `weight_decay` in init_args.
         torch_dtype: dtype to load the weights in; None keeps transformers' default (float32).
         trust_remote_code: run model code shipped with a hub checkpoint. Off: it executes arbitrary code.
         gradient_checkpointing: recompute each layer's activations in backward: activation memory down
@@ -134,7 +140,7 @@ class DPOModule(L.LightningModule):
         weight_decay: float = 0.0,
         warmup_steps: int = 0,
         lr_scheduler_type: Literal["constant", "linear", "cosine"] = "constant",
-        optimizer: Literal["adamw", "rmsprop"] = "adamw",
+        optimizer: Literal["adamw", "rmsprop"] | OptimizerCallable = "adamw",
         torch_dtype: Literal["auto", "float32", "bfloat16", "float16"] | None = None,
         trust_remote_code: bool = False,
         gradient_checkpointing: bool = False,
@@ -360,19 +366,31 @@ class DPOModule(L.LightningModule):
             self.ref.precompute(self.trainer, self.policy, ["val"], self._reference_score)
 
     def configure_optimizers(self):
+        """The optimizer over the trainable parameters in two groups (weight decay on matrices only, as
+        nanoGPT's), and the schedule `lr_factor`, stepped every optimizer step."""
         hp = self.hparams
         params = [p for p in self.policy.parameters() if p.requires_grad]
         groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": hp.weight_decay},
                   {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-        if hp.optimizer == "rmsprop":
-            optimizer = torch.optim.RMSprop(groups, lr=hp.learning_rate)
-        else:
-            optimizer = torch.optim.AdamW(groups, lr=hp.learning_rate)
+        for group in groups:
+            group["lr"] = hp.learning_rate
+        make = hp.optimizer
+        if isinstance(make, str):
+            make = {"adamw": torch.optim.AdamW, "rmsprop": torch.optim.RMSprop}[make]
+        elif isinstance(make, dict):  # LightningCLI saves the callable in the hparams as class_path + init_args
+            module_name, _, class_name = make["class_path"].rpartition(".")
+            make = functools.partial(getattr(importlib.import_module(module_name), class_name),
+                                     **make.get("init_args", {}))
+        optimizer = make(groups)
         total = self.trainer.estimated_stepping_batches if hp.lr_scheduler_type != "constant" else 0
         schedule = functools.partial(lr_factor, warmup_steps=hp.warmup_steps, total_steps=total,
                                      kind=hp.lr_scheduler_type)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def configure_callbacks(self) -> list[L.Callback]:
+        # Tokens per second and padding in every run's logs (throughput.py); one in the Trainer's list is replaced.
+        return [Throughput()]
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # Only what trains is stored (with LoRA, the adapter). The reference and frozen weights (a LoRA

@@ -1,4 +1,5 @@
-"""Training curves from a run's CSV log: reward accuracy, margins, rewards and log-probs, train vs val.
+"""Training curves from a run's CSV log: reward accuracy, margins, rewards and log-probs, train vs val,
+and the throughput (tokens per second, padding fraction, MFU) when the log has it.
 
     dpo-lightning plot runs/quickstart              # the newest version_N: writes its metrics.png
     dpo-lightning plot runs/quickstart/version_0/metrics.csv --out curves.png
@@ -17,6 +18,10 @@ PANELS = (("reward accuracy", ("rewards/accuracies",)),
           ("reward margin (chosen - rejected)", ("rewards/margins",)),
           ("rewards", ("rewards/chosen", "rewards/rejected")),
           ("log-probs of the responses", ("logps/chosen", "logps/rejected")))
+# Drawn below those when the log has them (throughput.py logs them during training).
+THROUGHPUT_PANELS = (("tokens per second (all ranks)", ("tokens_per_second",)),
+                     ("padding fraction", ("padding_fraction",)),
+                     ("model FLOPs utilization", ("mfu",)))
 
 
 def find_metrics_csv(path: str | os.PathLike) -> Path:
@@ -68,8 +73,13 @@ def plot_metrics(source: str | os.PathLike, out_png: str | os.PathLike | None = 
         raise ImportError("plotting needs matplotlib: pip install matplotlib") from error
     csv_path = find_metrics_csv(source)
     series = read_metrics(csv_path)
-    fig = Figure(figsize=(10, 6.5), layout="constrained")
-    for ax, (title, names) in zip(fig.subplots(2, 2).flat, PANELS):
+    panels = PANELS + tuple(p for p in THROUGHPUT_PANELS if f"train/{p[1][0]}" in series)
+    n_rows = (len(panels) + 1) // 2
+    fig = Figure(figsize=(10, 3.25 * n_rows), layout="constrained")
+    axes = fig.subplots(n_rows, 2).flat
+    for ax in axes[len(panels):]:
+        ax.set_visible(False)
+    for ax, (title, names) in zip(axes, panels):
         for color, name in zip(("tab:blue", "tab:orange"), names):
             label = "" if len(names) == 1 else name.split("/")[1] + " "
             if f"train/{name}" in series:

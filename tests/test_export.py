@@ -6,9 +6,11 @@ exactly as the trained module does, and that the model card states the run's rea
 Tiny models from conftest.py, saved to temp folders; no network.
 """
 
+import csv
 import json
 
 import lightning as L
+import pytest
 import torch
 from conftest import ascii_tokenizer, rows
 from datasets import Dataset
@@ -19,7 +21,19 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from dpo_lightning import DPOModule, ExportPretrained, PreferenceDataModule, ValidationSummary
 from dpo_lightning.cli import cli_main, main
-from dpo_lightning.export import export_pretrained
+from dpo_lightning.export import export_checkpoint, export_pretrained
+
+
+def fit_from_the_cli(model_path: str, tmp_path, *flags: str):
+    """A 4-step run through `dpo-lightning fit`, validating at steps 2 and 4; the CLI object."""
+    train = tmp_path / "train.jsonl"
+    Dataset.from_dict(rows(16)).to_json(train)
+    return cli_main(["fit", f"--model.model_name_or_path={model_path}", "--model.learning_rate=1e-2",
+                     f"--data.dataset={train}", f"--data.eval_dataset={train}", "--data.max_length=48",
+                     "--data.max_prompt_length=24", "--data.batch_size=4", "--trainer.max_steps=4",
+                     "--trainer.val_check_interval=2", "--trainer.check_val_every_n_epoch=null",
+                     "--trainer.num_sanity_val_steps=0", "--trainer.callbacks=dpo_lightning.ValidationSummary",
+                     "--trainer.enable_progress_bar=false", *flags])
 
 
 def pairs(tokenizer=None) -> PreferenceDataModule:
@@ -67,7 +81,8 @@ def test_export_reloads_with_the_same_log_probs_and_a_card_with_the_final_metric
     final = trainer.callback_metrics
     for name in ("val/loss", "val/rewards/accuracies", "val/rewards/margins"):
         assert f"| {name} | {final[name].item():.4f} |" in card.text
-    assert "## Validation metrics (step 4)" in card.text and "| optimizer steps | 4 |" in card.text
+    assert "## Validation metrics (after 4 optimizer steps; metrics.csv row step 3)" in card.text
+    assert "| optimizer steps | 4 |" in card.text
     assert "| loss_type | `sigmoid` |" in card.text and "| beta | 0.1 |" in card.text
     assert f"| base model | `{tiny_gpt2}` |" in card.text
 
@@ -93,18 +108,14 @@ def test_lora_export_merged_or_adapter_only_scores_as_the_trained_policy(tiny_ll
     adapter = AutoPeftModelForCausalLM.from_pretrained(tmp_path / "adapter")
     torch.testing.assert_close(response_logps(adapter, batch), trained)
     assert ModelCard.load(tmp_path / "adapter" / "README.md").data.library_name == "peft"
+    # The adapter folder carries the pad id too: generation from it has one (pad = eos in training).
+    assert json.loads((tmp_path / "adapter" / "generation_config.json").read_text())["pad_token_id"] == 2
 
 
 def test_export_command_writes_the_checkpoints_policy_and_its_last_validation(tiny_llama, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     train = tmp_path / "train.jsonl"
-    Dataset.from_dict(rows(16)).to_json(train)
-    cli = cli_main(["fit", f"--model.model_name_or_path={tiny_llama}", "--model.learning_rate=1e-2",
-                    f"--data.dataset={train}", f"--data.eval_dataset={train}", "--data.max_length=48",
-                    "--data.max_prompt_length=24", "--data.batch_size=4", "--trainer.max_steps=4",
-                    "--trainer.val_check_interval=2", "--trainer.check_val_every_n_epoch=null",
-                    "--trainer.num_sanity_val_steps=0", "--trainer.callbacks=dpo_lightning.ValidationSummary",
-                    "--trainer.enable_progress_bar=false"])
+    cli = fit_from_the_cli(tiny_llama, tmp_path)
     checkpoint = next(tmp_path.rglob("checkpoints/*.ckpt"))
     main(["export", "--ckpt_path", str(checkpoint), "--output_dir", str(tmp_path / "hf")])
 
@@ -114,6 +125,34 @@ def test_export_command_writes_the_checkpoints_policy_and_its_last_validation(ti
     assert AutoTokenizer.from_pretrained(tmp_path / "hf")("ab")["input_ids"] == [1, 97, 98]  # the model's, BOS too
     card = (tmp_path / "hf" / "README.md").read_text()
     last = next(c for c in cli.trainer.callbacks if isinstance(c, ValidationSummary)).history[-1]
-    assert last["step"] == 4 and "## Validation metrics (step 4)" in card
+    assert last["step"] == 4 and "## Validation metrics (after 4 optimizer steps; metrics.csv row step 3)" in card
     assert f"| val/rewards/accuracies | {last['val/rewards/accuracies']:.4f} |" in card
+    with open(next(tmp_path.rglob("metrics.csv"))) as f:  # the row the card names holds the same values
+        row = next(r for r in csv.DictReader(f) if r["step"] == "3" and r["val/rewards/accuracies"])
+    assert f"| val/rewards/accuracies | {float(row['val/rewards/accuracies']):.4f} |" in card
     assert f"`{train}`" in card  # the data, from the config.yaml LightningCLI saved beside the checkpoint
+
+
+def test_export_of_a_run_from_an_adapter_folder_takes_the_base_models_tokenizer(tiny_llama, tmp_path, monkeypatch):
+    # An SFT adapter saved by peft holds no tokenizer files; training took the tokenizer from the base it names.
+    adapter = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama),
+                             LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    adapter.save_pretrained(tmp_path / "sft_adapter")
+    assert not any(p.name.startswith("tokenizer") for p in (tmp_path / "sft_adapter").iterdir())
+    monkeypatch.chdir(tmp_path)
+    cli = fit_from_the_cli(str(tmp_path / "sft_adapter"), tmp_path)
+    checkpoint = next(tmp_path.rglob("checkpoints/*.ckpt"))
+    export_checkpoint(checkpoint, tmp_path / "hf")
+    assert AutoTokenizer.from_pretrained(tmp_path / "hf")("ab")["input_ids"] == [1, 97, 98]  # the base's, BOS too
+    batch = a_batch(cli.datamodule)
+    torch.testing.assert_close(response_logps(AutoModelForCausalLM.from_pretrained(tmp_path / "hf"), batch),
+                               response_logps(cli.model.policy.eval(), batch))
+
+
+def test_adapter_only_export_of_a_full_fine_tune_is_refused(tiny_llama, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    fit_from_the_cli(tiny_llama, tmp_path)
+    checkpoint = next(tmp_path.rglob("checkpoints/*.ckpt"))
+    with pytest.raises(ValueError, match="full fine-tune, not a LoRA adapter; export it without --adapter_only"):
+        main(["export", "--ckpt_path", str(checkpoint), "--output_dir", str(tmp_path / "hf"), "--adapter_only"])
+    assert not (tmp_path / "hf").exists()

@@ -47,3 +47,16 @@ def test_plot_command_picks_the_newest_run_of_a_log_dir(tmp_path, capsys):
     main(["plot", str(tmp_path / "runs")])
     assert (new / "metrics.png").exists() and not (old / "metrics.png").exists()
     assert str(new / "metrics.png") in capsys.readouterr().out
+
+
+def test_plot_adds_the_throughput_panels_when_the_log_has_them(tmp_path):
+    with_throughput = METRICS_CSV.replace("val/rewards/margins\n", "val/rewards/margins,train/tokens_per_second,"
+                                          "train/padding_fraction\n", 1)
+    lines = with_throughput.splitlines()
+    lines = [lines[0]] + [line + (",1500.0,0.25" if line.startswith("0,9,") else ",,") for line in lines[1:]]
+    figure = plot_metrics(write_run(tmp_path / "run", "\n".join(lines) + "\n"), tmp_path / "curves.png")
+    visible = [ax for ax in figure.axes if ax.get_visible()]
+    assert [ax.get_title() for ax in visible[4:]] == ["tokens per second (all ranks)", "padding fraction"]
+    assert [(list(l.get_xdata()), list(l.get_ydata())) for l in visible[4].lines] == [([9], [1500.0])]
+    assert len(figure.axes) == 6 and len(visible) == 6  # no MFU on CPU: no empty MFU panel
+    assert len(plot_metrics(write_run(tmp_path / "plain"), tmp_path / "plain.png").axes) == 4

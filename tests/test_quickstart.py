@@ -1,4 +1,4 @@
-"""The offline quickstart, shortened: `dpo-lightning fit --config configs/quickstart.yaml` from the repo root.
+"""The offline quickstart, shortened: `dpo-lightning fit --config configs/quickstart.yaml`, run from elsewhere.
 
 It must learn (held-out reward accuracy from 0.5 at step 0 to at least 0.9), log to CSV, and leave a
 Lightning checkpoint and a Hugging Face folder that `from_pretrained` loads. Only committed assets.
@@ -17,8 +17,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_quickstart_learns_and_exports(tmp_path, monkeypatch):
-    monkeypatch.chdir(ROOT)  # the config names the assets by paths relative to the repository root
-    cli = cli_main(["fit", "--config", "configs/quickstart.yaml", "--trainer.max_steps=100",
+    monkeypatch.chdir(tmp_path)  # not the repository root: the config's asset paths come from the package
+    cli = cli_main(["fit", "--config", str(ROOT / "configs" / "quickstart.yaml"), "--trainer.max_steps=100",
                 f"--trainer.logger.init_args.save_dir={tmp_path}", "--trainer.enable_progress_bar=false"])
     run = Path(cli.trainer.log_dir)
     with open(run / "metrics.csv") as f:
