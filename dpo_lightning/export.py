@@ -26,6 +26,7 @@ from torch.distributed.tensor import DTensor
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 
 from dpo_lightning.data import load_tokenizer
+from dpo_lightning.models import is_quantized, merged_full_precision
 from dpo_lightning.module import DPOModule
 
 # A hub repo id ("gpt2", "org/name"); the hub rejects a card whose base_model or datasets is anything else.
@@ -85,6 +86,8 @@ def unwrap_policy(policy: nn.Module, merge_lora: bool) -> tuple[nn.Module, bool]
         return policy, False
     if not merge_lora:
         return policy, True
+    if is_quantized(policy):  # QLoRA: merge into a bf16 copy of the base, not into its 4-bit weights
+        return merged_full_precision(policy), False
     return copy.deepcopy(policy).merge_and_unload(), False
 
 

@@ -26,7 +26,8 @@ from dpo_lightning import reference_cache
 from dpo_lightning.logps import lean_logps, lean_unsupported, naive_logps
 from dpo_lightning.losses import LENGTH_NORMALIZED, LOSSES, REFERENCE_FREE
 from dpo_lightning.metrics import batch_values, compute_all, make_metrics
-from dpo_lightning.models import base_causal_lm, build_models, load_causal_lm, reference_weights
+from dpo_lightning.models import (base_causal_lm, build_models, load_causal_lm, quantized_base,
+                                  reference_weights)
 from dpo_lightning.packing import shared_layout_unsupported
 from dpo_lightning.resume import ends_optimizer_step
 
@@ -108,6 +109,11 @@ class DPOModule(L.LightningModule):
             peft's choice for the architecture. Add lm_head to adapt the output head.
         peft_config: a full peft config as a dict (`peft.get_peft_config`; `peft_type` defaults to LORA),
             instead of the `lora_*` arguments.
+        load_in_4bit: QLoRA: load the base in 4-bit (bitsandbytes NF4, bf16 compute) and train a LoRA adapter
+            on it (needs `lora_r` or `peft_config`); the reference is the adapter disabled on the same 4-bit
+            base, and exports merge the adapter into a bf16 copy of the base. `pip install -e .[qlora]`.
+        quantization_config: `transformers.BitsAndBytesConfig`'s arguments as a dict, instead of
+            `load_in_4bit`'s defaults, e.g. {bnb_4bit_quant_type: fp4, bnb_4bit_use_double_quant: true}.
     """
 
     def __init__(
@@ -148,6 +154,8 @@ class DPOModule(L.LightningModule):
         lora_dropout: float = 0.0,
         lora_target_modules: list[str] | str | None = None,
         peft_config: dict | None = None,
+        load_in_4bit: bool = False,
+        quantization_config: dict | None = None,
     ):
         super().__init__()
         self.loss_types = [loss_type] if isinstance(loss_type, str) else list(loss_type)
@@ -167,6 +175,8 @@ class DPOModule(L.LightningModule):
         # With precomputation the reference is built only if the cache misses, and dropped after scoring.
         self.ref_tables: dict[str, Tensor] | None = None
         self.ref_fingerprint: str | None = None
+        if load_in_4bit or quantization_config is not None:
+            model_name_or_path = quantized_base(model_name_or_path, self.hparams)
         self.policy, self.reference, self.reference_adapter = build_models(
             model_name_or_path, ref_model_name_or_path, self.needs_reference, self.hparams)
         self.model_name_or_path = base_causal_lm(self.policy).name_or_path or None  # the tokenizer's default source
