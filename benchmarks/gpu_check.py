@@ -58,6 +58,7 @@ CPU_BACKWARD = "torch 2.13 has no FlexAttention backward on CPU"
 CPU_COMPILE = "torch.compile of the decoders takes about a minute on this CPU, past the smoke's budget " \
               "(the same fit_module path with torch_compile=True; CPU figures in benchmarks/README.md)"
 CPU_FSDP1 = "Lightning's FSDPStrategy refuses accelerator='cpu'"
+CPU_QLORA = "bitsandbytes' CPU backend drops backward through 4-bit weights after an eval forward (tests/test_qlora.py)"
 # Summed log-probs of ~40 tokens near log(vocab) each: bf16 rounding moves their mean far less than 0.5%.
 LOGPS_RTOL = 5e-3
 
@@ -85,6 +86,8 @@ ROWS = [
     Row("precompute", "lean + precompute_ref_log_probs (scored before step 0, untimed)",
         {"precompute_ref_log_probs": True}),
     Row("lora", "lean + lora_r 16; reference = adapter disabled", {"lora_r": 16}),
+    Row("qlora", "lora_r 16 on a 4-bit NF4 base (bitsandbytes); reference = adapter disabled on it",
+        {"lora_r": 16, "load_in_4bit": True}, comparable=False, cpu_skip=CPU_QLORA),
     Row("bf16-mixed", "float32 weights, precision bf16-mixed (the other rows: bf16 weights, bf16-true)",
         {"torch_dtype": "float32"}, precision="bf16-mixed"),
     Row("trl", "TRL DPOTrainer, its defaults (gradient checkpointing on), bf16", trl={}),

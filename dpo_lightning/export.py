@@ -27,7 +27,7 @@ from transformers import GenerationConfig, PreTrainedTokenizerBase
 
 from dpo_lightning.data import load_tokenizer
 from dpo_lightning.locate import is_hub_id
-from dpo_lightning.models import base_causal_lm
+from dpo_lightning.models import base_causal_lm, is_quantized, merged_full_precision
 from dpo_lightning.module import DPOModule
 
 CARD_METRICS = ("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected",
@@ -88,6 +88,8 @@ def unwrap_policy(policy: nn.Module, merge_lora: bool) -> tuple[nn.Module, bool]
         return policy, False
     if not merge_lora:
         return policy, True
+    if is_quantized(policy):  # QLoRA: merge into a bf16 copy of the base, not into its 4-bit weights
+        return merged_full_precision(policy), False
     return copy.deepcopy(policy).merge_and_unload(), False
 
 

@@ -19,7 +19,8 @@ import os
 from typing import Any, Mapping
 
 import torch
-from peft import LoraConfig, PeftConfig, PeftModel, get_peft_config, get_peft_model
+from peft import (LoraConfig, PeftConfig, PeftModel, get_peft_config, get_peft_model, get_peft_model_state_dict,
+                  set_peft_model_state_dict)
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
@@ -39,6 +40,42 @@ def load_causal_lm(name_or_path: str, torch_dtype: str | None, trust_remote_code
     dtype = DTYPES.get(torch_dtype, torch_dtype)  # "auto" and None pass through to transformers
     name_or_path = model_source(name_or_path)  # a folder, the shipped assets or a hub id; else our message
     return AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, trust_remote_code=trust_remote_code)
+
+
+def quantized_base(source: str | nn.Module, hp: Mapping[str, Any]) -> PreTrainedModel:
+    """QLoRA's base for `DPOModule(load_in_4bit=True)` or its `quantization_config` (`BitsAndBytesConfig`'s
+    arguments): 4-bit, by default NF4 with bf16 compute (Dettmers et al. 2023, arXiv:2305.14314). Checked
+    first: a name or folder to load, and an adapter to train (4-bit weights cannot be)."""
+    if not isinstance(source, str) or (hp.lora_r is None and hp.peft_config is None):
+        raise ValueError("--model.load_in_4bit / --model.quantization_config quantize the base loaded from "
+                         "--model.model_name_or_path (a name or folder) and train a LoRA adapter on it: set "
+                         f"--model.lora_r (e.g. 16) or --model.peft_config; got {type(source).__name__}, "
+                         f"lora_r {hp.lora_r}")
+    try:
+        import bitsandbytes  # noqa: F401  (transformers' own error names no install command)
+    except ImportError as error:
+        raise ImportError("--model.load_in_4bit / --model.quantization_config need bitsandbytes: "
+                          "pip install -e .[qlora]") from error
+    from transformers import BitsAndBytesConfig
+
+    settings = hp.quantization_config or {"bnb_4bit_quant_type": "nf4", "bnb_4bit_compute_dtype": "bfloat16"}
+    dtype = DTYPES.get(hp.torch_dtype, hp.torch_dtype) or torch.bfloat16  # the layers left unquantized (norms, head)
+    return AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=hp.trust_remote_code,
+                                                quantization_config=BitsAndBytesConfig(**{"load_in_4bit": True,
+                                                                                          **settings}))
+
+
+def merged_full_precision(policy: PeftModel, dtype: torch.dtype = torch.bfloat16) -> PreTrainedModel:
+    """A QLoRA policy's adapter merged into a `dtype` copy of its base, reloaded from the base's source: merged
+    into the 4-bit base itself, the sum would be rounded back to 4 bits and the adapter's update mostly lost."""
+    base = AutoModelForCausalLM.from_pretrained(base_causal_lm(policy).name_or_path, dtype=dtype)
+    merged = get_peft_model(base, copy.deepcopy(policy.peft_config[POLICY_ADAPTER]))
+    set_peft_model_state_dict(merged, get_peft_model_state_dict(policy, adapter_name=POLICY_ADAPTER))
+    return merged.merge_and_unload()
+
+
+def is_quantized(model: nn.Module) -> bool:
+    return bool(getattr(base_causal_lm(model), "is_loaded_in_4bit", False))
 
 
 def is_adapter_folder(path: str) -> bool:

@@ -29,7 +29,7 @@ from transformers import PreTrainedModel
 from dpo_lightning.logps import lean_logps, lean_unsupported, naive_logps
 from dpo_lightning.losses import LENGTH_NORMALIZED, LOSS_ARGS, LOSSES, REFERENCE_FREE, bind_losses
 from dpo_lightning.metrics import compute_all, make_metrics, update_metrics
-from dpo_lightning.models import base_causal_lm, build_models
+from dpo_lightning.models import base_causal_lm, build_models, quantized_base
 from dpo_lightning.packing import shared_layout_unsupported
 from dpo_lightning.reference import Reference
 from dpo_lightning.resume import ends_optimizer_step
@@ -113,6 +113,11 @@ class DPOModule(L.LightningModule):
             peft's choice for the architecture. Add lm_head to adapt the output head.
         peft_config: a full peft config as a dict (`peft.get_peft_config`; `peft_type` defaults to LORA),
             instead of the `lora_*` arguments.
+        load_in_4bit: QLoRA: load the base in 4-bit (bitsandbytes NF4, bf16 compute) and train a LoRA adapter
+            on it (needs `lora_r` or `peft_config`); the reference is the adapter disabled on the same 4-bit
+            base, and exports merge the adapter into a bf16 copy of the base. `pip install -e .[qlora]`.
+        quantization_config: `transformers.BitsAndBytesConfig`'s arguments as a dict, instead of
+            `load_in_4bit`'s defaults, e.g. {bnb_4bit_quant_type: fp4, bnb_4bit_use_double_quant: true}.
     """
 
     def __init__(
@@ -153,6 +158,8 @@ class DPOModule(L.LightningModule):
         lora_dropout: float = 0.0,
         lora_target_modules: list[str] | str | None = None,
         peft_config: dict | None = None,
+        load_in_4bit: bool = False,
+        quantization_config: dict | None = None,
     ):
         super().__init__()
         self.loss_types = [loss_type] if isinstance(loss_type, str) else list(loss_type)
@@ -170,6 +177,8 @@ class DPOModule(L.LightningModule):
             if value and not self.needs_reference:
                 raise ValueError(f"--model.{flag} is set but the loss uses no reference (loss_type "
                                  f"{self.loss_types}, reference_free {reference_free}): remove it")
+        if load_in_4bit or quantization_config is not None:
+            model_name_or_path = quantized_base(model_name_or_path, self.hparams)
         self.policy, reference, reference_adapter = build_models(
             model_name_or_path, ref_model_name_or_path, self.needs_reference, self.hparams)
         # Which weights are the reference and where its log-probs come from: `reference.py`, and only there.
