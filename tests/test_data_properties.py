@@ -51,12 +51,14 @@ def pairs(draw):
     """A row of strings and lengths whose sums fall on both sides of max_length and max_prompt_length."""
     max_length = draw(st.integers(2, 40))
     max_prompt_length = draw(st.integers(1, max_length - 1))
-    near = st.sampled_from([0, 1, max_prompt_length - 1, max_prompt_length, max_prompt_length + 1,
-                            max_length - 1, max_length, max_length + 1])
-    prompt_length = draw(st.one_of(near, st.integers(0, 2 * max_length)))
+    near = st.sampled_from([0, 1, max_prompt_length // 2 + 1, max_prompt_length - 2, max_prompt_length - 1,
+                            max_prompt_length, max_prompt_length + 1, max_length - 1, max_length, max_length + 1])
+    prompt_length = max(0, draw(st.one_of(near, near, near, st.integers(0, 2 * max_length))))
     prompt = draw(st.sampled_from(["", "<s>"])) + draw(st.text(CHARS, min_size=prompt_length, max_size=prompt_length))
-    chosen = draw(st.one_of(st.text(CHARS, min_size=1, max_size=max_length + 2), TEXT.filter(bool)))
-    rejected = draw(st.one_of(st.text(CHARS, min_size=1, max_size=max_length + 2), TEXT.filter(bool)))
+    room = max_length - prompt_length  # responses (EOS included) just under, at and just over the room left
+    sizes = st.one_of(st.sampled_from([max(1, room + d) for d in (-2, -1, 0, 1)]),
+                      st.integers(1, max_length + 2))
+    chosen, rejected = (draw(st.text(CHARS, min_size=n, max_size=n)) for n in (draw(sizes), draw(sizes)))
     return {"prompt": prompt, "chosen": chosen, "rejected": rejected}, max_length, max_prompt_length
 
 
