@@ -7,6 +7,7 @@ the CLI, with `learning_rate` and `weight_decay` still applying; bitsandbytes' 8
 runs (it does on this CPU). Tiny models from conftest.py; no network.
 """
 
+import functools
 import math
 
 import lightning as L
@@ -152,3 +153,11 @@ def test_bitsandbytes_8bit_adamw_from_yaml(tiny_llama, tmp_path):
                                                 ("paged_adamw_8bit", "bitsandbytes.optim.PagedAdamW8bit")])
 def test_from_trl_maps_8bit_adamw_to_bitsandbytes(optim, class_path):
     assert from_trl({"optim": optim}).config["model"]["optimizer"] == {"class_path": class_path}
+
+
+def test_from_python_a_callable_or_its_dict_builds_the_same_optimizer(tiny_llama):
+    for spec in (functools.partial(torch.optim.SGD, momentum=0.5),
+                 {"class_path": "torch.optim.SGD", "init_args": {"momentum": 0.5}}):
+        optimizer = one_step(DPOModule(tiny_llama, optimizer=spec, learning_rate=1e-3)).trainer.optimizers[0]
+        assert type(optimizer) is torch.optim.SGD and optimizer.defaults["momentum"] == 0.5
+        assert [g["lr"] for g in optimizer.param_groups] == [1e-3, 1e-3]
