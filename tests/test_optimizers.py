@@ -109,6 +109,7 @@ def fit_with_optimizer(tiny_llama, tmp_path, optimizer: dict, **model_args) -> D
     config = {"model": {"model_name_or_path": tiny_llama, "optimizer": optimizer, **model_args},
               "data": {"dataset": str(train), "max_length": 48, "max_prompt_length": 24, "batch_size": 4},
               "trainer": {"max_steps": 1, "limit_val_batches": 0, "logger": False, "enable_checkpointing": False,
+                          "default_root_dir": str(tmp_path),  # where LightningCLI writes its config.yaml
                           "enable_progress_bar": False, "enable_model_summary": False,
                           "callbacks": [{"class_path": "test_optimizers.RecordStep"}]}}
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
