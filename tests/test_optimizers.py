@@ -7,6 +7,7 @@ the CLI, with `learning_rate` and `weight_decay` still applying; bitsandbytes' 8
 runs (it does on this CPU). Tiny models from conftest.py; no network.
 """
 
+import functools
 import math
 
 import lightning as L
@@ -108,6 +109,7 @@ def fit_with_optimizer(tiny_llama, tmp_path, optimizer: dict, **model_args) -> D
     config = {"model": {"model_name_or_path": tiny_llama, "optimizer": optimizer, **model_args},
               "data": {"dataset": str(train), "max_length": 48, "max_prompt_length": 24, "batch_size": 4},
               "trainer": {"max_steps": 1, "limit_val_batches": 0, "logger": False, "enable_checkpointing": False,
+                          "default_root_dir": str(tmp_path),  # where LightningCLI writes its config.yaml
                           "enable_progress_bar": False, "enable_model_summary": False,
                           "callbacks": [{"class_path": "test_optimizers.RecordStep"}]}}
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
@@ -152,3 +154,11 @@ def test_bitsandbytes_8bit_adamw_from_yaml(tiny_llama, tmp_path):
                                                 ("paged_adamw_8bit", "bitsandbytes.optim.PagedAdamW8bit")])
 def test_from_trl_maps_8bit_adamw_to_bitsandbytes(optim, class_path):
     assert from_trl({"optim": optim}).config["model"]["optimizer"] == {"class_path": class_path}
+
+
+def test_from_python_a_callable_or_its_dict_builds_the_same_optimizer(tiny_llama):
+    for spec in (functools.partial(torch.optim.SGD, momentum=0.5),
+                 {"class_path": "torch.optim.SGD", "init_args": {"momentum": 0.5}}):
+        optimizer = one_step(DPOModule(tiny_llama, optimizer=spec, learning_rate=1e-3)).trainer.optimizers[0]
+        assert type(optimizer) is torch.optim.SGD and optimizer.defaults["momentum"] == 0.5
+        assert [g["lr"] for g in optimizer.param_groups] == [1e-3, 1e-3]
