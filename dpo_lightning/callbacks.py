@@ -27,7 +27,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import nn
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 
-from dpo_lightning.data import adds_bos
+from dpo_lightning.data import adds_bos, encode, with_bos
 from dpo_lightning.export import export_pretrained
 from dpo_lightning.resume import ends_optimizer_step
 
@@ -145,11 +145,7 @@ class GenerateSamples(L.Callback):
         tokenizer = datamodule.tokenizer
         if self.prompts is not None:
             bos = adds_bos(tokenizer)
-            rows = []
-            for text in self.prompts:
-                ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-                rows.append({"prompt_input_ids": ids if bos is None or ids[:1] == [bos] else [bos, *ids]})
-            return rows
+            return [{"prompt_input_ids": with_bos(ids, bos)} for ids in encode(tokenizer, self.prompts)]
         if datamodule.val_data is None:
             raise ValueError("GenerateSamples: no validation data to take prompts from; pass prompts=[...]")
         val = datamodule.val_data.select(range(min(self.num_prompts, len(datamodule.val_data))))

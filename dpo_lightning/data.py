@@ -132,6 +132,21 @@ def prepare_rows(batch: dict[str, list], indices: list[int], dataset_format: str
     return out
 
 
+def pad_and_label(sequences: list[tuple[list[int], list[int]]], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Rule 4 for N (prompt, response) id lists: `input_ids`, `attention_mask`, `labels`, each (N, T), right-padded,
+    the labels IGNORE_INDEX over the prompt and the padding (`collate_pairs` shows an example)."""
+    width = max(len(prompt) + len(response) for prompt, response in sequences)
+    input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    labels = torch.full((len(sequences), width), IGNORE_INDEX, dtype=torch.long)
+    for i, (prompt, response) in enumerate(sequences):
+        n, m = len(prompt), len(response)
+        input_ids[i, : n + m] = torch.tensor(prompt + response)
+        attention_mask[i, : n + m] = 1
+        labels[i, n : n + m] = torch.tensor(response)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
 def collate_pairs(rows: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
     """Pad tokenized pairs into one batch: chosen rows first, then rejected rows, right-padded.
 
@@ -149,20 +164,8 @@ def collate_pairs(rows: list[dict], pad_token_id: int) -> dict[str, torch.Tensor
             attention_mask = [[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]]
             labels         = [[-100, -100, 7, 2, -100], [-100, -100, 8, 9, 2]]
     """
-    sequences = []
-    for response in ("chosen_input_ids", "rejected_input_ids"):
-        for row in rows:
-            sequences.append((row["prompt_input_ids"], row[response]))
-    width = max(len(prompt) + len(response) for prompt, response in sequences)
-    input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    labels = torch.full((len(sequences), width), IGNORE_INDEX, dtype=torch.long)
-    for i, (prompt, response) in enumerate(sequences):
-        n, m = len(prompt), len(response)
-        input_ids[i, : n + m] = torch.tensor(prompt + response)
-        attention_mask[i, : n + m] = 1
-        labels[i, n : n + m] = torch.tensor(response)
-    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    batch = pad_and_label([(row["prompt_input_ids"], row[response]) for response in ("chosen_input_ids",
+                          "rejected_input_ids") for row in rows], pad_token_id)
     if rows and "row_id" in rows[0]:
         batch["row_ids"] = torch.tensor([row["row_id"] for row in rows])
     return batch

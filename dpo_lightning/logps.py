@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from dpo_lightning.losses import IGNORE_INDEX
-from dpo_lightning.models import base_causal_lm
+from dpo_lightning.models import base_causal_lm, evaluating
 from dpo_lightning.packing import is_shared, padded_states, rounding_tolerance, shared_inputs
 
 LogpsOutput = tuple[Tensor, Tensor, Tensor]
@@ -179,17 +179,13 @@ def lean_unsupported(model: nn.Module, n_tokens: int = 8) -> str | None:
     vocab = lm.config.get_text_config().vocab_size
     device = next(lm.parameters()).device
     ids = (torch.arange(1, n_tokens + 1, device=device) % vocab)[None]  # (1, n_tokens)
-    was_training = lm.training
-    lm.eval()  # no dropout, so the two runs are comparable
     try:
-        with torch.no_grad():
+        with evaluating(lm), torch.no_grad():  # no dropout, so the two runs are comparable
             expected = lm(input_ids=ids, use_cache=False).logits.float()
             hidden = lm.base_model(input_ids=ids, use_cache=False).last_hidden_state
             actual = logit_transform(lm)(lm.get_output_embeddings()(hidden).float())
     except Exception as error:  # any model whose parts cannot be called this way
         return f"calling {type(lm).__name__}'s decoder and output head separately failed ({error!r})"
-    finally:
-        lm.train(was_training)
     tolerance = rounding_tolerance(lm.dtype)
     if actual.shape != expected.shape or not torch.allclose(actual, expected, rtol=tolerance,
                                                             atol=tolerance * expected.abs().max().item()):

@@ -14,9 +14,10 @@ Where the reference comes from, by case (`build_models` picks; the README's "The
 `build_models` makes these parts; `reference.Reference` owns them from there on (and precomputed tables).
 """
 
+import contextlib
 import copy
 import os
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import torch
 from peft import (LoraConfig, PeftConfig, PeftModel, get_peft_config, get_peft_model, get_peft_model_state_dict,
@@ -34,6 +35,17 @@ REFERENCE_ADAPTER = "reference"
 def base_causal_lm(model: nn.Module) -> nn.Module:
     """The transformers model inside a peft wrapper (its layers carry the adapters), or the model itself."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+@contextlib.contextmanager
+def evaluating(model: nn.Module) -> Iterator[None]:
+    """Within the block `model` is in eval mode (no dropout); its train/eval mode is restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
 
 
 def load_causal_lm(name_or_path: str, torch_dtype: str | None, trust_remote_code: bool) -> PreTrainedModel:

@@ -15,8 +15,6 @@ weights, optimizer, schedule and metrics alone (`_finite_on_every_rank`, `on_bef
 """
 
 import functools
-import importlib
-import math
 from typing import Literal
 
 import lightning as L
@@ -30,6 +28,7 @@ from dpo_lightning.logps import lean_logps, lean_unsupported, naive_logps
 from dpo_lightning.losses import LENGTH_NORMALIZED, LOSS_ARGS, LOSSES, REFERENCE_FREE, bind_losses
 from dpo_lightning.metrics import compute_all, make_metrics, update_metrics
 from dpo_lightning.models import base_causal_lm, build_models, quantized_base
+from dpo_lightning.optim import lr_factor, make_optimizer, param_groups
 from dpo_lightning.packing import shared_layout_unsupported
 from dpo_lightning.reference import Reference
 from dpo_lightning.resume import ends_optimizer_step
@@ -375,22 +374,10 @@ class DPOModule(L.LightningModule):
             self.ref.precompute(self.trainer, self.policy, ["val"], self._reference_score)
 
     def configure_optimizers(self):
-        """The optimizer over the trainable parameters in two groups (weight decay on matrices only, as
-        nanoGPT's), and the schedule `lr_factor`, stepped every optimizer step."""
+        """The optimizer over the trainable parameters (`optim.py`) and its schedule, stepped every optimizer step."""
         hp = self.hparams
-        params = [p for p in self.policy.parameters() if p.requires_grad]
-        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": hp.weight_decay},
-                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-        for group in groups:
-            group["lr"] = hp.learning_rate
-        make = hp.optimizer
-        if isinstance(make, str):
-            make = {"adamw": torch.optim.AdamW, "rmsprop": torch.optim.RMSprop}[make]
-        elif isinstance(make, dict):  # LightningCLI saves the callable in the hparams as class_path + init_args
-            module_name, _, class_name = make["class_path"].rpartition(".")
-            make = functools.partial(getattr(importlib.import_module(module_name), class_name),
-                                     **make.get("init_args", {}))
-        optimizer = make(groups)
+        optimizer = make_optimizer(hp.optimizer, param_groups(self.policy.parameters(), hp.learning_rate,
+                                                              hp.weight_decay))
         total = self.trainer.estimated_stepping_batches if hp.lr_scheduler_type != "constant" else 0
         schedule = functools.partial(lr_factor, warmup_steps=hp.warmup_steps, total_steps=total,
                                      kind=hp.lr_scheduler_type)
@@ -418,12 +405,3 @@ class DPOModule(L.LightningModule):
             checkpoint["state_dict"].setdefault(name, value)
         self.ref.load_checkpoint_state(checkpoint)
 
-
-def lr_factor(step: int, warmup_steps: int, total_steps: int | float, kind: str) -> float:
-    """Learning-rate multiplier: linear warm-up over `warmup_steps`, then constant, linear or cosine to 0."""
-    if step < warmup_steps:
-        return (step + 1) / (warmup_steps + 1)
-    if kind == "constant":
-        return 1.0
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    return 1.0 - progress if kind == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask
 
 from dpo_lightning.losses import IGNORE_INDEX
-from dpo_lightning.models import base_causal_lm
+from dpo_lightning.models import base_causal_lm, evaluating
 
 PROMPT, CHOSEN, REJECTED = 0, 1, 2  # `branch_ids` values
 Response = tuple[list[int], list[int]]  # the flat positions that score a response, and its token ids
@@ -229,18 +229,14 @@ def shared_layout_unsupported(model: nn.Module) -> str | None:
     rows = [{"prompt_input_ids": tokens(3, 3), "chosen_input_ids": tokens(11, 2), "rejected_input_ids": tokens(5, 4)},
             {"prompt_input_ids": tokens(17, 2), "chosen_input_ids": tokens(2, 3), "rejected_input_ids": tokens(9, 1)}]
     batch = {k: v.to(device) for k, v in collate_shared(rows, 0, packing=True).items()}
-    was_training = lm.training
-    lm.eval()  # no dropout, so the two runs are comparable
     try:
-        with torch.no_grad():
+        with evaluating(lm), torch.no_grad():  # no dropout, so the two runs are comparable
             shared = padded_states(lm.base_model(**shared_inputs(lm, batch), use_cache=False).last_hidden_state,
                                    batch)  # (4, S, D)
             alone = [_alone_states(lm, row["prompt_input_ids"], row[side], device)
                      for side in ("chosen_input_ids", "rejected_input_ids") for row in rows]
     except Exception as error:  # an attention implementation that rejects a 4D mask or position ids
         return f"{type(lm).__name__} cannot take the shared layout's 4D attention mask ({error!r})"
-    finally:
-        lm.train(was_training)
     tolerance = rounding_tolerance(lm.dtype)
     for k, expected in enumerate(alone):
         actual = shared[k, : len(expected)].float()

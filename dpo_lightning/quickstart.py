@@ -47,7 +47,7 @@ import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from dpo_lightning.losses import IGNORE_INDEX
+from dpo_lightning.data import pad_and_label
 
 LETTERS = "abcdefghijklmn"  # 14 letters: enough distinct sets to hold out val sets at every length
 MIN_LETTERS, MAX_LETTERS = 3, 8  # 3 is the shortest that allows a non-adjacent swap
@@ -217,24 +217,14 @@ def _sft_batch(tokenizer: PreTrainedTokenizerFast, rng: random.Random, batch_siz
     and on padding, so the loss covers the response and its EOS only.
     """
     eos = tokenizer.eos_token_id
-    sequences, label_rows = [], []
+    sequences = []
     for _ in range(batch_size):
         letters = _random_letters(rng, exclude)
         shuffled = "".join(rng.sample(letters, len(letters)))
         answer = "".join(sorted(letters)) if rng.random() < sorted_share else shuffled
         prompt_ids = tokenizer(format_prompt(letters), add_special_tokens=False).input_ids
-        response_ids = tokenizer(format_response(answer), add_special_tokens=False).input_ids + [eos]
-        sequences.append(prompt_ids + response_ids)
-        label_rows.append([IGNORE_INDEX] * len(prompt_ids) + response_ids)
-    width = max(len(s) for s in sequences)
-    input_ids = torch.full((batch_size, width), eos)  # pad = EOS; the attention mask hides it
-    labels = torch.full((batch_size, width), IGNORE_INDEX)
-    attention_mask = torch.zeros(batch_size, width, dtype=torch.long)
-    for i, (seq, lab) in enumerate(zip(sequences, label_rows)):
-        input_ids[i, :len(seq)] = torch.tensor(seq)
-        labels[i, :len(lab)] = torch.tensor(lab)
-        attention_mask[i, :len(seq)] = 1
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        sequences.append((prompt_ids, tokenizer(format_response(answer), add_special_tokens=False).input_ids + [eos]))
+    return pad_and_label(sequences, pad_token_id=eos)  # pad = EOS; the attention mask hides it
 
 
 def sft_warmup(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, steps: int = SFT_STEPS,

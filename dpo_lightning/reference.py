@@ -46,7 +46,7 @@ from tqdm.auto import tqdm
 from dpo_lightning import logps, packing
 from dpo_lightning.data import PreferenceDataModule
 from dpo_lightning.logps import lean_unsupported, naive_logps
-from dpo_lightning.models import POLICY_ADAPTER, load_causal_lm
+from dpo_lightning.models import POLICY_ADAPTER, evaluating, load_causal_lm
 
 DEFAULT_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "dpo_lightning", "reference_logps")
 WEIGHT_FILES = (".safetensors", ".bin", ".json")
@@ -62,9 +62,7 @@ def reference_weights(model: nn.Module, adapter: str | None) -> Iterator[None]:
     module's mode, so Lightning counts no module of ours "in eval mode at the start of training". A model
     without adapters is only switched to eval mode.
     """
-    was_training = model.training
-    model.eval()
-    try:
+    with evaluating(model):
         if not isinstance(model, PeftModel):
             yield
         elif adapter is None:
@@ -78,8 +76,6 @@ def reference_weights(model: nn.Module, adapter: str | None) -> Iterator[None]:
                 yield
             finally:
                 model.set_adapter(POLICY_ADAPTER)
-    finally:
-        model.train(was_training)
 
 
 class Reference(nn.Module):

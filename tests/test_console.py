@@ -46,7 +46,6 @@ def test_first_run_prints_the_validation_table_and_no_broken_looking_line(first_
     assert "step" in first_run and "30/30" in first_run  # the bar counts optimizer steps out of max_steps
 
 
-@pytest.mark.xfail(strict=False, reason="fixed on the ref branch (the frozen reference and Lightning's count)")
 def test_first_run_does_not_warn_about_modules_in_eval_mode(first_run):
     assert "module(s) in eval mode" not in first_run
 

@@ -20,7 +20,7 @@ from datasets import Dataset
 from dpo_lightning import DPOModule, PreferenceDataModule
 from dpo_lightning.cli import cli_main
 from dpo_lightning.migrate import from_trl
-from dpo_lightning.module import lr_factor
+from dpo_lightning.optim import lr_factor
 
 
 @pytest.mark.parametrize("kind, expected", [
