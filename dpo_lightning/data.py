@@ -30,13 +30,10 @@ field and the fix. Batches hold chosen rows first, then rejected rows, so one fo
 """
 
 import hashlib
-from collections import Counter
 from functools import partial
 from typing import Any, Literal
 
 import lightning as L
-import numpy as np
-import pyarrow.compute as pc
 import torch
 from datasets import Dataset, Features, IterableDataset, List, Value
 from datasets.distributed import split_dataset_by_node
@@ -52,6 +49,7 @@ from dpo_lightning.losses import IGNORE_INDEX
 from dpo_lightning.packing import collate_shared
 from dpo_lightning.resume import EvalSampler, ResumableLoader
 from dpo_lightning.sources import FIELDS, STAGE_NAMES, DatasetSource, load_rows
+from dpo_lightning.summary import fingerprint, format_summary, summarize
 
 
 def with_bos(ids: list[int], bos_token_id: int | None) -> list[int]:
@@ -173,26 +171,6 @@ def collate_pairs(rows: list[dict], pad_token_id: int) -> dict[str, torch.Tensor
 
 DATA_CODE = hashlib.sha256(b"".join(open(path, "rb").read()
                                      for path in (__file__, formats.__file__, sources.__file__))).hexdigest()
-TOKEN_COLUMNS = ("row_id", "prompt_input_ids", "chosen_input_ids", "rejected_input_ids")
-
-
-def fingerprint(data: Dataset) -> str:
-    """sha256 of the rows' ids and token ids, in order: equal exactly when a model would see the same pairs.
-
-    It covers the data, the tokenizer and the tokenization settings by their result, and is read from
-    the Arrow buffers (about a second per million rows), so it is cheap enough to check on every resume.
-    """
-    digest = hashlib.sha256()
-    for table in data.select_columns(list(TOKEN_COLUMNS)).with_format("arrow").iter(batch_size=65_536):
-        for name in TOKEN_COLUMNS:
-            column = table.column(name).combine_chunks()
-            if name != "row_id":  # lists: their lengths, then their values
-                digest.update(np.asarray(pc.list_value_length(column), dtype=np.int64).tobytes())
-                column = column.flatten()
-            digest.update(np.asarray(column, dtype=np.int64).tobytes())
-    return digest.hexdigest()
-
-
 def with_pad_token(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
     """`tokenizer`, checked for an EOS, with pad = eos where it has no pad token (padding is masked, so its id
     is free). The one place this is decided: `load_tokenizer` and the data module both call it."""
@@ -490,29 +468,3 @@ def _keep_row(reason: str, row_id: int, strict: bool, stage: str) -> bool:
     if reason and strict:
         raise drop_error(reason, row_id, stage)
     return not reason
-
-
-def summarize(prepared: Dataset, max_length: int) -> dict[str, Any]:
-    """Rows read, kept, dropped by reason, truncated, length percentiles (before truncation), length bias.
-
-    Read from the Arrow columns of `prepare_rows`' output, kept and dropped rows alike (a row-by-row
-    read of 20,000 rows takes seconds).
-    """
-    table = prepared.select_columns(["drop_reason", "length", "truncated", "chosen_longer"]).with_format("arrow")[:]
-    reasons = table.column("drop_reason").to_pylist()
-    kept = np.asarray([not reason for reason in reasons], dtype=bool)
-    column = {name: table.column(name).to_numpy(zero_copy_only=False)[kept] for name in table.column_names[1:]}
-    lengths = column["length"] if kept.any() else np.zeros(1)
-    return {"rows": len(reasons), "kept": int(kept.sum()), "dropped": dict(Counter(r for r in reasons if r)),
-            "truncated": int(column["truncated"].sum()),
-            "length_p50_p95_max": [int(np.percentile(lengths, 50)), int(np.percentile(lengths, 95)),
-                                   int(lengths.max())],
-            "chosen_longer": int(column["chosen_longer"].sum()), "max_length": max_length}
-
-
-def format_summary(summary: dict[str, Any]) -> str:
-    dropped = ", ".join(f"{reason}: {n}" for reason, n in summary["dropped"].items()) or "none"
-    p50, p95, top = summary["length_p50_p95_max"]
-    return (f"{summary['rows']} rows, {summary['kept']} kept, dropped {{{dropped}}}, {summary['truncated']} "
-            f"truncated to max_length {summary['max_length']}, tokens p50 {p50} / p95 {p95} / max {top}, "
-            f"chosen longer than rejected in {summary['chosen_longer']}")

@@ -13,7 +13,8 @@ from conftest import BOS, EOS, ascii_tokenizer, ids, rows
 from datasets import Dataset
 
 import dpo_lightning.data
-from dpo_lightning.data import PreferenceDataModule, adds_bos, collate_pairs, fingerprint, tokenize_row
+from dpo_lightning.data import PreferenceDataModule, adds_bos, collate_pairs, tokenize_row
+from dpo_lightning.summary import fingerprint
 from dpo_lightning.formats import split_dialogue, split_shared_prefix, to_strings
 from dpo_lightning.sources import load_rows
 
