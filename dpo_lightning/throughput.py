@@ -68,7 +68,7 @@ def flops_per_token(pl_module: L.LightningModule, tokens_per_row: float) -> floa
     flops = 3 * (2 * n + attention)
     reference = getattr(pl_module, "reference", None)
     # A LoRA policy without a separate reference computes it itself, adapter off: one more forward.
-    if pl_module.needs_reference and getattr(pl_module, "ref_tables", None) is None:
+    if pl_module.needs_reference and "train" not in pl_module.ref.tables:  # precomputed: no reference forward
         flops += 2 * matmul_params(reference if reference is not None else pl_module.policy) + attention
     return flops
 

@@ -49,6 +49,8 @@ def test_flops_count_the_output_head_and_the_reference_forward(tiny_llama):
     attention = 4 * 2 * 64 * 10  # 4 L d T forward, T = 10 tokens per row
     assert flops_per_token(module, 10) == 3 * (2 * n + attention) + (2 * n + attention)
     assert flops_per_token(DPOModule(tiny_llama, loss_type="simpo"), 10) == 3 * (2 * n + attention)  # reference-free
+    module.ref.tables["train"] = torch.zeros(4, 2)  # precomputed reference log-probs: no reference forward
+    assert flops_per_token(module, 10) == 3 * (2 * n + attention)
 
 
 def uneven_rows(n: int) -> dict[str, list[str]]:
