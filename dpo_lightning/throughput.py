@@ -41,15 +41,17 @@ DTYPES = {"bf16-mixed": torch.bfloat16, "bf16-true": torch.bfloat16, "16-mixed":
           "16-true": torch.float16}
 
 
-def count_tokens(batch: dict[str, Tensor]) -> tuple[int, int]:
-    """(non-padding tokens, all positions) of a padded or shared/packed batch.
+def count_tokens(batch: dict[str, Tensor]) -> Tensor:
+    """[non-padding tokens, all positions, rows] of a padded or shared/packed batch, a float64 tensor (3,) on
+    the batch's device: reading it would wait for the device at every micro-batch, so it is summed there.
 
     Example:
-        padded, attention_mask [[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]] -> (9, 10)
-        shared, pair_ids [[0, 0, 0, 0, 0, 0, 0, -1]]             -> (7, 8)
+        padded, attention_mask [[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]] -> [9, 10, 2]
+        shared, pair_ids [[0, 0, 0, 0, 0, 0, 0, -1]]             -> [7, 8, 1]
     """
     mask = batch["pair_ids"] >= 0 if "pair_ids" in batch else batch["attention_mask"].bool()  # (rows, T)
-    return int(mask.sum()), mask.numel()
+    return torch.stack([mask.sum(), mask.new_tensor(mask.numel(), dtype=torch.long),
+                        mask.new_tensor(mask.shape[0], dtype=torch.long)]).double()
 
 
 def matmul_params(model: nn.Module) -> int:
@@ -77,28 +79,28 @@ class Throughput(L.Callback):
     """Log `train/tokens_per_second`, `train/padding_fraction` and, on GPUs, `train/mfu`; see the module docstring."""
 
     def __init__(self):
-        self._window = torch.zeros(4, dtype=torch.float64)  # tokens, positions, rows, seconds since the last log
+        self._window: Tensor | None = None  # tokens, positions, rows (on the device) since the last log
+        self._seconds = 0.0
         self._step_start: float | None = None
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
         if self._step_start is None:
             self._step_start = self._now(trainer)
-        tokens, positions = count_tokens(batch)
-        rows = batch["pair_ids" if "pair_ids" in batch else "attention_mask"].shape[0]
-        self._window[:3] += torch.tensor([tokens, positions, rows], dtype=torch.float64)
+        counts = count_tokens(batch)
+        self._window = counts if self._window is None else self._window + counts
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch,
                            batch_idx: int) -> None:
         if not ends_optimizer_step(trainer, batch_idx):
             return
-        self._window[3] += self._now(trainer) - self._step_start
+        self._seconds += self._now(trainer) - self._step_start
         self._step_start = None
         if not trainer.log_every_n_steps or trainer.global_step % trainer.log_every_n_steps:
             return  # 0: Lightning logs no training step, nor does this
         # One collective at the steps every rank logs: sums over ranks, then the divisions.
-        tokens, positions, rows, seconds = trainer.strategy.reduce(
-            self._window.to(pl_module.device), reduce_op="sum").tolist()
-        self._window.zero_()
+        window = torch.cat([self._window, self._window.new_tensor([self._seconds])])
+        tokens, positions, rows, seconds = trainer.strategy.reduce(window, reduce_op="sum").tolist()
+        self._window, self._seconds = None, 0.0
         seconds /= trainer.world_size
         metrics = {"train/tokens_per_second": tokens / seconds,
                    "train/tokens_per_second_per_rank": tokens / seconds / trainer.world_size,

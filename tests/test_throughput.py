@@ -29,15 +29,15 @@ B = {"prompt_input_ids": [5], "chosen_input_ids": [7], "rejected_input_ids": [8]
 
 @pytest.mark.parametrize("batch, expected", [
     # padded: rows A+chosen (4), A+rejected (5), B+chosen (2), B+rejected (2), each padded to 5.
-    (collate_pairs([A, B], pad_token_id=0), (4 + 5 + 2 + 2, 4 * 5)),
-    (collate_pairs([A], pad_token_id=0), (4 + 5, 2 * 5)),
+    (collate_pairs([A, B], pad_token_id=0), [4 + 5 + 2 + 2, 4 * 5, 4]),
+    (collate_pairs([A], pad_token_id=0), [4 + 5, 2 * 5, 2]),
     # shared: one row per pair, [prompt | chosen | rejected], padded to the longest pair (7).
-    (collate_shared([A, B], pad_token_id=0), (7 + 3, 2 * 7)),
+    (collate_shared([A, B], pad_token_id=0), [7 + 3, 2 * 7, 2]),
     # packed into rows of 10: both pairs in one row, no padding at all.
-    (collate_shared([A, B], pad_token_id=0, packing=True, max_tokens_per_row=10), (10, 10)),
+    (collate_shared([A, B], pad_token_id=0, packing=True, max_tokens_per_row=10), [10, 10, 1]),
 ])
 def test_tokens_and_positions_per_layout(batch, expected):
-    assert count_tokens(batch) == expected
+    assert count_tokens(batch).tolist() == expected  # tokens, positions, rows
 
 
 def test_flops_count_the_output_head_and_the_reference_forward(tiny_llama):
