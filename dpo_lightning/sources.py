@@ -29,6 +29,7 @@ import json
 import os
 import warnings
 from collections import Counter
+from collections.abc import Mapping
 from typing import Any, Callable, Iterator, Union
 
 import datasets
@@ -314,6 +315,8 @@ def _canonical_row(row: Any, columns: dict[str, str], label: str, transform: Cal
                    schema: Schema | None, features: Features) -> dict:
     """One raw row -> the fields, each of its column's kind or None with `source_issue` saying why."""
     empty = {field: None for field in features}
+    if isinstance(row, Mapping):  # `datasets` hands a mapped function a lazy row: the transform gets a dict
+        row = dict(row)
     if transform is not None and isinstance(row, dict):
         row = transform(row)
         if row is None:
