@@ -174,12 +174,18 @@ def _digest(files: list[str]) -> str:
 
 
 def _load_files(files: list[str], label: str, streaming: bool) -> Dataset | IterableDataset:
-    """.parquet files (or any files, streamed) through `datasets`' own readers, cached by content."""
+    """.parquet files (or any files, streamed) through `datasets`' own readers; parquet cached by content."""
     builder = _file_builder(files[0])
     if builder == "parquet" and not sum(pq.ParquetFile(f).metadata.num_rows for f in files):
         raise ValueError(f"the {label} dataset is empty: no rows in {files}")
     if streaming:
-        return load_dataset(builder, data_files=files, split="train", streaming=True)
+        kwargs = {}
+        if builder == "csv":  # every cell text, as when read in Python
+            with _open(files[0]) as f:
+                names = next(csv.reader([f.readline()]))
+            kwargs = dict(features=Features({c: Value("string") for c in names}), keep_default_na=False,
+                          na_values=[""], encoding="utf-8-sig")
+        return load_dataset(builder, data_files=files, split="train", streaming=True, **kwargs)
     cache_dir = os.path.join(datasets.config.HF_DATASETS_CACHE, "dpo_lightning_files", _digest(files)[:32])
     return load_dataset(builder, data_files=files, split="train", cache_dir=cache_dir)
 
@@ -278,7 +284,8 @@ def _warn_unused_text(rows: list, names: set[str], plan: dict) -> None:
     columns = plan["columns"]
     unused = sorted(name for name in names - set(columns.values()) - {"source_issue"}
                     if any(isinstance(row, dict) and isinstance(row.get(name), str) for row in rows))
-    if columns["prompt"] not in names and unused:
+    texts = any(isinstance(row, dict) and isinstance(row.get(columns["chosen"]), str) for row in rows)
+    if columns["prompt"] not in names and unused and texts:  # (whole conversations need no prompt column)
         warnings.warn(f"{plan['label']} data has no {columns['prompt']!r} column but text columns {unused}: the "
                       "prompt will be taken from chosen/rejected themselves (hh or implicit format). If one of "
                       "them is the prompt, set --data.prompt_column; to build rows yourself, --data.transform",
