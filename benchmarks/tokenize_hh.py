@@ -10,7 +10,8 @@ Two variants run alternately (A B A B ...), each in a fresh process with a fresh
 - ours: `PreferenceDataModule(dataset=<the .jsonl>, dataset_format="hh").setup("fit")` cold: reading
   the file, splitting every dialogue, checking and tokenizing every row (then a second, cached setup).
 - encode: the rows' prompt, chosen and rejected texts, split beforehand (not timed), each list encoded
-  by one batched call `tokenizer(texts, add_special_tokens=False)`: the floor that tokenization alone costs.
+  by one batched call `tokenizer(texts, add_special_tokens=False, split_special_tokens=True)` (text fields
+  are text, as ours tokenizes them): the floor that tokenization alone costs.
 
 Printed: medians over rounds of rows/s for each, their ratio, the rows, the CPU cores, torch's version.
 """
@@ -43,7 +44,7 @@ def child(variant: str, data: str, tokenizer_dir: str, num_proc: int | None) -> 
                  [row["rejected"][n:] for row, n in zip(rows, cut)]]
         start = time.perf_counter()
         for batch in texts:
-            tokenizer(batch, add_special_tokens=False)
+            tokenizer(batch, add_special_tokens=False, split_special_tokens=True)
         return {"rows": len(rows), "seconds": time.perf_counter() - start}
     from dpo_lightning import PreferenceDataModule
 

@@ -8,7 +8,7 @@ packing.py's `collate_shared`).
 
 import hashlib
 from functools import partial
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import lightning as L
 import torch
@@ -19,18 +19,19 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from dpo_lightning import formats, rules, sources
+from dpo_lightning import formats, rules, schemas, sources
 from dpo_lightning.batches import collate_pairs
 from dpo_lightning.formats import FORMATS, PRESETS, detect_format
 from dpo_lightning.locate import model_source
 from dpo_lightning.packing import collate_shared
 from dpo_lightning.resume import EvalSampler, ResumableLoader
 from dpo_lightning.rules import PREPARED, adds_bos, drop_error, prepare_rows
-from dpo_lightning.sources import STAGE_NAMES, DatasetSource, load_rows
+from dpo_lightning.sources import STAGE_NAMES, DatasetSource, load_rows, resolve_transform, single_split
 from dpo_lightning.summary import fingerprint, format_summary, summarize
 
 DATA_CODE = hashlib.sha256(b"".join(open(path, "rb").read()
-                                     for path in (rules.__file__, formats.__file__, sources.__file__))).hexdigest()
+                                     for path in (rules.__file__, formats.__file__, schemas.__file__,
+                                                  sources.__file__))).hexdigest()
 
 
 def with_pad_token(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
@@ -82,7 +83,7 @@ class PreferenceDataModule(L.LightningDataModule):
             `dataset`, else `eval_fraction` of the training rows, else no validation.
         tokenizer: tokenizer name or path (or object). Default: the model's (`DPOModule.model_name_or_path`).
         dataset_format: how rows hold prompt and responses (see formats.py); "auto" detects it from the
-            columns' types and a sample of rows.
+            columns' types and a sample of rows. Public datasets' columns (schemas.py) are detected too.
         prompt_column: the column holding the prompt, when it is not called "prompt".
         chosen_column: the column holding the preferred response, when it is not called "chosen".
         rejected_column: the column holding the dispreferred response, when it is not called "rejected".
@@ -111,6 +112,9 @@ class PreferenceDataModule(L.LightningDataModule):
             attention costs grow with the square of the row length.
         dataset_num_proc: processes that check and tokenize rows (`datasets.map(num_proc=...)`, TRL's name).
             Default: one; the tokenizer itself already encodes each batch on every core.
+        transform: a function applied to each raw row before anything else, returning the row to use (any
+            columns a format or schema reads) or None to drop it (counted as `dropped by transform`); from
+            YAML, its import path, e.g. `my_module.my_function`.
     """
 
     def __init__(
@@ -141,14 +145,15 @@ class PreferenceDataModule(L.LightningDataModule):
         packing: bool = False,
         packing_max_tokens: int | None = None,
         dataset_num_proc: int | None = None,
+        transform: str | Callable[[dict], dict | None] | None = None,
     ):
         super().__init__()
-        self.save_hyperparameters(ignore=["dataset", "eval_dataset", "tokenizer"])
+        self.save_hyperparameters(ignore=["dataset", "eval_dataset", "tokenizer", "transform"])
         _check_arguments(self.hparams)
         if isinstance(dataset, str) and dataset in PRESETS:
             dataset, preset_format = PRESETS[dataset]
             self.hparams.dataset_format = preset_format if dataset_format == "auto" else dataset_format
-        self.dataset, self.eval_dataset, self.tokenizer = dataset, eval_dataset, tokenizer
+        self.dataset, self.eval_dataset, self.tokenizer, self.transform = dataset, eval_dataset, tokenizer, transform
         self.train_data: Dataset | IterableDataset | None = None
         self.val_data: Dataset | None = None
         self.summary: dict[str, dict[str, Any]] = {}
@@ -168,19 +173,24 @@ class PreferenceDataModule(L.LightningDataModule):
         hp = self.hparams
         tokenizer = self._resolve_tokenizer()
         columns = {"prompt": hp.prompt_column, "chosen": hp.chosen_column, "rejected": hp.rejected_column}
-        load = partial(load_rows, name=hp.dataset_config, data_dir=hp.data_dir, columns=columns)
-        train = load(self.dataset, hp.split, streaming=hp.streaming)
+        load = partial(load_rows, name=hp.dataset_config, data_dir=hp.data_dir, columns=columns,
+                       transform=resolve_transform(self.transform), chat=bool(tokenizer.chat_template))
+        train, schema = load(self.dataset, hp.split, streaming=hp.streaming)
+        val, val_schema = None, schema
         if self.eval_dataset is not None:
-            val = load(self.eval_dataset, hp.eval_split or hp.split, stage="val")
+            val, val_schema = load(self.eval_dataset, hp.eval_split or hp.split, stage="val")
         elif hp.eval_split is not None:
-            val = load(self.dataset, hp.eval_split, stage="val")
+            if single_split(self.dataset):  # a file has no other split: it would validate on the train rows
+                raise ValueError(f"--data.eval_split {hp.eval_split!r}: the dataset is one split (a local file, "
+                                 "list or Dataset), so validation would run on the training rows. Give eval rows "
+                                 "with --data.eval_dataset, hold some out with --data.eval_fraction, or point "
+                                 f"--data.dataset at a folder or hub dataset with a {hp.eval_split!r} split")
+            val, val_schema = load(self.dataset, hp.eval_split, stage="val")
         elif hp.eval_fraction > 0:
             parts = train.train_test_split(test_size=hp.eval_fraction, seed=hp.seed)
             train, val = parts["train"], parts["test"]
-        else:
-            val = None
-        train = self._prepare_split(train, "train", tokenizer, report)
-        val = self._prepare_split(val, "val", tokenizer, report) if val is not None else None
+        train = self._prepare_split(train, "train", tokenizer, schema, report)
+        val = self._prepare_split(val, "val", tokenizer, val_schema, report) if val is not None else None
         return train, val
 
     def _resolve_tokenizer(self) -> PreTrainedTokenizerBase:
@@ -198,9 +208,9 @@ class PreferenceDataModule(L.LightningDataModule):
         return self.tokenizer
 
     def _prepare_split(self, rows: Dataset | IterableDataset, stage: str, tokenizer: PreTrainedTokenizerBase,
-                       report: bool = True) -> Dataset | IterableDataset:
+                       schema: str, report: bool = True) -> Dataset | IterableDataset:
         hp = self.hparams
-        fmt = detect_format(rows, hp.dataset_format, stage, tokenizer)
+        rows, fmt, schema = detect_format(rows, hp.dataset_format, stage, tokenizer, schema)
         prepared = _map(rows, prepare_rows, f"preparing {STAGE_NAMES[stage]} rows ({fmt})", batched=True,
                         with_indices=True, remove_columns=rows.column_names or list(next(iter(rows))),
                         features=PREPARED, num_proc=hp.dataset_num_proc, fn_kwargs=dict(
@@ -213,7 +223,7 @@ class PreferenceDataModule(L.LightningDataModule):
             if self.trainer is not None and self.trainer.world_size > 1:
                 prepared = split_dataset_by_node(prepared, self.trainer.global_rank, self.trainer.world_size)
             return prepared
-        self.summary[stage] = summarize(prepared, hp.max_length)
+        self.summary[stage] = {**summarize(prepared, hp.max_length), "schema": schema}
         if hp.strict and self.summary[stage]["dropped"]:  # the first bad row, by its position in the split
             first = prepared.filter(bool, input_columns="drop_reason")[0]
             raise drop_error(first["drop_reason"], first["row_id"], stage)
@@ -306,7 +316,7 @@ def _map(rows: Dataset | IterableDataset, function, desc: str, num_proc: int | N
     """`rows.map(function, **kwargs)`, cached under a name that changes with this package's data code.
 
     `datasets` names a map's cache by the function's module and name, not by its code: without the
-    source of rules.py, formats.py and sources.py in the name, an upgraded dpo_lightning would reuse
+    source of the data code (rules, formats, schemas, sources) in the name, an upgraded dpo_lightning would reuse
     rows prepared by the old rules.
     """
     if isinstance(rows, IterableDataset):  # a stream: no cache, no progress bar, no worker processes

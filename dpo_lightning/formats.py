@@ -15,6 +15,11 @@ by `dataset_format`). rules.py splits each format's rows into (prompt, chosen, r
   must be the same on both sides. Rendered with the tokenizer's chat template: the prompt with
   `add_generation_prompt=True`, each response as the rest of the whole conversation's rendering, so it
   ends with the template's own end-of-turn token (no EOS is appended) and carries no second BOS.
+  Whole conversations beside a text `prompt` column (UltraFeedback, Tulu 3, Capybara, the ORPO mix: the
+  text repeats the user turn) are read as whole conversations, the text prompt ignored, as TRL does.
+
+Public datasets whose columns name another layout (OpenAI, HelpSteer3, SHP, orca_dpo_pairs) are mapped
+onto these fields while reading (schemas.py); every split's summary line names the schema it was read as.
 """
 
 from datasets import Dataset, IterableDataset, LargeList, List
@@ -24,6 +29,7 @@ from dpo_lightning.rules import HH_ASSISTANT
 from dpo_lightning.sources import FIELDS, STAGE_NAMES
 
 FORMATS = ("explicit", "hh", "implicit", "conversational")
+TEXT_PROMPT_IGNORED = "whole conversations + text prompt (text prompt ignored)"
 PRESETS = {"hh": ("Anthropic/hh-rlhf", "hh")}  # dataset shorthand -> (hub name, format)
 _REQUIRED = {"explicit": FIELDS, "hh": FIELDS[1:], "implicit": FIELDS[1:], "conversational": FIELDS[1:]}
 
@@ -33,8 +39,13 @@ def _kind(feature) -> str | None:
 
 
 def detect_format(rows: Dataset | IterableDataset, dataset_format: str = "auto", stage: str = "train",
-                  tokenizer: PreTrainedTokenizerBase | None = None) -> str:
-    """The format of `rows` (columns from `sources.load_rows`): `dataset_format`, checked, or detected."""
+                  tokenizer: PreTrainedTokenizerBase | None = None,
+                  schema: str = "") -> tuple[Dataset | IterableDataset, str, str]:
+    """The format of `rows` (columns from `sources.load_rows`): `dataset_format`, checked, or detected.
+
+    Returns the rows (without a text prompt that whole conversations make redundant), the format, and
+    the schema for the summary line: `schema` (a public schema's name) or the format and its columns.
+    """
     label = STAGE_NAMES.get(stage, stage)
     sample = list(rows.take(100)) if isinstance(rows, IterableDataset) else rows.select(range(min(100, len(rows))))
     if not sample:
@@ -43,6 +54,11 @@ def detect_format(rows: Dataset | IterableDataset, dataset_format: str = "auto",
     features = rows.features or {}
     kinds = {f: _kind(features.get(f)) or ("messages" if isinstance(sample[0].get(f), list) else "text")
              for f in FIELDS if f in columns}
+    if kinds.get("prompt") == "text" and kinds.get("chosen") == "messages" and _whole_conversations(sample):
+        # UltraFeedback, Tulu 3, Capybara, ORPO mix: the text prompt repeats the conversations' user turn.
+        rows, schema = rows.remove_columns("prompt"), schema or TEXT_PROMPT_IGNORED
+        columns.discard("prompt")
+        kinds.pop("prompt")
     if {"chosen", "rejected"} - columns:
         raise ValueError(f"{label} data has fields {sorted(columns - {'source_issue'})}; expected 'chosen' and "
                          "'rejected' (and 'prompt'): map yours with --data.prompt_column / chosen_column / "
@@ -69,4 +85,12 @@ def detect_format(rows: Dataset | IterableDataset, dataset_format: str = "auto",
     if fmt == "conversational" and (tokenizer is None or not tokenizer.chat_template):
         raise ValueError(f"{label} data holds conversations but the tokenizer has no chat_template: use a chat "
                          "model's tokenizer, or set tokenizer.chat_template (a Jinja template) before training")
-    return fmt
+    return rows, fmt, schema or f"{fmt} ({', '.join(field for field in FIELDS if field in columns)})"
+
+
+def _whole_conversations(sample) -> bool:
+    """Whether most sampled `chosen` lists are whole conversations: a user turn before the last message."""
+    chats = [row["chosen"] for row in sample if isinstance(row.get("chosen"), list)]
+    whole = sum(any(isinstance(m, dict) and m.get("role") == "user" for m in chat[:-1]) for chat in chats)
+    return 2 * whole > len(chats)
+

@@ -8,7 +8,9 @@ The file reads top to bottom: `prepare_rows`, then each rule's helpers, then the
    explicit, HH dialogues, implicit shared prefix, chat-template conversations). A row whose two sides
    do not share a prompt is dropped and counted, never sliced into a corrupt response.
 2. Tokenize prompt, chosen and rejected separately with `add_special_tokens=False`, so the prompt ids
-   are identical in both sequences and no token merges across the prompt/response boundary. One BOS
+   are identical in both sequences and no token merges across the prompt/response boundary. Text fields
+   are text: a special token's text inside one ("</s>" quoted in a response) stays text, never the
+   special token; only a chat template's rendering keeps its markers as tokens. One BOS
    goes in front of the prompt where the tokenizer adds one to plain text (`with_bos`: not a second one
    when the text, e.g. a chat template's, already starts with it); EOS is appended to each response,
    except for conversations, whose responses end with the template's own end-of-turn token. A prompt
@@ -56,7 +58,8 @@ def prepare_rows(batch: dict[str, list], indices: list[int], dataset_format: str
     """
     checked = [to_strings(dict(zip(batch, values)), index, dataset_format, tokenizer)
                for index, values in zip(indices, zip(*batch.values()))]
-    ids = [encode(tokenizer, [row[field] for row in checked]) for field in FIELDS]
+    as_text = dataset_format != "conversational"  # text fields are text; a template's markers are tokens
+    ids = [encode(tokenizer, [row[field] for row in checked], as_text) for field in FIELDS]
     eos = [] if dataset_format == "conversational" else [tokenizer.eos_token_id]
     out = {name: [] for name in PREPARED}
     for index, row, prompt, chosen, rejected in zip(indices, checked, *ids):
@@ -149,10 +152,11 @@ def _split_and_check(row: dict, dataset_format: str, tokenizer: PreTrainedTokeni
         problem = _field_problem(row.get(field), dataset_format)
         if problem:
             return {**empty, "drop_reason": f"{problem} {field}"}
-    if dataset_format == "hh":
-        for field in ("chosen", "rejected"):
-            if HH_ASSISTANT not in row[field]:
-                return {**empty, "drop_reason": f"no assistant turn {field}"}
+    for field in ("chosen", "rejected"):
+        if dataset_format == "hh" and HH_ASSISTANT not in row[field]:
+            return {**empty, "drop_reason": f"no assistant turn {field}"}
+        if dataset_format == "conversational" and not (row[field] and row[field][-1]["content"].strip()):
+            return {**empty, "drop_reason": f"empty {field}"}  # the template would render an empty turn
     if dataset_format == "explicit":
         parts = row["prompt"], row["chosen"], row["rejected"]
     elif dataset_format == "hh":
@@ -193,9 +197,16 @@ def with_bos(ids: list[int], bos_token_id: int | None) -> list[int]:
     return ids if bos_token_id is None or ids[:1] == [bos_token_id] else [bos_token_id, *ids]
 
 
-def encode(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[list[int]]:
-    """Each text's ids without special tokens, in one call: a fast tokenizer encodes the list in Rust."""
-    return tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+def encode(tokenizer: PreTrainedTokenizerBase, texts: list[str], as_text: bool = False) -> list[list[int]]:
+    """Each text's ids without added special tokens, in one call: a fast tokenizer encodes the list in Rust.
+
+    With `as_text`, a special token's text inside a text ("</s>", "<|endoftext|>" quoted in a response) is
+    tokenized as the text it is, not as the special token (which would put an EOS mid-response); only a
+    chat template's rendering is encoded with its markers as the special tokens they stand for.
+    """
+    if not texts:
+        return []
+    return tokenizer(texts, add_special_tokens=False, split_special_tokens=as_text)["input_ids"]
 
 
 def adds_bos(tokenizer: PreTrainedTokenizerBase) -> int | None:
@@ -241,10 +252,15 @@ FIXES = {
     "no shared prompt": "give an explicit prompt column",
     "not a dict": "give each row as a JSON object / dict {'prompt': ..., 'chosen': ..., 'rejected': ...}",
     "not valid JSON": "fix or remove the line (one JSON object per line)",
+    "dropped by transform": "nothing, if --data.transform means to drop it; else make it return the row",
+    "tie": "nothing: a tie (overall_preference 0) carries no preference",
+    "not 0 or 1": "give labels as 1 (human_ref_A preferred) or 0 (human_ref_B preferred)",
+    "not a number": "give overall_preference as an integer from -3 to 3 (negative: response1 preferred)",
 }
 # reasons that name no field of their own -> the field the error names (None: the whole row)
 _ROW_REASONS = {"chosen == rejected": "rejected", "prompts differ": "rejected", "no shared prompt": "rejected",
-                "empty prompt": "prompt", "not a dict": None, "not valid JSON": None}
+                "empty prompt": "prompt", "not a dict": None, "not valid JSON": None, "dropped by transform": None,
+                "tie": "overall_preference"}
 
 
 def drop_error(reason: str, index: int, stage: str = "train") -> ValueError:

@@ -11,6 +11,7 @@ is left out of that case. Files go to temp folders; no network.
 """
 
 import csv
+import os
 import json
 import traceback
 
@@ -103,6 +104,8 @@ DROPS = [
      "not messages prompt", "prompt", PY),
     ("text among messages", "conversational", {"prompt": user("q"), "chosen": " a", "rejected": assistant("b")},
      "not messages chosen", "chosen", PY),
+    ("empty assistant turn", "conversational", {"prompt": user("q"), "chosen": assistant(""),
+                                                "rejected": assistant("b")}, "empty chosen", "chosen", TYPED),
     ("response messages None", "conversational", {"prompt": user("q"), "chosen": None, "rejected": assistant("b")},
      "missing chosen", "chosen", TYPED),
 ]
@@ -226,3 +229,84 @@ def test_text_that_looks_like_a_number_or_null_stays_text(kind, tmp_path):
     dm.setup("fit")
     assert dm.summary["train"]["dropped"] == {}
     assert dm.train_data[0]["prompt_input_ids"] == ids("NA") and dm.train_data[0]["chosen_input_ids"] == ids("1.5") + [EOS]
+
+
+# --- Issue 19's defects, each through every source kind it applies to (each failed before its fix). ---
+
+FILES = ("jsonl", "json", "parquet", "csv", "glob")
+QUESTIONS = [{"question": f"Q{i}?", "chosen": f"It is {i} yes", "rejected": f"It is {i} no"} for i in range(4)]
+
+
+def setup_rows(source, **kwargs) -> list[dict]:
+    dm = data_module(source, "explicit", **kwargs)
+    dm.setup("fit")
+    return list(dm.train_data)
+
+
+@pytest.mark.parametrize("kind", ALL)
+def test_a_mapped_prompt_column_is_the_prompt_for_every_source(kind, tmp_path):
+    # Defect 1: .json/.jsonl lost the mapping and trained on the answers' shared prefix "It is" instead.
+    kept = setup_rows(write(kind, QUESTIONS, tmp_path), prompt_column="question")
+    assert [row["prompt_input_ids"] for row in kept] == [ids(row["question"]) for row in QUESTIONS], kind
+    assert [row["chosen_input_ids"] for row in kept] == [ids(row["chosen"]) + [EOS] for row in QUESTIONS], kind
+
+
+@pytest.mark.parametrize("kind", ALL)
+def test_every_mapped_column_is_read_for_every_source(kind, tmp_path):
+    rows = [{"q": f"p{i}", "good": f" a{i}", "bad": f" b{i}"} for i in range(3)]
+    kept = setup_rows(write(kind, rows, tmp_path), prompt_column="q", chosen_column="good", rejected_column="bad")
+    assert [(r["prompt_input_ids"], r["chosen_input_ids"], r["rejected_input_ids"]) for r in kept] == [
+        (ids(r["q"]), ids(r["good"]) + [EOS], ids(r["bad"]) + [EOS]) for r in rows], kind
+
+
+@pytest.mark.parametrize("kind", ALL)
+@pytest.mark.parametrize("field, column", [("prompt", "question_text"), ("chosen", "answer")])
+def test_a_missing_mapped_column_is_named_by_its_mapped_name(kind, field, column, tmp_path):
+    # Defect 2: reported as "expected 'chosen' and 'rejected'" (a missing prompt: silently no prompt at all).
+    with pytest.raises(ValueError, match=rf"no column '{column}' \(--data.{field}_column\); its columns are "
+                                         r"\['chosen', 'prompt', 'rejected'\]") as error:
+        setup_rows(write(kind, EXPLICIT, tmp_path), **{f"{field}_column": column})
+    assert "/dpo_lightning/" in traceback.extract_tb(error.tb)[-1].filename, kind
+
+
+@pytest.mark.parametrize("kind", ALL)
+def test_special_token_text_in_a_field_stays_text(kind, tmp_path):
+    # Defect 3: "</s>" quoted in a response became the EOS id mid-response; "<s>" in a prompt became BOS.
+    rows = [*EXPLICIT, {"prompt": "<s>What ends a turn?", "chosen": " it is </s> here", "rejected": " <unk>"}]
+    kept = setup_rows(write(kind, rows, tmp_path))
+    assert kept[3]["prompt_input_ids"] == ids("<s>What ends a turn?"), kind
+    assert kept[3]["chosen_input_ids"] == ids(" it is </s> here") + [EOS], kind  # one EOS, at the end
+    assert kept[3]["rejected_input_ids"] == ids(" <unk>") + [EOS], kind
+
+
+@pytest.mark.parametrize("kind", ("jsonl", "json", "csv", "glob"))
+def test_a_utf8_byte_order_mark_is_not_part_of_the_data(kind, tmp_path):
+    # Defect 4: .jsonl lost row 0 as "not valid JSON", .json dropped every row, .csv died inside datasets.
+    source = write(kind, EXPLICIT, tmp_path)
+    for path in tmp_path.glob("*.*"):
+        path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    kept = setup_rows(source)
+    assert [row["prompt_input_ids"] for row in kept] == [ids(row["prompt"]) for row in EXPLICIT], kind
+
+
+@pytest.mark.parametrize("kind", ("jsonl", "json", "parquet", "csv", "glob"))
+def test_a_file_rewritten_with_its_old_time_is_read_again(kind, tmp_path):
+    # Defect 5: datasets' cache is keyed by path and modification time; `cp -p`/`rsync -t` put the time back.
+    source = write(kind, EXPLICIT, tmp_path)
+    first = setup_rows(source)
+    times = {path: os.stat(path) for path in tmp_path.glob("*.*")}
+    new = [{**row, "chosen": row["chosen"].replace("a", "c")} for row in EXPLICIT]  # same sizes, new text
+    write(kind, new, tmp_path)
+    for path, stat in times.items():
+        os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+        assert os.stat(path).st_mtime_ns == stat.st_mtime_ns and os.stat(path).st_size == stat.st_size
+    second = setup_rows(source)
+    assert [row["chosen_input_ids"] for row in first] == [ids(row["chosen"]) + [EOS] for row in EXPLICIT], kind
+    assert [row["chosen_input_ids"] for row in second] == [ids(row["chosen"]) + [EOS] for row in new], kind
+
+
+@pytest.mark.parametrize("kind", ALL)
+def test_eval_split_on_a_single_split_source_is_refused(kind, tmp_path):
+    # Defect 6: `eval_split: test` on one file validated on the training rows, silently.
+    with pytest.raises(ValueError, match=r"--data.eval_split 'test': the dataset is one split .*--data.eval_dataset"):
+        setup_rows(write(kind, EXPLICIT, tmp_path), eval_split="test")

@@ -43,9 +43,10 @@ def test_prompt_and_responses_are_tokenized_separately_with_eos():
 def test_one_bos_where_the_tokenizer_uses_one():
     assert tokenize({"prompt": "Hi", "chosen": " a", "rejected": " b"}, add_bos=True)["prompt_input_ids"] == [
         BOS, *ids("Hi")]
-    # A prompt whose text already starts with BOS keeps one, not two.
+    # A text prompt is text: "<s>" written in it is three characters, and the one BOS goes in front.
+    # (A chat template's own BOS is kept once: test_conversations_render_with_the_chat_template_and_one_bos.)
     assert tokenize({"prompt": "<s>Hi", "chosen": " a", "rejected": " b"}, add_bos=True)["prompt_input_ids"] == [
-        BOS, *ids("Hi")]
+        BOS, *ids("<s>Hi")]
 
 
 # prompt "abcdefgh" (8 tokens), rejected " yz" + EOS (4): 12 > max_length 10, so the prompt keeps 4 tokens.
@@ -264,7 +265,7 @@ def test_every_source_loads_the_same_rows(kind, tmp_path):
         source = str(tmp_path / "part*.jsonl") if kind == "glob" else paths
     elif source is None:
         source = _write(tmp_path / f"rows.{kind}", data)
-    loaded = load_rows(source).to_dict()
+    loaded = load_rows(source)[0].to_dict()
     assert {field: loaded[field] for field in data} == data and not any(loaded.get("source_issue", []))
 
 
@@ -325,7 +326,7 @@ def test_eval_fraction_holds_out_a_seeded_split():
 
 @pytest.mark.skipif(not HH_DATA.exists(), reason="the shared HH slice is not on this machine")
 def test_real_hh_slice_drops_exactly_the_broken_rows_and_keeps_every_other_intact():
-    raw = load_rows(str(HH_DATA))
+    raw = load_rows(str(HH_DATA))[0]
     checked = [to_strings(row, i, "hh") for i, row in enumerate(raw)]
     dropped = {i: c["drop_reason"] for i, c in enumerate(checked) if c["drop_reason"]}
     assert dropped == {86: "empty chosen", 516: "empty chosen", 925: "empty chosen", 1103: "empty chosen",
@@ -353,7 +354,7 @@ def test_real_hh_slice_through_the_data_module_decodes_back_to_the_dialogues(tmp
     dm.setup("fit")
     assert dm.summary["train"]["rows"] == 1500 and dm.summary["train"]["kept"] == 1495
     assert dm.summary["train"]["dropped"] == {"empty chosen": 4, "prompts differ": 1}
-    kept = [row for i, row in enumerate(load_rows(str(HH_DATA))) if i not in (86, 516, 925, 1103, 1254)]
+    kept = [row for i, row in enumerate(load_rows(str(HH_DATA))[0]) if i not in (86, 516, 925, 1103, 1254)]
     for row, tokens in zip(kept, dm.train_data):
         eos = [tokenizer.eos_token_id]
         assert tokens["chosen_input_ids"][-1:] == eos and tokens["rejected_input_ids"][-1:] == eos

@@ -3,8 +3,9 @@
 Each rule is stated as invariants and checked by `hypothesis` on random inputs against a small oracle
 written here from the rule's docstring (data.py's numbered rules, `collate_pairs`, `packing.collate_shared`,
 formats.py), never by calling the package's own helpers. The tokenizer is `conftest.ascii_tokenizer`
-(one token per character; "<s>", "</s>", "<unk>" are its special tokens; other characters outside
-printable ASCII are <unk> = 0), so the oracle can tokenize by hand. No network.
+(one token per character; "<s>", "</s>", "<unk>" are its special tokens, but in a text field their text
+is text, character by character (rule 2); other characters outside printable ASCII are <unk> = 0), so
+the oracle can tokenize by hand. No network.
 
 Examples per test: 40 in the suite; set DPO_PROPERTY_EXAMPLES (e.g. 2000) for a long search.
 """
@@ -23,7 +24,6 @@ from dpo_lightning.packing import collate_shared
 SETTINGS = settings(max_examples=int(os.environ.get("DPO_PROPERTY_EXAMPLES", 40)), deadline=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 TOKENIZERS = {False: ascii_tokenizer(add_bos=False), True: ascii_tokenizer(add_bos=True)}
-SPECIALS = {"<unk>": UNK, "<s>": BOS, "</s>": EOS}
 HH = "\n\nAssistant:"
 
 # Printable ASCII without "<" (so specials only appear where a strategy puts them), whitespace, unicode.
@@ -47,17 +47,8 @@ def expected_drop(row, add_bos):
 
 
 def oracle_ids(text: str) -> list[int]:
-    """ascii_tokenizer by hand: specials where their text stands, else the character's code (or <unk>)."""
-    out, i = [], 0
-    while i < len(text):
-        special = next((s for s in SPECIALS if text.startswith(s, i)), None)
-        if special:
-            out.append(SPECIALS[special])
-            i += len(special)
-        else:
-            out.append(ord(text[i]) if 32 <= ord(text[i]) < 127 or text[i] == "\n" else UNK)
-            i += 1
-    return out
+    """ascii_tokenizer on a text field, by hand: each character's code (or <unk>); "<s>" is three characters."""
+    return [ord(c) if 32 <= ord(c) < 127 or c == "\n" else UNK for c in text]
 
 
 @st.composite
@@ -68,7 +59,7 @@ def pairs(draw):
     near = st.sampled_from([0, 1, max_prompt_length // 2 + 1, max_prompt_length - 2, max_prompt_length - 1,
                             max_prompt_length, max_prompt_length + 1, max_length - 1, max_length, max_length + 1])
     prompt_length = max(0, draw(st.one_of(near, near, near, st.integers(0, 2 * max_length))))
-    prompt = draw(st.sampled_from(["", "<s>"])) + draw(st.text(CHARS, min_size=prompt_length, max_size=prompt_length))
+    prompt = draw(st.sampled_from(["", "<s>", "</s>"])) + draw(st.text(CHARS, min_size=prompt_length, max_size=prompt_length))
     room = max_length - prompt_length  # responses (EOS included) just under, at and just over the room left
     sizes = st.one_of(st.sampled_from([max(1, room + d) for d in (-2, -1, 0, 1)]),
                       st.integers(1, max_length + 2))
@@ -86,7 +77,7 @@ def test_prepared_row_follows_rules_2_and_3(case, add_bos, mode):
         return
     raw = oracle_ids(row["prompt"])
     full = {side: oracle_ids(row[side]) + [EOS] for side in ("chosen", "rejected")}
-    whole_prompt = ([BOS] if add_bos and raw[:1] != [BOS] else []) + raw
+    whole_prompt = ([BOS] if add_bos else []) + raw  # a text prompt never starts with the BOS token itself
     too_long = len(whole_prompt) + max(map(len, full.values())) > max_length
     assert out["truncated"] == too_long
     # The prompt: whole when the pair fits (or the prompt fits max_prompt_length), else the mode's slice.
