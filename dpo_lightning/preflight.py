@@ -11,7 +11,9 @@ calls `check_run`, which checks, in the order a run would otherwise fail:
    torch's own errors (`PytorchStreamReader failed ...`, a bare `EOFError`) name no file.
 """
 
+import contextlib
 import os
+import uuid
 
 import lightning as L
 from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
@@ -92,7 +94,17 @@ class NamedCheckpointIO(CheckpointIO):
         self.inner = inner
 
     def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
-        self.inner.save_checkpoint(checkpoint, path, storage_options=storage_options)
+        """Save to a temporary name of this writer's own, then rename into place: a process killed mid-save
+        (SIGKILL, out of memory) leaves the previous whole file, never a part of the new one."""
+        if "://" in str(path):  # a remote store: its own semantics
+            return self.inner.save_checkpoint(checkpoint, path, storage_options=storage_options)
+        partial = f"{path}.{os.getpid()}-{uuid.uuid4().hex[:8]}.partial"
+        try:
+            self.inner.save_checkpoint(checkpoint, partial, storage_options=storage_options)
+            os.replace(partial, path)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(partial)
 
     def load_checkpoint(self, path, map_location=None, **kwargs):
         try:
