@@ -34,7 +34,8 @@ from dpo_lightning.objective import Objective, ObjectiveOutput, migrate_state_di
 from dpo_lightning.optim import lr_factor, make_optimizer, param_groups
 from dpo_lightning.packing import shared_layout_unsupported
 from dpo_lightning.reference import Reference
-from dpo_lightning.resume import ends_optimizer_step
+from dpo_lightning.preflight import check_run
+from dpo_lightning.resume import ends_optimizer_step, reconcile_settings
 from dpo_lightning.throughput import Throughput
 
 LossType = Literal[tuple(LOSSES)]
@@ -215,6 +216,7 @@ class DPOModule(L.LightningModule):
         return self.ref.model
 
     def setup(self, stage: str) -> None:
+        check_run(self.trainer, self, stage)  # tokenizer vs embedding, writable folders, named checkpoint errors
         # A model that ignores the shared layout's mask would train on wrong log-probs without an error.
         datamodule = getattr(self.trainer, "datamodule", None)
         if datamodule is not None and datamodule.hparams.get("prefix_sharing"):
@@ -368,6 +370,9 @@ class DPOModule(L.LightningModule):
         # Lightning loads state dicts strictly; hand it the frozen weights this module already rebuilt.
         # (ModelParallelStrategy has loaded and removed the state dict already: see configure_model.)
         migrate_state_dict(checkpoint.get("state_dict", {}))
+        changed = reconcile_settings(checkpoint, dict(self.hparams))  # says what changed; the run's values win
+        if changed:
+            rank_zero_warn(changed)
         for name, value in self.state_dict().items() if "state_dict" in checkpoint else ():
             checkpoint["state_dict"].setdefault(name, value)
         self.ref.load_checkpoint_state(checkpoint)

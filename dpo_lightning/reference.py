@@ -23,6 +23,9 @@ The cache file is named by `cache_key`: the reference's fingerprint (its weight 
 is computed from), the precision, each split's token fingerprint (`data.fingerprint`: the data, the
 tokenizer and the truncation settings by their result) and `code_fingerprint` (the log-prob code and the
 torch and transformers versions), so a fix in `logps.py` or `packing.py` is never served old tables.
+Each file holds one split's table (splits with the same pairs share it), written atomically under a name of
+its own per writer (`save_table`) and verified when read (`load_table`: keys, rows, dtype, finite values); a
+file that fails is set aside with a warning naming it, and the table is scored again.
 TRL 1.16 caches beside the dataset, keyed by `datasets`' fingerprint and a hash of the loaded model.
 """
 
@@ -30,13 +33,15 @@ import contextlib
 import hashlib
 import json
 import os
+import time
+import uuid
 from pathlib import Path
 from typing import Callable, ContextManager, Iterator
 
 import lightning as L
 import torch
 import transformers
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from peft import PeftModel
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
@@ -44,12 +49,13 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from dpo_lightning import logps, packing
-from dpo_lightning.data import PreferenceDataModule
 from dpo_lightning.logps import lean_unsupported, naive_logps
 from dpo_lightning.models import POLICY_ADAPTER, evaluating, load_causal_lm
 
 DEFAULT_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "dpo_lightning", "reference_logps")
 WEIGHT_FILES = (".safetensors", ".bin", ".json")
+TABLE_KEY = "logps"  # a cache file holds one split's table, under this name
+PREPARED_DATA = ("train_data", "val_data", "fingerprint", "collate", "hparams")  # what precomputation reads
 LOGPROB_CODE = (logps, packing)  # the modules that turn a batch into the log-probs a table stores
 # (model, batch) -> summed log-probs, mean logits and lengths, each (2B,): the module's log-prob path (logps.py)
 Score = Callable[[nn.Module, dict[str, Tensor]], tuple[Tensor, Tensor, Tensor]]
@@ -153,7 +159,7 @@ class Reference(nn.Module):
         paths = {split: os.path.join(self.cache_dir, cache_key(self.fingerprint, str(trainer.precision),
                                                                trainer.datamodule.fingerprint(split)) + ".safetensors")
                  for split in splits}
-        cached = {split: load_tables(path) for split, path in paths.items()}
+        cached = {split: load_table(path, table_rows(splits[split])) for split, path in paths.items()}
         # Every rank must score the same splits (scoring calls collectives), so a split counts as cached
         # only where every rank found it.
         found = torch.tensor([float(cached[split] is not None) for split in splits],
@@ -163,9 +169,8 @@ class Reference(nn.Module):
         tables = self._score(trainer, policy, missing) if missing else {}
         if trainer.is_global_zero:
             for split, table in tables.items():
-                save_tables({split: table}, paths[split])
-        tables.update({split: cached[split][split].to(trainer.strategy.root_device)
-                       for split in splits if split not in missing})
+                save_table(table, paths[split])
+        tables.update({split: cached[split].to(trainer.strategy.root_device) for split in splits if split not in missing})
         self.tables.update(tables)
         self.model = None
         rank_zero_info(f"[dpo_lightning] reference log-probs: {sorted(missing)} scored, "
@@ -263,15 +268,55 @@ def cache_key(reference: str, precision: str, data: str | None) -> str:
     return hashlib.sha256(content.encode()).hexdigest()[:32]
 
 
-def load_tables(path: str) -> dict[str, Tensor] | None:
-    return load_file(path) if os.path.isfile(path) else None
+def table_rows(data: Dataset) -> int:
+    """Rows of a split's table: one per `row_id`, 0 to the largest."""
+    return max(data["row_id"]) + 1
 
 
-def save_tables(tables: dict[str, Tensor], path: str) -> None:
+def load_table(path: str, rows: int) -> Tensor | None:
+    """The (rows, 2) float32 table cached at `path`, verified; None if there is none or it fails the check.
+
+    A file that cannot be read, or holds other keys, another shape or dtype, or a non-finite value, is set
+    aside as `<path>.<time>.bad`, with a warning naming it, and the table is scored again.
+    """
+    if not os.path.isfile(path):
+        return None
+    try:
+        tensors = load_file(path)
+    except Exception as error:  # safetensors raises its own SafetensorError for truncated, empty or garbage files
+        problem = f"cannot be read ({type(error).__name__}: {error})"
+    else:
+        table = tensors.get(TABLE_KEY)
+        if set(tensors) != {TABLE_KEY}:
+            problem = f"holds the tables {sorted(tensors)}, not one {TABLE_KEY!r}"
+        elif table.dtype != torch.float32 or tuple(table.shape) != (rows, 2):
+            problem = f"holds a {table.dtype} table of shape {tuple(table.shape)}, not float32 ({rows}, 2)"
+        elif not torch.isfinite(table).all():
+            problem = f"holds {int((~torch.isfinite(table)).sum())} non-finite log-probs"
+        else:
+            return table
+    aside = f"{path}.{time.strftime('%Y%m%d-%H%M%S')}.bad"
+    with contextlib.suppress(FileNotFoundError):  # another rank set it aside first
+        os.replace(path, aside)
+    rank_zero_warn(f"the reference log-prob cache file {path} {problem}: set aside as {aside}; scoring the "
+                   "reference again")
+    return None
+
+
+def save_table(table: Tensor, path: str) -> None:
+    """Write `table` to `path` atomically: a reader sees the old file or the whole new one, never a part.
+
+    Each writer writes its own temporary file (process id and a random suffix) and renames it into place,
+    so two runs saving the same table at once both succeed, and the last rename wins.
+    """
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    partial = f"{path}.partial"  # a reader never sees a half-written file
-    save_file({name: table.cpu().contiguous() for name, table in tables.items()}, partial)
-    os.replace(partial, path)
+    partial = f"{path}.{os.getpid()}-{uuid.uuid4().hex[:8]}.partial"
+    try:
+        save_file({TABLE_KEY: table.cpu().contiguous()}, partial)
+        os.replace(partial, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(partial)
 
 
 def rank_share(n: int, rank: int, world: int) -> tuple[list[int], int]:
@@ -303,7 +348,7 @@ class RankShare(Dataset):
 
 
 @torch.no_grad()
-def score_reference(trainer: L.Trainer, datamodule: PreferenceDataModule, splits: dict[str, Dataset],
+def score_reference(trainer: L.Trainer, datamodule: L.LightningDataModule, splits: dict[str, Dataset],
                     logps: Callable[[dict[str, Tensor]], Tensor], weights: Callable[[], ContextManager],
                     batch_size: int) -> dict[str, Tensor]:
     """Per split, a (rows, 2) float32 table: [chosen, rejected] summed reference log-probs by `row_id`.
@@ -316,7 +361,7 @@ def score_reference(trainer: L.Trainer, datamodule: PreferenceDataModule, splits
     rank, world = trainer.global_rank, trainer.world_size
     tables = {}
     for split, data in splits.items():
-        rows = max(data["row_id"]) + 1
+        rows = table_rows(data)
         table = torch.zeros(rows + 1, 2, device=trainer.strategy.root_device)  # the last row takes the padding
         loader = DataLoader(RankShare(data, rank, world, scratch_row=rows), batch_size=batch_size,
                             collate_fn=datamodule.collate, num_workers=datamodule.hparams.num_workers)
@@ -330,8 +375,12 @@ def score_reference(trainer: L.Trainer, datamodule: PreferenceDataModule, splits
 
 
 def check_splits(datamodule: object) -> dict[str, Dataset]:
-    """The prepared splits to score, or an error saying why this data cannot be precomputed."""
-    if not isinstance(datamodule, PreferenceDataModule):
+    """The prepared splits to score, or an error saying why this data cannot be precomputed.
+
+    Any data module with what `PreferenceDataModule` offers here will do: `train_data` and `val_data` (rows
+    with a `row_id`), `fingerprint(split)`, `collate` and `hparams` with the batch sizes and `num_workers`.
+    """
+    if not all(hasattr(datamodule, name) for name in PREPARED_DATA):
         raise ValueError("--model.precompute_ref_log_probs needs a PreferenceDataModule attached to the Trainer "
                          f"(trainer.fit(model, datamodule=...)), got {type(datamodule).__name__}")
     splits = {"train": datamodule.train_data, "val": datamodule.val_data}

@@ -91,3 +91,34 @@ class EvalSampler(DistributedSampler):
 
     def __iter__(self):
         return iter(range(self.rank, len(self.dataset), self.num_replicas))
+
+
+def reconcile_settings(checkpoint: dict, current: dict) -> str | None:
+    """Compare the checkpoint's hyperparameters with the run's; make the run's optimizer settings take effect.
+
+    Every changed setting takes effect from the resumed step on: the module was built from the run's
+    config, and only the weights, the optimizer moments, the schedule's position and the data position
+    come from the checkpoint. The saved optimizer and schedule states would still carry the old learning
+    rate and weight decay (Lightning restores them over the new ones), so they are rewritten here: the
+    rates scaled by new / old, keeping the schedule's position. Returns the message to show, or None.
+    """
+    saved = checkpoint.get("hyper_parameters") or {}
+    changed = {name: (saved.get(name), current.get(name)) for name in sorted(set(saved) | set(current))
+               if saved.get(name) != current.get(name)}
+    if not changed:
+        return None
+    if "learning_rate" in changed and None not in changed["learning_rate"]:
+        ratio = changed["learning_rate"][1] / changed["learning_rate"][0]
+        for state in checkpoint.get("optimizer_states", []):
+            for group in state["param_groups"]:
+                group.update({key: group[key] * ratio for key in ("lr", "initial_lr") if key in group})
+        for state in checkpoint.get("lr_schedulers", []):
+            state.update({key: [lr * ratio for lr in state[key]] for key in ("base_lrs", "_last_lr") if key in state})
+    if "weight_decay" in changed and changed["weight_decay"][1] is not None:
+        for state in checkpoint.get("optimizer_states", []):
+            state["param_groups"][0]["weight_decay"] = changed["weight_decay"][1]  # the decay group (optim.py)
+    listed = ", ".join(f"{name} {old!r} -> {new!r}" for name, (old, new) in changed.items())
+    return (f"resuming from a checkpoint trained with other settings: {listed}. The run's values take effect from "
+            "the resumed step on (learning_rate and weight_decay too: the saved optimizer and schedule states are "
+            "rewritten to them); the weights, optimizer moments, schedule position and data position are the "
+            "checkpoint's")

@@ -8,6 +8,7 @@ knows), and then, as a cluster would, the test sends SIGTERM from outside at wha
 step: 3 steps an epoch, and 5 steps cross into the second epoch. No network.
 """
 
+import csv
 import json
 import os
 import signal
@@ -37,6 +38,14 @@ def seen(out: Path) -> list[list[int]]:
     return [json.loads(line) for line in (out / "rows.jsonl").read_text().splitlines()]
 
 
+def logged(out: Path) -> dict[str, list[tuple[int, float]]]:
+    """The run's metrics.csv as (step, value) of train/loss and of val/loss, in the order written."""
+    with open(out / "logs" / "version_0" / "metrics.csv") as f:
+        lines = list(csv.DictReader(f))
+    return {name: [(int(line["step"]), float(line[name])) for line in lines if line.get(name)]
+            for name in ("train/loss", "val/loss")}
+
+
 def test_sigterm_mid_step_saves_at_the_step_end_and_the_resumed_run_matches_an_uninterrupted_one(tiny_llama,
                                                                                                    tmp_path):
     straight = fit(tiny_llama, tmp_path / "straight")
@@ -56,6 +65,15 @@ def test_sigterm_mid_step_saves_at_the_step_end_and_the_resumed_run_matches_an_u
     actual = torch.load(tmp_path / "resumed" / "policy.pt", weights_only=True)
     for name, weight in expected.items():
         torch.testing.assert_close(actual[name], weight)
+    # Every step's training loss and every validation is logged once, in one run or the other: the step the
+    # checkpoint holds (step 2, with the validation due after micro-batch 4) in the stopped run.
+    straight_log, stopped_log, resumed_log = (logged(tmp_path / run) for run in ("straight", "stopped", "resumed"))
+    assert [step for step, _ in straight_log["val/loss"]][:1] == [1]  # Lightning logs step 2's as step index 1
+    for name in ("train/loss", "val/loss"):
+        assert [step for step, _ in stopped_log[name] + resumed_log[name]] == [step for step, _ in straight_log[name]]
+        torch.testing.assert_close([v for _, v in stopped_log[name] + resumed_log[name]],
+                                   [v for _, v in straight_log[name]])
+    assert stopped_log["val/loss"] == straight_log["val/loss"][:1]
 
     # The same with SIGTERM sent by another process, wherever in a step it lands: here once 3 micro-batches
     # have started (each paced to 0.5 s so that the signal arrives before the run ends).
@@ -93,6 +111,7 @@ def test_sigusr1_under_slurm_saves_then_requeues_the_job(tiny_llama, tmp_path):
 
 if __name__ == "__main__":
     import lightning as L
+    from lightning.pytorch.loggers import CSVLogger
 
     sys.path.insert(0, str(Path(__file__).parent))
     from conftest import ascii_tokenizer, rows
@@ -117,10 +136,12 @@ if __name__ == "__main__":
     policy, out, signal_at, signum = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), signal.Signals[sys.argv[4]]
     L.seed_everything(0)
     model = DPOModule(policy, learning_rate=1e-2, warmup_steps=3)
-    data = PreferenceDataModule(dataset=rows(12), tokenizer=ascii_tokenizer(), max_length=48, max_prompt_length=24,
-                                batch_size=2)
+    data = PreferenceDataModule(dataset=rows(12), eval_dataset=rows(4), tokenizer=ascii_tokenizer(), max_length=48,
+                                max_prompt_length=24, batch_size=2)
+    # Logged at every step, validated every 4 micro-batches: after step 2 of each epoch.
     trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=MAX_STEPS, accumulate_grad_batches=ACCUMULATE,
-                        default_root_dir=out, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        default_root_dir=out, logger=CSVLogger(out, name="logs", version=0), log_every_n_steps=1,
+                        val_check_interval=4, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, num_sanity_val_steps=0,
                         callbacks=[Record(out / "rows.jsonl", signal_at, signum), PreemptionCheckpoint()])
     trainer.fit(model, data, ckpt_path=sys.argv[5] or None)
