@@ -201,9 +201,13 @@ class LinearHeadLogProb(torch.autograd.Function):
         buffer = hidden.new_empty((min(chunk_size, len(hidden)), len(weight)), dtype=torch.float32)  # (C, V)
         for rows in _chunks(len(hidden), chunk_size):
             logits = _chunk_logits(hidden[rows], weight, bias, transform, buffer)
-            mean_logits[rows] = logits.mean(-1)
+            if transform.softcap:
+                mean_logits[rows] = logits.mean(-1)
             logps[rows] = logits.gather(-1, targets[rows, None]).squeeze(-1)
             lse[rows] = _logsumexp_(logits)
+        if not transform.softcap:  # linear in W: mean_v s (h . W_v + b_v) = s (h . mean(W) + mean(b)), no (C, V) pass
+            mean_bias = 0.0 if bias is None else bias.float().mean()
+            mean_logits = transform.apply_(torch.mv(hidden.float(), weight.float().mean(0)).add_(mean_bias))
         ctx.save_for_backward(hidden, weight, bias, targets, lse)
         ctx.chunk_size, ctx.transform = chunk_size, transform
         ctx.mark_non_differentiable(mean_logits)
@@ -240,7 +244,7 @@ def _accumulate(probs: Tensor, scale: Tensor, target_scale: Tensor, hidden: Tens
     probs_mm = probs if weight.dtype == torch.float32 else probs.to(weight.dtype)  # matmuls in the head's dtype
     if grad_hidden is not None:
         part = torch.mm(probs_mm, weight).float().mul_(scale[:, None])  # (C, D)
-        grad_hidden[rows] = part.addcmul_(target_scale[:, None], weight[targets].float())
+        grad_hidden[rows] = part.addcmul_(target_scale[:, None], weight.index_select(0, targets).float())
     if grad_weight is not None:
         hidden_f = hidden.float()
         scaled = (hidden_f * scale[:, None]).to(weight.dtype)  # (C, D)
@@ -248,9 +252,11 @@ def _accumulate(probs: Tensor, scale: Tensor, target_scale: Tensor, hidden: Tens
             grad_weight.addmm_(probs_mm.T, scaled)
         else:  # addmm_ cannot mix dtypes; the sum over chunks stays float32
             grad_weight.add_(torch.mm(probs_mm.T, scaled))
-        grad_weight.index_add_(0, targets, hidden_f * target_scale[:, None])
+        # scatter_add_, not index_add_ (or weight[targets]): on CPU those take a slow path, ~300 ms a chunk.
+        rows_of = targets[:, None].expand(hidden.shape)
+        grad_weight.scatter_add_(0, rows_of, hidden_f * target_scale[:, None])
     if grad_bias is not None:
-        grad_bias.addmv_(probs.T, scale).index_add_(0, targets, target_scale)
+        grad_bias.addmv_(probs.T, scale).scatter_add_(0, targets, target_scale)
 
 
 def _chunks(n: int, chunk_size: int) -> list[slice]:
