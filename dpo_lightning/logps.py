@@ -27,9 +27,11 @@ the head's weight; it cannot take a LoRA head, and off-GPU it scores every posit
 """
 
 import functools
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
@@ -107,7 +109,31 @@ def lean_logps(model: nn.Module, batch: dict[str, Tensor], chunk_size: int = 256
     hidden = _padded_outputs(lambda **inputs: lm.base_model(**inputs).last_hidden_state, lm, batch)  # (N, T, D)
     targets, mask = shifted_labels(batch["labels"])  # (N, T-1) each
     hidden, targets = hidden[:, :-1][mask], targets[mask]  # (M, D), (M,): labelled positions only
-    score = functools.partial(_score_chunk, lm.get_output_embeddings(), logit_transform(lm))
+    token_logps, token_mean_logits = head_logps(lm.get_output_embeddings(), logit_transform(lm), hidden, targets,
+                                                chunk_size)  # (M,) each
+    # Back to (N, T-1) before summing, so each row sums in the same order as `sequence_logps`.
+    logps = mask.new_zeros(mask.shape, dtype=torch.float32).masked_scatter(mask, token_logps).sum(-1)
+    n_tokens = mask.sum(-1)
+    mean_logits = mask.new_zeros(mask.shape, dtype=torch.float32).masked_scatter(mask, token_mean_logits).sum(-1)
+    return logps, mean_logits / n_tokens.clamp(min=1), n_tokens
+
+
+def head_logps(head: nn.Module, transform: "LogitTransform", hidden: Tensor, targets: Tensor,
+               chunk_size: int) -> tuple[Tensor, Tensor]:
+    """log p(target) (M,) and the mean logit (M,, no grad) of M positions' hidden states (M, D), chunk by chunk.
+
+    A plain `nn.Linear` head goes to `LinearHeadLogProb`, which uses its weight directly; any other head (a
+    LoRA layer, a hooked or wrapped module) is called as a module on checkpointed chunks, so it works unchanged.
+    Either way bf16 autocast runs the head's matmul in bf16, as the model's own forward does.
+    """
+    if _plain_linear(head):
+        device = hidden.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else head.weight.dtype
+        bias = None if head.bias is None else head.bias.to(dtype)
+        with torch.autocast(device, enabled=False):  # the casts are done: no op inside casts again
+            return LinearHeadLogProb.apply(hidden.to(dtype), head.weight.to(dtype), bias, targets, chunk_size,
+                                           transform)
+    score = functools.partial(_score_chunk, head, transform)
     pieces = []
     for hidden_chunk, target_chunk in zip(hidden.split(chunk_size), targets.split(chunk_size)):
         if torch.is_grad_enabled():
@@ -116,14 +142,17 @@ def lean_logps(model: nn.Module, batch: dict[str, Tensor], chunk_size: int = 256
         else:
             pieces.append(score(hidden_chunk, target_chunk))
     token_logps, token_mean_logits = (torch.cat(values) for values in zip(*pieces))  # (M,) each
-    # Back to (N, T-1) before summing, so each row sums in the same order as `sequence_logps`.
-    logps = mask.new_zeros(mask.shape, dtype=torch.float32).masked_scatter(mask, token_logps).sum(-1)
-    n_tokens = mask.sum(-1)
-    mean_logits = mask.new_zeros(mask.shape, dtype=torch.float32).masked_scatter(mask, token_mean_logits).sum(-1)
-    return logps, mean_logits / n_tokens.clamp(min=1), n_tokens
+    return token_logps, token_mean_logits
 
 
-def _score_chunk(head: nn.Module, transform: Callable[[Tensor], Tensor], hidden: Tensor,
+def _plain_linear(head: nn.Module) -> bool:
+    """Whether `head(x)` is exactly `x @ weight.T + bias`: an nn.Linear (not a subclass) with no hook on it."""
+    hooks = (head._forward_hooks, head._forward_pre_hooks, nn.modules.module._global_forward_hooks,
+             nn.modules.module._global_forward_pre_hooks)
+    return type(head) is nn.Linear and not any(hooks)
+
+
+def _score_chunk(head: nn.Module, transform: "LogitTransform", hidden: Tensor,
                  targets: Tensor) -> tuple[Tensor, Tensor]:
     """log p(target) (C,) and the mean logit (C,, no grad) of C positions' hidden states (C, D)."""
     logits = transform(head(hidden).float())  # (C, V), float32 however the head ran
@@ -152,20 +181,142 @@ class LabelLogProb(torch.autograd.Function):
         return grad_logits, None
 
 
-def logit_transform(lm: nn.Module) -> Callable[[Tensor], Tensor]:
-    """What the model's forward applies to head(hidden): Cohere's `logit_scale`, then Gemma's soft-cap."""
-    config = lm.config.get_text_config()
-    scale = getattr(config, "logit_scale", None)
-    softcap = getattr(config, "final_logit_softcapping", None)
+class LinearHeadLogProb(torch.autograd.Function):
+    """`head_logps` for a linear head: log softmax(transform(hidden @ W^T + b))[target], chunk by chunk.
 
-    def transform(logits: Tensor) -> Tensor:
-        if isinstance(scale, (int, float)):
-            logits = logits * scale
-        if softcap:
-            logits = softcap * torch.tanh(logits / softcap)
+    Forward computes each chunk's (C, V) logits once and keeps only their logsumexp (M floats); backward
+    computes them once more and, with p = softmax(z), g the incoming gradient and z = transform(y):
+        dL/dy_v = g * s * f_v * (1[v = t] - p_v)     (s: the logit scale, f_v: the soft-cap's slope, else 1)
+    applied as two matmuls on P = p * f (the one (C, V) buffer, in place) plus one row per token:
+        dL/dhidden = -g s (P @ W) + g s f_t W[t],   dL/dW = P^T @ (-g s hidden) + scatter of g s f_t hidden at t.
+    Four (C x D x V) matmuls in all, to the three of autograd on the full logits; the largest buffers are
+    one or two (C, V) float32 ones, whatever M (and a (C, V) copy in the head's dtype when that is not float32).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, chunk_size: int,
+                transform: "LogitTransform") -> tuple[Tensor, Tensor]:
+        logps = torch.empty(len(hidden), dtype=torch.float32, device=hidden.device)  # (M,)
+        mean_logits, lse = torch.empty_like(logps), torch.empty_like(logps)
+        buffer = hidden.new_empty((min(chunk_size, len(hidden)), len(weight)), dtype=torch.float32)  # (C, V)
+        for rows in _chunks(len(hidden), chunk_size):
+            logits = _chunk_logits(hidden[rows], weight, bias, transform, buffer)
+            if transform.softcap:
+                mean_logits[rows] = logits.mean(-1)
+            logps[rows] = logits.gather(-1, targets[rows, None]).squeeze(-1)
+            lse[rows] = _logsumexp_(logits)
+        if not transform.softcap:  # linear in W: mean_v s (h . W_v + b_v) = s (h . mean(W) + mean(b)), no (C, V) pass
+            mean_bias = 0.0 if bias is None else bias.float().mean()
+            mean_logits = transform.apply_(torch.mv(hidden.float(), weight.float().mean(0)).add_(mean_bias))
+        ctx.save_for_backward(hidden, weight, bias, targets, lse)
+        ctx.chunk_size, ctx.transform = chunk_size, transform
+        ctx.mark_non_differentiable(mean_logits)
+        return logps.sub_(lse), mean_logits
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_logps: Tensor, _) -> tuple[Tensor | None, ...]:
+        hidden, weight, bias, targets, lse = ctx.saved_tensors
+        transform, float32 = ctx.transform, torch.float32
+        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.zeros_like(weight, dtype=float32) if ctx.needs_input_grad[1] else None
+        grad_bias = torch.zeros_like(bias, dtype=float32) if ctx.needs_input_grad[2] else None
+        buffer = hidden.new_empty((min(ctx.chunk_size, len(hidden)), len(weight)), dtype=float32)  # (C, V)
+        for rows in _chunks(len(hidden), ctx.chunk_size):
+            with torch.autocast(hidden.device.type, enabled=False):
+                logits = _chunk_logits(hidden[rows], weight, bias, transform, buffer)
+                slope = transform.slope(logits)  # (C, V) or None
+                probs = logits.sub_(lse[rows, None]).exp_()  # P, in place of the logits
+                scale = -grad_logps[rows] * (transform.scale or 1.0)  # -g s, (C,)
+                target_scale = -scale  # g s f_t
+                if slope is not None:
+                    probs.mul_(slope)
+                    target_scale = target_scale * slope.gather(-1, targets[rows, None]).squeeze(-1)
+                _accumulate(probs, scale, target_scale, hidden[rows], weight, targets[rows], grad_hidden, rows,
+                            grad_weight, grad_bias)
+        return (grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype),
+                None if grad_bias is None else grad_bias.to(bias.dtype), None, None, None)
+
+
+def _accumulate(probs: Tensor, scale: Tensor, target_scale: Tensor, hidden: Tensor, weight: Tensor, targets: Tensor,
+                grad_hidden: Tensor | None, rows: slice, grad_weight: Tensor | None, grad_bias: Tensor | None) -> None:
+    """Adds one chunk's share to the gradients, from P (C, V) float32 and the per-token factors (C,) each."""
+    probs_mm = probs if weight.dtype == torch.float32 else probs.to(weight.dtype)  # matmuls in the head's dtype
+    if grad_hidden is not None:
+        part = torch.mm(probs_mm, weight).float().mul_(scale[:, None])  # (C, D)
+        grad_hidden[rows] = part.addcmul_(target_scale[:, None], weight.index_select(0, targets).float())
+    if grad_weight is not None:
+        hidden_f = hidden.float()
+        scaled = (hidden_f * scale[:, None]).to(weight.dtype)  # (C, D)
+        if weight.dtype == torch.float32:
+            grad_weight.addmm_(probs_mm.T, scaled)
+        else:  # addmm_ cannot mix dtypes; the sum over chunks stays float32
+            grad_weight.add_(torch.mm(probs_mm.T, scaled))
+        # scatter_add_, not index_add_ (or weight[targets]): on CPU those take a slow path, ~300 ms a chunk.
+        rows_of = targets[:, None].expand(hidden.shape)
+        grad_weight.scatter_add_(0, rows_of, hidden_f * target_scale[:, None])
+    if grad_bias is not None:
+        grad_bias.addmv_(probs.T, scale).scatter_add_(0, targets, target_scale)
+
+
+def _chunks(n: int, chunk_size: int) -> list[slice]:
+    return [slice(start, min(start + chunk_size, n)) for start in range(0, n, chunk_size)]
+
+
+def _chunk_logits(hidden: Tensor, weight: Tensor, bias: Tensor | None, transform: "LogitTransform",
+                  buffer: Tensor) -> Tensor:
+    """transform(hidden @ W^T + b) for a chunk (C, D), float32, written into `buffer`'s first C rows."""
+    logits = buffer[:len(hidden)]
+    if weight.dtype != torch.float32:  # the head's own dtype for the matmul, as the model's forward
+        logits.copy_(F.linear(hidden, weight, bias))
+    elif bias is None:
+        torch.mm(hidden, weight.T, out=logits)
+    else:
+        torch.addmm(bias, hidden, weight.T, out=logits)
+    return transform.apply_(logits)
+
+
+def _logsumexp_(logits: Tensor) -> Tensor:
+    """torch.logsumexp(logits, -1) (C,), computed in place: `logits` is overwritten with exp(logits - max)."""
+    top = logits.amax(-1, keepdim=True)
+    return logits.sub_(top).exp_().sum(-1).log_().add_(top.squeeze(-1))
+
+
+@dataclass(frozen=True)
+class LogitTransform:
+    """What the model's forward applies to head(hidden): Cohere's `logit_scale`, then Gemma's soft-cap."""
+
+    scale: float | None = None
+    softcap: float | None = None
+
+    def __call__(self, logits: Tensor) -> Tensor:
+        if self.scale is not None:
+            logits = logits * self.scale
+        if self.softcap:
+            logits = self.softcap * torch.tanh(logits / self.softcap)
         return logits
 
-    return transform
+    def apply_(self, logits: Tensor) -> Tensor:
+        """The same, in place (the same float32 operations in the same order, so the same values)."""
+        if self.scale is not None:
+            logits.mul_(self.scale)
+        if self.softcap:
+            logits.div_(self.softcap).tanh_().mul_(self.softcap)
+        return logits
+
+    def slope(self, logits: Tensor) -> Tensor | None:
+        """d softcap(u) / du at the transformed `logits` z: 1 - (z / softcap)^2 (C, V); None without a soft-cap."""
+        if not self.softcap:
+            return None
+        return torch.div(logits, self.softcap).square_().neg_().add_(1)
+
+
+def logit_transform(lm: nn.Module) -> LogitTransform:
+    """The model's `LogitTransform`, from its config."""
+    config = lm.config.get_text_config()
+    scale = getattr(config, "logit_scale", None)
+    return LogitTransform(float(scale) if isinstance(scale, (int, float)) else None,
+                          getattr(config, "final_logit_softcapping", None) or None)
 
 
 def lean_unsupported(model: nn.Module, n_tokens: int = 8) -> str | None:

@@ -17,12 +17,13 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 from conftest import BF16_RTOL
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, Gemma2Config, Gemma2ForCausalLM, GraniteConfig, GraniteForCausalLM
 
 from dpo_lightning import DPOModule
-from dpo_lightning.logps import lean_logps, lean_unsupported, naive_logps, sequence_logps
+from dpo_lightning.logps import LogitTransform, head_logps, lean_logps, lean_unsupported, naive_logps, sequence_logps
 
 IGNORE_INDEX = -100
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -161,6 +162,124 @@ def test_bf16_autocast_gives_float32_logps_close_to_naive(tiny_llama):
     torch.testing.assert_close(lean[0], naive[0], rtol=BF16_RTOL, atol=0)
     torch.testing.assert_close(lean_grads["lm_head.weight"], naive_grads["lm_head.weight"], rtol=13 * 2 ** -8,
                                atol=13 * 2 ** -8)
+
+
+# The output head alone (`head_logps`), against the full logits computed here: transform(hidden @ W^T + b) in
+# the head's dtype, upcast, then log_softmax + gather and the mean, with autograd for the gradients.
+TRANSFORMS = {"plain": LogitTransform(), "scale": LogitTransform(scale=0.0625),  # Cohere's 0.0625
+              "softcap": LogitTransform(softcap=2.0), "scale+softcap": LogitTransform(scale=3.0, softcap=2.5)}
+
+
+def oracle_head(hidden, weight, bias, targets, scale=None, softcap=None):
+    """(log p(target) (M,), mean logit (M,)) from the full (M, V) logits."""
+    logits = F.linear(hidden, weight, bias).float()
+    if scale is not None:
+        logits = logits * scale
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    return logits.log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1), logits.mean(-1)
+
+
+def head_case(dtype=torch.float32, bias=False, n=150, hidden_size=16, vocab=96):
+    generator = torch.Generator().manual_seed(0)
+    head = torch.nn.Linear(hidden_size, vocab, bias=bias)
+    with torch.no_grad():  # logits of a few units, as a trained model's
+        head.weight.copy_(torch.randn(vocab, hidden_size, generator=generator))
+        if bias:
+            head.bias.copy_(torch.randn(vocab, generator=generator))
+    hidden = torch.randn(n, hidden_size, generator=generator).to(dtype).requires_grad_()
+    targets = torch.randint(0, vocab, (n,), generator=generator)
+    weights = torch.randn(n, generator=generator)  # both signs, as a DPO loss weighs the rows
+    return head.to(dtype), hidden, targets, weights
+
+
+def values_and_grads(compute, head, hidden, targets, weights):
+    """compute() -> (logps, mean_logits); with the gradients of sum(weights * logps) for hidden and the head."""
+    hidden.grad = None
+    head.zero_grad()
+    logps, mean_logits = compute()
+    (logps * weights).sum().backward()
+    return [logps.detach(), mean_logits.detach(), hidden.grad] + [p.grad for p in head.parameters()]
+
+
+@pytest.mark.parametrize("chunk_size", [7, 150, 1000])  # 150 = 21 x 7 + 3; one chunk; a chunk larger than N
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("transform", list(TRANSFORMS))
+def test_head_equals_the_full_logits_values_and_gradients(transform, bias, chunk_size):
+    head, hidden, targets, weights = head_case(bias=bias)
+    t = TRANSFORMS[transform]
+    ours = values_and_grads(lambda: head_logps(head, t, hidden, targets, chunk_size), head, hidden, targets, weights)
+    expected = values_and_grads(lambda: oracle_head(hidden, head.weight, head.bias, targets, t.scale, t.softcap),
+                                head, hidden, targets, weights)
+    assert len(ours) == len(expected) == 4 + bias
+    for name, actual, value in zip(["logps", "mean_logits", "hidden", "weight", "bias"], ours, expected):
+        assert actual.dtype == value.dtype, name
+        torch.testing.assert_close(actual, value, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_head_tied_to_the_embedding_sums_both_gradients():
+    # The head's weight is also the embedding that makes the hidden states: its gradient has both shares.
+    generator = torch.Generator().manual_seed(0)
+    embedding = torch.nn.Embedding(96, 16)
+    head = torch.nn.Linear(16, 96, bias=False)
+    head.weight = embedding.weight
+    ids, targets = torch.randint(0, 96, (2, 50), generator=generator)
+    mix = torch.randn(16, 16, generator=generator) / 4
+    weights = torch.randn(50, generator=generator)
+    grads = []
+    for compute in (lambda h: head_logps(head, LogitTransform(), h, targets, 16)[0],
+                    lambda h: oracle_head(h, head.weight, None, targets)[0]):
+        embedding.zero_grad()
+        (compute(torch.tanh(embedding(ids) @ mix)) * weights).sum().backward()
+        grads.append(embedding.weight.grad.clone())
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["bf16_weights", "bf16_autocast"])
+def test_head_in_bf16_rounds_as_the_full_logits_do(autocast):
+    # bf16 weights, or float32 weights under bf16 autocast: both ways the head's matmul runs in bf16 (its
+    # output rounded to 8 bits of mantissa), the log-softmax in float32; the oracle does the same on the
+    # full logits. Gradients go through bf16 matmuls on differently grouped sums: a few bf16 units apart.
+    head, hidden, targets, weights = head_case(dtype=torch.float32 if autocast else torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        ours = values_and_grads(lambda: head_logps(head, LogitTransform(softcap=30.0), hidden, targets, 7),
+                                head, hidden, targets, weights)
+        expected = values_and_grads(lambda: oracle_head(hidden, head.weight, None, targets, softcap=30.0),
+                                    head, hidden, targets, weights)
+    for name, actual, value in zip(["logps", "mean_logits", "hidden", "weight"], ours, expected):
+        assert actual.dtype == value.dtype, name
+        tolerance = 4 * 2 ** -8 * value.abs().max().item()
+        torch.testing.assert_close(actual, value, rtol=BF16_RTOL, atol=tolerance, msg=name)
+
+
+class Shapes(TorchDispatchMode):
+    """Records every op's name, input shapes and output shapes."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        outputs = out if isinstance(out, (tuple, list)) else [out]
+        shapes = [tuple(x.shape) for x in outputs if isinstance(x, torch.Tensor)]
+        self.calls.append((func.overloadpacket.__name__, [tuple(a.shape) for a in args if isinstance(a, torch.Tensor)],
+                           shapes))
+        return out
+
+
+def test_head_holds_at_most_a_chunk_of_logits_and_runs_four_head_matmuls():
+    # N = 150 positions, D = 8, V = 96, chunks of 32: the full logits would be 150 x 96 = 14,400 floats;
+    # every tensor the head makes must be at most one chunk's, 32 x 96 = 3,072 (the weight's gradient is 768).
+    # Recomputing the logits in backward costs one matmul more than autograd on the full logits: 4 x N x D x V
+    # multiply-adds in all (logits, logits again, gradient of the hidden states, gradient of the weight).
+    head, hidden, targets, weights = head_case(hidden_size=8)
+    with Shapes() as record:
+        logps, _ = head_logps(head, LogitTransform(), hidden, targets, 32)
+        (logps * weights).sum().backward()
+    assert max(math.prod(shape) for _, _, outputs in record.calls for shape in outputs) <= 32 * 96
+    work = sum(math.prod(inputs[-2]) * inputs[-1][-1] for name, inputs, _ in record.calls if name.rstrip("_") in ("mm", "addmm"))
+    assert work == 4 * 150 * 8 * 96
 
 
 @pytest.mark.parametrize("loss_type, extra", [("sigmoid", {}), ("ipo", {}), ("simpo", {}),
