@@ -223,23 +223,23 @@ def _from_files(files: list[str], plan: dict) -> tuple[Dataset, str]:
     sample = [row for _, row in zip(range(_SAMPLE), _file_rows(files, plan["label"]))]
     if not sample:
         raise ValueError(f"the {plan['label']} dataset is empty: no rows in {files}")
-    plan, schema = _planned(sample, plan)
-    # Cached by `datasets` under a name made of the files' content digest and the plan: another process
-    # (a DDP rank after `prepare_data`) reads the cache instead of the files.
-    return Dataset.from_generator(_generate, features=plan["features"], gen_kwargs=dict(
-        files=files, digest=_digest(files), plan=plan)), schema
+    args, schema = _planned(sample, plan)
+    # Cached by `datasets` under a name made of its arguments, the files' content digest among them:
+    # another process (a DDP rank after `prepare_data`) reads the cache instead of the files.
+    return Dataset.from_generator(_generate, features=args["features"], gen_kwargs=dict(
+        files=files, digest=_digest(files), label=plan["label"], args=args)), schema
 
 
-def _generate(files: list[str], digest: str, plan: dict) -> Iterator[dict]:
-    for row in _file_rows(files, plan["label"]):
-        yield _canonical_row(row, **plan)
+def _generate(files: list[str], digest: str, label: str, args: dict) -> Iterator[dict]:
+    for row in _file_rows(files, label):
+        yield _canonical_row(row, **args)
 
 
 def _from_python(rows: list, plan: dict) -> tuple[Dataset, str]:
     if not rows:
         raise ValueError(f"the {plan['label']} dataset is empty: no rows")
-    plan, schema = _planned(rows[:_SAMPLE], plan)
-    return Dataset.from_list([_canonical_row(row, **plan) for row in rows], features=plan["features"]), schema
+    args, schema = _planned(rows[:_SAMPLE], plan)
+    return Dataset.from_list([_canonical_row(row, **args) for row in rows], features=args["features"]), schema
 
 
 def _from_arrow(rows: Dataset | IterableDataset, plan: dict) -> tuple[Dataset | IterableDataset, str]:
@@ -251,8 +251,8 @@ def _from_arrow(rows: Dataset | IterableDataset, plan: dict) -> tuple[Dataset | 
     if plan["transform"] is None and _schema(set(names), plan) is None:
         _planned(sample, plan)  # the column checks and warnings
         return _canonical(rows, plan["columns"], plan["label"]), ""
-    plan, schema = _planned(sample, plan)
-    mapped = rows.map(_canonical_row, fn_kwargs=plan, remove_columns=names, features=plan["features"],
+    args, schema = _planned(sample, plan)
+    mapped = rows.map(_canonical_row, fn_kwargs=args, remove_columns=names, features=args["features"],
                       **({} if isinstance(rows, IterableDataset) else {"desc": f"reading {schema or 'rows'}"}))
     return mapped, schema
 
@@ -262,7 +262,8 @@ def _schema(names: set[str], plan: dict) -> Schema | None:
 
 
 def _planned(sample: list, plan: dict) -> tuple[dict, str]:
-    """`plan` completed from a sample of raw rows: the schema their columns match and the fields' features.
+    """`_canonical_row`'s arguments from a sample of raw rows (the schema their columns match, the fields'
+    features) and the schema's name.
 
     Raises the missing-column error; warns when text columns stand beside a missing prompt.
     """
@@ -275,8 +276,9 @@ def _planned(sample: list, plan: dict) -> tuple[dict, str]:
         _warn_unused_text(raw, names, plan)
     mapped = [schema.to_row(row, plan["chat"]) if schema and isinstance(row, dict) else row for row in raw]
     columns = FIELD_NAMES if schema else plan["columns"]
-    plan = {**plan, "schema": schema, "features": _features(mapped, columns)}
-    return plan, schema.name if schema else ""
+    args = dict(columns=plan["columns"], transform=transform, chat=plan["chat"], schema=schema,
+                features=_features(mapped, columns))
+    return args, schema.name if schema else ""
 
 
 def _warn_unused_text(rows: list, names: set[str], plan: dict) -> None:
@@ -318,7 +320,7 @@ def _features(sample: list, columns: dict[str, str]) -> Features:
     return Features({**features, "source_issue": Value("string")})
 
 
-def _canonical_row(row: Any, columns: dict[str, str], label: str, transform: Callable | None, chat: bool,
+def _canonical_row(row: Any, columns: dict[str, str], transform: Callable | None, chat: bool,
                    schema: Schema | None, features: Features) -> dict:
     """One raw row -> the fields, each of its column's kind or None with `source_issue` saying why."""
     empty = {field: None for field in features}

@@ -322,3 +322,24 @@ def test_text_prompt_beside_answer_only_messages_is_not_silently_ignored():
     dm = PreferenceDataModule(dataset=rows, tokenizer=chat_tokenizer())
     with pytest.raises(ValueError, match=r"'prompt' holds text but 'chosen' holds messages"):
         dm.setup("fit")
+
+
+def test_a_schema_drop_under_strict_names_the_row_the_column_and_the_fix(tmp_path):
+    path, *_ = helpsteer3(tmp_path)
+    dm = PreferenceDataModule(dataset=str(path), tokenizer=chat_tokenizer(), strict=True)
+    with pytest.raises(ValueError, match=r"^train row 2: field 'overall_preference': tie; nothing: a tie"):
+        dm.setup("fit")
+    dm = PreferenceDataModule(dataset=ODD_ROWS, tokenizer=chat_tokenizer(), transform=to_pair, strict=True)
+    with pytest.raises(ValueError, match=r"^train row 1: dropped by transform; nothing, if --data.transform"):
+        dm.setup("fit")
+
+
+def test_shp_labels_other_than_0_or_1_are_counted_drops(tmp_path):
+    path, *_ = shp(tmp_path)
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    rows[1]["labels"] = 2
+    write_jsonl(path, rows)
+    dm = PreferenceDataModule(dataset=str(path), tokenizer=chat_tokenizer(), max_length=256, max_prompt_length=128)
+    dm.setup("fit")
+    check(dm, {0: text_pair("Why rest dough?", "Gluten relaxes.", "No idea.")}, {"not 0 or 1 labels": 1},
+          "SHP (prompt = history, chosen = the comment labels prefers)")
