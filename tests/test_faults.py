@@ -8,11 +8,15 @@ the ASCII tokenizer; runs of a few steps; subprocesses only where a process must
 We run as root, which ignores permission bits: an unwritable folder is a path through a regular file.
 """
 
+import json
 import multiprocessing
 import os
 import signal
+import subprocess
+import sys
 import time
 import warnings
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -205,3 +209,35 @@ def test_resume_with_changed_settings_says_what_changed_and_the_learning_rate_ta
     (message,) = [m for m in messages if "other settings" in m]
     assert "beta 0.1 -> 0.2" in message and "learning_rate 0.001 -> 0.01" in message
     assert rates.seen == [[1e-2, 1e-2]] * 2  # before: the checkpoint's 1e-3 went on silently
+
+
+def test_a_one_process_checkpoint_resumed_on_two_ranks_trains_every_remaining_pair_once(tiny_llama, tmp_path):
+    # 24 pairs in batches of 4: one process stops after 2 steps (8 pairs); 2 DDP ranks (gloo) resume and
+    # train 2 steps of 8 pairs, which must be the 16 pairs left, in the epoch's order (before: 8 were skipped).
+    straight = RecordBatches()
+    quiet_trainer(tmp_path / "straight", max_steps=6, callbacks=[straight]).fit(
+        DPOModule(tiny_llama, learning_rate=1e-2), data_module(24, eval_n=0))
+    every_2 = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2, save_top_k=-1)
+    quiet_trainer(tmp_path / "first", max_steps=2, callbacks=[every_2]).fit(
+        DPOModule(tiny_llama, learning_rate=1e-2), data_module(24, eval_n=0))
+    subprocess.run([sys.executable, __file__, tiny_llama, str(tmp_path / "ckpt" / "epoch=0-step=2.ckpt"),
+                    str(tmp_path / "ddp")], check=True, timeout=600, cwd=tmp_path)
+    ranks = [json.loads((tmp_path / "ddp" / f"rows.rank{r}.json").read_text()) for r in range(2)]
+    assert [len(batches) for batches in ranks] == [2, 2]
+    for step in range(2):  # global batch of step 2 + step: two of the straight run's batches of 4
+        trained = sorted(ranks[0][step] + ranks[1][step])
+        assert trained == sorted(straight.batches[2 + 2 * step] + straight.batches[3 + 2 * step]), step
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).parent))
+    from conftest import RecordBatches as Record, data_module as data  # noqa: F811: the subprocess's own imports
+
+    policy, ckpt, out = sys.argv[1], sys.argv[2], Path(sys.argv[3])
+    record = Record()
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=4, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        num_sanity_val_steps=0, callbacks=[record])
+    trainer.fit(DPOModule(policy, learning_rate=1e-2), data(24, eval_n=0), ckpt_path=ckpt)
+    out.mkdir(exist_ok=True)
+    (out / f"rows.rank{trainer.global_rank}.json").write_text(json.dumps(record.batches))
