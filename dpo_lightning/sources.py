@@ -19,6 +19,7 @@ pyarrow or pandas can fail on it deep inside:
 import csv
 import glob
 import gzip
+import hashlib
 import json
 import os
 from collections import Counter
@@ -125,9 +126,10 @@ def _read_files(files: list[str], columns: dict[str, str], label: str,
         if not sample:
             raise ValueError(f"the {label} dataset is empty: no rows in {files}")
         features = _features(sample, columns, label)
-        # Cached by `datasets` under a name made of the files' paths, sizes and times: another process
-        # (a DDP rank after `prepare_data`) reads the cache instead of the files.
-        stamps = [(os.path.abspath(f), os.path.getsize(f), os.path.getmtime(f)) for f in files]
+        # Cached by `datasets` under a name made of the files' paths and contents: another process (a DDP
+        # rank after `prepare_data`) reads the cache instead of the files, and a file edited with its size
+        # and time kept (a restored timestamp, a sync tool) is read again.
+        stamps = [(os.path.abspath(f), _digest(f)) for f in files]
         return Dataset.from_generator(_normalized, features=features, gen_kwargs=dict(
             files=files, stamps=stamps, columns=columns, features=features, label=label))
     if builder == "csv":
@@ -142,6 +144,11 @@ def _read_files(files: list[str], columns: dict[str, str], label: str,
         if builder == "parquet" and not sum(pq.ParquetFile(f).metadata.num_rows for f in files):
             raise ValueError(f"the {label} dataset is empty: no rows in {files}")
     return load_dataset(builder, data_files=files, split="train", streaming=streaming, **kwargs)
+
+
+def _digest(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 class _NotJSON:

@@ -21,7 +21,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from conftest import RecordBatches, ascii_tokenizer, data_module, quiet_trainer, rows
+from conftest import RecordBatches, ascii_tokenizer, data_module, ids, quiet_trainer, rows
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 from safetensors.torch import load_file, save_file
@@ -113,6 +113,32 @@ def test_train_and_val_with_the_same_pairs_share_one_cache_file(tiny_llama, tmp_
             DPOModule(tiny_llama, beta=beta, precompute_ref_log_probs=True, ref_logps_cache_dir=cache), dm())
         assert len(record.batches) == 2  # before: KeyError: 'train'
     assert len(os.listdir(cache)) == 1
+
+
+def test_a_data_file_edited_with_its_size_and_time_kept_is_read_again(tmp_path):
+    # A sync tool or `touch -r` restores the timestamp; before, the `datasets` cache of the old rows was served.
+    path = tmp_path / "pairs.jsonl"
+
+    def write(first_chosen: str) -> None:
+        data = rows(8)
+        data["chosen"][0] = first_chosen
+        path.write_text("".join(json.dumps({k: data[k][i] for k in data}) + "\n" for i in range(8)))
+
+    def first_chosen_ids() -> list[int]:
+        dm = PreferenceDataModule(dataset=str(path), tokenizer=ascii_tokenizer(), max_length=48, max_prompt_length=24,
+                                  batch_size=4)
+        dm.prepare_data()
+        dm.setup("fit")
+        (row,) = [row for row in dm.train_data if row["row_id"] == 0]
+        return row["chosen_input_ids"]
+
+    write(" xy")
+    stat = path.stat()
+    assert first_chosen_ids()[:3] == ids(" xy")
+    write(" zw")  # the same size
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert path.stat().st_size == stat.st_size and path.stat().st_mtime_ns == stat.st_mtime_ns
+    assert first_chosen_ids()[:3] == ids(" zw")
 
 
 # --- folders, checkpoints, the tokenizer: before any compute ------------------------------------------------
