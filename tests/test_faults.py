@@ -91,7 +91,7 @@ def _save_many(path: str, value: float, n: int) -> None:
 def test_two_processes_saving_the_same_table_both_succeed_and_leave_a_whole_file(tmp_path):
     path = str(tmp_path / "cache" / "table.safetensors")
     context = multiprocessing.get_context("fork")
-    writers = [context.Process(target=_save_many, args=(path, value, 300)) for value in (1.0, 2.0)]
+    writers = [context.Process(target=_save_many, args=(path, value, 2000)) for value in (1.0, 2.0)]
     for writer in writers:
         writer.start()
     for writer in writers:
