@@ -3,7 +3,8 @@ mid-epoch resume), and a validation sampler that gives every pair to exactly one
 
 A resumed run must train on the next unseen batch, in the order an uninterrupted run would have used,
 so that it ends at the same weights. The shuffle order here is a function of (seed, epoch) alone, and
-the checkpoint records the epoch and how many of its batches were trained on; Lightning calls the
+the checkpoint records the epoch and how many pairs of its global order were trained on (so any number
+of ranks resumes at the same pair); Lightning calls the
 loader's `state_dict`/`load_state_dict` itself. Under DDP each rank takes every `world_size`-th index
 of the same permutation, as `DistributedSampler` does: the permutation is filled up with its first pairs
 to a multiple of `world_size`, so when the last global batch would not fill every rank, the ranks short
@@ -35,19 +36,21 @@ class EpochSampler(DistributedSampler):
         self.loader = loader
 
     def __iter__(self):
-        epoch, done = self.loader.position()
+        epoch, pairs_done = self.loader.position()
         order = torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
         order += order[: self.total_size - len(order)]  # pad to equal shares, as DistributedSampler does
-        mine = order[self.rank:self.total_size:self.num_replicas]
-        return iter(mine[done * self.loader.batch_size:])
+        # Global batch k holds order[k * B * W: (k + 1) * B * W], rank r every W-th pair of it from r.
+        return iter(order[pairs_done:][self.rank::self.num_replicas])
 
 
 class ResumableLoader(DataLoader):
     """A shuffling DataLoader whose position Lightning saves in checkpoints, for exact mid-epoch resume.
 
-    The checkpoint records the epoch and how many of its batches were trained on (the Trainer's own
-    progress, which unlike a count of batches handed out is not ahead by prefetched batches); the
-    first epoch after a restore skips exactly those. Lightning calls `state_dict`/`load_state_dict`.
+    The checkpoint records the epoch and how many of its pairs were trained on, in the epoch's global order
+    (from the Trainer's own progress, which unlike a count of batches handed out is not ahead by prefetched
+    batches); the first epoch after a restore skips exactly those, on any number of ranks. Resumed on
+    another number of ranks, the Trainer's count of this epoch's batches is converted to the new batches
+    too. Lightning calls `state_dict`/`load_state_dict`.
     """
 
     def __init__(self, data: Dataset, batch_size: int, seed: int, trainer: L.Trainer, **kwargs):
@@ -56,18 +59,31 @@ class ResumableLoader(DataLoader):
         super().__init__(data, batch_size=batch_size, sampler=sampler, **kwargs)
 
     def position(self) -> tuple[int, int]:
-        """(epoch, batches of it already trained on) for the iteration that is starting."""
+        """(epoch, pairs of its global order already trained on) for the iteration that is starting."""
         if self.restored is not None:
             position, self.restored = self.restored, None
             return position
         return self.trainer.current_epoch, 0
 
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.trainer.current_epoch,
-                "batches_done": self.trainer.fit_loop.epoch_loop.batch_progress.current.processed}
+        batches = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        return {"epoch": self.trainer.current_epoch, "batches_done": batches,
+                "pairs_done": batches * self.batch_size * self.trainer.world_size}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        self.restored = (state["epoch"], state["batches_done"])
+        # Checkpoints from before `pairs_done` were resumed on their own number of ranks.
+        pairs = state.get("pairs_done", state["batches_done"] * self.batch_size * self.trainer.world_size)
+        per_batch = self.batch_size * self.trainer.world_size
+        if pairs % per_batch:
+            raise ValueError(f"the checkpoint stopped {pairs} pairs into epoch {state['epoch']}, not a whole number "
+                             f"of this run's global batches ({self.batch_size} pairs x {self.trainer.world_size} "
+                             "ranks): resume with a number of ranks (or --data.batch_size) that divides it")
+        self.restored = (state["epoch"], pairs)
+        # The Trainer counts this epoch's batches per rank: on another number of ranks, in the new batches.
+        progress = self.trainer.fit_loop.epoch_loop.batch_progress.current
+        shift = pairs // per_batch - state["batches_done"]
+        for counter in ("ready", "started", "processed", "completed"):
+            setattr(progress, counter, getattr(progress, counter) + shift)
 
 
 def ends_optimizer_step(trainer: L.Trainer, batch_idx: int) -> bool:

@@ -8,16 +8,20 @@ the ASCII tokenizer; runs of a few steps; subprocesses only where a process must
 We run as root, which ignores permission bits: an unwritable folder is a path through a regular file.
 """
 
+import json
 import multiprocessing
 import os
 import signal
+import subprocess
+import sys
 import time
 import warnings
+from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
-from conftest import RecordBatches, ascii_tokenizer, data_module, quiet_trainer, rows
+from conftest import RecordBatches, ascii_tokenizer, data_module, ids, quiet_trainer, rows
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 from safetensors.torch import load_file, save_file
@@ -87,7 +91,7 @@ def _save_many(path: str, value: float, n: int) -> None:
 def test_two_processes_saving_the_same_table_both_succeed_and_leave_a_whole_file(tmp_path):
     path = str(tmp_path / "cache" / "table.safetensors")
     context = multiprocessing.get_context("fork")
-    writers = [context.Process(target=_save_many, args=(path, value, 300)) for value in (1.0, 2.0)]
+    writers = [context.Process(target=_save_many, args=(path, value, 2000)) for value in (1.0, 2.0)]
     for writer in writers:
         writer.start()
     for writer in writers:
@@ -109,6 +113,32 @@ def test_train_and_val_with_the_same_pairs_share_one_cache_file(tiny_llama, tmp_
             DPOModule(tiny_llama, beta=beta, precompute_ref_log_probs=True, ref_logps_cache_dir=cache), dm())
         assert len(record.batches) == 2  # before: KeyError: 'train'
     assert len(os.listdir(cache)) == 1
+
+
+def test_a_data_file_edited_with_its_size_and_time_kept_is_read_again(tmp_path):
+    # A sync tool or `touch -r` restores the timestamp; before, the `datasets` cache of the old rows was served.
+    path = tmp_path / "pairs.jsonl"
+
+    def write(first_chosen: str) -> None:
+        data = rows(8)
+        data["chosen"][0] = first_chosen
+        path.write_text("".join(json.dumps({k: data[k][i] for k in data}) + "\n" for i in range(8)))
+
+    def first_chosen_ids() -> list[int]:
+        dm = PreferenceDataModule(dataset=str(path), tokenizer=ascii_tokenizer(), max_length=48, max_prompt_length=24,
+                                  batch_size=4)
+        dm.prepare_data()
+        dm.setup("fit")
+        (row,) = [row for row in dm.train_data if row["row_id"] == 0]
+        return row["chosen_input_ids"]
+
+    write(" xy")
+    stat = path.stat()
+    assert first_chosen_ids()[:3] == ids(" xy")
+    write(" zw")  # the same size
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert path.stat().st_size == stat.st_size and path.stat().st_mtime_ns == stat.st_mtime_ns
+    assert first_chosen_ids()[:3] == ids(" zw")
 
 
 # --- folders, checkpoints, the tokenizer: before any compute ------------------------------------------------
@@ -205,3 +235,35 @@ def test_resume_with_changed_settings_says_what_changed_and_the_learning_rate_ta
     (message,) = [m for m in messages if "other settings" in m]
     assert "beta 0.1 -> 0.2" in message and "learning_rate 0.001 -> 0.01" in message
     assert rates.seen == [[1e-2, 1e-2]] * 2  # before: the checkpoint's 1e-3 went on silently
+
+
+def test_a_one_process_checkpoint_resumed_on_two_ranks_trains_every_remaining_pair_once(tiny_llama, tmp_path):
+    # 24 pairs in batches of 4: one process stops after 2 steps (8 pairs); 2 DDP ranks (gloo) resume and
+    # train 2 steps of 8 pairs, which must be the 16 pairs left, in the epoch's order (before: 8 were skipped).
+    straight = RecordBatches()
+    quiet_trainer(tmp_path / "straight", max_steps=6, callbacks=[straight]).fit(
+        DPOModule(tiny_llama, learning_rate=1e-2), data_module(24, eval_n=0))
+    every_2 = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2, save_top_k=-1)
+    quiet_trainer(tmp_path / "first", max_steps=2, callbacks=[every_2]).fit(
+        DPOModule(tiny_llama, learning_rate=1e-2), data_module(24, eval_n=0))
+    subprocess.run([sys.executable, __file__, tiny_llama, str(tmp_path / "ckpt" / "epoch=0-step=2.ckpt"),
+                    str(tmp_path / "ddp")], check=True, timeout=600, cwd=tmp_path)
+    ranks = [json.loads((tmp_path / "ddp" / f"rows.rank{r}.json").read_text()) for r in range(2)]
+    assert [len(batches) for batches in ranks] == [2, 2]
+    for step in range(2):  # global batch of step 2 + step: two of the straight run's batches of 4
+        trained = sorted(ranks[0][step] + ranks[1][step])
+        assert trained == sorted(straight.batches[2 + 2 * step] + straight.batches[3 + 2 * step]), step
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).parent))
+    from conftest import RecordBatches as Record, data_module as data  # noqa: F811: the subprocess's own imports
+
+    policy, ckpt, out = sys.argv[1], sys.argv[2], Path(sys.argv[3])
+    record = Record()
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=4, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        num_sanity_val_steps=0, callbacks=[record])
+    trainer.fit(DPOModule(policy, learning_rate=1e-2), data(24, eval_n=0), ckpt_path=ckpt)
+    out.mkdir(exist_ok=True)
+    (out / f"rows.rank{trainer.global_rank}.json").write_text(json.dumps(record.batches))
