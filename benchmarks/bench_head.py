@@ -9,8 +9,8 @@ and N target tokens, and run forward and backward to the hidden states and the h
   kept, logits recomputed in backward (four matmuls for bare's three: its floor is about 1.33x bare).
 The loss is a weighted sum of the N log-probs (weights of both signs, as a DPO loss gives). Runs alternate
 A B A B ... in one process; the table shows medians, each round's median and ours / bare. Peak memory is
-measured separately, each variant once in a fresh process: the growth of the process's peak RSS (ru_maxrss)
-during one forward + backward, above the inputs and a warm-up call at 8 positions, with glibc's mmap
+measured separately, each variant once in a fresh process: the growth of the process's peak RSS (VmHWM,
+reset just before) during one forward + backward, above the inputs and a warm-up call at 8 positions, with glibc's mmap
 threshold fixed at 64 KB so every large buffer is mapped and unmapped on its own (RSS follows live memory).
 It counts every buffer of the call, the head's weight gradient (V x D float32) included.
 
@@ -22,7 +22,6 @@ It counts every buffer of the call, the head's weight gradient (V x D float32) i
 import argparse
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -101,17 +100,21 @@ def time_variants(args) -> dict[str, list[list[float]]]:
     return times
 
 
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
+def rss_mb(field: str) -> float:
+    """VmRSS (now) or VmHWM (the peak since the last reset) of this process, from /proc (Linux), in MB."""
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith(field + ":")) / 1024
 
 
 def memory_of(variant: str, args) -> None:
     """In a fresh process: print the peak RSS growth (MB) of one forward + backward of `variant`."""
     run(variant, args, *make_inputs(args, 8))  # load the kernels' libraries and their buffers
     inputs = make_inputs(args, args.tokens)
-    before = peak_rss_mb()
+    with open("/proc/self/clear_refs", "w") as clear:
+        clear.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
+    before = rss_mb("VmRSS")
     run(variant, args, *inputs)
-    print(f"{peak_rss_mb() - before:.1f}")
+    print(f"{rss_mb('VmHWM') - before:.1f}")
 
 
 def measure_memory(variant: str, args, argv: list[str]) -> float:

@@ -13,10 +13,12 @@ to the model as it is. Both paths take their targets from one place, `shifted_la
   512 tokens x 32k vocabulary each of those is 1 GB, and at a 128k vocabulary and 2k tokens, tens of GB.
 - `lean_logps` calls the decoder for hidden states (N, T, D), keeps only the positions that carry a label
   (the responses: prompt and padding positions are skipped, often most of the batch), and runs the output
-  head over them `chunk_size` tokens at a time, upcast to float32 inside the chunk. Each chunk is
-  checkpointed (`torch.utils.checkpoint`), so backward recomputes its logits instead of keeping them:
-  the extra memory is a few (chunk_size, V) float32 buffers, whatever N and T. Because the head is called
-  as a module, anything on it works unchanged: tied weights, a LoRA adapter, bf16 autocast.
+  head over them `chunk_size` tokens at a time, upcast to float32 inside the chunk, recomputing each
+  chunk's logits in backward instead of keeping them: the extra memory is a few (chunk_size, V) float32
+  buffers, whatever N and T. A plain linear head (tied or not) goes through `LinearHeadLogProb`, which
+  keeps one logsumexp per token and costs one matmul more than the full logits (four for three; about
+  1.3x the bare head's time, `benchmarks/bench_head.py`); any other head (a LoRA adapter, a hooked
+  module) is called as a module on checkpointed chunks (`torch.utils.checkpoint`), so it works unchanged.
 
 The lean path assumes logits = transform(head(decoder(x))): transformers' `base_model` as the decoder,
 `get_output_embeddings()` as the head, and one of `logit_transform`'s transforms (Gemma's soft-capping,

@@ -5,8 +5,11 @@ Lean must equal naive in float32 for log-probs, mean logits, token counts and ev
 gradient (1e-5), on a tiny Llama (untied head) and a tiny GPT-2 (head tied to the embedding), with a LoRA
 adapter on the head, with Gemma 2's logit soft-capping, and under bf16 autocast; it must call the head
 only on labelled positions, never more than `chunk_size` at a time; and a model whose logits it cannot
-reproduce (Granite's `logits_scaling`) must fall back to the naive path. Tiny models from configs (no
-network); the last test runs the benchmark script's `--quick` mode.
+reproduce (Granite's `logits_scaling`) must fall back to the naive path. The output head alone
+(`head_logps`) must equal the full logits computed in the test (log-probs, mean logits, gradients of the
+hidden states, weight and bias; with a logit scale, a soft-cap, a tied weight, in bf16, with chunk sizes that
+do not divide N), hold no tensor larger than a chunk's logits and run four head-sized matmuls. Tiny models
+from configs (no network); the last tests run the benchmark scripts' `--quick` modes.
 """
 
 import math
@@ -127,6 +130,7 @@ def test_a_model_with_an_unmodelled_logit_scale_falls_back_to_naive(tmp_path):
 
 
 def test_head_runs_only_on_labelled_positions_in_chunks(tiny_llama):
+    # A hooked head is called as a module, chunk by chunk (the linear head's own path: the test below).
     model = AutoModelForCausalLM.from_pretrained(tiny_llama)
     batch = make_batch()
     rows_seen = []
@@ -278,8 +282,8 @@ def test_head_holds_at_most_a_chunk_of_logits_and_runs_four_head_matmuls():
         logps, _ = head_logps(head, LogitTransform(), hidden, targets, 32)
         (logps * weights).sum().backward()
     assert max(math.prod(shape) for _, _, outputs in record.calls for shape in outputs) <= 32 * 96
-    work = sum(math.prod(inputs[-2]) * inputs[-1][-1] for name, inputs, _ in record.calls if name.rstrip("_") in ("mm", "addmm"))
-    assert work == 4 * 150 * 8 * 96
+    matmuls = [inputs for name, inputs, _ in record.calls if name.rstrip("_") in ("mm", "addmm")]
+    assert sum(math.prod(inputs[-2]) * inputs[-1][-1] for inputs in matmuls) == 4 * 150 * 8 * 96  # m x k x n each
 
 
 @pytest.mark.parametrize("loss_type, extra", [("sigmoid", {}), ("ipo", {}), ("simpo", {}),
@@ -312,3 +316,11 @@ def test_benchmark_quick_mode_runs():
     assert result.returncode == 0, result.stderr[-3000:]
     for mode in ("naive", "lean", "lora", "gradient_checkpointing"):
         assert f"\n{mode} " in result.stdout or f"| {mode} " in result.stdout, result.stdout
+
+
+def test_head_benchmark_quick_mode_runs():
+    # benchmarks/bench_head.py's smoke test: small shapes, 2 runs of each, no memory subprocesses.
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_head.py"), "--quick",
+                             "--no-memory"], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "| bare |" in result.stdout and "| ours |" in result.stdout, result.stdout
