@@ -69,12 +69,20 @@ class ValidationSummary(L.Callback):
 
     @rank_zero_only
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not self.history:
-            return
+        if self.history:
+            print("\n" + self.table())
+
+    def table(self) -> str:
+        """Every validation, a row each: `step` and `metrics`, each column as wide as its name or values (80 columns)."""
         names = [m for m in self.metrics if f"val/{m}" in self.history[-1]]
-        print("\nvalidation " + " ".join(f"{name:>20}" for name in ["step", *names]))
-        for row in self.history:
-            print("           " + " ".join([f"{row['step']:>20d}"] + [f"{row[f'val/{n}']:>20.4f}" for n in names]))
+        columns = [("step", [str(row["step"]) for row in self.history])]
+        columns += [(name, [f"{row[f'val/{name}']:.4f}" if f"val/{name}" in row else "" for row in self.history])
+                    for name in names]
+        widths = [max(len(name), *map(len, cells)) for name, cells in columns]
+        lines = ["validation" + "".join(f"  {name:>{w}}" for (name, _), w in zip(columns, widths))]
+        for i in range(len(self.history)):
+            lines.append(" " * 10 + "".join(f"  {cells[i]:>{w}}" for (_, cells), w in zip(columns, widths)))
+        return "\n".join(lines)
 
     def state_dict(self) -> dict:
         return {"history": self.history}
@@ -137,8 +145,12 @@ class GenerateSamples(L.Callback):
         rows, lengths = self.generate(pl_module, trainer.datamodule.tokenizer, self.prompt_rows(trainer.datamodule))
         for name, value in lengths.items():
             pl_module.log(f"samples/length/{name}", value, rank_zero_only=True)
+        first = not self.tables
         self.tables[trainer.global_step] = rows
-        log_table(trainer.loggers, rows, trainer.global_step)
+        places = log_table(trainer.loggers, rows, trainer.global_step)
+        if first:  # once a fit: where to read them
+            print(f"[dpo_lightning] samples of step {trainer.global_step} (completions of {len(rows)} prompts, one "
+                  f"table each validation): {'; '.join(places) or 'GenerateSamples.tables only (no logger)'}")
 
     def prompt_rows(self, datamodule: L.LightningDataModule) -> list[dict[str, list[int]]]:
         """`prompt_input_ids` (and `chosen_input_ids` from validation data) of each prompt."""
@@ -213,9 +225,9 @@ def seeded(seed: int, device: torch.device) -> Iterator[None]:
         yield
 
 
-def log_table(loggers: list[Logger], rows: list[dict[str, str]], step: int, name: str = "samples") -> None:
-    """Log a table (a dict per row) to each logger that can hold one; see `GenerateSamples`."""
-    columns = list(rows[0])
+def log_table(loggers: list[Logger], rows: list[dict[str, str]], step: int, name: str = "samples") -> list[str]:
+    """Log a table (a dict per row) to each logger that can hold one; see `GenerateSamples`. Returns where it went."""
+    columns, places = list(rows[0]), []
     for logger in loggers:
         if isinstance(logger, CSVLogger):
             path = Path(logger.log_dir) / name / f"step_{step}.csv"
@@ -224,13 +236,18 @@ def log_table(loggers: list[Logger], rows: list[dict[str, str]], step: int, name
                 writer = csv.DictWriter(f, fieldnames=columns)
                 writer.writeheader()
                 writer.writerows(rows)
+            places.append(str(path))
         elif isinstance(logger, TensorBoardLogger):
             logger.experiment.add_text(name, markdown_table(columns, rows), global_step=step)
+            places.append(f"TensorBoard text '{name}' in {logger.log_dir}")
         elif isinstance(logger, WandbLogger):
             logger.log_table(key=name, columns=columns, data=[[row[c] for c in columns] for row in rows], step=step)
+            places.append(f"W&B table '{name}'")
         elif isinstance(logger, MLFlowLogger):
             logger.experiment.log_table(logger.run_id, data={c: [row[c] for row in rows] for c in columns},
                                         artifact_file=f"{name}/step_{step}.json")
+            places.append(f"MLflow artifact {name}/step_{step}.json of run {logger.run_id}")
+    return places
 
 
 def log_file(loggers: list[Logger], path: Path, step: int) -> None:

@@ -24,6 +24,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from transformers import PreTrainedModel
 
+from dpo_lightning import console
 from dpo_lightning.logps import lean_logps, lean_unsupported, naive_logps
 from dpo_lightning.losses import LENGTH_NORMALIZED, LOSS_ARGS, LOSSES, REFERENCE_FREE, bind_losses
 from dpo_lightning.metrics import compute_all, make_metrics, update_metrics
@@ -386,7 +387,8 @@ class DPOModule(L.LightningModule):
 
     def configure_callbacks(self) -> list[L.Callback]:
         # Tokens per second and padding in every run's logs (throughput.py); one in the Trainer's list is replaced.
-        return [Throughput()]
+        # So are Lightning's default bar and summary, by ours (console.py): the same console from Python and the CLI.
+        return [Throughput(), *console.replacements(self.trainer.callbacks)]
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # Only what trains is stored (with LoRA, the adapter). The reference and frozen weights (a LoRA

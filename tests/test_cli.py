@@ -65,3 +65,52 @@ def test_inspect_data_prints_the_summary_and_rows_token_by_token(capsys, monkeyp
     assert "train: 2000 rows, 2000 kept, dropped {none}" in out and "val: 256 rows, 256 kept" in out
     # The first training pair, prompt masked in brackets; every character is one token of the tokenizer.
     assert "   chosen: [s|o|r|t| |j|m|b|e|:]  |b|e|j|m|<|endoftext|>" in out
+
+
+def imported_modules(*args: str) -> set[str]:
+    """Top-level packages a fresh `python -m dpo_lightning.cli ARGS` imports (`-X importtime` lists each on stderr)."""
+    done = subprocess.run([sys.executable, "-X", "importtime", "-m", "dpo_lightning.cli", *args],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return {line.split("|")[-1].strip().split(".")[0] for line in done.stderr.splitlines() if "|" in line}
+
+
+@pytest.mark.parametrize("args", [["--help"], ["from-trl", "TRL_ARGS"]], ids=["help", "from-trl"])
+def test_help_and_from_trl_import_neither_torch_nor_transformers(args, tmp_path):
+    # Importing them took 12-15 s before anything was printed (issue 22); these commands need neither.
+    trl_args = tmp_path / "args.json"
+    trl_args.write_text('{"beta": 0.2, "loss_type": "ipo", "max_steps": 10}')
+    heavy = {"torch", "transformers", "lightning", "datasets", "peft"}
+    assert imported_modules(*[str(trl_args) if a == "TRL_ARGS" else a for a in args]) & heavy == set()
+
+
+def test_from_trl_reads_the_signatures_and_losses_the_imports_have():
+    # from-trl reads them from the source files (so that it imports nothing heavy): the same sets as imported.
+    import inspect
+
+    import lightning as L
+
+    from dpo_lightning import LOSSES, DPOModule, PreferenceDataModule
+    from dpo_lightning.migrate import PACKAGE, init_arguments, loss_names
+
+    assert init_arguments(PACKAGE / "module.py", "DPOModule") == set(inspect.signature(DPOModule).parameters)
+    assert init_arguments(PACKAGE / "data.py", "PreferenceDataModule") == set(
+        inspect.signature(PreferenceDataModule).parameters)
+    lightning_trainer = Path(inspect.getfile(L.Trainer))
+    assert init_arguments(lightning_trainer, "Trainer") == set(inspect.signature(L.Trainer).parameters)
+    assert loss_names() == set(LOSSES)
+
+
+def test_help_lists_fit_and_validate_and_no_subcommand_the_module_cannot_run(capsys):
+    from dpo_lightning.cli import main
+
+    main(["--help"])
+    listed = {line.split()[0] for line in capsys.readouterr().out.splitlines() if line.startswith("  ")}
+    assert {"fit", "validate", "export", "plot", "from-trl", "inspect-data"} <= listed
+    assert not {"test", "predict"} & listed  # the module has no test_step / predict_step
+    with pytest.raises(SystemExit) as exit_:
+        main(["test", "--config", "configs/quickstart.yaml"])
+    assert "dpo-lightning validate" in str(exit_.value.code) and "--data.eval_dataset" in str(exit_.value.code)
+    with pytest.raises(SystemExit) as exit_:  # LightningCLI itself no longer offers them
+        cli_main(["test", "--config", str(ROOT / "configs" / "quickstart.yaml")])
+    assert exit_.value.code != 0 and "invalid choice" in capsys.readouterr().err.lower()
