@@ -270,6 +270,39 @@ def markdown_table(columns: list[str], rows: list[dict[str, str]]) -> str:
     return "\n".join(lines + ["| " + " | ".join(cell(row[c]) for c in columns) + " |" for row in rows])
 
 
+class CheckpointValidation(L.Callback):
+    """`validate(ckpt_path=...)` (`dpo-lightning validate --ckpt_path`) at the checkpoint's step.
+
+    Lightning restores only the weights and callback states for a validation, not the loop counters: the
+    step-300 checkpoint was validated as step 0 (its metrics.csv row, the `GenerateSamples` table, the
+    `ValidationSummary` history), and `ModelCheckpoint` warned that its folder had changed, though a validation
+    saves no checkpoint. Here the step counters are the checkpoint's while validating (put back after,
+    so that a later `fit` on the same Trainer starts where it would have), and the checkpoint callbacks'
+    states are left unrestored. `DPOModule.configure_callbacks` adds it to every run.
+    """
+
+    def __init__(self):
+        self._counters: tuple[int, dict] | None = None  # the Trainer's own, to put back after validating
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        if trainer.state.fn != "validate" or "loops" not in checkpoint:
+            return
+        for callback in trainer.checkpoint_callbacks:
+            checkpoint.get("callbacks", {}).pop(callback.state_key, None)
+        loop, saved = trainer.fit_loop.epoch_loop, checkpoint["loops"]["fit_loop"]
+        steps = loop.automatic_optimization.optim_progress  # what trainer.global_step reads
+        self._counters = (loop._batches_that_stepped, steps.state_dict())
+        loop._batches_that_stepped = saved["epoch_loop.state_dict"]["_batches_that_stepped"]  # the logged step
+        steps.load_state_dict(saved["epoch_loop.automatic_optimization.optim_progress"])
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self._counters is not None:
+            loop = trainer.fit_loop.epoch_loop
+            loop._batches_that_stepped = self._counters[0]
+            loop.automatic_optimization.optim_progress.load_state_dict(self._counters[1])
+            self._counters = None
+
+
 class ExportPretrained(L.Callback):
     """At the end of fit, save the policy, tokenizer and a model card as a Hugging Face folder.
 

@@ -68,15 +68,18 @@ def export_main(argv: list[str]) -> None:
 
 def plot_main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="dpo-lightning plot", description=(
-        "Draw reward accuracy, margins, chosen/rejected rewards and log-probs, train vs val, from a CSV log."))
-    parser.add_argument("log_dir", help="a run's log dir (the newest metrics.csv below it is used) or a metrics.csv")
+        "Draw loss, reward accuracy, margins, chosen/rejected rewards and log-probs, train vs val, the learning "
+        "rate and the throughput, from a CSV log."))
+    parser.add_argument("log_dir", help="a run's log dir (the newest metrics.csv below it of a run that trained is "
+                                        "used) or a metrics.csv")
     parser.add_argument("--out", help="the PNG to write; default: metrics.png beside the metrics.csv")
     args = parser.parse_args(argv)
     from dpo_lightning.plots import find_metrics_csv, plot_metrics
 
-    out = args.out or find_metrics_csv(args.log_dir).with_name("metrics.png")
-    plot_metrics(args.log_dir, out)
-    print(f"[dpo_lightning] wrote {out}")
+    csv_path = find_metrics_csv(args.log_dir)
+    out = args.out or csv_path.with_name("metrics.png")
+    plot_metrics(csv_path, out)
+    print(f"[dpo_lightning] wrote {out}, from {csv_path}")
 
 
 def from_trl_main(argv: list[str]) -> None:

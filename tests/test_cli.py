@@ -4,8 +4,10 @@ Parsing (`--print_config`) instantiates nothing, so the hub recipe is checked wi
 `fit` runs use a tiny model and data in temp folders.
 """
 
+import csv
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -114,3 +116,41 @@ def test_help_lists_fit_and_validate_and_no_subcommand_the_module_cannot_run(cap
     with pytest.raises(SystemExit) as exit_:  # LightningCLI itself no longer offers them
         cli_main(["test", "--config", str(ROOT / "configs" / "quickstart.yaml")])
     assert exit_.value.code != 0 and "invalid choice" in capsys.readouterr().err.lower()
+
+
+def test_validate_of_a_checkpoint_prepares_only_its_split_at_the_checkpoints_step(tiny_llama, tmp_path, capfd,
+                                                                                 caplog, monkeypatch):
+    # It prepared the train split too, warned that ModelCheckpoint's dirpath changed, and logged step 0.
+    monkeypatch.chdir(tmp_path)
+    train, val = tmp_path / "train.jsonl", tmp_path / "val.jsonl"
+    Dataset.from_dict(rows(16)).to_json(train)
+    Dataset.from_dict(rows(4)).to_json(val)
+    common = [f"--model.model_name_or_path={tiny_llama}", f"--data.dataset={train}", f"--data.eval_dataset={val}",
+              "--data.max_length=48", "--data.max_prompt_length=24", "--data.batch_size=4",
+              "--trainer.enable_progress_bar=false", "--trainer.logger.init_args.name=run"]
+    cli_main(["fit", *common, "--trainer.max_steps=4", "--trainer.val_check_interval=2", "--trainer.log_every_n_steps=1",
+              "--trainer.check_val_every_n_epoch=null", "--trainer.num_sanity_val_steps=0"])
+    checkpoint = next((tmp_path / "runs" / "run" / "version_0" / "checkpoints").glob("*.ckpt"))
+    caplog.clear()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cli = cli_main(["validate", *common, f"--ckpt_path={checkpoint}"])
+    summaries = [m.split(":")[0] for m in caplog.messages if m.startswith("[dpo_lightning]") and " data: " in m]
+    assert summaries == ["[dpo_lightning] eval data"] and cli.datamodule.train_data is None
+    assert [str(w.message) for w in caught if "dirpath" in str(w.message)] == []
+
+    def val_rows(version: str) -> dict[str, dict[str, str]]:
+        with open(tmp_path / "runs" / "run" / version / "metrics.csv") as f:
+            return {row["step"]: row for row in csv.DictReader(f) if row.get("val/loss")}
+
+    # The fit's validation after 4 steps sits on row 3 (Lightning logs after step N on row N - 1); the
+    # checkpoint's validation lands there too, with the same values (same weights, same pairs).
+    fitted, validated = val_rows("version_0"), val_rows("version_1")
+    assert list(validated) == ["3"]
+    assert float(validated["3"]["val/loss"]) == pytest.approx(float(fitted["3"]["val/loss"]), rel=1e-5)
+
+    from dpo_lightning.cli import main
+
+    capfd.readouterr()
+    main(["plot", str(tmp_path / "runs" / "run")])  # the newest run that trained, not the one-point validate
+    assert f"from {tmp_path / 'runs' / 'run' / 'version_0' / 'metrics.csv'}" in capfd.readouterr().out
