@@ -58,13 +58,16 @@ def test_console_script_exits_zero_after_a_run(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
 
 
-def test_inspect_data_prints_the_summary_and_rows_token_by_token(capsys, monkeypatch):
+def test_inspect_data_prints_the_summary_and_rows_token_by_token(capsys, caplog, monkeypatch):
     from dpo_lightning.cli import main
 
     monkeypatch.chdir(ROOT)
     main(["inspect-data", "--config", "configs/quickstart.yaml", "--rows", "1"])
     out = capsys.readouterr().out
     assert "train: 2000 rows, 2000 kept, dropped {none}" in out and "val: 256 rows, 256 kept" in out
+    # Once each: setup's own summary line ("[dpo_lightning] train data: 2000 rows, ...") repeated it.
+    console = out + "\n".join(caplog.messages)
+    assert console.count("2000 rows, 2000 kept") == 1 and console.count("256 rows, 256 kept") == 1
     # The first training pair, prompt masked in brackets; every character is one token of the tokenizer.
     assert "   chosen: [s|o|r|t| |j|m|b|e|:]  |b|e|j|m|<|endoftext|>" in out
 

@@ -37,6 +37,12 @@ def first_run(tmp_path_factory) -> str:
     return done.stdout + done.stderr
 
 
+def test_the_model_card_lists_settings_only(first_run, tmp_path_factory):
+    # LightningCLI adds `_instantiator` to the module's hyperparameters; the card listed it as a setting.
+    card = next(tmp_path_factory.getbasetemp().glob("elsewhere*/runs/quickstart/version_0/hf_model/README.md"))
+    assert "_instantiator" not in card.read_text() and "beta: 0.1" in card.read_text()
+
+
 def test_first_run_prints_the_validation_table_and_no_broken_looking_line(first_run):
     assert [line for line in first_run.splitlines() if any(bad in line for bad in BROKEN_LOOKING)] == []
     table = first_run[first_run.index("\nvalidation "):].splitlines()
