@@ -28,8 +28,8 @@ class StepProgressBar(RichProgressBar):
     `max_epochs` set it stays Lightning's `Epoch e/E` bar. The metrics come one line per stage, under short
     names (`SHORT_NAMES`), so the bar fits 80 columns:
 
-        step ━━━━━━━━━━━━━━━ 120/300 0:00:12 • 0:00:20 9.81it/s train: loss 0.642 acc 0.969
-                                                                  val: loss 0.628 acc 0.852
+        step ━━━━━━━━━━━━ 120/300 0:00:12 • 0:00:20 9.81it/s train: loss 0.642 acc 0.969
+                                                               val: loss 0.628 acc 0.852
 
     The logger version (`v_num`) is not shown.
     """
@@ -40,7 +40,7 @@ class StepProgressBar(RichProgressBar):
         super().__init__(refresh_rate, leave, theme, console_kwargs)
 
     def configure_columns(self, trainer: L.Trainer) -> list:
-        from rich.table import Column
+        from rich.table import Column  # here: rich is optional for Lightning, and module.py imports this file
 
         columns = super().configure_columns(trainer)
         for column in columns[2:]:  # counts, times, speed: never wrapped; the bar (columns[1]) shrinks instead
