@@ -73,7 +73,7 @@ class ValidationSummary(L.Callback):
             print("\n" + self.table())
 
     def table(self) -> str:
-        """Every validation, a row each: `step` and `metrics`, each column as wide as its name or values (80 columns)."""
+        """A row per validation: `step` and `metrics`, each column as wide as its name or values (80 columns)."""
         names = [m for m in self.metrics if f"val/{m}" in self.history[-1]]
         columns = [("step", [str(row["step"]) for row in self.history])]
         columns += [(name, [f"{row[f'val/{name}']:.4f}" if f"val/{name}" in row else "" for row in self.history])

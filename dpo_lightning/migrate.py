@@ -309,8 +309,8 @@ def init_arguments(source: Path, class_name: str) -> set[str]:
 def loss_names() -> set[str]:
     """The keys of `losses.LOSSES`, a dict literal in losses.py."""
     for node in ast.parse((PACKAGE / "losses.py").read_text()).body:
-        target = node.target if isinstance(node, ast.AnnAssign) else node.targets[0] if isinstance(node, ast.Assign) else None
-        if isinstance(target, ast.Name) and target.id == "LOSSES":
+        targets = [node.target] if isinstance(node, ast.AnnAssign) else getattr(node, "targets", [])
+        if any(isinstance(t, ast.Name) and t.id == "LOSSES" for t in targets):
             return {key.value for key in node.value.keys}
     raise LookupError("no LOSSES dict in losses.py")
 

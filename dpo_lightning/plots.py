@@ -1,5 +1,6 @@
 """Training curves from a run's CSV log: loss, reward accuracy, margins, rewards and log-probs, train vs val,
-the learning rate, and the throughput (tokens per second, padding fraction, MFU) when the log has them.
+the learning rate and gradient norm, and the throughput (tokens per second, padding fraction, MFU) when the
+log has them.
 
     dpo-lightning plot runs/quickstart              # the newest version_N that trained: its metrics.png
     dpo-lightning plot runs/quickstart/version_0/metrics.csv --out curves.png
@@ -10,8 +11,8 @@ global state or a notebook's backend. matplotlib is a dependency (setup.cfg): ax
 PNG output are what it is for, and a hand-written plotter would be worse at each.
 
 A panel whose quantity has a natural range is drawn over it (accuracy and padding fraction from 0 to 1;
-loss, learning rate and throughput from 0): autoscaled, a padding fraction moving between 0.19 and 0.22
-fills the panel and reads as a trend.
+loss, learning rate, gradient norm and throughput from 0): autoscaled, a padding fraction moving between
+0.19 and 0.22 fills the panel and reads as a trend.
 """
 
 import csv
@@ -25,8 +26,10 @@ PANELS = (("loss", ("loss",), (0, None)),
           ("reward margin (chosen - rejected)", ("rewards/margins",), None),
           ("rewards", ("rewards/chosen", "rewards/rejected"), None),
           ("log-probs of the responses", ("logps/chosen", "logps/rejected"), None))
-# Drawn below those when the log has them (the module logs the learning rate, throughput.py the others).
+# Drawn below those when the log has them (the module logs the learning rate and gradient norm, throughput.py
+# the others).
 OPTIONAL_PANELS = (("learning rate", ("learning_rate",), (0, None)),
+                   ("gradient norm (before clipping)", ("grad_norm",), (0, None)),
                    ("tokens per second (all ranks)", ("tokens_per_second",), (0, None)),
                    ("padding fraction", ("padding_fraction",), (0, 1)),
                    ("model FLOPs utilization", ("mfu",), (0, None)))

@@ -131,8 +131,9 @@ def test_validate_of_a_checkpoint_prepares_only_its_split_at_the_checkpoints_ste
     common = [f"--model.model_name_or_path={tiny_llama}", f"--data.dataset={train}", f"--data.eval_dataset={val}",
               "--data.max_length=48", "--data.max_prompt_length=24", "--data.batch_size=4",
               "--trainer.enable_progress_bar=false", "--trainer.logger.init_args.name=run"]
-    cli_main(["fit", *common, "--trainer.max_steps=4", "--trainer.val_check_interval=2", "--trainer.log_every_n_steps=1",
-              "--trainer.check_val_every_n_epoch=null", "--trainer.num_sanity_val_steps=0"])
+    cli_main(["fit", *common, "--trainer.max_steps=4", "--trainer.val_check_interval=2",
+              "--trainer.log_every_n_steps=1", "--trainer.check_val_every_n_epoch=null",
+              "--trainer.num_sanity_val_steps=0"])
     checkpoint = next((tmp_path / "runs" / "run" / "version_0" / "checkpoints").glob("*.ckpt"))
     caplog.clear()
     with warnings.catch_warnings(record=True) as caught:

@@ -58,7 +58,8 @@ def test_plot_command_picks_the_newest_run_of_a_log_dir(tmp_path, capsys):
 def test_plot_command_skips_a_newer_validate_run_and_says_which_it_took(tmp_path, capsys):
     # `dpo-lightning validate` after training writes version_1 with one validation row and no training.
     trained = write_run(tmp_path / "runs" / "version_0")
-    validated = write_run(tmp_path / "runs" / "version_1", "epoch,step,val/loss,val/rewards/accuracies\n0,299,0.2,1.0\n")
+    validated = write_run(tmp_path / "runs" / "version_1",
+                          "epoch,step,val/loss,val/rewards/accuracies\n0,299,0.2,1.0\n")
     os.utime(trained / "metrics.csv", (1, 1))
     main(["plot", str(tmp_path / "runs")])
     assert (trained / "metrics.png").exists() and not (validated / "metrics.png").exists()
@@ -75,9 +76,11 @@ def with_columns(text: str, values: dict[str, float]) -> str:
 
 
 def test_plot_adds_the_learning_rate_and_throughput_panels_when_the_log_has_them(tmp_path):
-    text = with_columns(METRICS_CSV, {"learning_rate": 5e-5, "tokens_per_second": 1500.0, "padding_fraction": 0.25})
+    text = with_columns(METRICS_CSV, {"learning_rate": 5e-5, "grad_norm": 2.5, "tokens_per_second": 1500.0,
+                                      "padding_fraction": 0.25})
     drawn = panels(plot_metrics(write_run(tmp_path / "run", text), tmp_path / "curves.png"))
-    assert list(drawn)[5:] == ["learning rate", "tokens per second (all ranks)", "padding fraction"]
+    assert list(drawn)[5:] == ["learning rate", "gradient norm (before clipping)", "tokens per second (all ranks)",
+                               "padding fraction"]
     assert drawn["learning rate"] == {"train": ([9], [5e-5])}
     assert drawn["tokens per second (all ranks)"] == {"train": ([9], [1500.0])}  # no MFU on CPU: no empty panel
     assert list(panels(plot_metrics(write_run(tmp_path / "plain"), tmp_path / "plain.png"))) == [
