@@ -69,12 +69,20 @@ class ValidationSummary(L.Callback):
 
     @rank_zero_only
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not self.history:
-            return
+        if self.history:
+            print("\n" + self.table())
+
+    def table(self) -> str:
+        """A row per validation: `step` and `metrics`, each column as wide as its name or values (80 columns)."""
         names = [m for m in self.metrics if f"val/{m}" in self.history[-1]]
-        print("\nvalidation " + " ".join(f"{name:>20}" for name in ["step", *names]))
-        for row in self.history:
-            print("           " + " ".join([f"{row['step']:>20d}"] + [f"{row[f'val/{n}']:>20.4f}" for n in names]))
+        columns = [("step", [str(row["step"]) for row in self.history])]
+        columns += [(name, [f"{row[f'val/{name}']:.4f}" if f"val/{name}" in row else "" for row in self.history])
+                    for name in names]
+        widths = [max(len(name), *map(len, cells)) for name, cells in columns]
+        lines = ["validation" + "".join(f"  {name:>{w}}" for (name, _), w in zip(columns, widths))]
+        for i in range(len(self.history)):
+            lines.append(" " * 10 + "".join(f"  {cells[i]:>{w}}" for (_, cells), w in zip(columns, widths)))
+        return "\n".join(lines)
 
     def state_dict(self) -> dict:
         return {"history": self.history}
@@ -137,8 +145,12 @@ class GenerateSamples(L.Callback):
         rows, lengths = self.generate(pl_module, trainer.datamodule.tokenizer, self.prompt_rows(trainer.datamodule))
         for name, value in lengths.items():
             pl_module.log(f"samples/length/{name}", value, rank_zero_only=True)
+        first = not self.tables
         self.tables[trainer.global_step] = rows
-        log_table(trainer.loggers, rows, trainer.global_step)
+        places = log_table(trainer.loggers, rows, trainer.global_step)
+        if first:  # once a fit: where to read them
+            print(f"[dpo_lightning] samples of step {trainer.global_step} (completions of {len(rows)} prompts, one "
+                  f"table each validation): {'; '.join(places) or 'GenerateSamples.tables only (no logger)'}")
 
     def prompt_rows(self, datamodule: L.LightningDataModule) -> list[dict[str, list[int]]]:
         """`prompt_input_ids` (and `chosen_input_ids` from validation data) of each prompt."""
@@ -213,9 +225,9 @@ def seeded(seed: int, device: torch.device) -> Iterator[None]:
         yield
 
 
-def log_table(loggers: list[Logger], rows: list[dict[str, str]], step: int, name: str = "samples") -> None:
-    """Log a table (a dict per row) to each logger that can hold one; see `GenerateSamples`."""
-    columns = list(rows[0])
+def log_table(loggers: list[Logger], rows: list[dict[str, str]], step: int, name: str = "samples") -> list[str]:
+    """Log a table (a dict per row) to each logger that can hold one; see `GenerateSamples`. Returns where it went."""
+    columns, places = list(rows[0]), []
     for logger in loggers:
         if isinstance(logger, CSVLogger):
             path = Path(logger.log_dir) / name / f"step_{step}.csv"
@@ -224,13 +236,18 @@ def log_table(loggers: list[Logger], rows: list[dict[str, str]], step: int, name
                 writer = csv.DictWriter(f, fieldnames=columns)
                 writer.writeheader()
                 writer.writerows(rows)
+            places.append(str(path))
         elif isinstance(logger, TensorBoardLogger):
             logger.experiment.add_text(name, markdown_table(columns, rows), global_step=step)
+            places.append(f"TensorBoard text '{name}' in {logger.log_dir}")
         elif isinstance(logger, WandbLogger):
             logger.log_table(key=name, columns=columns, data=[[row[c] for c in columns] for row in rows], step=step)
+            places.append(f"W&B table '{name}'")
         elif isinstance(logger, MLFlowLogger):
             logger.experiment.log_table(logger.run_id, data={c: [row[c] for row in rows] for c in columns},
                                         artifact_file=f"{name}/step_{step}.json")
+            places.append(f"MLflow artifact {name}/step_{step}.json of run {logger.run_id}")
+    return places
 
 
 def log_file(loggers: list[Logger], path: Path, step: int) -> None:
@@ -251,6 +268,39 @@ def markdown_table(columns: list[str], rows: list[dict[str, str]]) -> str:
 
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     return "\n".join(lines + ["| " + " | ".join(cell(row[c]) for c in columns) + " |" for row in rows])
+
+
+class CheckpointValidation(L.Callback):
+    """`validate(ckpt_path=...)` (`dpo-lightning validate --ckpt_path`) at the checkpoint's step.
+
+    Lightning restores only the weights and callback states for a validation, not the loop counters: the
+    step-300 checkpoint was validated as step 0 (its metrics.csv row, the `GenerateSamples` table, the
+    `ValidationSummary` history), and `ModelCheckpoint` warned that its folder had changed, though a validation
+    saves no checkpoint. Here the step counters are the checkpoint's while validating (put back after,
+    so that a later `fit` on the same Trainer starts where it would have), and the checkpoint callbacks'
+    states are left unrestored. `DPOModule.configure_callbacks` adds it to every run.
+    """
+
+    def __init__(self):
+        self._counters: tuple[int, dict] | None = None  # the Trainer's own, to put back after validating
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        if trainer.state.fn != "validate" or "loops" not in checkpoint:
+            return
+        for callback in trainer.checkpoint_callbacks:
+            checkpoint.get("callbacks", {}).pop(callback.state_key, None)
+        loop, saved = trainer.fit_loop.epoch_loop, checkpoint["loops"]["fit_loop"]
+        steps = loop.automatic_optimization.optim_progress  # what trainer.global_step reads
+        self._counters = (loop._batches_that_stepped, steps.state_dict())
+        loop._batches_that_stepped = saved["epoch_loop.state_dict"]["_batches_that_stepped"]  # the logged step
+        steps.load_state_dict(saved["epoch_loop.automatic_optimization.optim_progress"])
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self._counters is not None:
+            loop = trainer.fit_loop.epoch_loop
+            loop._batches_that_stepped = self._counters[0]
+            loop.automatic_optimization.optim_progress.load_state_dict(self._counters[1])
+            self._counters = None
 
 
 class ExportPretrained(L.Callback):

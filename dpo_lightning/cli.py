@@ -1,4 +1,5 @@
-"""The `dpo-lightning` command: LightningCLI over `DPOModule` and `PreferenceDataModule`, plus four tools.
+"""The `dpo-lightning` command: `fit` and `validate` (LightningCLI over `DPOModule` and `PreferenceDataModule`,
+in lightning_cli.py), plus four tools.
 
 `dpo-lightning fit --config configs/quickstart.yaml`; also `validate`, `--print_config` and every
 Trainer flag, as Lightning users expect. The YAML keys are the `__init__` arguments of the two classes.
@@ -8,59 +9,45 @@ Four more subcommands work on what a run leaves behind, each a function you can 
     dpo-lightning plot LOGDIR [--out PNG]                       # plots.plot_metrics
     dpo-lightning from-trl ARGS.json [--out CONFIG.yaml]         # migrate.from_trl
     dpo-lightning inspect-data --config X.yaml [--rows N]        # PreferenceDataModule.inspect
+
+Each subcommand imports what it needs when it runs: `dpo-lightning --help` imports neither torch nor
+transformers (seconds on every call otherwise).
 """
 
 import argparse
 import sys
 
-import yaml
+USAGE = """usage: dpo-lightning SUBCOMMAND [options]
 
-from lightning.pytorch.cli import LightningCLI
+DPO fine-tuning of Hugging Face causal LMs with PyTorch Lightning.
 
-from dpo_lightning.console import quiet_known_warnings, tidy_trainer
-from dpo_lightning.data import PreferenceDataModule
-from dpo_lightning.export import export_checkpoint
-from dpo_lightning.locate import shipped
-from dpo_lightning.migrate import from_trl
-from dpo_lightning.module import DPOModule
-from dpo_lightning.plots import find_metrics_csv, plot_metrics
+Training (LightningCLI: each DPOModule, PreferenceDataModule and Trainer argument is a flag or a YAML key):
+  fit           train, e.g. dpo-lightning fit --config configs/quickstart.yaml
+  validate      evaluate the validation split, e.g. of a checkpoint (--ckpt_path X.ckpt); for a test
+                set, name it as the validation data: --data.eval_dataset TEST_FILE
 
+Tools:
+  export        write a checkpoint's policy as a Hugging Face folder with a model card
+  plot          draw a run's curves (metrics.csv) to a PNG
+  from-trl      convert TRL DPOConfig / TrainingArguments to a dpo-lightning config
+  inspect-data  print a config's data summary and a few rows, token by token
 
-# Data files a config may name under dpo_lightning/ (the quickstart's assets); models and tokenizers are
-# resolved where they are loaded (locate.model_source).
-DATA_PATHS = ("dataset", "eval_dataset")
-
-
-class DPOLightningCLI(LightningCLI):
-    """LightningCLI with the shipped assets found from any directory, and a console that reads cleanly."""
-
-    def before_instantiate_classes(self) -> None:
-        data = (self.config[self.subcommand] if self.subcommand else self.config).data
-        for key in DATA_PATHS:
-            value = data.get(key)
-            if isinstance(value, str):
-                data[key] = shipped(value)
-            elif isinstance(value, list) and all(isinstance(v, str) for v in value):
-                data[key] = [shipped(v) for v in value]
-
-    def instantiate_trainer(self, **kwargs):
-        return tidy_trainer(super().instantiate_trainer(**kwargs))
+`dpo-lightning SUBCOMMAND -h` lists a subcommand's options.
+"""
+# LightningCLI's other subcommands, which this module cannot run (no test_step, no predict_step).
+NOT_SUBCOMMANDS = {
+    "test": "a test set is evaluated as validation is: dpo-lightning validate --config X.yaml "
+            "--data.eval_dataset TEST_FILE [--ckpt_path X.ckpt]",
+    "predict": "for completions, export the policy (dpo-lightning export) and call its generate(); "
+               "samples during validation: dpo_lightning.GenerateSamples",
+}
 
 
-def cli_main(args: list[str] | None = None) -> LightningCLI:
-    """Parse `args` (default: the command line), run the subcommand, return the CLI (its model, data, trainer)."""
-    quiet_known_warnings()
-    return DPOLightningCLI(
-        DPOModule, PreferenceDataModule, args=args,
-        seed_everything_default=42,
-        # Lightning's default logger is TensorBoard, which is not a dependency; CSV needs nothing.
-        trainer_defaults={"logger": {"class_path": "lightning.pytorch.loggers.CSVLogger",
-                                     "init_args": {"save_dir": "runs"}}},
-        save_config_kwargs={"overwrite": True},
-        # The optimizer is --model.optimizer (a name or class_path + init_args) with --model.learning_rate etc.,
-        # so that configure_optimizers keeps the weight-decay groups; not LightningCLI's top-level --optimizer.
-        auto_configure_optimizers=False,
-    )
+def cli_main(args: list[str] | None = None):
+    """`fit` / `validate`: parse `args` (default: the command line), run, return the LightningCLI."""
+    from dpo_lightning.lightning_cli import make_cli
+
+    return make_cli(args)
 
 
 def export_main(argv: list[str]) -> None:
@@ -73,19 +60,26 @@ def export_main(argv: list[str]) -> None:
                         help="for a LoRA policy, save the adapter alone instead of merging it into the base weights")
     parser.add_argument("--tokenizer", help="tokenizer name or path; default: the run's --data.tokenizer, else the model's")
     args = parser.parse_args(argv)
+    from dpo_lightning.export import export_checkpoint
+
     out = export_checkpoint(args.ckpt_path, args.output_dir, merge_lora=not args.adapter_only, tokenizer=args.tokenizer)
     print(f"[dpo_lightning] exported {args.ckpt_path} to {out}")
 
 
 def plot_main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="dpo-lightning plot", description=(
-        "Draw reward accuracy, margins, chosen/rejected rewards and log-probs, train vs val, from a CSV log."))
-    parser.add_argument("log_dir", help="a run's log dir (the newest metrics.csv below it is used) or a metrics.csv")
+        "Draw loss, reward accuracy, margins, chosen/rejected rewards and log-probs, train vs val, the learning "
+        "rate and the throughput, from a CSV log."))
+    parser.add_argument("log_dir", help="a run's log dir (the newest metrics.csv below it of a run that trained is "
+                                        "used) or a metrics.csv")
     parser.add_argument("--out", help="the PNG to write; default: metrics.png beside the metrics.csv")
     args = parser.parse_args(argv)
-    out = args.out or find_metrics_csv(args.log_dir).with_name("metrics.png")
-    plot_metrics(args.log_dir, out)
-    print(f"[dpo_lightning] wrote {out}")
+    from dpo_lightning.plots import find_metrics_csv, plot_metrics
+
+    csv_path = find_metrics_csv(args.log_dir)
+    out = args.out or csv_path.with_name("metrics.png")
+    plot_metrics(csv_path, out)
+    print(f"[dpo_lightning] wrote {out}, from {csv_path}")
 
 
 def from_trl_main(argv: list[str]) -> None:
@@ -95,6 +89,8 @@ def from_trl_main(argv: list[str]) -> None:
     parser.add_argument("args_file", help="e.g. the output of TrainingArguments.to_json_string(), or a `trl dpo` YAML")
     parser.add_argument("--out", help="the YAML to write; default: print it")
     args = parser.parse_args(argv)
+    from dpo_lightning.migrate import from_trl
+
     migration = from_trl(args.args_file)
     if args.out:
         with open(args.out, "w") as f:
@@ -112,6 +108,12 @@ def inspect_data_main(argv: list[str]) -> None:
     parser.add_argument("--config", required=True, help="a `dpo-lightning fit` config")
     parser.add_argument("--rows", type=int, default=3, help="rows to render per split")
     args = parser.parse_args(argv)
+    import yaml
+
+    from dpo_lightning.data import PreferenceDataModule
+    from dpo_lightning.lightning_cli import DATA_PATHS
+    from dpo_lightning.locate import shipped
+
     with open(args.config) as f:
         config = yaml.safe_load(f)
     data_args = dict(config.get("data", {}))
@@ -133,8 +135,11 @@ def main(argv: list[str] | None = None) -> None:
     if argv and argv[0] in TOOLS:
         TOOLS[argv[0]](argv[1:])
         return
-    if argv[:1] in (["-h"], ["--help"]):
-        print(f"Besides LightningCLI's subcommands: {', '.join(TOOLS)} (dpo-lightning export -h, ...)\n")
+    if argv[:1] in ([], ["-h"], ["--help"]):
+        print(USAGE)
+        return
+    if argv[0] in NOT_SUBCOMMANDS:
+        sys.exit(f"dpo-lightning: no `{argv[0]}` subcommand: {NOT_SUBCOMMANDS[argv[0]]}")
     # args=None when they are the command line: LightningCLI warns when given both.
     cli_main(None if argv == sys.argv[1:] else argv)
 

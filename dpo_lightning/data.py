@@ -163,13 +163,14 @@ class PreferenceDataModule(L.LightningDataModule):
         # Runs on one process per node: downloads and tokenizes file-backed sources into the `datasets`
         # cache, so that `setup` on every rank reads it (and prints the summary once) instead of tokenizing.
         if isinstance(self.dataset, str) or isinstance(self.eval_dataset, str):
-            self._build(report=False)
+            self._build(report=False, with_train=self.trainer is None or self.trainer.state.fn != "validate")
 
     def setup(self, stage: str | None = None) -> None:
-        if self.train_data is None:
-            self.train_data, self.val_data = self._build()
+        if self.train_data is None:  # `validate` prepares the validation split alone (train_data stays None)
+            self.train_data, self.val_data = self._build(with_train=stage != "validate")
 
-    def _build(self, report: bool = True) -> tuple[Dataset | IterableDataset, Dataset | None]:
+    def _build(self, report: bool = True, with_train: bool = True) -> tuple[Dataset | IterableDataset | None,
+                                                                           Dataset | None]:
         hp = self.hparams
         tokenizer = self._resolve_tokenizer()
         columns = {"prompt": hp.prompt_column, "chosen": hp.chosen_column, "rejected": hp.rejected_column}
@@ -189,7 +190,7 @@ class PreferenceDataModule(L.LightningDataModule):
         elif hp.eval_fraction > 0:
             parts = train.train_test_split(test_size=hp.eval_fraction, seed=hp.seed)
             train, val = parts["train"], parts["test"]
-        train = self._prepare_split(train, "train", tokenizer, schema, report)
+        train = self._prepare_split(train, "train", tokenizer, schema, report) if with_train else None
         val = self._prepare_split(val, "val", tokenizer, val_schema, report) if val is not None else None
         return train, val
 
@@ -247,7 +248,7 @@ class PreferenceDataModule(L.LightningDataModule):
 
     def fingerprint(self, stage: str = "train") -> str | None:
         """`fingerprint` of the split's tokenized rows (None for a stream or a missing split), computed once."""
-        if stage not in self._fingerprints:
+        if self._fingerprints.get(stage) is None:  # again once a split missing at validate is prepared for fit
             data = self.train_data if stage == "train" else self.val_data
             self._fingerprints[stage] = fingerprint(data) if isinstance(data, Dataset) else None
         return self._fingerprints[stage]
@@ -271,7 +272,8 @@ class PreferenceDataModule(L.LightningDataModule):
 
         What the model is trained on, exactly: every token the loss sees is outside the brackets.
         """
-        self.setup("fit")
+        if self.train_data is None:  # not `setup`, which would print the summary line this output opens with
+            self.train_data, self.val_data = self._build(report=False)
         data = self.train_data if stage == "train" else self.val_data
         lines = [f"{stage}: {format_summary(self.summary[stage])}"]
         for i, row in zip(range(n_rows), data):

@@ -17,6 +17,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import torch
 import yaml
 from lightning.pytorch.utilities import rank_zero_warn
@@ -28,13 +29,12 @@ from transformers import GenerationConfig, PreTrainedTokenizerBase
 from dpo_lightning.data import load_tokenizer
 from dpo_lightning.locate import is_hub_id
 from dpo_lightning.models import base_causal_lm, is_quantized, merged_full_precision
-from dpo_lightning.module import DPOModule
 
 CARD_METRICS = ("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected",
                 "logps/chosen", "logps/rejected")
 
 
-def export_pretrained(module: DPOModule, tokenizer: PreTrainedTokenizerBase | None, output_dir: str | os.PathLike,
+def export_pretrained(module: L.LightningModule, tokenizer: PreTrainedTokenizerBase | None, output_dir: str | os.PathLike,
                       merge_lora: bool = True, metrics: dict[str, float] | None = None, *, steps: int | None = None,
                       validation_step: int | None = None, data: dict[str, Any] | None = None,
                       is_main_process: bool = True) -> Path:
@@ -114,7 +114,7 @@ def generation_config(model: nn.Module, tokenizer: PreTrainedTokenizerBase | Non
     return config
 
 
-def model_card(module: DPOModule, adapter_only: bool, with_tokenizer: bool, metrics: dict[str, float],
+def model_card(module: L.LightningModule, adapter_only: bool, with_tokenizer: bool, metrics: dict[str, float],
                steps: int | None, validation_step: int | None, data: dict[str, Any]) -> str:
     """The README.md of the exported folder: hub metadata, then the run in tables."""
     hp, base = dict(module.hparams), base_model(module.policy)
@@ -130,8 +130,9 @@ def model_card(module: DPOModule, adapter_only: bool, with_tokenizer: bool, metr
     rows = [("base model", f"`{base}`" if base else "(built in memory)"), ("weights", weights),
             ("data", describe_data(data) if data else "(not recorded)"), ("loss_type", f"`{loss}`"),
             ("beta", beta), ("optimizer steps", steps_text)]
+    # Keys starting with "_" are bookkeeping, not settings: LightningCLI's `_instantiator`, for one.
     settings = {k: v if isinstance(v, (str, int, float, bool, list, dict)) else repr(v)
-                for k, v in hp.items() if v is not None}
+                for k, v in hp.items() if v is not None and not k.startswith("_")}
     loader = "peft.AutoPeftModelForCausalLM" if adapter_only else "transformers.AutoModelForCausalLM"
     return "\n".join([
         "---", yaml.safe_dump(meta, sort_keys=False).strip(), "---", "",
@@ -179,6 +180,8 @@ def export_checkpoint(ckpt_path: str | os.PathLike, output_dir: str | os.PathLik
     """
     ckpt_path = Path(ckpt_path)
     checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+    from dpo_lightning.module import DPOModule  # here: the module imports this file (through callbacks.py)
+
     module = DPOModule.load_from_checkpoint(ckpt_path, map_location="cpu", weights_only=True)
     run_dir = ckpt_path.parent.parent  # <log_dir>/checkpoints/x.ckpt
     config = run_config(run_dir)

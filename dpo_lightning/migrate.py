@@ -16,19 +16,17 @@ trains as the TRL one did. A mapped key that this version's `DPOModule`, `Prefer
 `Trainer` lacks is listed as not carried over.
 """
 
-import inspect
+import ast
+import importlib.util
 import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import yaml
 
-from dpo_lightning.data import PreferenceDataModule
-from dpo_lightning.losses import LOSSES
-from dpo_lightning.module import DPOModule
+from dpo_lightning.locate import PACKAGE
 
 # TRL name -> our "section.key", the value unchanged.
 RENAMES = {
@@ -182,9 +180,10 @@ def _special(args: dict[str, Any], m: Migration) -> set[str]:
     _lora(args, m)
     if "loss_type" in args:
         losses = [args["loss_type"]] if isinstance(args["loss_type"], str) else list(args["loss_type"])
-        unknown = [name for name in losses if name not in LOSSES]
+        ours = loss_names()
+        unknown = [name for name in losses if name not in ours]
         if unknown:
-            m.not_carried.append(("loss_type", args["loss_type"], f"{unknown} not among ours: {sorted(LOSSES)}"))
+            m.not_carried.append(("loss_type", args["loss_type"], f"{unknown} not among ours: {sorted(ours)}"))
         else:
             m.set("model.loss_type", args["loss_type"], "loss_type", args["loss_type"])
     if max_steps > 0:
@@ -282,7 +281,10 @@ def _lora(args: dict[str, Any], m: Migration) -> None:
 
 def _check_targets(m: Migration) -> None:
     """Move a mapped key whose target this version lacks to the not-carried list."""
-    accepted = {"model": signature(DPOModule), "data": signature(PreferenceDataModule), "trainer": signature(L.Trainer)}
+    lightning = Path(importlib.util.find_spec("lightning").origin).parent  # found, not imported
+    accepted = {"model": init_arguments(PACKAGE / "module.py", "DPOModule"),
+                "data": init_arguments(PACKAGE / "data.py", "PreferenceDataModule"),
+                "trainer": init_arguments(lightning / "pytorch" / "trainer" / "trainer.py", "Trainer")}
     for items in (m.mapped, m.defaults):
         for entry in list(items):
             key, value, where = entry
@@ -293,8 +295,24 @@ def _check_targets(m: Migration) -> None:
                 m.not_carried.append((key, value, f"{section}.{name} is not an argument in this version"))
 
 
-def signature(cls: type) -> set[str]:
-    return set(inspect.signature(cls.__init__).parameters) - {"self"}
+# from-trl reads which arguments and losses this version has from the source, without importing it: importing
+# torch, transformers and Lightning would take seconds (tests/test_cli.py checks both against the imports).
+def init_arguments(source: Path, class_name: str) -> set[str]:
+    """The parameter names of `class_name.__init__` in the Python file `source`."""
+    for node in ast.walk(ast.parse(source.read_text())):
+        if isinstance(node, ast.ClassDef) and node.name == class_name:
+            init = next(f for f in node.body if isinstance(f, ast.FunctionDef) and f.name == "__init__")
+            return {a.arg for a in init.args.posonlyargs + init.args.args + init.args.kwonlyargs} - {"self"}
+    raise LookupError(f"no class {class_name} in {source}")
+
+
+def loss_names() -> set[str]:
+    """The keys of `losses.LOSSES`, a dict literal in losses.py."""
+    for node in ast.parse((PACKAGE / "losses.py").read_text()).body:
+        targets = [node.target] if isinstance(node, ast.AnnAssign) else getattr(node, "targets", [])
+        if any(isinstance(t, ast.Name) and t.id == "LOSSES" for t in targets):
+            return {key.value for key in node.value.keys}
+    raise LookupError("no LOSSES dict in losses.py")
 
 
 def _add_callbacks_and_logger(args: dict[str, Any], m: Migration) -> None:

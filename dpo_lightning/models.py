@@ -25,8 +25,10 @@ from peft import (LoraConfig, PeftConfig, PeftModel, get_peft_config, get_peft_m
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
+from dpo_lightning import quiet
 from dpo_lightning.locate import model_source
 
+quiet.drop_weight_bars()  # transformers' "Loading weights" bar at every load (quiet.py)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 POLICY_ADAPTER = "default"  # peft's name for the adapter a model is wrapped with
 REFERENCE_ADAPTER = "reference"

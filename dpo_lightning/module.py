@@ -25,6 +25,8 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 from transformers import PreTrainedModel
 
+from dpo_lightning import console
+from dpo_lightning.callbacks import CheckpointValidation
 from dpo_lightning.logps import lean_logps as lean_logps_fn
 from dpo_lightning.logps import lean_unsupported, naive_logps
 from dpo_lightning.losses import LOSSES
@@ -354,7 +356,8 @@ class DPOModule(L.LightningModule):
 
     def configure_callbacks(self) -> list[L.Callback]:
         # Tokens per second and padding in every run's logs (throughput.py); one in the Trainer's list is replaced.
-        return [Throughput()]
+        # So are Lightning's default bar and summary, by ours (console.py): the same console from Python and the CLI.
+        return [Throughput(), CheckpointValidation(), *console.replacements(self.trainer.callbacks)]
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # Only what trains is stored (with LoRA, the adapter). The reference and frozen weights (a LoRA

@@ -1,31 +1,43 @@
-"""Training curves from a run's CSV log: reward accuracy, margins, rewards and log-probs, train vs val,
-and the throughput (tokens per second, padding fraction, MFU) when the log has it.
+"""Training curves from a run's CSV log: loss, reward accuracy, margins, rewards and log-probs, train vs val,
+the learning rate and gradient norm, and the throughput (tokens per second, padding fraction, MFU) when the
+log has them.
 
-    dpo-lightning plot runs/quickstart              # the newest version_N: writes its metrics.png
+    dpo-lightning plot runs/quickstart              # the newest version_N that trained: its metrics.png
     dpo-lightning plot runs/quickstart/version_0/metrics.csv --out curves.png
 
 Reads the `metrics.csv` that Lightning's CSVLogger writes (our default logger) with the standard library
 and draws with matplotlib's object API (a `Figure`, rendered by Agg), so it never touches pyplot's
-global state or a notebook's backend. matplotlib is an optional dependency: `pip install matplotlib`.
+global state or a notebook's backend. matplotlib is a dependency (setup.cfg): axes, ticks, legends and
+PNG output are what it is for, and a hand-written plotter would be worse at each.
+
+A panel whose quantity has a natural range is drawn over it (accuracy and padding fraction from 0 to 1;
+loss, learning rate, gradient norm and throughput from 0): autoscaled, a padding fraction moving between
+0.19 and 0.22 fills the panel and reads as a trend.
 """
 
 import csv
 import os
 from pathlib import Path
 
-# One panel per entry: its title and the metrics drawn in it, without the train/ or val/ prefix.
-PANELS = (("reward accuracy", ("rewards/accuracies",)),
-          ("reward margin (chosen - rejected)", ("rewards/margins",)),
-          ("rewards", ("rewards/chosen", "rewards/rejected")),
-          ("log-probs of the responses", ("logps/chosen", "logps/rejected")))
-# Drawn below those when the log has them (throughput.py logs them during training).
-THROUGHPUT_PANELS = (("tokens per second (all ranks)", ("tokens_per_second",)),
-                     ("padding fraction", ("padding_fraction",)),
-                     ("model FLOPs utilization", ("mfu",)))
+# One panel per entry: its title, the metrics drawn in it without the train/ or val/ prefix, and its y range
+# (None: autoscaled; a None bound is matplotlib's choice).
+PANELS = (("loss", ("loss",), (0, None)),
+          ("reward accuracy", ("rewards/accuracies",), (0, 1)),
+          ("reward margin (chosen - rejected)", ("rewards/margins",), None),
+          ("rewards", ("rewards/chosen", "rewards/rejected"), None),
+          ("log-probs of the responses", ("logps/chosen", "logps/rejected"), None))
+# Drawn below those when the log has them (the module logs the learning rate and gradient norm, throughput.py
+# the others).
+OPTIONAL_PANELS = (("learning rate", ("learning_rate",), (0, None)),
+                   ("gradient norm (before clipping)", ("grad_norm",), (0, None)),
+                   ("tokens per second (all ranks)", ("tokens_per_second",), (0, None)),
+                   ("padding fraction", ("padding_fraction",), (0, 1)),
+                   ("model FLOPs utilization", ("mfu",), (0, None)))
 
 
 def find_metrics_csv(path: str | os.PathLike) -> Path:
-    """`path` itself if a file, else its `metrics.csv`, else the newest `metrics.csv` below it."""
+    """`path` itself if a file, else its `metrics.csv`, else the newest `metrics.csv` below it of a run that
+    trained (a `validate` run logs validation alone), else the newest one."""
     path = Path(path)
     if path.is_file():
         return path
@@ -34,7 +46,8 @@ def find_metrics_csv(path: str | os.PathLike) -> Path:
     found = sorted(path.rglob("metrics.csv"), key=lambda p: p.stat().st_mtime)
     if not found:
         raise FileNotFoundError(f"no metrics.csv in {path}: plot reads the CSVLogger's log (the default logger)")
-    return found[-1]
+    trained = [p for p in found if any(name.startswith("train/") for name in read_metrics(p))]
+    return (trained or found)[-1]
 
 
 def read_metrics(csv_path: str | os.PathLike) -> dict[str, tuple[list[int], list[float]]]:
@@ -63,29 +76,31 @@ def plot_metrics(source: str | os.PathLike, out_png: str | os.PathLike | None = 
     chosen is blue, rejected orange.
 
     Args:
-        source: a run's log dir (its `metrics.csv`, or the newest one below it) or a `metrics.csv` path.
+        source: a run's log dir (its `metrics.csv`, or the newest one below it of a run that trained) or
+            a `metrics.csv` path.
         out_png: where to write. Default: `metrics.png` beside the `metrics.csv`.
         dpi: resolution of the PNG.
     """
-    try:
-        from matplotlib.figure import Figure
-    except ImportError as error:
-        raise ImportError("plotting needs matplotlib: pip install matplotlib") from error
+    from matplotlib.figure import Figure
+
     csv_path = find_metrics_csv(source)
     series = read_metrics(csv_path)
-    panels = PANELS + tuple(p for p in THROUGHPUT_PANELS if f"train/{p[1][0]}" in series)
+    panels = PANELS + tuple(p for p in OPTIONAL_PANELS if f"train/{p[1][0]}" in series)
     n_rows = (len(panels) + 1) // 2
     fig = Figure(figsize=(10, 3.25 * n_rows), layout="constrained")
     axes = fig.subplots(n_rows, 2).flat
     for ax in axes[len(panels):]:
         ax.set_visible(False)
-    for ax, (title, names) in zip(axes, panels):
+    for ax, (title, names, y_range) in zip(axes, panels):
         for color, name in zip(("tab:blue", "tab:orange"), names):
             label = "" if len(names) == 1 else name.split("/")[1] + " "
             if f"train/{name}" in series:
                 ax.plot(*series[f"train/{name}"], color=color, linewidth=0.8, alpha=0.6, label=f"{label}train")
             if f"val/{name}" in series:
                 ax.plot(*series[f"val/{name}"], "o-", color=color, markersize=3, label=f"{label}val")
+        values = [y for line in ax.lines for y in line.get_ydata()]
+        if y_range is not None and values and y_range[0] <= min(values) and max(values) <= (y_range[1] or max(values)):
+            ax.set_ylim(*y_range)  # only a range that holds every value (a robust loss can go below 0)
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)

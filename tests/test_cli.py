@@ -4,8 +4,10 @@ Parsing (`--print_config`) instantiates nothing, so the hub recipe is checked wi
 `fit` runs use a tiny model and data in temp folders.
 """
 
+import csv
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -56,12 +58,103 @@ def test_console_script_exits_zero_after_a_run(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
 
 
-def test_inspect_data_prints_the_summary_and_rows_token_by_token(capsys, monkeypatch):
+def test_inspect_data_prints_the_summary_and_rows_token_by_token(capsys, caplog, monkeypatch):
     from dpo_lightning.cli import main
 
     monkeypatch.chdir(ROOT)
     main(["inspect-data", "--config", "configs/quickstart.yaml", "--rows", "1"])
     out = capsys.readouterr().out
     assert "train: 2000 rows, 2000 kept, dropped {none}" in out and "val: 256 rows, 256 kept" in out
+    # Once each: setup's own summary line ("[dpo_lightning] train data: 2000 rows, ...") repeated it.
+    console = out + "\n".join(caplog.messages)
+    assert console.count("2000 rows, 2000 kept") == 1 and console.count("256 rows, 256 kept") == 1
     # The first training pair, prompt masked in brackets; every character is one token of the tokenizer.
     assert "   chosen: [s|o|r|t| |j|m|b|e|:]  |b|e|j|m|<|endoftext|>" in out
+
+
+def imported_modules(*args: str) -> set[str]:
+    """Top-level packages a fresh `python -m dpo_lightning.cli ARGS` imports (`-X importtime` lists each on stderr)."""
+    done = subprocess.run([sys.executable, "-X", "importtime", "-m", "dpo_lightning.cli", *args],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return {line.split("|")[-1].strip().split(".")[0] for line in done.stderr.splitlines() if "|" in line}
+
+
+@pytest.mark.parametrize("args", [["--help"], ["from-trl", "TRL_ARGS"]], ids=["help", "from-trl"])
+def test_help_and_from_trl_import_neither_torch_nor_transformers(args, tmp_path):
+    # Importing them took 12-15 s before anything was printed (issue 22); these commands need neither.
+    trl_args = tmp_path / "args.json"
+    trl_args.write_text('{"beta": 0.2, "loss_type": "ipo", "max_steps": 10}')
+    heavy = {"torch", "transformers", "lightning", "datasets", "peft"}
+    assert imported_modules(*[str(trl_args) if a == "TRL_ARGS" else a for a in args]) & heavy == set()
+
+
+def test_from_trl_reads_the_signatures_and_losses_the_imports_have():
+    # from-trl reads them from the source files (so that it imports nothing heavy): the same sets as imported.
+    import inspect
+
+    import lightning as L
+
+    from dpo_lightning import LOSSES, DPOModule, PreferenceDataModule
+    from dpo_lightning.migrate import PACKAGE, init_arguments, loss_names
+
+    assert init_arguments(PACKAGE / "module.py", "DPOModule") == set(inspect.signature(DPOModule).parameters)
+    assert init_arguments(PACKAGE / "data.py", "PreferenceDataModule") == set(
+        inspect.signature(PreferenceDataModule).parameters)
+    lightning_trainer = Path(inspect.getfile(L.Trainer))
+    assert init_arguments(lightning_trainer, "Trainer") == set(inspect.signature(L.Trainer).parameters)
+    assert loss_names() == set(LOSSES)
+
+
+def test_help_lists_fit_and_validate_and_no_subcommand_the_module_cannot_run(capsys):
+    from dpo_lightning.cli import main
+
+    main(["--help"])
+    listed = {line.split()[0] for line in capsys.readouterr().out.splitlines() if line.startswith("  ")}
+    assert {"fit", "validate", "export", "plot", "from-trl", "inspect-data"} <= listed
+    assert not {"test", "predict"} & listed  # the module has no test_step / predict_step
+    with pytest.raises(SystemExit) as exit_:
+        main(["test", "--config", "configs/quickstart.yaml"])
+    assert "dpo-lightning validate" in str(exit_.value.code) and "--data.eval_dataset" in str(exit_.value.code)
+    with pytest.raises(SystemExit) as exit_:  # LightningCLI itself no longer offers them
+        cli_main(["test", "--config", str(ROOT / "configs" / "quickstart.yaml")])
+    assert exit_.value.code != 0 and "invalid choice" in capsys.readouterr().err.lower()
+
+
+def test_validate_of_a_checkpoint_prepares_only_its_split_at_the_checkpoints_step(tiny_llama, tmp_path, capfd,
+                                                                                 caplog, monkeypatch):
+    # It prepared the train split too, warned that ModelCheckpoint's dirpath changed, and logged step 0.
+    monkeypatch.chdir(tmp_path)
+    train, val = tmp_path / "train.jsonl", tmp_path / "val.jsonl"
+    Dataset.from_dict(rows(16)).to_json(train)
+    Dataset.from_dict(rows(4)).to_json(val)
+    common = [f"--model.model_name_or_path={tiny_llama}", f"--data.dataset={train}", f"--data.eval_dataset={val}",
+              "--data.max_length=48", "--data.max_prompt_length=24", "--data.batch_size=4",
+              "--trainer.enable_progress_bar=false", "--trainer.logger.init_args.name=run"]
+    cli_main(["fit", *common, "--trainer.max_steps=4", "--trainer.val_check_interval=2",
+              "--trainer.log_every_n_steps=1", "--trainer.check_val_every_n_epoch=null",
+              "--trainer.num_sanity_val_steps=0"])
+    checkpoint = next((tmp_path / "runs" / "run" / "version_0" / "checkpoints").glob("*.ckpt"))
+    caplog.clear()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cli = cli_main(["validate", *common, f"--ckpt_path={checkpoint}"])
+    summaries = [m.split(":")[0] for m in caplog.messages if m.startswith("[dpo_lightning]") and " data: " in m]
+    assert summaries == ["[dpo_lightning] eval data"] and cli.datamodule.train_data is None
+    assert [str(w.message) for w in caught if "dirpath" in str(w.message)] == []
+
+    def val_rows(version: str) -> dict[str, dict[str, str]]:
+        with open(tmp_path / "runs" / "run" / version / "metrics.csv") as f:
+            return {row["step"]: row for row in csv.DictReader(f) if row.get("val/loss")}
+
+    # The fit's validation after 4 steps sits on row 3 (Lightning logs after step N on row N - 1); the
+    # checkpoint's validation lands there too, with the same values (same weights, same pairs).
+    fitted, validated = val_rows("version_0"), val_rows("version_1")
+    assert list(validated) == ["3"]
+    assert float(validated["3"]["val/loss"]) == pytest.approx(float(fitted["3"]["val/loss"]), rel=1e-5)
+
+    from dpo_lightning.cli import main
+
+    capfd.readouterr()
+    main(["plot", str(tmp_path / "runs" / "run")])  # the newest run that trained, not the one-point validate
+    assert f"from {tmp_path / 'runs' / 'run' / 'version_0' / 'metrics.csv'}" in capfd.readouterr().out

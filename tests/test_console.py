@@ -20,7 +20,8 @@ from dpo_lightning.models import load_causal_lm
 ROOT = Path(__file__).resolve().parents[1]
 BROKEN_LOOKING = ["Epoch 0/-2", "/-2 ", "v_num", "Total FLOPs", "isinstance(treespec, LeafSpec)",
                   "is_gradient_checkpointing", "Repo id must be in the form", "Tip: For seamless",
-                  "LightningCLI's args parameter", "Traceback"]
+                  "LightningCLI's args parameter", "Traceback",
+                  "Loading weights", "Writing model shards"]  # transformers' bar per model loaded or saved
 
 
 @pytest.fixture(scope="module")
@@ -35,6 +36,12 @@ def first_run(tmp_path_factory) -> str:
     assert done.returncode == 0, done.stderr[-3000:]
     assert (cwd / "runs" / "quickstart" / "version_0" / "hf_model" / "model.safetensors").is_file()
     return done.stdout + done.stderr
+
+
+def test_the_model_card_lists_settings_only(first_run, tmp_path_factory):
+    # LightningCLI adds `_instantiator` to the module's hyperparameters; the card listed it as a setting.
+    card = next(tmp_path_factory.getbasetemp().glob("elsewhere*/runs/quickstart/version_0/hf_model/README.md"))
+    assert "_instantiator" not in card.read_text() and "beta: 0.1" in card.read_text()
 
 
 def test_first_run_prints_the_validation_table_and_no_broken_looking_line(first_run):

@@ -1,7 +1,8 @@
 """`dpo-lightning plot`: a CSVLogger `metrics.csv` (written here by hand, in Lightning's layout) to a PNG.
 
-Checks the columns reach the right panels as train and val curves, and that a log dir with several
-versions plots the newest. No training, no network.
+Checks the columns reach the right panels as train and val curves, that a log dir with several versions
+plots the newest that trained (not a later `validate`), and that a panel with a natural range keeps it.
+No training, no network.
 """
 
 import os
@@ -31,13 +32,18 @@ def test_read_metrics_keeps_each_column_at_its_own_steps(tmp_path):
     assert "epoch" not in series and "step" not in series
 
 
+def panels(figure) -> dict:
+    """Each visible panel's title -> {line label: (steps, values)}."""
+    return {ax.get_title(): {line.get_label(): (list(line.get_xdata()), list(line.get_ydata())) for line in ax.lines}
+            for ax in figure.axes if ax.get_visible()}
+
+
 def test_plot_draws_train_and_val_per_panel(tmp_path):
     figure = plot_metrics(write_run(tmp_path / "run"), tmp_path / "curves.png")
     assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    accuracy = figure.axes[0]
-    assert accuracy.get_title() == "reward accuracy"
-    lines = {line.get_label(): (list(line.get_xdata()), list(line.get_ydata())) for line in accuracy.lines}
-    assert lines == {"train": ([9, 19], [0.5, 0.75]), "val": ([0, 24], [0.5, 0.9])}
+    drawn = panels(figure)
+    assert drawn["reward accuracy"] == {"train": ([9, 19], [0.5, 0.75]), "val": ([0, 24], [0.5, 0.9])}
+    assert drawn["loss"] == {"train": ([9, 19], [0.69, 0.6])}
 
 
 def test_plot_command_picks_the_newest_run_of_a_log_dir(tmp_path, capsys):
@@ -49,14 +55,43 @@ def test_plot_command_picks_the_newest_run_of_a_log_dir(tmp_path, capsys):
     assert str(new / "metrics.png") in capsys.readouterr().out
 
 
-def test_plot_adds_the_throughput_panels_when_the_log_has_them(tmp_path):
-    with_throughput = METRICS_CSV.replace("val/rewards/margins\n", "val/rewards/margins,train/tokens_per_second,"
-                                          "train/padding_fraction\n", 1)
-    lines = with_throughput.splitlines()
-    lines = [lines[0]] + [line + (",1500.0,0.25" if line.startswith("0,9,") else ",,") for line in lines[1:]]
-    figure = plot_metrics(write_run(tmp_path / "run", "\n".join(lines) + "\n"), tmp_path / "curves.png")
-    visible = [ax for ax in figure.axes if ax.get_visible()]
-    assert [ax.get_title() for ax in visible[4:]] == ["tokens per second (all ranks)", "padding fraction"]
-    assert [(list(l.get_xdata()), list(l.get_ydata())) for l in visible[4].lines] == [([9], [1500.0])]
-    assert len(figure.axes) == 6 and len(visible) == 6  # no MFU on CPU: no empty MFU panel
-    assert len(plot_metrics(write_run(tmp_path / "plain"), tmp_path / "plain.png").axes) == 4
+def test_plot_command_skips_a_newer_validate_run_and_says_which_it_took(tmp_path, capsys):
+    # `dpo-lightning validate` after training writes version_1 with one validation row and no training.
+    trained = write_run(tmp_path / "runs" / "version_0")
+    validated = write_run(tmp_path / "runs" / "version_1",
+                          "epoch,step,val/loss,val/rewards/accuracies\n0,299,0.2,1.0\n")
+    os.utime(trained / "metrics.csv", (1, 1))
+    main(["plot", str(tmp_path / "runs")])
+    assert (trained / "metrics.png").exists() and not (validated / "metrics.png").exists()
+    assert f"from {trained / 'metrics.csv'}" in capsys.readouterr().out
+
+
+def with_columns(text: str, values: dict[str, float]) -> str:
+    """METRICS_CSV plus training columns, filled on the step-9 row and empty elsewhere."""
+    lines = text.splitlines()
+    lines[0] += "".join(f",train/{name}" for name in values)
+    for i, line in enumerate(lines[1:], start=1):
+        lines[i] += "".join(f",{v}" if line.startswith("0,9,") else "," for v in values.values())
+    return "\n".join(lines) + "\n"
+
+
+def test_plot_adds_the_learning_rate_and_throughput_panels_when_the_log_has_them(tmp_path):
+    text = with_columns(METRICS_CSV, {"learning_rate": 5e-5, "grad_norm": 2.5, "tokens_per_second": 1500.0,
+                                      "padding_fraction": 0.25})
+    drawn = panels(plot_metrics(write_run(tmp_path / "run", text), tmp_path / "curves.png"))
+    assert list(drawn)[5:] == ["learning rate", "gradient norm (before clipping)", "tokens per second (all ranks)",
+                               "padding fraction"]
+    assert drawn["learning rate"] == {"train": ([9], [5e-5])}
+    assert drawn["tokens per second (all ranks)"] == {"train": ([9], [1500.0])}  # no MFU on CPU: no empty panel
+    assert list(panels(plot_metrics(write_run(tmp_path / "plain"), tmp_path / "plain.png"))) == [
+        "loss", "reward accuracy", "reward margin (chosen - rejected)", "rewards", "log-probs of the responses"]
+
+
+def test_a_fraction_that_barely_moves_is_drawn_on_its_whole_range(tmp_path):
+    # Autoscaled, a padding fraction between 0.19 and 0.22 fills the panel and looks like a trend.
+    text = "epoch,step,train/loss,train/rewards/accuracies,train/padding_fraction\n"
+    text += "".join(f"0,{s},0.6{s % 10},0.5{s % 7},{0.19 + 0.03 * (s % 3) / 2}\n" for s in range(0, 50, 5))
+    figure = plot_metrics(write_run(tmp_path / "run", text), tmp_path / "curves.png")
+    ylim = {ax.get_title(): ax.get_ylim() for ax in figure.axes}
+    assert ylim["padding fraction"] == (0, 1) and ylim["reward accuracy"] == (0, 1)
+    assert ylim["loss"][0] == 0
