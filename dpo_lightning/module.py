@@ -1,7 +1,7 @@
 """`DPOModule`: a Hugging Face causal LM trained with DPO (or a variant) as a Lightning module.
 
 The policy and, for reference-based losses, the reference each run one forward over a batch of
-chosen rows then rejected rows (see `data.collate_pairs`); `logps.py` turns that into per-sequence
+chosen rows then rejected rows (see `batches.collate_pairs`); `logps.py` turns that into per-sequence
 log-probs (lean by default: no full-vocabulary logits), and the losses named by `loss_type` (pure
 functions in `losses.py`) turn those into per-pair losses and rewards. The reference is a frozen copy,
 or with a LoRA adapter the policy itself with its adapter switched off (`reference.py`). Devices, precision
