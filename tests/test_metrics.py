@@ -70,3 +70,39 @@ def test_metrics_are_exact_under_batch_size_and_gradient_accumulation(tiny_llama
     for name, value in val_one.items():
         assert val_acc[name] == pytest.approx(value, rel=1e-4, abs=1e-5), name
     assert not any(math.isnan(v) for v in val_one.values())
+
+
+def test_validate_fit_validate_on_one_module_and_trainer_equals_each_run_alone(tiny_llama, tmp_path):
+    # A notebook looks at the baseline first: trainer.validate, then trainer.fit, then validate again, on one
+    # module and one Trainer. Validation states made under validate's inference mode used to be updated in
+    # place under fit's no-grad sanity check ("Inplace update to inference tensor outside InferenceMode").
+    def trainer() -> L.Trainer:
+        return L.Trainer(max_steps=2, val_check_interval=1, check_val_every_n_epoch=None, num_sanity_val_steps=1,
+                         log_every_n_steps=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                         enable_checkpointing=False, default_root_dir=tmp_path)
+
+    def module() -> DPOModule:
+        L.seed_everything(0)
+        return DPOModule(tiny_llama, learning_rate=1e-3)
+
+    alone = module()
+    alone_trainer = trainer()
+    alone_trainer.fit(alone, data_module(8, eval_n=6))
+    alone_train = {k: v.item() for k, v in alone_trainer.logged_metrics.items() if k.startswith("train/")}
+    alone_val = trainer().validate(alone, data_module(8, eval_n=6), verbose=False)[0]
+
+    model, shared, data = module(), trainer(), data_module(8, eval_n=6)
+    before = shared.validate(model, data, verbose=False)[0]
+    assert before["val/loss"] == pytest.approx(math.log(2), abs=1e-6)  # policy == reference: ln 2
+    assert before["val/rewards/accuracies"] == 0.5
+    shared.fit(model, data)
+    train = {k: v.item() for k, v in shared.logged_metrics.items() if k.startswith("train/")}
+    after = shared.validate(model, data, verbose=False)[0]
+    for name, weight in alone.policy.state_dict().items():
+        torch.testing.assert_close(model.policy.state_dict()[name], weight)
+    assert train.keys() == alone_train.keys()
+    for name, value in alone_train.items():
+        assert train[name] == pytest.approx(value, rel=1e-5, abs=1e-6), name
+    assert after.keys() == alone_val.keys() and after["val/loss"] < math.log(2)
+    for name, value in alone_val.items():
+        assert after[name] == pytest.approx(value, rel=1e-5, abs=1e-6), name
