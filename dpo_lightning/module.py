@@ -52,9 +52,10 @@ class DPOModule(L.LightningModule):
         model_name_or_path: the policy: a hub name or local folder, or an already built model (notebooks).
             A local peft adapter folder (with `adapter_config.json`), or a `PeftModel`, trains that adapter
             on its base model, and a frozen copy of the adapter is the reference.
-        ref_model_name_or_path: the reference model. Default: a frozen copy of the policy's starting
-            weights, made in memory in the policy's dtype; with a new LoRA adapter, the policy with the
-            adapter disabled (no copy). Not loaded for reference-free losses.
+        ref_model_name_or_path: the reference model: a hub name or local folder, or an already built model
+            (TRL's `ref_model`; frozen in place, and passed again to `load_from_checkpoint`). Default: a
+            frozen copy of the policy's starting weights, made in memory in the policy's dtype; with a new
+            LoRA adapter, the policy with the adapter disabled (no copy). Not loaded for reference-free losses.
         beta: strength of the KL penalty toward the reference (the paper's beta); higher stays closer.
         loss_type: the preference loss, a name from `dpo_lightning.losses.LOSSES`, or a list of them
             combined with `loss_weights` (as MPO does, e.g. [sigmoid, bco_pair, sft]).
@@ -125,7 +126,7 @@ class DPOModule(L.LightningModule):
     def __init__(
         self,
         model_name_or_path: str | PreTrainedModel,
-        ref_model_name_or_path: str | None = None,
+        ref_model_name_or_path: str | PreTrainedModel | None = None,
         beta: float = 0.1,
         loss_type: LossType | list[LossType] = "sigmoid",
         loss_weights: list[float] | None = None,
@@ -172,7 +173,10 @@ class DPOModule(L.LightningModule):
         if learning_rate <= 0 or weight_decay < 0 or warmup_steps < 0:
             raise ValueError(f"--model.learning_rate must be > 0 and weight_decay, warmup_steps >= 0; got "
                              f"{learning_rate}, {weight_decay}, {warmup_steps}")
-        self.save_hyperparameters(ignore=["model_name_or_path"] if isinstance(model_name_or_path, nn.Module) else None)
+        # A model object is left out of the hyperparameters (as TRL's model / ref_model, it is no setting): a
+        # checkpoint then needs it passed again (`on_load_checkpoint` says so for the reference).
+        self.save_hyperparameters(ignore=[name for name, value in (("model_name_or_path", model_name_or_path), (
+            "ref_model_name_or_path", ref_model_name_or_path)) if isinstance(value, nn.Module)])
 
         for flag, value in (("ref_model_name_or_path", ref_model_name_or_path is not None),
                             ("precompute_ref_log_probs", precompute_ref_log_probs)):
@@ -365,6 +369,13 @@ class DPOModule(L.LightningModule):
         checkpoint["reference"] = self.ref.checkpoint_state()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        saved = checkpoint.get(self.CHECKPOINT_HYPER_PARAMS_KEY)
+        if saved is not None and "ref_model_name_or_path" not in saved and self.hparams.get(
+                "ref_model_name_or_path", "an object") is None:
+            raise ValueError("this checkpoint's reference was passed as a model object (ref_model_name_or_path), "
+                             "which a checkpoint does not hold; pass it again: DPOModule.load_from_checkpoint(path, "
+                             "model_name_or_path=..., ref_model_name_or_path=<the reference model, or its folder "
+                             "or hub name>)")
         # Lightning loads state dicts strictly; hand it the frozen weights this module already rebuilt.
         # (ModelParallelStrategy has loaded and removed the state dict already: see configure_model.)
         migrate_state_dict(checkpoint.get("state_dict", {}))
