@@ -31,7 +31,7 @@ from dpo_lightning.losses import LOSSES
 from dpo_lightning.metrics import compute_all, make_metrics, update_metrics
 from dpo_lightning.models import base_causal_lm, build_models, quantized_base
 from dpo_lightning.objective import Objective, ObjectiveOutput, migrate_state_dict
-from dpo_lightning.optim import lr_factor, make_optimizer, param_groups
+from dpo_lightning.optim import grad_norm, lr_factor, make_optimizer, param_groups
 from dpo_lightning.packing import shared_layout_unsupported
 from dpo_lightning.reference import Reference
 from dpo_lightning.resume import ends_optimizer_step
@@ -250,6 +250,11 @@ class DPOModule(L.LightningModule):
             # No gradient at all, rather than a zero one: AdamW and RMSprop pass over such parameters, so no
             # weight, moment or step count moves (a zero gradient still moves them through momentum and decay).
             optimizer.zero_grad(set_to_none=True)
+        else:  # TRL's learning_rate and grad_norm: the rate this step applies, the gradient before clipping
+            self.log("train/learning_rate", optimizer.param_groups[0]["lr"], on_step=True, on_epoch=False)
+            norm = grad_norm(self.policy.parameters(), self.trainer.strategy.model)
+            if norm is not None:
+                self.log("train/grad_norm", norm, on_step=True, on_epoch=False)
         self.objective.commit(taken=not self._skip_step)  # before on_train_batch_end, where checkpoints are saved
 
     def lr_scheduler_step(self, scheduler, metric) -> None:
