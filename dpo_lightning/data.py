@@ -15,7 +15,7 @@ import torch
 from datasets import Dataset, IterableDataset
 from datasets.distributed import split_dataset_by_node
 from datasets.fingerprint import Hasher
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
@@ -148,7 +148,9 @@ class PreferenceDataModule(L.LightningDataModule):
         transform: str | Callable[[dict], dict | None] | None = None,
     ):
         super().__init__()
-        self.save_hyperparameters(ignore=["dataset", "eval_dataset", "tokenizer", "transform"])
+        # A tokenizer name is kept with the hyperparameters (the export finds it there); an object is not.
+        objects = ["transform"] + ([] if tokenizer is None or isinstance(tokenizer, str) else ["tokenizer"])
+        self.save_hyperparameters(ignore=["dataset", "eval_dataset", *objects])
         _check_arguments(self.hparams)
         if isinstance(dataset, str) and dataset in PRESETS:
             dataset, preset_format = PRESETS[dataset]
@@ -190,6 +192,11 @@ class PreferenceDataModule(L.LightningDataModule):
         elif hp.eval_fraction > 0:
             parts = train.train_test_split(test_size=hp.eval_fraction, seed=hp.seed)
             train, val = parts["train"], parts["test"]
+        elif report:  # Lightning's own hint would be "Total length of `list` across ranks is zero"
+            rank_zero_warn("no validation data: this run logs no val/ metrics, keeps no checkpoint on a val "
+                           "metric and generates no samples. Name held-out pairs with eval_dataset "
+                           "(--data.eval_dataset) or eval_split (--data.eval_split), or hold out a share of "
+                           "the training rows with eval_fraction, e.g. 0.1 (--data.eval_fraction)")
         train = self._prepare_split(train, "train", tokenizer, schema, report) if with_train else None
         val = self._prepare_split(val, "val", tokenizer, val_schema, report) if val is not None else None
         return train, val

@@ -108,7 +108,24 @@ def update_metrics(metrics: nn.ModuleDict, losses: dict[str, Tensor], weights: l
     for name, args in batch_values(losses, weights, chosen_rewards, rejected_rewards, logps, mean_logits,
                                    n_tokens).items():
         if name in metrics:
+            thaw(metrics[name])
             metrics[name].update(*args)
+
+
+def thaw(metric: Metric) -> None:
+    """Replace the metric's inference tensors with normal ones, outside inference mode (in it, nothing to do).
+
+    `trainer.validate` runs under `torch.inference_mode`, so the states its epoch-end reset makes are inference
+    tensors, which the in-place updates of a later `trainer.fit` (its validation runs under `no_grad`) may not
+    touch: a notebook's validate-then-fit would stop with "Inplace update to inference tensor outside
+    InferenceMode". A clone made outside inference mode is a normal tensor with the same value.
+    """
+    if torch.is_inference_mode_enabled():
+        return
+    for name in metric.metric_state:
+        value = getattr(metric, name)
+        if isinstance(value, Tensor) and value.is_inference():
+            setattr(metric, name, value.clone())
 
 
 def batch_values(losses: dict[str, Tensor], weights: list[float], chosen_rewards: Tensor, rejected_rewards: Tensor,

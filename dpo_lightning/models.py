@@ -151,12 +151,16 @@ def enable_activation_checkpointing(model: PreTrainedModel) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
-def build_models(source: str | nn.Module, ref_source: str | None, needs_reference: bool,
+def build_models(source: str | nn.Module, ref_source: str | nn.Module | None, needs_reference: bool,
                  hp: Mapping[str, Any]) -> tuple[nn.Module, nn.Module | None, str | None]:
     """The policy, the reference model (or None) and the reference adapter's name (or None), by the three
     cases above. `hp` holds `DPOModule`'s arguments. With `precompute_ref_log_probs` no reference model is
-    built here: `Reference` loads one only if the cache misses. The reference model comes back as loaded;
-    `Reference` freezes it."""
+    built here: `Reference` loads one only if the cache misses. The reference model comes back as loaded, or
+    as given (a model object, the tutorials' `ref_model`); `Reference` freezes it."""
+    if ref_source is not None and ref_source is source:
+        raise ValueError("--model.ref_model_name_or_path is the policy object itself, which training changes: pass "
+                         "a separate copy (copy.deepcopy(model), or from_pretrained again), or leave it unset for a "
+                         "frozen copy of the policy's starting weights")
     pretrained_adapter = isinstance(source, PeftModel) or (isinstance(source, str) and is_adapter_folder(source))
     validate_lora(hp, pretrained_adapter)
     adapter = lora_config(hp.lora_r, hp.lora_alpha, hp.lora_dropout, hp.lora_target_modules, hp.peft_config)
@@ -170,7 +174,9 @@ def build_models(source: str | nn.Module, ref_source: str | None, needs_referenc
         zero_dropout(policy)
     reference, reference_adapter = None, None
     later = hp.precompute_ref_log_probs
-    if needs_reference and ref_source is not None and not later:
+    if needs_reference and isinstance(ref_source, nn.Module):
+        reference = ref_source  # as given, also with precomputation: nothing could load it again
+    elif needs_reference and ref_source is not None and not later:
         reference = load_causal_lm(ref_source, hp.torch_dtype, hp.trust_remote_code)
     elif needs_reference and pretrained_adapter and ref_source is None:
         reference_adapter = add_reference_adapter(policy)

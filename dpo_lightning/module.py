@@ -33,7 +33,7 @@ from dpo_lightning.losses import LOSSES
 from dpo_lightning.metrics import compute_all, make_metrics, update_metrics
 from dpo_lightning.models import base_causal_lm, build_models, quantized_base
 from dpo_lightning.objective import Objective, ObjectiveOutput, migrate_state_dict
-from dpo_lightning.optim import lr_factor, make_optimizer, param_groups
+from dpo_lightning.optim import grad_norm, lr_factor, make_optimizer, param_groups
 from dpo_lightning.packing import shared_layout_unsupported
 from dpo_lightning.reference import Reference
 from dpo_lightning.preflight import check_run
@@ -55,9 +55,10 @@ class DPOModule(L.LightningModule):
         model_name_or_path: the policy: a hub name or local folder, or an already built model (notebooks).
             A local peft adapter folder (with `adapter_config.json`), or a `PeftModel`, trains that adapter
             on its base model, and a frozen copy of the adapter is the reference.
-        ref_model_name_or_path: the reference model. Default: a frozen copy of the policy's starting
-            weights, made in memory in the policy's dtype; with a new LoRA adapter, the policy with the
-            adapter disabled (no copy). Not loaded for reference-free losses.
+        ref_model_name_or_path: the reference model: a hub name or local folder, or an already built model
+            (TRL's `ref_model`; frozen in place, and passed again to `load_from_checkpoint`). Default: a
+            frozen copy of the policy's starting weights, made in memory in the policy's dtype; with a new
+            LoRA adapter, the policy with the adapter disabled (no copy). Not loaded for reference-free losses.
         beta: strength of the KL penalty toward the reference (the paper's beta); higher stays closer.
         loss_type: the preference loss, a name from `dpo_lightning.losses.LOSSES`, or a list of them
             combined with `loss_weights` (as MPO does, e.g. [sigmoid, bco_pair, sft]).
@@ -128,7 +129,7 @@ class DPOModule(L.LightningModule):
     def __init__(
         self,
         model_name_or_path: str | PreTrainedModel,
-        ref_model_name_or_path: str | None = None,
+        ref_model_name_or_path: str | PreTrainedModel | None = None,
         beta: float = 0.1,
         loss_type: LossType | list[LossType] = "sigmoid",
         loss_weights: list[float] | None = None,
@@ -175,7 +176,10 @@ class DPOModule(L.LightningModule):
         if learning_rate <= 0 or weight_decay < 0 or warmup_steps < 0:
             raise ValueError(f"--model.learning_rate must be > 0 and weight_decay, warmup_steps >= 0; got "
                              f"{learning_rate}, {weight_decay}, {warmup_steps}")
-        self.save_hyperparameters(ignore=["model_name_or_path"] if isinstance(model_name_or_path, nn.Module) else None)
+        # A model object is left out of the hyperparameters (as TRL's model / ref_model, it is no setting): a
+        # checkpoint then needs it passed again (`on_load_checkpoint` says so for the reference).
+        self.save_hyperparameters(ignore=[name for name, value in (("model_name_or_path", model_name_or_path), (
+            "ref_model_name_or_path", ref_model_name_or_path)) if isinstance(value, nn.Module)])
 
         for flag, value in (("ref_model_name_or_path", ref_model_name_or_path is not None),
                             ("precompute_ref_log_probs", precompute_ref_log_probs)):
@@ -250,6 +254,11 @@ class DPOModule(L.LightningModule):
             # No gradient at all, rather than a zero one: AdamW and RMSprop pass over such parameters, so no
             # weight, moment or step count moves (a zero gradient still moves them through momentum and decay).
             optimizer.zero_grad(set_to_none=True)
+        else:  # TRL's learning_rate and grad_norm: the rate this step applies, the gradient before clipping
+            self.log("train/learning_rate", optimizer.param_groups[0]["lr"], on_step=True, on_epoch=False)
+            norm = grad_norm(self.policy.parameters(), self.trainer.strategy.model)
+            if norm is not None:
+                self.log("train/grad_norm", norm, on_step=True, on_epoch=False)
         self.objective.commit(taken=not self._skip_step)  # before on_train_batch_end, where checkpoints are saved
 
     def lr_scheduler_step(self, scheduler, metric) -> None:
@@ -370,6 +379,13 @@ class DPOModule(L.LightningModule):
         checkpoint["reference"] = self.ref.checkpoint_state()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        saved = checkpoint.get(self.CHECKPOINT_HYPER_PARAMS_KEY)
+        if saved is not None and "ref_model_name_or_path" not in saved and self.hparams.get(
+                "ref_model_name_or_path", "an object") is None:
+            raise ValueError("this checkpoint's reference was passed as a model object (ref_model_name_or_path), "
+                             "which a checkpoint does not hold; pass it again: DPOModule.load_from_checkpoint(path, "
+                             "model_name_or_path=..., ref_model_name_or_path=<the reference model, or its folder "
+                             "or hub name>)")
         # Lightning loads state dicts strictly; hand it the frozen weights this module already rebuilt.
         # (ModelParallelStrategy has loaded and removed the state dict already: see configure_model.)
         migrate_state_dict(checkpoint.get("state_dict", {}))

@@ -3,7 +3,8 @@
 Weight decay applies to matrices only, not to biases and norms (nanoGPT `model.py::configure_optimizers`).
 The optimizer is a name (`adamw`, or `rmsprop` as in the DPO reference) or any optimizer the LightningCLI
 way (`class_path` + `init_args`, which LightningCLI saves in the hparams as a dict), and `lr_factor` is
-the warm-up then constant, linear or cosine multiplier, stepped every optimizer step.
+the warm-up then constant, linear or cosine multiplier, stepped every optimizer step. `grad_norm` is the
+whole gradient's norm that `DPOModule` logs before each optimizer step, as TRL logs `grad_norm`.
 """
 
 import functools
@@ -12,7 +13,9 @@ import math
 from typing import Callable, Iterable
 
 import torch
-from torch import nn
+from torch import Tensor, nn
+from torch.distributed.fsdp import FullyShardedDataParallel
+from torch.distributed.tensor import DTensor
 
 OPTIMIZERS = {"adamw": torch.optim.AdamW, "rmsprop": torch.optim.RMSprop}
 
@@ -45,3 +48,22 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int | float, kind: str)
         return 1.0
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
     return 1.0 - progress if kind == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def grad_norm(parameters: Iterable[nn.Parameter], sharded_root: nn.Module | None = None) -> Tensor | None:
+    """The L2 norm of the whole gradient of `parameters`, in float32; None where they hold none (DeepSpeed keeps
+    its own). Called before the optimizer step: after AMP's unscaling, before clipping.
+
+    Under DDP each rank holds the whole gradient, averaged over the ranks by backward: its norm is the norm.
+    Under FSDP each rank holds shards. FSDP2's are DTensors, and torch's `get_total_norm` sums their parts over
+    the mesh; FSDP1 keeps flat shards, whose norm its root module (`sharded_root`) computes over its process
+    group with `clip_grad_norm_` at an infinite bound (the gradients are scaled by exactly 1).
+    """
+    if isinstance(sharded_root, FullyShardedDataParallel):
+        return sharded_root.clip_grad_norm_(math.inf).float()
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return None
+    if isinstance(grads[0], DTensor):
+        return torch.nn.utils.get_total_norm(grads).full_tensor().float()
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32)))

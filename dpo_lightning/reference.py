@@ -93,7 +93,8 @@ class Reference(nn.Module):
         adapter: the frozen reference adapter's name on the policy (case 3), or None.
         needed: False for reference-free losses: nothing computes a reference (`logps` gives None).
         score: the module's log-prob path (`Score`), with which the reference is computed.
-        ref_source: `ref_model_name_or_path`; with precomputation it is loaded only if the cache misses.
+        ref_source: `ref_model_name_or_path`; with precomputation it is loaded only if the cache misses. A model
+            object is `model` itself and stays held: nothing could load it again once dropped.
         policy_source: the path the policy's starting weights were loaded from (None for a model object).
         torch_dtype, trust_remote_code: how to load either source.
         cache_dir: where precomputed tables are kept (None: `DEFAULT_CACHE_DIR`).
@@ -106,14 +107,15 @@ class Reference(nn.Module):
     """
 
     def __init__(self, model: nn.Module | None, adapter: str | None, needed: bool, score: Score,
-                 ref_source: str | None, policy_source: str | None, torch_dtype: str | None,
+                 ref_source: str | nn.Module | None, policy_source: str | None, torch_dtype: str | None,
                  trust_remote_code: bool, cache_dir: str | None = None, batch_size: int | None = None):
         super().__init__()
         if model is not None:
             model.requires_grad_(False).train()  # frozen; eval mode within `weights` (see `reference_weights`)
         self.model = model
         self.adapter, self.needed, self.score = adapter, needed, score
-        self.ref_source, self.policy_source = ref_source, policy_source
+        self.ref_source, self.policy_source = ref_source if isinstance(ref_source, str) else None, policy_source
+        self.held = isinstance(ref_source, nn.Module)
         self.torch_dtype, self.trust_remote_code = torch_dtype, trust_remote_code
         self.cache_dir, self.batch_size = cache_dir or DEFAULT_CACHE_DIR, batch_size
         self.tables: dict[str, Tensor] = {}
@@ -134,7 +136,8 @@ class Reference(nn.Module):
 
     def _policy_computes(self, policy: nn.Module) -> bool:
         # With adapters the frozen base (and reference adapter) never change; all weights train otherwise.
-        return self.needed and self.ref_source is None and (isinstance(policy, PeftModel) or not self.policy_trained)
+        return (self.needed and self.ref_source is None and not self.held
+                and (isinstance(policy, PeftModel) or not self.policy_trained))
 
     def logps(self, policy: nn.Module, batch: dict[str, Tensor], stage: str) -> Tensor | None:
         """The batch's summed reference log-probs (2B,), chosen rows then rejected: looked up, or computed
@@ -172,7 +175,7 @@ class Reference(nn.Module):
                 save_table(table, paths[split])
         tables.update({split: cached[split].to(trainer.strategy.root_device) for split in splits if split not in missing})
         self.tables.update(tables)
-        self.model = None
+        self.model = self.model if self.held else None
         rank_zero_info(f"[dpo_lightning] reference log-probs: {sorted(missing)} scored, "
                        f"{sorted(set(splits) - set(missing))} read from the cache {self.cache_dir}; "
                        "training holds the policy alone")

@@ -80,6 +80,7 @@ def test_ddp_on_uneven_splits_equals_one_process(tiny_llama, other_llama, tmp_pa
         weights = result["weights"]
         assert all(torch.equal(weights[1][k], weights[0][k]) for k in weights[0]), n  # ... and no weight moved
         assert any(not torch.equal(weights[2][k], weights[1][k]) for k in weights[0]), n
+    assert {"train/grad_norm", "train/learning_rate"} <= set(single["train"]["0"])  # compared like the rest
     for n in DEVICES[1:]:
         assert_same(single["train"]["0"], runs[n]["train"]["0"], 1e-4, f"train step 0, {n} ranks")
         assert_same_weights(single["weights"][1], runs[n]["weights"][1])

@@ -26,6 +26,7 @@ def test_two_sharded_ranks_train_the_weights_of_one_unsharded_process(tiny_llama
     single, sharded = (json.loads((tmp_path / f"{n}.json").read_text()) for n in (1, 2))
     assert sharded["sharded_units"] == 2 * (2 + 2 + 1)  # policy and reference: 2 layers, decoder, head, root
     assert abs(single["train/rewards/margins"]) > 1e-4  # the reference differs: the metrics are not step-0 zeros
+    assert single["train/grad_norm"] > 1e-3  # the whole gradient's norm: the shards' parts summed over the ranks
     for name, value in single.items():
         if name.startswith("train/"):
             assert abs(sharded[name] - value) <= 1e-4 * abs(value) + 1e-5, name

@@ -106,10 +106,23 @@ def resumed_run(tmp_path_factory, tiny_llama):
         first = cli_main(["fit", "--config", str(write_config(tmp_path, tiny_llama, 2, None))])
         run_id = next(lg for lg in first.trainer.loggers if type(lg).__name__ == "MLFlowLogger").run_id
         checkpoint = next((tmp_path / "ckpt").glob("*step=2.ckpt"))
-        wandb.finish()  # what the end of the first command's process does
+        end_of_process()
         cli_main(["fit", "--config", str(write_config(tmp_path, tiny_llama, 4, run_id)), f"--ckpt_path={checkpoint}"])
-        wandb.finish()
+        end_of_process()
     return tmp_path, run_id
+
+
+def end_of_process() -> None:
+    """What the end of a command's process does for W&B: finish the run, then shut the wandb service down.
+
+    `wandb.finish()` alone returns before the service has closed the run's stream: it only posts "finished"
+    for the stream named by the run id. The resumed run has the same id, so in one process that late
+    message could close the second run's stream instead, which then wrote no records (its id read as None;
+    7 of 20 same-id pairs in a loop here). `wandb.teardown()` waits for the service process to exit, as the
+    exit of a real command does, so the next run starts a fresh service.
+    """
+    wandb.finish()
+    wandb.teardown()
 
 
 def test_wandb_offline_run_continues_with_metrics_samples_and_card(resumed_run):

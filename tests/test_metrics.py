@@ -4,8 +4,10 @@
 checks run tiny models (conftest.py) through Lightning on CPU. No network.
 """
 
+import csv
 import math
 import statistics
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -70,3 +72,78 @@ def test_metrics_are_exact_under_batch_size_and_gradient_accumulation(tiny_llama
     for name, value in val_one.items():
         assert val_acc[name] == pytest.approx(value, rel=1e-4, abs=1e-5), name
     assert not any(math.isnan(v) for v in val_one.values())
+
+
+def test_validate_fit_validate_on_one_module_and_trainer_equals_each_run_alone(tiny_llama, tmp_path):
+    # A notebook looks at the baseline first: trainer.validate, then trainer.fit, then validate again, on one
+    # module and one Trainer. Validation states made under validate's inference mode used to be updated in
+    # place under fit's no-grad sanity check ("Inplace update to inference tensor outside InferenceMode").
+    def trainer() -> L.Trainer:
+        return L.Trainer(max_steps=2, val_check_interval=1, check_val_every_n_epoch=None, num_sanity_val_steps=1,
+                         log_every_n_steps=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                         enable_checkpointing=False, default_root_dir=tmp_path)
+
+    def module() -> DPOModule:
+        L.seed_everything(0)
+        return DPOModule(tiny_llama, learning_rate=1e-3)
+
+    alone = module()
+    alone_trainer = trainer()
+    alone_trainer.fit(alone, data_module(8, eval_n=6))
+    alone_train = {k: v.item() for k, v in alone_trainer.logged_metrics.items() if k.startswith("train/")}
+    alone_val = trainer().validate(alone, data_module(8, eval_n=6), verbose=False)[0]
+
+    model, shared, data = module(), trainer(), data_module(8, eval_n=6)
+    before = shared.validate(model, data, verbose=False)[0]
+    assert before["val/loss"] == pytest.approx(math.log(2), abs=1e-6)  # policy == reference: ln 2
+    assert before["val/rewards/accuracies"] == 0.5
+    shared.fit(model, data)
+    train = {k: v.item() for k, v in shared.logged_metrics.items() if k.startswith("train/")}
+    after = shared.validate(model, data, verbose=False)[0]
+    for name, weight in alone.policy.state_dict().items():
+        torch.testing.assert_close(model.policy.state_dict()[name], weight)
+    assert train.keys() == alone_train.keys()
+    for name, value in alone_train.items():
+        assert train[name] == pytest.approx(value, rel=1e-5, abs=1e-6), name
+    assert after.keys() == alone_val.keys() and after["val/loss"] < math.log(2)
+    for name, value in alone_val.items():
+        assert after[name] == pytest.approx(value, rel=1e-5, abs=1e-6), name
+
+
+class GradientBeforeClipping(L.Callback):
+    """Each optimizer step's learning rate and whole-gradient norm, computed here from the parameters' .grad in
+    float64: callbacks see the step before the module's hook and before Lightning clips (AMP: after unscaling)."""
+
+    def __init__(self):
+        self.norms, self.rates = [], []
+
+    def on_before_optimizer_step(self, trainer, module, optimizer):
+        grads = [p.grad.double().flatten() for p in module.policy.parameters() if p.grad is not None]
+        self.norms.append(torch.cat(grads).norm().item())
+        self.rates.append(optimizer.param_groups[0]["lr"])
+
+
+@pytest.mark.parametrize("precision", ["32", "16-mixed"])
+def test_learning_rate_and_gradient_norm_are_logged_each_step_before_clipping(tiny_llama, tmp_path, precision):
+    # warmup_steps 2 at 1e-3: the steps apply 1e-3 * 1/3, 2/3, then 1e-3 (lr_factor's (k + 1) / (w + 1)). The
+    # gradient is clipped to 1e-4, far under its norm, so a norm read after clipping would show 1e-4. 16-mixed
+    # (fp16 with a loss scale of 2^16 on CPU) checks that the norm is read after unscaling.
+    from lightning.pytorch.plugins import MixedPrecision
+
+    plugins = [MixedPrecision("16-mixed", "cpu", torch.amp.GradScaler("cpu"))] if precision == "16-mixed" else []
+    seen = GradientBeforeClipping()
+    trainer = L.Trainer(max_steps=4, accumulate_grad_batches=2, gradient_clip_val=1e-4, log_every_n_steps=1,
+                        logger=L.pytorch.loggers.CSVLogger(tmp_path), callbacks=[seen], plugins=plugins,
+                        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                        num_sanity_val_steps=0, limit_val_batches=0, default_root_dir=tmp_path)
+    trainer.fit(DPOModule(tiny_llama, learning_rate=1e-3, warmup_steps=2), data_module(16, eval_n=0, batch_size=2))
+    with open(Path(trainer.log_dir) / "metrics.csv") as f:
+        logged = {int(row["step"]): row for row in csv.DictReader(f) if row["train/grad_norm"]}
+    assert sorted(logged) == [0, 1, 2, 3]
+    assert [float(logged[s]["train/learning_rate"]) for s in range(4)] == pytest.approx([1e-3 / 3, 2e-3 / 3, 1e-3,
+                                                                                         1e-3])
+    assert seen.rates == pytest.approx([1e-3 / 3, 2e-3 / 3, 1e-3, 1e-3])
+    assert min(seen.norms) > 1e-2  # far over the clipping bound
+    if precision == "16-mixed":  # about 1.9 as in float32, not 2^16 times that: unscaled
+        assert trainer.precision_plugin.scaler.get_scale() == 2 ** 16 and max(seen.norms) < 100
+    assert [float(logged[s]["train/grad_norm"]) for s in range(4)] == pytest.approx(seen.norms, rel=1e-5)

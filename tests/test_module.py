@@ -291,3 +291,61 @@ def test_likelihood_displacement_warns_once_past_the_threshold(tiny_llama, other
         warnings.simplefilter("always")
         trainer(tmp_path, max_steps=3).fit(model, data_module())
     assert len([w for w in record if "likelihood displacement" in str(w.message)]) == 1
+
+
+def test_a_reference_model_object_is_used_as_given_and_kept_out_of_hyperparameters(tiny_llama, other_llama, tmp_path):
+    # TRL's and the tutorials' way: DPOModule(model_name_or_path=model, ref_model_name_or_path=model_ref). The
+    # reference here has other weights than the policy, so step 0's rewards show which model scored them.
+    policy, reference = (AutoModelForCausalLM.from_pretrained(path) for path in (tiny_llama, other_llama))
+    start = {k: v.clone() for k, v in reference.state_dict().items()}
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        model = DPOModule(model_name_or_path=policy, ref_model_name_or_path=reference, beta=0.1, learning_rate=1e-2)
+    assert not [w for w in record if "nn.Module" in str(w.message)], [str(w.message) for w in record]
+    assert model.reference is reference and "ref_model_name_or_path" not in model.hparams
+    batch = first_batch(data_module())
+    with torch.no_grad():
+        model._shared_step(batch, "val")
+    (pc, pr), _, _ = batch_logps(model, batch)
+    rc, rr = response_logps(reference, batch)[0].chunk(2)
+    rewards = model.val_metrics["rewards/chosen"].compute(), model.val_metrics["rewards/rejected"].compute()
+    torch.testing.assert_close(rewards[0], (0.1 * (pc - rc)).mean())
+    torch.testing.assert_close(rewards[1], (0.1 * (pr - rr)).mean())
+    for metric in model.val_metrics.values():
+        metric.reset()
+    t = trainer(tmp_path, max_steps=2)
+    t.fit(model, data_module())
+    assert all(torch.equal(start[k], v) for k, v in reference.state_dict().items())
+
+    path = tmp_path / "objects.ckpt"
+    t.save_checkpoint(path)
+    with pytest.raises(ValueError, match=r"reference was passed as a model object.*ref_model_name_or_path=<the"):
+        DPOModule.load_from_checkpoint(path, model_name_or_path=tiny_llama, weights_only=True)
+    reloaded = DPOModule.load_from_checkpoint(path, model_name_or_path=tiny_llama, ref_model_name_or_path=other_llama,
+                                              weights_only=True)
+    validate = lambda m: L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False,  # noqa: E731
+                                   default_root_dir=tmp_path).validate(m, data_module(), verbose=False)[0]
+    assert validate(reloaded) == pytest.approx(validate(model), rel=1e-6)
+
+
+def test_a_reference_object_is_kept_when_its_log_probs_are_precomputed(tiny_llama, other_llama, tmp_path):
+    # Precomputation drops a reference it can load again; an object could not be, so validate then fit (which
+    # scores the train split later) must still score with the object, not with the policy.
+    policy, reference = (AutoModelForCausalLM.from_pretrained(path) for path in (tiny_llama, other_llama))
+    model = DPOModule(policy, ref_model_name_or_path=reference, precompute_ref_log_probs=True,
+                      ref_logps_cache_dir=str(tmp_path / "cache"))
+    t = trainer(tmp_path, max_steps=1)
+    t.validate(model, data_module(), verbose=False)
+    t.fit(model, data_module())
+    assert model.reference is reference
+    train = data_module()
+    train.setup("fit")
+    for batch in train.train_dataloader():  # (B, 2) [chosen, rejected] by row, from the reference object's logits
+        torch.testing.assert_close(model.ref.tables["train"][batch["row_ids"]],
+                                   response_logps(reference, batch)[0].view(2, -1).T, rtol=1e-5, atol=1e-5)
+
+
+def test_the_policy_object_itself_as_its_reference_is_refused(tiny_llama):
+    policy = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    with pytest.raises(ValueError, match="ref_model_name_or_path is the policy object itself.*copy.deepcopy"):
+        DPOModule(policy, ref_model_name_or_path=policy)
