@@ -23,7 +23,7 @@ import torch
 from peft import (LoraConfig, PeftConfig, PeftModel, get_peft_config, get_peft_model, get_peft_model_state_dict,
                   set_peft_model_state_dict)
 from torch import nn
-from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from dpo_lightning.locate import model_source
 
@@ -134,10 +134,26 @@ def add_reference_adapter(model: PeftModel) -> str:
 
 
 def zero_dropout(model: nn.Module) -> None:
-    # With dropout on, the policy and reference disagree at step 0 and the rewards start as noise.
+    """Every dropout of `model` to 0: its dropout modules, and the rates its forward reads from an attribute or
+    its config (OPT's `F.dropout(p=self.dropout)`, Falcon's `config.hidden_dropout`, MPT's `attn_pdrop`,
+    OPT's `layerdrop`): any float attribute whose name holds "drop", on every module and (sub-)config.
+
+    With dropout on, the policy and reference disagree at step 0 and the rewards start as noise.
+    """
     for module in model.modules():
-        if isinstance(module, nn.Dropout):
+        if isinstance(module, nn.modules.dropout._DropoutNd):
             module.p = 0.0
+        _zero_drop_rates(module)
+    _zero_drop_rates(base_causal_lm(model).config)
+
+
+def _zero_drop_rates(holder: Any) -> None:
+    """Set `holder`'s float attributes named *drop* to 0, and those of the configs it holds."""
+    for name, value in list(vars(holder).items()):
+        if isinstance(value, float) and "drop" in name.lower():
+            setattr(holder, name, 0.0)
+        elif isinstance(value, PretrainedConfig):  # sub-configs: MPT's attn_config, a text_config
+            _zero_drop_rates(value)
 
 
 def enable_activation_checkpointing(model: PreTrainedModel) -> None:

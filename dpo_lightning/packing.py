@@ -149,36 +149,70 @@ def is_shared(batch: dict[str, Tensor]) -> bool:
     return "response_positions" in batch
 
 
-def visible(pair_ids: Tensor, branch_ids: Tensor, b: Tensor, q: Tensor, k: Tensor) -> Tensor:
-    """Whether token q of row b attends to token k: earlier (or itself), same pair, and a prompt or same-branch token.
+def visible(batch: dict[str, Tensor], b: Tensor, q: Tensor, k: Tensor, window: int | None = None) -> Tensor:
+    """Whether token q of row b attends to token k: earlier (or itself), same pair, a prompt or same-branch
+    token, and, for a sliding-window layer, fewer than `window` positions back.
 
-    Written on index tensors so the same rule builds a dense mask (broadcast indices) and a FlexAttention
-    `mask_mod`. Padding (pair -1, branch 0) sees the padding before it, so no query's row is all masked.
+    The window counts position ids, not columns: a rejected token's distance to the prompt is then the one
+    in its padded row (transformers' `sliding_window_overlay`: key index > query index - window), however
+    long the chosen response between them. Written on index tensors so the same rule builds a dense mask
+    (broadcast indices) and a FlexAttention `mask_mod`. Padding (pair -1, branch 0, position 0) sees the
+    padding before it, so no query's row is all masked.
     """
+    pair_ids, branch_ids, positions = batch["pair_ids"], batch["branch_ids"], batch["position_ids"]
     key_branch = branch_ids[b, k]
-    return ((k <= q) & (pair_ids[b, q] == pair_ids[b, k])
+    seen = ((k <= q) & (pair_ids[b, q] == pair_ids[b, k])
             & ((key_branch == PROMPT) | (key_branch == branch_ids[b, q])))
+    return seen if window is None else seen & (positions[b, q] - positions[b, k] < window)
 
 
-def attention_mask(lm: nn.Module, batch: dict[str, Tensor]) -> Tensor | BlockMask:
+def layer_windows(config) -> dict[str, int | None]:
+    """Each kind of attention layer of `config` and its sliding window (None: attends over everything before).
+
+    Models with `layer_types` (Gemma 2/3, Qwen2/3, Cohere2...) name each layer's kind and take one mask per
+    kind; Mistral, Phi-3, Starcoder2 and Mixtral slide in every layer when `sliding_window` is set.
+
+    Example:
+        Gemma 2 (alternating, window 4096) -> {"sliding_attention": 4096, "full_attention": None};
+        Mistral-7B-v0.1 -> {"": 4096};  Llama -> {"": None}
+    """
+    window = getattr(config, "sliding_window", None)
+    kinds = getattr(config, "layer_types", None)
+    if not kinds:
+        return {"": window}
+    return {kind: window if kind == "sliding_attention" else None for kind in sorted(set(kinds))}
+
+
+def attention_mask(lm: nn.Module, batch: dict[str, Tensor]) -> Tensor | BlockMask | dict:
     """The shared layout's mask in the form `lm`'s attention implementation takes a custom 4D mask.
 
     sdpa (and the default): boolean (R, 1, L, L), True = attend. eager adds its mask to the scores: 0 or
     the dtype's minimum, as transformers' own `eager_mask`. flex_attention: a BlockMask of the same rule.
+    A model whose layers differ in their window gets one mask per kind of layer, `{layer type: mask}`, the
+    form its forward takes (a single 4D mask would reach every layer unchanged).
     """
-    pair_ids, branch_ids = batch["pair_ids"], batch["branch_ids"]
-    n_rows, length = pair_ids.shape
+    windows = layer_windows(lm.config)
+    masks = {window: _mask(lm, batch, window) for window in set(windows.values())}
+    if len(masks) == 1:
+        return next(iter(masks.values()))
+    return {kind: masks[window] for kind, window in windows.items()}
+
+
+def _mask(lm: nn.Module, batch: dict[str, Tensor], window: int | None) -> Tensor | BlockMask:
+    """`visible` with one window as the mask `lm`'s attention implementation takes."""
+    n_rows, length = batch["pair_ids"].shape
+    device = batch["pair_ids"].device
     implementation = lm.config._attn_implementation
     if implementation == "flex_attention":
         def mask_mod(b, h, q, k):
-            return visible(pair_ids, branch_ids, b, q, k)
+            return visible(batch, b, q, k, window)
 
-        return create_block_mask(mask_mod, n_rows, None, length, length, device=pair_ids.device)
-    index = torch.arange(length, device=pair_ids.device)
-    rows = torch.arange(n_rows, device=pair_ids.device)[:, None, None]
-    mask = visible(pair_ids, branch_ids, rows, index[None, :, None], index[None, None, :])[:, None]  # (R, 1, L, L)
+        return create_block_mask(mask_mod, n_rows, None, length, length, device=device)
+    index = torch.arange(length, device=device)
+    rows = torch.arange(n_rows, device=device)[:, None, None]
+    mask = visible(batch, rows, index[None, :, None], index[None, None, :], window)[:, None]  # (R, 1, L, L)
     if implementation == "eager":
-        return torch.zeros(mask.shape, dtype=lm.dtype, device=mask.device).masked_fill(~mask, torch.finfo(lm.dtype).min)
+        return torch.zeros(mask.shape, dtype=lm.dtype, device=device).masked_fill(~mask, torch.finfo(lm.dtype).min)
     return mask
 
 
@@ -211,24 +245,29 @@ def rounding_tolerance(dtype: torch.dtype) -> float:
 def shared_layout_unsupported(model: nn.Module) -> str | None:
     """Why the shared layout would not reproduce the padded layout's outputs on `model`, or None when it does.
 
-    Packs two pairs of a few tokens into one row and compares the decoder's hidden states at each response's
-    scoring positions with those of the response run alone, unpadded, within `rounding_tolerance` of the
-    model's dtype (as `logps.lean_unsupported`). A mask the model ignores lets a rejected token see the
-    chosen response or the other pair: that moves the hidden states by half their largest value or more,
-    even in a randomly initialised model, so it is caught in any dtype. Ignored position ids shift the
-    rejected response, which moves a random Llama's states by under 1% (its attention is nearly uniform):
-    caught in float32, below bf16's tolerance.
+    Packs two pairs into one row and compares the decoder's hidden states at each response's scoring
+    positions with those of the response run alone, unpadded (the model then builds its own mask, sliding
+    windows included), within `rounding_tolerance` of the model's dtype (as `logps.lean_unsupported`). The
+    first pair's prompt is as long as the model's widest sliding window, so its responses reach past the
+    window: a mask without the window term (or a model that ignores the mask on its sliding layers) moves
+    their states. A mask the model ignores lets a rejected token see the chosen response or the other pair:
+    that moves the hidden states by half their largest value or more, even in a randomly initialised model,
+    so it is caught in any dtype. Ignored position ids shift the rejected response, which moves a random
+    Llama's states by under 1% (its attention is nearly uniform): caught in float32, below bf16's tolerance.
     """
     lm = base_causal_lm(model)
     vocab = lm.config.get_text_config().vocab_size
     device = next(lm.parameters()).device
+    reach = max((window for window in layer_windows(lm.config).values() if window), default=0)
 
     def tokens(start: int, n: int) -> list[int]:
         return [(start + 7 * i) % vocab for i in range(n)]
 
-    rows = [{"prompt_input_ids": tokens(3, 3), "chosen_input_ids": tokens(11, 2), "rejected_input_ids": tokens(5, 4)},
+    rows = [{"prompt_input_ids": tokens(3, 3 + reach), "chosen_input_ids": tokens(11, 2),
+             "rejected_input_ids": tokens(5, 4)},
             {"prompt_input_ids": tokens(17, 2), "chosen_input_ids": tokens(2, 3), "rejected_input_ids": tokens(9, 1)}]
-    batch = {k: v.to(device) for k, v in collate_shared(rows, 0, packing=True).items()}
+    batch = collate_shared(rows, 0, packing=True, max_tokens_per_row=reach + 30)  # both pairs in one row
+    batch = {k: v.to(device) for k, v in batch.items()}
     try:
         with evaluating(lm), torch.no_grad():  # no dropout, so the two runs are comparable
             shared = padded_states(lm.base_model(**shared_inputs(lm, batch), use_cache=False).last_hidden_state,

@@ -16,9 +16,9 @@ from types import SimpleNamespace
 import lightning as L
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, MistralConfig
 
-from dpo_lightning import DPOModule, PreferenceDataModule
+from dpo_lightning import DPOModule, PreferenceDataModule, packing
 from dpo_lightning.data import collate_pairs
 from dpo_lightning.logps import lean_logps, naive_logps
 from dpo_lightning.losses import sigmoid_loss
@@ -259,6 +259,56 @@ def test_module_step_on_a_packed_batch_equals_the_padded_step(tiny_llama, option
         torch.testing.assert_close(packed_metrics[name], value, rtol=1e-5, atol=1e-5, msg=name)
     for name, grad in grads.items():
         torch.testing.assert_close(packed_grads[name], grad, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def sliding_mistral(implementation: str = "sdpa") -> torch.nn.Module:
+    """A 2-layer Mistral whose layers attend over the last 12 positions only."""
+    torch.manual_seed(0)
+    config = MistralConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, sliding_window=12, max_position_embeddings=128)
+    config._attn_implementation = implementation
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+def forty_token_pairs() -> list[dict]:
+    generator = torch.Generator().manual_seed(1)
+
+    def tokens(n: int) -> list[int]:
+        return torch.randint(3, 96, (n,), generator=generator).tolist()
+
+    return [pair(tokens(16), tokens(10), tokens(14)), pair(tokens(5), tokens(20), tokens(15))]
+
+
+@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
+@pytest.mark.parametrize("compute", [naive_logps, lean_logps], ids=["naive", "lean"])
+def test_sliding_window_shared_layout_equals_the_plain_forward(implementation, compute):
+    # Defect 1 of issue 20: the shared layout's mask had no window, so on 40-token pairs a window of 12
+    # was ignored (the padded layout gave -123.68, the shared one -114.90). The oracle: the model's own
+    # forward on each prompt + response alone, log-softmax at the labels.
+    model, pairs = sliding_mistral(implementation), forty_token_pairs()
+    assert shared_layout_unsupported(model) is None
+    expected = []
+    with torch.no_grad():
+        for side in ("chosen_input_ids", "rejected_input_ids"):
+            for row in pairs:
+                ids = torch.tensor([row["prompt_input_ids"] + row[side]])
+                logits = model(input_ids=ids).logits[0, len(row["prompt_input_ids"]) - 1 : -1].log_softmax(-1)
+                expected.append(logits.gather(-1, torch.tensor(row[side])[:, None]).sum())
+        padded = compute(model, collate_pairs(pairs, 0))[0]
+        shared = compute(model, collate_shared(pairs, 0))[0]
+        packed = compute(model, collate_shared(pairs, 0, packing=True, max_tokens_per_row=100))[0]
+    for actual in (padded, shared, packed):
+        torch.testing.assert_close(actual, torch.stack(expected), rtol=1e-5, atol=1e-4)
+
+
+def test_probe_reaches_past_the_sliding_window(monkeypatch):
+    # A mask without the window (the mask before issue 20) must be refused: the probe's pairs are longer
+    # than the window. Before, they were 9 tokens at most, shorter than any window.
+    model = sliding_mistral()
+    assert shared_layout_unsupported(model) is None
+    windowed = packing.visible
+    monkeypatch.setattr(packing, "visible", lambda batch, b, q, k, window=None: windowed(batch, b, q, k))
+    assert "ignores the shared layout's attention mask" in shared_layout_unsupported(model)
 
 
 def stand_in(implementation: str = "sdpa") -> SimpleNamespace:
