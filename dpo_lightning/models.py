@@ -115,7 +115,14 @@ def lora_config(r: int | None, alpha: float, dropout: float, target_modules: lis
 
 def add_lora(model: PreTrainedModel, config: PeftConfig) -> PeftModel:
     """Wrap `model` with a new adapter; only the adapter's parameters stay trainable."""
-    return get_peft_model(model, config)
+    given = getattr(config, "target_modules", None)  # before peft fills in its defaults
+    try:
+        return get_peft_model(model, config)
+    except ValueError as error:  # peft knows default targets for some architectures only (Phi-3, OLMo 2: none)
+        if given is not None:
+            raise
+        raise ValueError(f"--model.lora_r: peft has no default LoRA target modules for {model.config.model_type!r} "
+                         "models: set --model.lora_target_modules, e.g. all-linear or [q_proj, v_proj]") from error
 
 
 def add_reference_adapter(model: PeftModel) -> str:

@@ -24,12 +24,12 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from transformers import PreTrainedModel
 
+from dpo_lightning.layouts import Layout, layout_of, refusal
 from dpo_lightning.logps import lean_logps, lean_unsupported, naive_logps
 from dpo_lightning.losses import LENGTH_NORMALIZED, LOSS_ARGS, LOSSES, REFERENCE_FREE, bind_losses
 from dpo_lightning.metrics import compute_all, make_metrics, update_metrics
 from dpo_lightning.models import base_causal_lm, build_models, quantized_base
 from dpo_lightning.optim import lr_factor, make_optimizer, param_groups
-from dpo_lightning.packing import shared_layout_unsupported
 from dpo_lightning.reference import Reference
 from dpo_lightning.resume import ends_optimizer_step
 from dpo_lightning.throughput import Throughput
@@ -198,6 +198,7 @@ class DPOModule(L.LightningModule):
         self.train_metrics = make_metrics(self.loss_types, rpo_alpha, uses_nll, sync_on_compute=False)
         self.val_metrics = make_metrics(self.loss_types, rpo_alpha, uses_nll)
         self._skip_step = False  # a non-finite loss in this optimizer step, with nonfinite_loss: skip
+        self._layout_checks: dict[tuple[int, str], str | None] = {}  # (id(model), layout) -> why not, or None
         self._displacement_warned = False
 
     def _lean_supported(self) -> bool:
@@ -213,16 +214,21 @@ class DPOModule(L.LightningModule):
         """The frozen reference model, where one is held (`Reference.model`): not with LoRA or precomputation."""
         return self.ref.model
 
-    def setup(self, stage: str) -> None:
-        # A model that ignores the shared layout's mask would train on wrong log-probs without an error.
-        datamodule = getattr(self.trainer, "datamodule", None)
-        if datamodule is not None and datamodule.hparams.get("prefix_sharing"):
-            for model in (self.policy, self.reference):
-                reason = shared_layout_unsupported(model) if model is not None else None
-                if reason:
-                    raise ValueError(f"--data.prefix_sharing: {reason}. Set --data.prefix_sharing false, or "
-                                     "load the model with an attention implementation that takes a 4D mask "
-                                     "(sdpa, eager)")
+    def layout_unsupported(self, layout: Layout) -> str | None:
+        """Why the policy or the reference would not give the padded layout's outputs on `layout`, or None.
+
+        The data module asks at setup, to choose its layout (`layouts.choose_layout`); `_sequence_logps` asks
+        for every batch's own layout and model (a reference loaded later, a collator of the user's), so a
+        model that ignores the layout's mask never trains on wrong log-probs. Each model is checked once.
+        """
+        reasons = (self._layout_reason(model, layout) for model in (self.policy, self.reference) if model is not None)
+        return next((reason for reason in reasons if reason), None)
+
+    def _layout_reason(self, model: nn.Module, layout: Layout) -> str | None:
+        key = (id(model), layout.name)
+        if key not in self._layout_checks:
+            self._layout_checks[key] = layout.unsupported(model)
+        return self._layout_checks[key]
 
     def configure_model(self) -> None:
         # Lightning's ModelParallelStrategy (FSDP2) hands the module a device mesh and leaves the sharding to it
@@ -278,8 +284,8 @@ class DPOModule(L.LightningModule):
         metrics = self.train_metrics if stage == "train" else self.val_metrics
         update_metrics(metrics, losses, self.loss_weights, chosen_rewards, rejected_rewards, policy_logps,
                        mean_logits, n_tokens)
-        if "pairs_per_row" in batch:  # how densely packing fills the rows
-            self.log(f"{stage}/pairs_per_row", batch["pairs_per_row"].float().mean(), batch_size=len(chosen_rewards))
+        for name, value in layout_of(batch).statistics(batch).items():  # e.g. how densely packing fills the rows
+            self.log(f"{stage}/{name}", value, batch_size=len(chosen_rewards))
         return loss
 
     def _losses(self, policy_logps: Tensor, ref_logps: Tensor, n_tokens: Tensor,
@@ -353,6 +359,10 @@ class DPOModule(L.LightningModule):
 
     def _sequence_logps(self, model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
         """Summed response log-probs (2B,), mean response logits (2B,) and response lengths (2B,)."""
+        layout = layout_of(batch)
+        reason = self._layout_reason(model, layout)
+        if reason:
+            raise refusal(layout, reason)
         if self.uses_lean_logps:
             return lean_logps(model, batch, self.hparams.logps_chunk_size)
         return naive_logps(model, batch)

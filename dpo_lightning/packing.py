@@ -23,9 +23,13 @@ The mask reaches a Hugging Face model as the 4D `attention_mask` that transforme
 untouched (`masking_utils._preprocess_mask_arguments` returns any 4D tensor or BlockMask as is): a
 boolean (R, 1, L, L) mask for sdpa, an additive float one for eager, a BlockMask for flex_attention
 (forward only on CPU in torch 2.13: "FlexAttention does not support backward on CPU"; training with it
-needs a GPU, untested here). A model that ignores such a mask (flash-attention's kernels take padding or
-packed sequences, not two responses branching off one prompt) would silently compute wrong log-probs:
-`shared_layout_unsupported` checks on a few tokens, and `prefix_sharing: false` is the way out.
+needs a GPU, untested here). Since that mask reaches every layer unchanged, it carries the sliding window
+itself (Mistral, Phi-3, Starcoder2), and a model whose layers differ (Gemma 2/3, Qwen2 with
+`max_window_layers`) gets one mask per layer type, the dict its forward takes (`layer_windows`). A model
+that ignores such a mask (flash-attention's kernels take padding or packed sequences, not two responses
+branching off one prompt; alibi models compute their biases from a 2D mask) would silently compute wrong
+log-probs: `shared_layout_unsupported` checks on pairs longer than the model's widest window, and the data
+module's `prefix_sharing: auto` keeps such a model on the padded layout (layouts.py).
 """
 
 import torch
@@ -35,6 +39,7 @@ from torch.nn.attention.flex_attention import BlockMask, create_block_mask
 from dpo_lightning.losses import IGNORE_INDEX
 from dpo_lightning.models import base_causal_lm, evaluating
 
+SHARED = "shared"  # `batch["layout"]` of these batches (layouts.py)
 PROMPT, CHOSEN, REJECTED = 0, 1, 2  # `branch_ids` values
 Response = tuple[list[int], list[int]]  # the flat positions that score a response, and its token ids
 
@@ -79,8 +84,8 @@ def collate_shared(rows: list[dict], pad_token_id: int, packing: bool = False,
         padding), `branch_ids` (0 prompt, 1 chosen, 2 rejected, 0 on padding), each (R, L);
         `response_positions` and `labels`, each (2B, S), chosen responses then rejected: response k's
         scoring positions as indices into the flattened (R * L) row tokens, and its labels as in
-        `collate_pairs` (S is the longest response + 1); `pairs_per_row` (R,); and `row_ids` (B,) when
-        the rows carry a `row_id`.
+        `collate_pairs` (S is the longest response + 1); `pairs_per_row` (R,); `row_ids` (B,) when
+        the rows carry a `row_id`; and `layout`: "shared" (layouts.py).
 
     Example:
         prompt [5, 6], chosen [7, 2], rejected [8, 9, 2], pad id 0, one row:
@@ -114,6 +119,7 @@ def collate_shared(rows: list[dict], pad_token_id: int, packing: bool = False,
     batch["pairs_per_row"] = torch.tensor([len(group) for group in groups])
     if rows and "row_id" in rows[0]:
         batch["row_ids"] = torch.tensor([row["row_id"] for row in rows])
+    batch["layout"] = SHARED
     return batch
 
 
@@ -142,11 +148,6 @@ def _response_grid(responses: list[Response]) -> tuple[Tensor, Tensor]:
         positions[k, : len(scoring)] = torch.tensor(scoring)
         labels[k, 1 : 1 + len(tokens)] = torch.tensor(tokens)
     return positions, labels
-
-
-def is_shared(batch: dict[str, Tensor]) -> bool:
-    """Whether `batch` comes from `collate_shared` rather than `batches.collate_pairs`."""
-    return "response_positions" in batch
 
 
 def visible(batch: dict[str, Tensor], b: Tensor, q: Tensor, k: Tensor, window: int | None = None) -> Tensor:
@@ -267,9 +268,9 @@ def shared_layout_unsupported(model: nn.Module) -> str | None:
              "rejected_input_ids": tokens(5, 4)},
             {"prompt_input_ids": tokens(17, 2), "chosen_input_ids": tokens(2, 3), "rejected_input_ids": tokens(9, 1)}]
     batch = collate_shared(rows, 0, packing=True, max_tokens_per_row=reach + 30)  # both pairs in one row
-    batch = {k: v.to(device) for k, v in batch.items()}
-    try:
-        with evaluating(lm), torch.no_grad():  # no dropout, so the two runs are comparable
+    batch = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
+    try:  # in eval mode (no dropout) and float32 compute, so the two runs are comparable
+        with evaluating(lm), torch.no_grad(), torch.autocast(device.type, enabled=False):
             shared = padded_states(lm.base_model(**shared_inputs(lm, batch), use_cache=False).last_hidden_state,
                                    batch)  # (4, S, D)
             alone = [_alone_states(lm, row["prompt_input_ids"], row[side], device)

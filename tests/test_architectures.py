@@ -8,13 +8,13 @@ set in the config wherever the config has one (OPT's `dropout`, Falcon's and Blo
 `attention_dropout`, MPT's `attn_pdrop`, GPT-2's `resid_pdrop`...).
 
 Each architecture trains two optimizer steps (plain SGD, so the weights after them are the gradients, summed)
-through a Trainer in each mode: full logits, lean (the default), prefix sharing, packing, a precomputed
-reference and LoRA. The ground truth is computed here from the model's plain forward, one sequence at a
+through a Trainer in each mode: the default (lean log-probs, the layout `auto` picks), full logits, lean on
+the padded layout, prefix sharing, packing, a precomputed reference and LoRA. The ground truth is computed here from the model's plain forward, one sequence at a
 time with no padding (`oracle_logps`), in eval mode (no dropout: `disable_dropout` is on), the DPO loss
 written out, and `torch.optim.SGD`: each step's chosen log-probs, loss, and the trained weights must match.
 A layout the model cannot take must be refused with our own message (`REFUSED`), never run silently wrong.
 
-The default run covers every architecture in the lean mode on the layout `auto` picks (its probe, then two
+The default run covers every architecture in the default mode (the probe, the layout `auto` picks, two
 steps) and the explicit shared and packed layouts on a few; `pytest -m architectures` runs every mode of
 every architecture (CI runs it: .ci/run).
 """
@@ -82,8 +82,10 @@ ARCHITECTURES = {
 # The shared layout's 4D mask and restarted position ids cannot reach alibi's biases, which these models
 # compute from the 2D padding mask: `shared_layout_unsupported` refuses them, `auto` keeps them padded.
 REFUSED = {"bloom", "mpt"}
+# peft knows no default target modules for these: refused with our message, then trained on all-linear.
+NO_LORA_DEFAULTS = {"phi3", "mixtral", "qwen2_moe", "olmo2", "cohere", "granite", "starcoder2"}
 FAST = ("llama", "gpt2", "mistral", "gemma2", "qwen2", "bloom")  # the explicit layouts in the default run
-MODES = {"full": ({"lean_logps": False}, {}), "lean": ({}, {}),
+MODES = {"default": ({}, {}), "full": ({"lean_logps": False}, {}), "lean": ({}, {"prefix_sharing": False}),
          "shared": ({}, {"prefix_sharing": True, "packing": False}),
          "packing": ({}, {"prefix_sharing": True, "packing": True, "packing_max_tokens": 64}),
          "precompute": ({"precompute_ref_log_probs": True}, {}), "lora": ({"lora_r": 4}, {})}
@@ -156,6 +158,11 @@ def oracle_training(policy: torch.nn.Module, lora: bool, steps: list[list[dict]]
 
 def train_and_compare(name: str, mode: str, tmp_path) -> None:
     module_options, data_options = MODES[mode]
+    if mode == "lora" and name in NO_LORA_DEFAULTS:
+        with pytest.raises(ValueError, match="--model.lora_r: peft has no default LoRA target modules.*"
+                                             "--model.lora_target_modules"):
+            DPOModule(tiny_model(name), **module_options)
+        module_options = {**module_options, "lora_target_modules": "all-linear"}
     module = DPOModule(tiny_model(name), beta=BETA, learning_rate=LR, optimizer=torch.optim.SGD,
                        ref_logps_cache_dir=str(tmp_path / "cache"), **module_options)
     start = copy.deepcopy(module.policy)
@@ -167,6 +174,8 @@ def train_and_compare(name: str, mode: str, tmp_path) -> None:
             trainer.fit(module, data)
         return
     trainer.fit(module, data)
+    if not data_options:  # `auto`: the shared layout, packed, for every model its probe passes
+        assert data.layout.name == ("padded" if name in REFUSED else "shared")
     by_id = {row["row_id"]: row for row in data.train_data}
     trained, losses, logps = oracle_training(start, "lora_r" in module_options, [[by_id[i] for i in ids]
                                                                                 for ids in record.rows])
@@ -188,7 +197,7 @@ def test_probe_refuses_exactly_the_architectures_that_need_it(name):
 
 @pytest.mark.parametrize("name", ARCHITECTURES)
 def test_default_mode_trains_as_the_plain_forward(name, tmp_path):
-    train_and_compare(name, "lean", tmp_path)
+    train_and_compare(name, "default", tmp_path)
 
 
 @pytest.mark.parametrize("mode", ["shared", "packing"])

@@ -227,9 +227,11 @@ def test_fit_refuses_prefix_sharing_on_a_model_that_drops_the_mask(tiny_llama, t
 
 def test_data_module_batches_shared_and_packed_pairs(tiny_llama):
     with pytest.raises(ValueError, match="--data.packing .* --data.prefix_sharing true"):
-        PreferenceDataModule(text_rows(4), tokenizer=tiny_llama, packing=True)
+        PreferenceDataModule(text_rows(4), tokenizer=tiny_llama, prefix_sharing=False, packing=True)
     with pytest.raises(ValueError, match="--data.packing_max_tokens 64 needs --data.packing true"):
-        PreferenceDataModule(text_rows(4), tokenizer=tiny_llama, prefix_sharing=True, packing_max_tokens=64)
+        PreferenceDataModule(text_rows(4), tokenizer=tiny_llama, packing=False, packing_max_tokens=64)
+    with pytest.raises(ValueError, match="--data.prefix_sharing must be true, false or auto, got 'yes'"):
+        PreferenceDataModule(text_rows(4), tokenizer=tiny_llama, prefix_sharing="yes")
     data = PreferenceDataModule(text_rows(6), tokenizer=tiny_llama, batch_size=6, max_length=64,
                                 max_prompt_length=32, prefix_sharing=True, packing=True)
     data.setup("fit")
