@@ -39,13 +39,15 @@ def base_causal_lm(model: nn.Module) -> nn.Module:
 
 @contextlib.contextmanager
 def evaluating(model: nn.Module) -> Iterator[None]:
-    """Within the block `model` is in eval mode (no dropout); its train/eval mode is restored after."""
-    was_training = model.training
+    """Within the block `model` is in eval mode (no dropout); after it, every submodule's own mode is restored
+    (not `model.train()`, which would also switch on a part the user left in eval mode)."""
+    modes = [(module, module.training) for module in model.modules()]
     model.eval()
     try:
         yield
     finally:
-        model.train(was_training)
+        for module, training in modes:
+            module.training = training
 
 
 def load_causal_lm(name_or_path: str, torch_dtype: str | None, trust_remote_code: bool) -> PreTrainedModel:

@@ -43,14 +43,14 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from dpo_lightning import logps, packing
+from dpo_lightning import layouts, logps, packing
 from dpo_lightning.data import PreferenceDataModule
 from dpo_lightning.logps import lean_unsupported, naive_logps
 from dpo_lightning.models import POLICY_ADAPTER, evaluating, load_causal_lm
 
 DEFAULT_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "dpo_lightning", "reference_logps")
 WEIGHT_FILES = (".safetensors", ".bin", ".json")
-LOGPROB_CODE = (logps, packing)  # the modules that turn a batch into the log-probs a table stores
+LOGPROB_CODE = (logps, layouts, packing)  # the modules that turn a batch into the log-probs a table stores
 Score = Callable[[nn.Module, dict[str, Tensor]], Tensor]  # (model, batch) -> summed log-probs (2B,)
 
 

@@ -215,14 +215,57 @@ def test_shared_layout_unsupported_reports_a_mask_the_model_rejects(tiny_llama):
 
 
 def test_fit_refuses_prefix_sharing_on_a_model_that_drops_the_mask(tiny_llama, tmp_path):
-    llama = AutoModelForCausalLM.from_pretrained(tiny_llama)
-    llama.model.register_forward_pre_hook(lambda module, args, kwargs: (args, {**kwargs, "attention_mask": None}),
-                                          with_kwargs=True)
+    llama = mask_dropping_llama(tiny_llama)
     data = PreferenceDataModule(text_rows(4), tokenizer=tiny_llama, batch_size=2, max_length=64,
                                 max_prompt_length=32, prefix_sharing=True)
     trainer = L.Trainer(max_steps=1, default_root_dir=tmp_path, logger=False, enable_checkpointing=False)
     with pytest.raises(ValueError, match="--data.prefix_sharing: .* Set --data.prefix_sharing false"):
         trainer.fit(DPOModule(llama), data)  # before any step
+
+
+def mask_dropping_llama(path: str) -> torch.nn.Module:
+    """A Llama whose decoder is called without the custom mask: causal attention over the whole row instead."""
+    llama = AutoModelForCausalLM.from_pretrained(path)
+    llama.model.register_forward_pre_hook(lambda module, args, kwargs: (args, {**kwargs, "attention_mask": None}),
+                                          with_kwargs=True)
+    return llama
+
+
+@pytest.mark.parametrize("drops_mask", [False, True])
+def test_auto_picks_packed_prefix_sharing_when_the_probe_passes_and_says_why(tiny_llama, tmp_path, drops_mask,
+                                                                            caplog):
+    # The default (`auto`): the fastest exact layout for this model, the choice and its reason logged once.
+    model = mask_dropping_llama(tiny_llama) if drops_mask else AutoModelForCausalLM.from_pretrained(tiny_llama)
+    data = PreferenceDataModule(text_rows(8), tokenizer=tiny_llama, batch_size=4, max_length=64, max_prompt_length=32)
+    seen = []
+
+    class Layouts(L.Callback):
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            seen.append((batch["layout"], batch["input_ids"].shape[0]))
+
+    trainer = L.Trainer(max_steps=2, default_root_dir=tmp_path, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, callbacks=[Layouts()])
+    with caplog.at_level("INFO"):
+        trainer.fit(DPOModule(model), data)
+    lines = [r.getMessage() for r in caplog.records if "batch layout" in r.getMessage()]
+    assert len(lines) == 1
+    if drops_mask:
+        assert seen == [("padded", 8)] * 2  # 4 pairs: 8 rows
+        assert "padded (--data.prefix_sharing auto: LlamaForCausalLM" in lines[0] and "ignores" in lines[0]
+    else:
+        assert [layout for layout, _ in seen] == ["shared"] * 2 and all(rows < 4 for _, rows in seen)  # packed
+        assert "shared (prefix sharing, packed" in lines[0]
+
+
+def test_a_shared_batch_from_another_collator_is_refused_for_a_model_that_drops_the_mask(tiny_llama, tmp_path):
+    # The probe runs for the layout each batch declares, whoever collated it: not only the data module's.
+    data = PreferenceDataModule(text_rows(4), tokenizer=tiny_llama, max_length=64, max_prompt_length=32)
+    data.setup("fit")
+    loader = torch.utils.data.DataLoader(list(data.train_data), batch_size=2,
+                                         collate_fn=lambda rows: collate_shared(rows, 0, packing=True))
+    trainer = L.Trainer(max_steps=1, default_root_dir=tmp_path, logger=False, enable_checkpointing=False)
+    with pytest.raises(ValueError, match="--data.prefix_sharing: .* ignores the shared layout's attention mask"):
+        trainer.fit(DPOModule(mask_dropping_llama(tiny_llama)), loader)
 
 
 def test_data_module_batches_shared_and_packed_pairs(tiny_llama):
