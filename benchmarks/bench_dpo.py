@@ -68,7 +68,8 @@ from dpo_lightning.data import load_tokenizer
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HH = os.path.join(ROOT, "..", "shared", "data", "hh-rlhf", "harmless-base-test-1500.jsonl.gz")
 QUICKSTART = os.path.join(ROOT, "dpo_lightning", "assets", "sort-tiny")
-MODES = ("default", "naive", "lean", "lora", "gradient_checkpointing", "precompute", "shared", "packed", "packed_precompute",
+MODES = ("default", "naive", "lean", "lora", "gradient_checkpointing", "precompute", "shared", "packed",
+         "packed_precompute",
          "compile")
 DEFAULT_MODES = MODES[:-1]  # compile spends minutes compiling in each process: ask for it
 # The data module's batch layout of the modes that do not take the padded batches.

@@ -5,7 +5,8 @@ Both return, for a batch of N rows (chosen rows then rejected rows, see `batches
 vocabulary at those positions (TRL's `logits/chosen` diagnostic) and `n_tokens` (N,) their count.
 Any batch layout (layouts.py: padded, or prefix-shared and packed) gives the same, with N = 2B in the same
 order: the layout the batch declares runs the model and reads its outputs back into the padded layout
-(`Layout.outputs`) before the log-probs, so the code below serves every layout. Both paths take their targets from one place, `shifted_labels`.
+(`Layout.outputs`) before the log-probs, so the code below serves every layout. Both paths take their
+targets from one place, `shifted_labels`.
 
 - `naive_logps` calls the model and hands its (N, T, V) logits to `sequence_logps`. It works for
   every model but holds the logits, their float32 copy and, in backward, their gradients: at 16 rows x

@@ -189,9 +189,10 @@ class DPOModule(L.LightningModule):
             naive_logps)
         # Which weights are the reference and where its log-probs come from: `reference.py`, and only there.
         # It scores through `_sequence_logps`, so a reference loaded later is checked against the batch's layout too.
+        source = model_name_or_path if isinstance(model_name_or_path, str) else None
         self.ref = Reference(reference, reference_adapter, self.needs_reference, self._sequence_logps,
-                             ref_model_name_or_path, model_name_or_path if isinstance(model_name_or_path, str) else None,
-                             torch_dtype, trust_remote_code, ref_logps_cache_dir, precompute_ref_batch_size)
+                             ref_model_name_or_path, source, torch_dtype, trust_remote_code, ref_logps_cache_dir,
+                             precompute_ref_batch_size)
         self.model_name_or_path = base_causal_lm(self.policy).name_or_path or None  # the tokenizer's default source
         if torch_compile:  # after the lean check, which would compile for its 8 tokens
             for model in (self.policy, self.reference):

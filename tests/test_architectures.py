@@ -1,18 +1,19 @@
 """Every causal-LM architecture in every mode, against its own plain forward (issue 20's matrix).
 
 Tiny random configs (width 32, 2 layers, the ASCII tokenizer's 128 ids) of 24 architectures: sliding
-windows (Mistral, Qwen2 with `use_sliding_window`, Phi-3, Starcoder2, Mixtral), mixed sliding and global
-layers (Gemma 2, Gemma 3, Qwen2 with `max_window_layers`), MoE (Mixtral, Qwen2-MoE), alibi (Bloom, MPT),
-soft-capping (Gemma 2), a logit scale (Cohere) and Granite's logit divisor, tied and untied heads, and dropout
-set in the config wherever the config has one (OPT's `dropout`, Falcon's and Bloom's `hidden_dropout`,
-`attention_dropout`, MPT's `attn_pdrop`, GPT-2's `resid_pdrop`...).
+windows (Mistral, Phi-3, Starcoder2, Mixtral), mixed sliding and global layers (Gemma 2, Gemma 3, Qwen2 with
+`use_sliding_window` and `max_window_layers`), MoE (Mixtral, Qwen2-MoE), alibi (Bloom, MPT), soft-capping
+(Gemma 2), a logit scale (Cohere) and Granite's logit divisor, tied and untied heads, and dropout set in the
+config wherever the config takes one (OPT's `dropout`, Falcon's and Bloom's `hidden_dropout`,
+`attention_dropout`, GPT-2's `resid_pdrop`...; MPT's config types `attn_pdrop` as an int).
 
-Each architecture trains two optimizer steps (plain SGD, so the weights after them are the gradients, summed)
-through a Trainer in each mode: the default (lean log-probs, the layout `auto` picks), full logits, lean on
-the padded layout, prefix sharing, packing, a precomputed reference and LoRA. The ground truth is computed here from the model's plain forward, one sequence at a
-time with no padding (`oracle_logps`), in eval mode (no dropout: `disable_dropout` is on), the DPO loss
-written out, and `torch.optim.SGD`: each step's chosen log-probs, loss, and the trained weights must match.
-A layout the model cannot take must be refused with our own message (`REFUSED`), never run silently wrong.
+Each architecture trains two optimizer steps (plain SGD, so the weights after them are the gradients,
+summed) through a Trainer in each mode: the default (lean log-probs, the layout `auto` picks), full logits,
+lean on the padded layout, prefix sharing, packing, a precomputed reference and LoRA. The ground truth is
+computed here from the model's plain forward, one sequence at a time with no padding (`oracle_logps`), in
+eval mode (no dropout: `disable_dropout` is on), the DPO loss written out, and `torch.optim.SGD`: each
+step's mean chosen log-prob and loss, and the trained weights, must match. A layout the model cannot take
+must be refused with our own message (`REFUSED`), never run silently wrong.
 
 The default run covers every architecture in the default mode (the probe, the layout `auto` picks, two
 steps) and the explicit shared and packed layouts on a few; `pytest -m architectures` runs every mode of
