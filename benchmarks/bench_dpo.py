@@ -10,15 +10,20 @@ sorting data and tokenizer. Everything is cached in $DPO_BENCH_CACHE (default: <
 
 Every mode runs the same batches in the same order, from the same starting weights, in float32:
 - bare: a minimal hand-written loop (the DPO reference's log_softmax + gather, AdamW), no framework.
-- naive: DPOModule(lean_logps=False) under a Lightning Trainer: full (2B, T, V) logits.
-- lean: DPOModule() (the default): the output head on response tokens only, in chunks.
+- default: DPOModule() and PreferenceDataModule() with no flags: lean log-probs on the layout the data module's
+  `prefix_sharing: auto` picks for the model (layouts.py; printed to stderr): packed prefix sharing when the
+  model passes the shared-layout probe, the padded layout otherwise.
+- naive: DPOModule(lean_logps=False) under a Lightning Trainer on padded batches: full (2B, T, V) logits.
+- lean: DPOModule() on padded batches (the default before issue 20): the output head on response tokens
+  only, in chunks. The modes below run on padded batches too, unless they say otherwise.
 - lora: lean + a rank-16 LoRA adapter (peft's default targets); the reference is the adapter disabled.
 - gradient_checkpointing: lean + activation checkpointing.
 - precompute: lean + `precompute_ref_log_probs=True`: the reference's log-probs of every batch are scored
   before the first step (not timed; cached in a fresh folder each run) and training holds the policy alone.
 - shared: lean on shared-prefix batches (`PreferenceDataModule(prefix_sharing=True)`, packing.py): one row
   `[prompt | chosen | rejected]` per pair, so each prompt runs once.
-- packed: shared + `packing=True`: several pairs per row, up to max_length tokens a row.
+- packed: shared + `packing=True`: several pairs per row, up to max_length tokens a row (what `default` picks
+  for the Llama- and GPT-2-shaped models).
 - packed_precompute: packed + precompute, everything that makes a step cheaper at once.
 - compile (only when asked, `--modes ... compile`): lean + `torch_compile=True`; its compilation falls in the
   warm-up steps (the "first step" column) and, at a new shape, in a timed one.
@@ -27,6 +32,7 @@ Every mode runs the same batches in the same order, from the same starting weigh
 Each (mode, round) runs in a fresh subprocess, so peak RSS is that mode's; modes alternate A B C A B C.
 A step is timed from batch start to the end of the optimizer step; the first `--warmup` are not counted.
 
+    python benchmarks/bench_dpo.py --modes lean default --compare bare trl   # the default before and after
     python benchmarks/bench_dpo.py --compare bare trl                 # Llama-shaped
     python benchmarks/bench_dpo.py --model gpt2 --compare bare trl
     python benchmarks/bench_dpo.py --modes lean shared packed --rounds 3   # prefix sharing and packing
@@ -62,11 +68,12 @@ from dpo_lightning.data import load_tokenizer
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HH = os.path.join(ROOT, "..", "shared", "data", "hh-rlhf", "harmless-base-test-1500.jsonl.gz")
 QUICKSTART = os.path.join(ROOT, "dpo_lightning", "assets", "sort-tiny")
-MODES = ("naive", "lean", "lora", "gradient_checkpointing", "precompute", "shared", "packed", "packed_precompute",
+MODES = ("default", "naive", "lean", "lora", "gradient_checkpointing", "precompute", "shared", "packed",
+         "packed_precompute",
          "compile")
 DEFAULT_MODES = MODES[:-1]  # compile spends minutes compiling in each process: ask for it
 # The data module's batch layout of the modes that do not take the padded batches.
-LAYOUTS = {"shared": {"prefix_sharing": True}, "packed": {"prefix_sharing": True, "packing": True}}
+LAYOUTS = {"shared": {"prefix_sharing": True, "packing": False}, "packed": {"prefix_sharing": True, "packing": True}}
 EOS = "<|endoftext|>"
 
 
@@ -111,13 +118,14 @@ def prepare_workload(args) -> dict:
     model_name = f"{args.model}-{'-'.join(map(str, size))}-{'hh' if use_hh else 'sort'}"
     model_dir = build_model(args.model, size, tokenizer_dir, os.path.join(cache, model_name))
     batches_path = os.path.join(cache, f"batches-{'hh' if use_hh else 'sort'}-b{args.batch_pairs}-l{args.max_length}"
-                                       f"-n{n_batches}-v2.pt")  # v2: row_ids and the shared layouts
+                                       f"-n{n_batches}-v3.pt")  # v3: batches name their layout
     if not os.path.exists(batches_path):
         rows = tokenized_rows(args.data if use_hh else os.path.join(QUICKSTART, "train.jsonl"), tokenizer_dir,
                               args.max_length, n_batches * args.batch_pairs)
         save_batches(rows, tokenizer_dir, args.batch_pairs, args.max_length, batches_path)
     return {"model_dir": model_dir, "tokenizer_dir": tokenizer_dir, "batches": batches_path,
-            "data": os.path.abspath(args.data) if use_hh else "quickstart sorting data", "warmup": args.warmup}
+            "data": os.path.abspath(args.data) if use_hh else "quickstart sorting data", "warmup": args.warmup,
+            "max_length": args.max_length}
 
 
 def train_tokenizer(data: str, path: str) -> str:
@@ -191,7 +199,7 @@ def save_batches(rows: list[dict], tokenizer_dir: str, batch_pairs: int, max_len
                    "rejected_ids": r["rejected_input_ids"]} for r in rows]
     tokenizer = load_tokenizer(tokenizer_dir)
     collated = {}
-    for mode, flags in {"padded": {}, **LAYOUTS}.items():
+    for mode, flags in {"padded": {"prefix_sharing": False}, **LAYOUTS}.items():
         dm = PreferenceDataModule(tokenizer=tokenizer, dataset={}, **data_settings(max_length, batch_pairs), **flags)
         collated[mode] = [dm.collate(group) for group in groups]
     torch.save({"batches": collated.pop("padded"), "layouts": collated, "rows": token_rows}, path)
@@ -247,7 +255,7 @@ def run_bare(mode: str, workload: dict, data: dict):
 
     times, losses, tokens, start_rss = [], [], [], current_rss_gb()
     for batch in data["batches"]:
-        batch = {k: v.to(device) for k, v in batch.items()}
+        batch = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
         start = clock()
         chosen, rejected = logps(policy, batch).chunk(2)
         with torch.no_grad():
@@ -262,14 +270,15 @@ def run_bare(mode: str, workload: dict, data: dict):
     return times, losses, tokens, start_rss
 
 
-MODULE_KWARGS = {"naive": {"lean_logps": False}, "lean": {}, "lora": {"lora_r": 16},
+MODULE_KWARGS = {"default": {}, "naive": {"lean_logps": False}, "lean": {}, "lora": {"lora_r": 16},
                  "gradient_checkpointing": {"gradient_checkpointing": True}, "compile": {"torch_compile": True},
                  "shared": {}, "packed": {}, "precompute": {"precompute_ref_log_probs": True},
                  "packed_precompute": {"precompute_ref_log_probs": True}}
 
 
 def run_module(mode: str, workload: dict, data: dict):
-    batches = data["layouts"].get(mode.removesuffix("_precompute"), data["batches"])
+    # `default` leaves the layout to the data module (None): it collates the rows in the layout it picks.
+    batches = None if mode == "default" else data["layouts"].get(mode.removesuffix("_precompute"), data["batches"])
     timer, start_rss = fit_module(workload, data, batches, MODULE_KWARGS[mode])
     tokens = [int(b["attention_mask"].sum()) for b in data["batches"]]  # as padded, so every mode counts the same
     return timer.times, timer.losses, tokens, start_rss
@@ -282,21 +291,25 @@ def fit_module(workload: dict, data: dict, batches: list[dict], module_kwargs: d
     module = DPOModule(workload["model_dir"] if model is None else model, learning_rate=1e-6,
                        ref_logps_cache_dir=cache_dir, **module_kwargs)
     timer = StepTimer()
-    trainer = L.Trainer(**{"max_steps": len(batches), "logger": False, "enable_checkpointing": False,
+    steps = len(data["batches"] if batches is None else batches)
+    trainer = L.Trainer(**{"max_steps": steps, "logger": False, "enable_checkpointing": False,
                            "enable_progress_bar": False, "enable_model_summary": False, "num_sanity_val_steps": 0,
                            "limit_val_batches": 0, "devices": 1, **(trainer_kwargs or {})}, callbacks=[timer])
     start_rss = current_rss_gb()
-    trainer.fit(module, datamodule=FixedBatches(data, batches, workload["tokenizer_dir"]))
+    trainer.fit(module, datamodule=FixedBatches(data, batches, workload["tokenizer_dir"],
+                                                   workload.get("max_length", 512)))
     return timer, start_rss
 
 
 class FixedBatches(PreferenceDataModule):
-    """The benchmark's batches in file order, as a data module whose rows precomputation can score."""
+    """The benchmark's batches in file order, as a data module whose rows precomputation can score. With
+    `batches` None, the rows are collated, in the same groups, in the layout the data module picks itself."""
 
-    def __init__(self, data: dict, batches: list[dict], tokenizer_dir: str):
-        super().__init__(dataset={}, tokenizer=tokenizer_dir)
+    def __init__(self, data: dict, batches: list[dict] | None, tokenizer_dir: str, max_length: int = 512):
+        padded = data["batches"]
+        super().__init__(dataset={}, tokenizer=tokenizer_dir, **data_settings(max_length, len(padded[0]["row_ids"])))
         self.rows, self.batches = data["rows"], batches
-        self.row_ids = torch.cat([batch["row_ids"] for batch in data["batches"]]).tolist()
+        self.row_ids = torch.cat([batch["row_ids"] for batch in padded]).tolist()
 
     def setup(self, stage=None):
         import datasets
@@ -305,6 +318,12 @@ class FixedBatches(PreferenceDataModule):
         self.train_data = datasets.Dataset.from_list([
             {"row_id": i, "prompt_input_ids": r["prompt_ids"], "chosen_input_ids": r["chosen_ids"],
              "rejected_input_ids": r["rejected_ids"]} for i, r in zip(self.row_ids, self.rows)])
+        if self.batches is None:
+            self.layout, reason = self._choose_layout()
+            print(f"[bench] default layout: {self.layout.name} ({reason})", file=sys.stderr, flush=True)
+            size = self.hparams.batch_size
+            rows = list(self.train_data)
+            self.batches = [self.collate(rows[i:i + size]) for i in range(0, len(rows), size)]
 
     def train_dataloader(self):
         return DataLoader(self.batches, batch_size=None)

@@ -2,8 +2,8 @@
 
 `PreferenceDataModule` reads each split (sources.py), detects its format (formats.py), maps rules.py's
 `prepare_rows` over it (rules 1 to 3, cached by `datasets` under a name that changes with the rules' code),
-counts and drops unusable rows (summary.py) and batches the rest (batches.py's `collate_pairs`, rule 4, or
-packing.py's `collate_shared`).
+counts and drops unusable rows (summary.py) and batches the rest in the layout `layouts.choose_layout` picks
+(batches.py's `collate_pairs`, rule 4, or packing.py's `collate_shared`).
 """
 
 import hashlib
@@ -20,10 +20,9 @@ from torch.utils.data import DataLoader
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from dpo_lightning import formats, rules, schemas, sources
-from dpo_lightning.batches import collate_pairs
 from dpo_lightning.formats import FORMATS, PRESETS, detect_format
 from dpo_lightning.locate import model_source
-from dpo_lightning.packing import collate_shared
+from dpo_lightning.layouts import Layout, choose_layout
 from dpo_lightning.resume import EvalSampler, ResumableLoader
 from dpo_lightning.rules import PREPARED, adds_bos, drop_error, prepare_rows
 from dpo_lightning.sources import STAGE_NAMES, DatasetSource, load_rows, resolve_transform, single_split
@@ -62,12 +61,15 @@ def _check_arguments(hp: dict[str, Any]) -> None:
         raise ValueError(f"--data.eval_fraction must be in [0, 1), got {hp.eval_fraction}")
     if hp.streaming and hp.eval_fraction:
         raise ValueError("--data.eval_fraction cannot carve a stream: give eval_dataset or eval_split")
-    if hp.packing and not hp.prefix_sharing:
-        raise ValueError("--data.packing packs shared-prefix rows: set --data.prefix_sharing true too, "
+    for name in ("prefix_sharing", "packing"):
+        if hp[name] not in (True, False, "auto"):
+            raise ValueError(f"--data.{name} must be true, false or auto, got {hp[name]!r}")
+    if hp.packing is True and hp.prefix_sharing is False:
+        raise ValueError("--data.packing packs shared-prefix rows: set --data.prefix_sharing true (or auto) too, "
                          "or packing false")
-    if hp.packing_max_tokens is not None and (not hp.packing or hp.packing_max_tokens <= 0):
-        raise ValueError(f"--data.packing_max_tokens {hp.packing_max_tokens} needs --data.packing true and a "
-                         "value > 0")
+    if hp.packing_max_tokens is not None and (hp.packing is False or hp.packing_max_tokens <= 0):
+        raise ValueError(f"--data.packing_max_tokens {hp.packing_max_tokens} needs --data.packing true (or auto) "
+                         "and a value > 0")
     if hp.dataset_num_proc is not None and hp.dataset_num_proc < 1:
         raise ValueError(f"--data.dataset_num_proc must be >= 1 (or null for one process), got {hp.dataset_num_proc}")
 
@@ -105,8 +107,12 @@ class PreferenceDataModule(L.LightningDataModule):
         num_workers: DataLoader worker processes.
         seed: seed of the `eval_fraction` split and of the streaming shuffle.
         prefix_sharing: batch each pair as one `[prompt | chosen | rejected]` row (packing.py), so each
-            prompt runs through the model once; needs a model that takes a custom 4D attention mask.
+            prompt runs through the model once; needs a model that takes a custom 4D attention mask. "auto":
+            on when the model being fit passes `packing.shared_layout_unsupported` (its outputs on the
+            shared layout equal the padded layout's), else the padded layout; the choice and its reason
+            are printed at fit start (layouts.py). true: such a model is refused with an error.
         packing: with prefix_sharing, pack several pairs per row, up to `packing_max_tokens` tokens a row.
+            "auto": on whenever prefix sharing is.
         packing_max_tokens: the packed rows' length budget. Default: `max_length`. A pair holds a prompt
             and two responses, so short pairs (under half of `max_length`) pack only with a larger budget;
             attention costs grow with the square of the row length.
@@ -141,8 +147,8 @@ class PreferenceDataModule(L.LightningDataModule):
         eval_batch_size: int | None = None,
         num_workers: int = 0,
         seed: int = 42,
-        prefix_sharing: bool = False,
-        packing: bool = False,
+        prefix_sharing: bool | Literal["auto"] = "auto",
+        packing: bool | Literal["auto"] = "auto",
         packing_max_tokens: int | None = None,
         dataset_num_proc: int | None = None,
         transform: str | Callable[[dict], dict | None] | None = None,
@@ -160,6 +166,7 @@ class PreferenceDataModule(L.LightningDataModule):
         self.val_data: Dataset | None = None
         self.summary: dict[str, dict[str, Any]] = {}
         self._fingerprints: dict[str, str | None] = {}
+        self.layout: Layout = self._choose_layout()[0]  # without a model to check: refined in `setup`
 
     def prepare_data(self) -> None:
         # Runs on one process per node: downloads and tokenizes file-backed sources into the `datasets`
@@ -170,6 +177,16 @@ class PreferenceDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.train_data is None:  # `validate` prepares the validation split alone (train_data stays None)
             self.train_data, self.val_data = self._build(with_train=stage != "validate")
+        self.layout, reason = self._choose_layout()
+        if self.trainer is not None and stage == "fit":
+            rank_zero_info(f"[dpo_lightning] batch layout: {self.layout.name} ({reason})")
+
+    def _choose_layout(self) -> tuple[Layout, str]:
+        """`layouts.choose_layout` for this module's settings, checked on the models of the module being fit."""
+        hp = self.hparams
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        return choose_layout(hp.prefix_sharing, hp.packing, hp.packing_max_tokens or hp.max_length,
+                             getattr(module, "layout_unsupported", None))
 
     def _build(self, report: bool = True, with_train: bool = True) -> tuple[Dataset | IterableDataset | None,
                                                                            Dataset | None]:
@@ -300,10 +317,7 @@ class PreferenceDataModule(L.LightningDataModule):
         return DataLoader(data, batch_size=batch_size, shuffle=shuffle, **kwargs)
 
     def collate(self, rows: list[dict]) -> dict[str, torch.Tensor]:
-        if self.hparams.prefix_sharing:
-            return collate_shared(rows, self.tokenizer.pad_token_id, self.hparams.packing,
-                                  self.hparams.packing_max_tokens or self.hparams.max_length)
-        return collate_pairs(rows, self.tokenizer.pad_token_id)
+        return self.layout.collate(rows, self.tokenizer.pad_token_id)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_data, self.hparams.batch_size, shuffle=True)

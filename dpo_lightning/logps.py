@@ -3,10 +3,10 @@
 Both return, for a batch of N rows (chosen rows then rejected rows, see `batches.collate_pairs`):
 `logps` (N,) summed float32 log-probs of the labelled tokens, `mean_logits` (N,) the mean logit over the
 vocabulary at those positions (TRL's `logits/chosen` diagnostic) and `n_tokens` (N,) their count.
-A batch in the shared-prefix layout (`packing.collate_shared`: one row per pair, or several pairs packed
-per row) gives the same, with N = 2B in the same order: its outputs are read back into the padded layout
-(`packing.padded_states`) before the log-probs, so the code below serves both layouts; a padded batch goes
-to the model as it is. Both paths take their targets from one place, `shifted_labels`.
+Any batch layout (layouts.py: padded, or prefix-shared and packed) gives the same, with N = 2B in the same
+order: the layout the batch declares runs the model and reads its outputs back into the padded layout
+(`Layout.outputs`) before the log-probs, so the code below serves every layout. Both paths take their
+targets from one place, `shifted_labels`.
 
 - `naive_logps` calls the model and hands its (N, T, V) logits to `sequence_logps`. It works for
   every model but holds the logits, their float32 copy and, in backward, their gradients: at 16 rows x
@@ -39,7 +39,8 @@ from torch.utils.checkpoint import checkpoint
 
 from dpo_lightning.losses import IGNORE_INDEX
 from dpo_lightning.models import base_causal_lm, evaluating
-from dpo_lightning.packing import is_shared, padded_states, rounding_tolerance, shared_inputs
+from dpo_lightning.layouts import layout_of
+from dpo_lightning.packing import rounding_tolerance
 
 LogpsOutput = tuple[Tensor, Tensor, Tensor]
 
@@ -90,10 +91,9 @@ def naive_logps(model: nn.Module, batch: dict[str, Tensor]) -> LogpsOutput:
 
 
 def _padded_outputs(call: Callable[..., Tensor], lm: nn.Module, batch: dict[str, Tensor]) -> Tensor:
-    """`call`'s per-position outputs (N, T, ...) in the padded layout that `batch["labels"]` follows."""
-    if not is_shared(batch):
-        return call(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
-    return padded_states(call(**shared_inputs(lm, batch), use_cache=False), batch)  # (R, L, ...) read back
+    """`call`'s per-position outputs (N, T, ...) in the padded layout that `batch["labels"]` follows, whatever
+    layout the batch declares (layouts.py)."""
+    return layout_of(batch).outputs(call, lm, batch)
 
 
 def lean_logps(model: nn.Module, batch: dict[str, Tensor], chunk_size: int = 256) -> LogpsOutput:

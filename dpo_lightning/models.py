@@ -23,7 +23,7 @@ import torch
 from peft import (LoraConfig, PeftConfig, PeftModel, get_peft_config, get_peft_model, get_peft_model_state_dict,
                   set_peft_model_state_dict)
 from torch import nn
-from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from dpo_lightning import quiet
 from dpo_lightning.locate import model_source
@@ -41,13 +41,15 @@ def base_causal_lm(model: nn.Module) -> nn.Module:
 
 @contextlib.contextmanager
 def evaluating(model: nn.Module) -> Iterator[None]:
-    """Within the block `model` is in eval mode (no dropout); its train/eval mode is restored after."""
-    was_training = model.training
+    """Within the block `model` is in eval mode (no dropout); after it, every submodule's own mode is restored
+    (not `model.train()`, which would also switch on a part the user left in eval mode)."""
+    modes = [(module, module.training) for module in model.modules()]
     model.eval()
     try:
         yield
     finally:
-        model.train(was_training)
+        for module, training in modes:
+            module.training = training
 
 
 def load_causal_lm(name_or_path: str, torch_dtype: str | None, trust_remote_code: bool) -> PreTrainedModel:
@@ -117,7 +119,14 @@ def lora_config(r: int | None, alpha: float, dropout: float, target_modules: lis
 
 def add_lora(model: PreTrainedModel, config: PeftConfig) -> PeftModel:
     """Wrap `model` with a new adapter; only the adapter's parameters stay trainable."""
-    return get_peft_model(model, config)
+    given = getattr(config, "target_modules", None)  # before peft fills in its defaults
+    try:
+        return get_peft_model(model, config)
+    except ValueError as error:  # peft knows default targets for some architectures only (Phi-3, OLMo 2: none)
+        if given is not None:
+            raise
+        raise ValueError(f"--model.lora_r: peft has no default LoRA target modules for {model.config.model_type!r} "
+                         "models: set --model.lora_target_modules, e.g. all-linear or [q_proj, v_proj]") from error
 
 
 def add_reference_adapter(model: PeftModel) -> str:
@@ -136,10 +145,26 @@ def add_reference_adapter(model: PeftModel) -> str:
 
 
 def zero_dropout(model: nn.Module) -> None:
-    # With dropout on, the policy and reference disagree at step 0 and the rewards start as noise.
+    """Every dropout of `model` to 0: its dropout modules, and the rates its forward reads from an attribute or
+    its config (OPT's `F.dropout(p=self.dropout)`, Falcon's `config.hidden_dropout`, MPT's `attn_pdrop`,
+    OPT's `layerdrop`): any float attribute whose name holds "drop", on every module and (sub-)config.
+
+    With dropout on, the policy and reference disagree at step 0 and the rewards start as noise.
+    """
     for module in model.modules():
-        if isinstance(module, nn.Dropout):
+        if isinstance(module, nn.modules.dropout._DropoutNd):
             module.p = 0.0
+        _zero_drop_rates(module)
+    _zero_drop_rates(base_causal_lm(model).config)
+
+
+def _zero_drop_rates(holder: Any) -> None:
+    """Set `holder`'s float attributes named *drop* to 0, and those of the configs it holds."""
+    for name, value in list(vars(holder).items()):
+        if isinstance(value, float) and "drop" in name.lower():
+            setattr(holder, name, 0.0)
+        elif isinstance(value, PretrainedConfig):  # sub-configs: MPT's attn_config, a text_config
+            _zero_drop_rates(value)
 
 
 def enable_activation_checkpointing(model: PreTrainedModel) -> None:

@@ -27,6 +27,7 @@ from transformers import PreTrainedModel
 
 from dpo_lightning import console
 from dpo_lightning.callbacks import CheckpointValidation
+from dpo_lightning.layouts import Layout, layout_of, refusal
 from dpo_lightning.logps import lean_logps as lean_logps_fn
 from dpo_lightning.logps import lean_unsupported, naive_logps
 from dpo_lightning.losses import LOSSES
@@ -34,7 +35,6 @@ from dpo_lightning.metrics import compute_all, make_metrics, update_metrics
 from dpo_lightning.models import base_causal_lm, build_models, quantized_base
 from dpo_lightning.objective import Objective, ObjectiveOutput, migrate_state_dict
 from dpo_lightning.optim import grad_norm, lr_factor, make_optimizer, param_groups
-from dpo_lightning.packing import shared_layout_unsupported
 from dpo_lightning.reference import Reference
 from dpo_lightning.preflight import check_run
 from dpo_lightning.resume import ends_optimizer_step, reconcile_settings
@@ -195,9 +195,11 @@ class DPOModule(L.LightningModule):
         self.logps_fn = functools.partial(lean_logps_fn, chunk_size=logps_chunk_size) if self.uses_lean_logps else (
             naive_logps)
         # Which weights are the reference and where its log-probs come from: `reference.py`, and only there.
-        self.ref = Reference(reference, reference_adapter, self.needs_reference, self.logps_fn, ref_model_name_or_path,
-                             model_name_or_path if isinstance(model_name_or_path, str) else None, torch_dtype,
-                             trust_remote_code, ref_logps_cache_dir, precompute_ref_batch_size)
+        # It scores through `_sequence_logps`, so a reference loaded later is checked against the batch's layout too.
+        source = model_name_or_path if isinstance(model_name_or_path, str) else None
+        self.ref = Reference(reference, reference_adapter, self.needs_reference, self._sequence_logps,
+                             ref_model_name_or_path, source, torch_dtype, trust_remote_code, ref_logps_cache_dir,
+                             precompute_ref_batch_size)
         self.model_name_or_path = base_causal_lm(self.policy).name_or_path or None  # the tokenizer's default source
         if torch_compile:  # after the lean check, which would compile for its 8 tokens
             for model in (self.policy, self.reference):
@@ -209,6 +211,7 @@ class DPOModule(L.LightningModule):
         # The likelihood displacement warning's measure: log ref - log pi of the chosen responses, per response.
         self.chosen_logp_drop = MeanMetric(sync_on_compute=False)
         self._skip_step = False  # a non-finite loss in this optimizer step, with nonfinite_loss: skip
+        self._layout_checks: dict[tuple[int, str], str | None] = {}  # (id(model), layout) -> why not, or None
         self._displacement_warned = False
 
     @property
@@ -223,15 +226,22 @@ class DPOModule(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         check_run(self.trainer, self, stage)  # tokenizer vs embedding, writable folders, named checkpoint errors
-        # A model that ignores the shared layout's mask would train on wrong log-probs without an error.
-        datamodule = getattr(self.trainer, "datamodule", None)
-        if datamodule is not None and datamodule.hparams.get("prefix_sharing"):
-            for model in (self.policy, self.reference):
-                reason = shared_layout_unsupported(model) if model is not None else None
-                if reason:
-                    raise ValueError(f"--data.prefix_sharing: {reason}. Set --data.prefix_sharing false, or "
-                                     "load the model with an attention implementation that takes a 4D mask "
-                                     "(sdpa, eager)")
+
+    def layout_unsupported(self, layout: Layout) -> str | None:
+        """Why the policy or the reference would not give the padded layout's outputs on `layout`, or None.
+
+        The data module asks at setup, to choose its layout (`layouts.choose_layout`); `_sequence_logps` asks
+        for every batch's own layout and model (a reference loaded later, a collator of the user's), so a
+        model that ignores the layout's mask never trains on wrong log-probs. Each model is checked once.
+        """
+        reasons = (self._layout_reason(model, layout) for model in (self.policy, self.reference) if model is not None)
+        return next((reason for reason in reasons if reason), None)
+
+    def _layout_reason(self, model: nn.Module, layout: Layout) -> str | None:
+        key = (id(model), layout.name)
+        if key not in self._layout_checks:
+            self._layout_checks[key] = layout.unsupported(model)
+        return self._layout_checks[key]
 
     def configure_model(self) -> None:
         # Lightning's ModelParallelStrategy (FSDP2) hands the module a device mesh and leaves the sharding to it
@@ -295,9 +305,8 @@ class DPOModule(L.LightningModule):
                        out.rejected_rewards, policy_logps, mean_logits, n_tokens)
         if stage == "train" and ref_logps is not None:
             self.chosen_logp_drop.update((ref_logps - policy_logps).chunk(2)[0].detach())
-        if "pairs_per_row" in batch:  # how densely packing fills the rows
-            self.log(f"{stage}/pairs_per_row", batch["pairs_per_row"].float().mean(),
-                     batch_size=len(out.chosen_rewards))
+        for name, value in layout_of(batch).statistics(batch).items():  # e.g. how densely packing fills the rows
+            self.log(f"{stage}/{name}", value, batch_size=len(out.chosen_rewards))
 
     def _finite_on_every_rank(self, loss: Tensor, batch: dict[str, Tensor]) -> bool:
         """Whether the loss is finite on every rank; if not, stop naming the step and rows, or mark the step skipped."""
@@ -341,6 +350,10 @@ class DPOModule(L.LightningModule):
 
     def _sequence_logps(self, model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
         """Summed response log-probs (2B,), mean response logits (2B,) and response lengths (2B,)."""
+        layout = layout_of(batch)
+        reason = self._layout_reason(model, layout)
+        if reason:
+            raise refusal(layout, reason)
         return self.logps_fn(model, batch)
 
     def on_fit_start(self) -> None:

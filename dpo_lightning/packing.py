@@ -23,9 +23,13 @@ The mask reaches a Hugging Face model as the 4D `attention_mask` that transforme
 untouched (`masking_utils._preprocess_mask_arguments` returns any 4D tensor or BlockMask as is): a
 boolean (R, 1, L, L) mask for sdpa, an additive float one for eager, a BlockMask for flex_attention
 (forward only on CPU in torch 2.13: "FlexAttention does not support backward on CPU"; training with it
-needs a GPU, untested here). A model that ignores such a mask (flash-attention's kernels take padding or
-packed sequences, not two responses branching off one prompt) would silently compute wrong log-probs:
-`shared_layout_unsupported` checks on a few tokens, and `prefix_sharing: false` is the way out.
+needs a GPU, untested here). Since that mask reaches every layer unchanged, it carries the sliding window
+itself (Mistral, Phi-3, Starcoder2), and a model whose layers differ (Gemma 2/3, Qwen2 with
+`max_window_layers`) gets one mask per layer type, the dict its forward takes (`layer_windows`). A model
+that ignores such a mask (flash-attention's kernels take padding or packed sequences, not two responses
+branching off one prompt; alibi models compute their biases from a 2D mask) would silently compute wrong
+log-probs: `shared_layout_unsupported` checks on pairs longer than the model's widest window, and the data
+module's `prefix_sharing: auto` keeps such a model on the padded layout (layouts.py).
 """
 
 import torch
@@ -35,6 +39,7 @@ from torch.nn.attention.flex_attention import BlockMask, create_block_mask
 from dpo_lightning.losses import IGNORE_INDEX
 from dpo_lightning.models import base_causal_lm, evaluating
 
+SHARED = "shared"  # `batch["layout"]` of these batches (layouts.py)
 PROMPT, CHOSEN, REJECTED = 0, 1, 2  # `branch_ids` values
 Response = tuple[list[int], list[int]]  # the flat positions that score a response, and its token ids
 
@@ -79,8 +84,8 @@ def collate_shared(rows: list[dict], pad_token_id: int, packing: bool = False,
         padding), `branch_ids` (0 prompt, 1 chosen, 2 rejected, 0 on padding), each (R, L);
         `response_positions` and `labels`, each (2B, S), chosen responses then rejected: response k's
         scoring positions as indices into the flattened (R * L) row tokens, and its labels as in
-        `collate_pairs` (S is the longest response + 1); `pairs_per_row` (R,); and `row_ids` (B,) when
-        the rows carry a `row_id`.
+        `collate_pairs` (S is the longest response + 1); `pairs_per_row` (R,); `row_ids` (B,) when
+        the rows carry a `row_id`; and `layout`: "shared" (layouts.py).
 
     Example:
         prompt [5, 6], chosen [7, 2], rejected [8, 9, 2], pad id 0, one row:
@@ -114,6 +119,7 @@ def collate_shared(rows: list[dict], pad_token_id: int, packing: bool = False,
     batch["pairs_per_row"] = torch.tensor([len(group) for group in groups])
     if rows and "row_id" in rows[0]:
         batch["row_ids"] = torch.tensor([row["row_id"] for row in rows])
+    batch["layout"] = SHARED
     return batch
 
 
@@ -144,41 +150,70 @@ def _response_grid(responses: list[Response]) -> tuple[Tensor, Tensor]:
     return positions, labels
 
 
-def is_shared(batch: dict[str, Tensor]) -> bool:
-    """Whether `batch` comes from `collate_shared` rather than `batches.collate_pairs`."""
-    return "response_positions" in batch
+def visible(batch: dict[str, Tensor], b: Tensor, q: Tensor, k: Tensor, window: int | None = None) -> Tensor:
+    """Whether token q of row b attends to token k: earlier (or itself), same pair, a prompt or same-branch
+    token, and, for a sliding-window layer, fewer than `window` positions back.
 
-
-def visible(pair_ids: Tensor, branch_ids: Tensor, b: Tensor, q: Tensor, k: Tensor) -> Tensor:
-    """Whether token q of row b attends to token k: earlier (or itself), same pair, and a prompt or same-branch token.
-
-    Written on index tensors so the same rule builds a dense mask (broadcast indices) and a FlexAttention
-    `mask_mod`. Padding (pair -1, branch 0) sees the padding before it, so no query's row is all masked.
+    The window counts position ids, not columns: a rejected token's distance to the prompt is then the one
+    in its padded row (transformers' `sliding_window_overlay`: key index > query index - window), however
+    long the chosen response between them. Written on index tensors so the same rule builds a dense mask
+    (broadcast indices) and a FlexAttention `mask_mod`. Padding (pair -1, branch 0, position 0) sees the
+    padding before it, so no query's row is all masked.
     """
+    pair_ids, branch_ids, positions = batch["pair_ids"], batch["branch_ids"], batch["position_ids"]
     key_branch = branch_ids[b, k]
-    return ((k <= q) & (pair_ids[b, q] == pair_ids[b, k])
+    seen = ((k <= q) & (pair_ids[b, q] == pair_ids[b, k])
             & ((key_branch == PROMPT) | (key_branch == branch_ids[b, q])))
+    return seen if window is None else seen & (positions[b, q] - positions[b, k] < window)
 
 
-def attention_mask(lm: nn.Module, batch: dict[str, Tensor]) -> Tensor | BlockMask:
+def layer_windows(config) -> dict[str, int | None]:
+    """Each kind of attention layer of `config` and its sliding window (None: attends over everything before).
+
+    Models with `layer_types` (Gemma 2/3, Qwen2/3, Cohere2...) name each layer's kind and take one mask per
+    kind; Mistral, Phi-3, Starcoder2 and Mixtral slide in every layer when `sliding_window` is set.
+
+    Example:
+        Gemma 2 (alternating, window 4096) -> {"sliding_attention": 4096, "full_attention": None};
+        Mistral-7B-v0.1 -> {"": 4096};  Llama -> {"": None}
+    """
+    window = getattr(config, "sliding_window", None)
+    kinds = getattr(config, "layer_types", None)
+    if not kinds:
+        return {"": window}
+    return {kind: window if kind == "sliding_attention" else None for kind in sorted(set(kinds))}
+
+
+def attention_mask(lm: nn.Module, batch: dict[str, Tensor]) -> Tensor | BlockMask | dict:
     """The shared layout's mask in the form `lm`'s attention implementation takes a custom 4D mask.
 
     sdpa (and the default): boolean (R, 1, L, L), True = attend. eager adds its mask to the scores: 0 or
     the dtype's minimum, as transformers' own `eager_mask`. flex_attention: a BlockMask of the same rule.
+    A model whose layers differ in their window gets one mask per kind of layer, `{layer type: mask}`, the
+    form its forward takes (a single 4D mask would reach every layer unchanged).
     """
-    pair_ids, branch_ids = batch["pair_ids"], batch["branch_ids"]
-    n_rows, length = pair_ids.shape
+    windows = layer_windows(lm.config)
+    masks = {window: _mask(lm, batch, window) for window in set(windows.values())}
+    if len(masks) == 1:
+        return next(iter(masks.values()))
+    return {kind: masks[window] for kind, window in windows.items()}
+
+
+def _mask(lm: nn.Module, batch: dict[str, Tensor], window: int | None) -> Tensor | BlockMask:
+    """`visible` with one window as the mask `lm`'s attention implementation takes."""
+    n_rows, length = batch["pair_ids"].shape
+    device = batch["pair_ids"].device
     implementation = lm.config._attn_implementation
     if implementation == "flex_attention":
         def mask_mod(b, h, q, k):
-            return visible(pair_ids, branch_ids, b, q, k)
+            return visible(batch, b, q, k, window)
 
-        return create_block_mask(mask_mod, n_rows, None, length, length, device=pair_ids.device)
-    index = torch.arange(length, device=pair_ids.device)
-    rows = torch.arange(n_rows, device=pair_ids.device)[:, None, None]
-    mask = visible(pair_ids, branch_ids, rows, index[None, :, None], index[None, None, :])[:, None]  # (R, 1, L, L)
+        return create_block_mask(mask_mod, n_rows, None, length, length, device=device)
+    index = torch.arange(length, device=device)
+    rows = torch.arange(n_rows, device=device)[:, None, None]
+    mask = visible(batch, rows, index[None, :, None], index[None, None, :], window)[:, None]  # (R, 1, L, L)
     if implementation == "eager":
-        return torch.zeros(mask.shape, dtype=lm.dtype, device=mask.device).masked_fill(~mask, torch.finfo(lm.dtype).min)
+        return torch.zeros(mask.shape, dtype=lm.dtype, device=device).masked_fill(~mask, torch.finfo(lm.dtype).min)
     return mask
 
 
@@ -211,26 +246,31 @@ def rounding_tolerance(dtype: torch.dtype) -> float:
 def shared_layout_unsupported(model: nn.Module) -> str | None:
     """Why the shared layout would not reproduce the padded layout's outputs on `model`, or None when it does.
 
-    Packs two pairs of a few tokens into one row and compares the decoder's hidden states at each response's
-    scoring positions with those of the response run alone, unpadded, within `rounding_tolerance` of the
-    model's dtype (as `logps.lean_unsupported`). A mask the model ignores lets a rejected token see the
-    chosen response or the other pair: that moves the hidden states by half their largest value or more,
-    even in a randomly initialised model, so it is caught in any dtype. Ignored position ids shift the
-    rejected response, which moves a random Llama's states by under 1% (its attention is nearly uniform):
-    caught in float32, below bf16's tolerance.
+    Packs two pairs into one row and compares the decoder's hidden states at each response's scoring
+    positions with those of the response run alone, unpadded (the model then builds its own mask, sliding
+    windows included), within `rounding_tolerance` of the model's dtype (as `logps.lean_unsupported`). The
+    first pair's prompt is as long as the model's widest sliding window, so its responses reach past the
+    window: a mask without the window term (or a model that ignores the mask on its sliding layers) moves
+    their states. A mask the model ignores lets a rejected token see the chosen response or the other pair:
+    that moves the hidden states by half their largest value or more, even in a randomly initialised model,
+    so it is caught in any dtype. Ignored position ids shift the rejected response, which moves a random
+    Llama's states by under 1% (its attention is nearly uniform): caught in float32, below bf16's tolerance.
     """
     lm = base_causal_lm(model)
     vocab = lm.config.get_text_config().vocab_size
     device = next(lm.parameters()).device
+    reach = max((window for window in layer_windows(lm.config).values() if window), default=0)
 
     def tokens(start: int, n: int) -> list[int]:
         return [(start + 7 * i) % vocab for i in range(n)]
 
-    rows = [{"prompt_input_ids": tokens(3, 3), "chosen_input_ids": tokens(11, 2), "rejected_input_ids": tokens(5, 4)},
+    rows = [{"prompt_input_ids": tokens(3, 3 + reach), "chosen_input_ids": tokens(11, 2),
+             "rejected_input_ids": tokens(5, 4)},
             {"prompt_input_ids": tokens(17, 2), "chosen_input_ids": tokens(2, 3), "rejected_input_ids": tokens(9, 1)}]
-    batch = {k: v.to(device) for k, v in collate_shared(rows, 0, packing=True).items()}
-    try:
-        with evaluating(lm), torch.no_grad():  # no dropout, so the two runs are comparable
+    batch = collate_shared(rows, 0, packing=True, max_tokens_per_row=reach + 30)  # both pairs in one row
+    batch = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
+    try:  # in eval mode (no dropout) and float32 compute, so the two runs are comparable
+        with evaluating(lm), torch.no_grad(), torch.autocast(device.type, enabled=False):
             shared = padded_states(lm.base_model(**shared_inputs(lm, batch), use_cache=False).last_hidden_state,
                                    batch)  # (4, S, D)
             alone = [_alone_states(lm, row["prompt_input_ids"], row[side], device)

@@ -48,7 +48,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from dpo_lightning import logps, packing
+from dpo_lightning import layouts, logps, packing
 from dpo_lightning.logps import lean_unsupported, naive_logps
 from dpo_lightning.models import POLICY_ADAPTER, evaluating, load_causal_lm
 
@@ -56,7 +56,7 @@ DEFAULT_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "dpo_lightni
 WEIGHT_FILES = (".safetensors", ".bin", ".json")
 TABLE_KEY = "logps"  # a cache file holds one split's table, under this name
 PREPARED_DATA = ("train_data", "val_data", "fingerprint", "collate", "hparams")  # what precomputation reads
-LOGPROB_CODE = (logps, packing)  # the modules that turn a batch into the log-probs a table stores
+LOGPROB_CODE = (logps, layouts, packing)  # the modules that turn a batch into the log-probs a table stores
 # (model, batch) -> summed log-probs, mean logits and lengths, each (2B,): the module's log-prob path (logps.py)
 Score = Callable[[nn.Module, dict[str, Tensor]], tuple[Tensor, Tensor, Tensor]]
 

@@ -34,6 +34,7 @@ import torch
 from lightning.fabric.utilities.throughput import get_available_flops
 from torch import Tensor, nn
 
+from dpo_lightning.layouts import layout_of
 from dpo_lightning.models import base_causal_lm
 from dpo_lightning.resume import ends_optimizer_step
 
@@ -49,7 +50,7 @@ def count_tokens(batch: dict[str, Tensor]) -> Tensor:
         padded, attention_mask [[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]] -> [9, 10, 2]
         shared, pair_ids [[0, 0, 0, 0, 0, 0, 0, -1]]             -> [7, 8, 1]
     """
-    mask = batch["pair_ids"] >= 0 if "pair_ids" in batch else batch["attention_mask"].bool()  # (rows, T)
+    mask = layout_of(batch).token_mask(batch)  # (rows, T)
     return torch.stack([mask.sum(), mask.new_tensor(mask.numel(), dtype=torch.long),
                         mask.new_tensor(mask.shape[0], dtype=torch.long)]).double()
 

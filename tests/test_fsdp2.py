@@ -28,7 +28,7 @@ def test_two_sharded_ranks_train_the_weights_of_one_unsharded_process(tiny_llama
     assert abs(single["train/rewards/margins"]) > 1e-4  # the reference differs: the metrics are not step-0 zeros
     assert single["train/grad_norm"] > 1e-3  # the whole gradient's norm: the shards' parts summed over the ranks
     for name, value in single.items():
-        if name.startswith("train/"):
+        if name.startswith("train/") and not name.endswith("pairs_per_row"):  # packing's own: rows per rank
             assert abs(sharded[name] - value) <= 1e-4 * abs(value) + 1e-5, name
     trained_single, trained_sharded = (torch.load(tmp_path / f"{n}.pt", weights_only=True) for n in (1, 2))
     start = torch.load(tmp_path / "1.start.pt", weights_only=True)

@@ -243,7 +243,7 @@ def test_bco_pair_shift_is_the_running_mean_of_all_training_rewards(tiny_llama, 
             seen.append(0.1 * (policy - ref))
 
     model = DPOModule(tiny_llama, loss_type="bco_pair", learning_rate=1e-2)
-    trainer(tmp_path, max_steps=3, callbacks=[Record()]).fit(model, data_module())
+    trainer(tmp_path, max_steps=3, callbacks=[Record()]).fit(model, data_module(prefix_sharing=False))  # padded: the oracle
     expected = torch.cat(seen).double().mean()
     torch.testing.assert_close(model.objective.bco_reward_sum / model.objective.bco_reward_count, expected, rtol=1e-4, atol=1e-6)
     assert model.objective.bco_reward_count.item() == 3 * 8  # 3 steps of 4 pairs = 8 sequences each
@@ -275,7 +275,7 @@ def test_likelihood_displacement_warns_once_past_the_threshold(tiny_llama, other
                           loss_type=loss_type)
         with warnings.catch_warnings(record=True) as record:
             warnings.simplefilter("always")
-            trainer(tmp_path, max_steps=1, callbacks=[Drop()]).fit(model, data_module())
+            trainer(tmp_path, max_steps=1, callbacks=[Drop()]).fit(model, data_module(prefix_sharing=False))
         return [str(w.message) for w in record if "likelihood displacement" in str(w.message)]
 
     assert warnings_at(None) == []

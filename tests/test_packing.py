@@ -16,9 +16,9 @@ from types import SimpleNamespace
 import lightning as L
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, MistralConfig
 
-from dpo_lightning import DPOModule, PreferenceDataModule
+from dpo_lightning import DPOModule, PreferenceDataModule, packing
 from dpo_lightning.batches import collate_pairs
 from dpo_lightning.logps import lean_logps, naive_logps
 from dpo_lightning.losses import sigmoid_loss
@@ -215,9 +215,7 @@ def test_shared_layout_unsupported_reports_a_mask_the_model_rejects(tiny_llama):
 
 
 def test_fit_refuses_prefix_sharing_on_a_model_that_drops_the_mask(tiny_llama, tmp_path):
-    llama = AutoModelForCausalLM.from_pretrained(tiny_llama)
-    llama.model.register_forward_pre_hook(lambda module, args, kwargs: (args, {**kwargs, "attention_mask": None}),
-                                          with_kwargs=True)
+    llama = mask_dropping_llama(tiny_llama)
     data = PreferenceDataModule(text_rows(4), tokenizer=tiny_llama, batch_size=2, max_length=64,
                                 max_prompt_length=32, prefix_sharing=True)
     trainer = L.Trainer(max_steps=1, default_root_dir=tmp_path, logger=False, enable_checkpointing=False)
@@ -225,11 +223,58 @@ def test_fit_refuses_prefix_sharing_on_a_model_that_drops_the_mask(tiny_llama, t
         trainer.fit(DPOModule(llama), data)  # before any step
 
 
+def mask_dropping_llama(path: str) -> torch.nn.Module:
+    """A Llama whose decoder is called without the custom mask: causal attention over the whole row instead."""
+    llama = AutoModelForCausalLM.from_pretrained(path)
+    llama.model.register_forward_pre_hook(lambda module, args, kwargs: (args, {**kwargs, "attention_mask": None}),
+                                          with_kwargs=True)
+    return llama
+
+
+@pytest.mark.parametrize("drops_mask", [False, True])
+def test_auto_picks_packed_prefix_sharing_when_the_probe_passes_and_says_why(tiny_llama, tmp_path, drops_mask,
+                                                                            caplog):
+    # The default (`auto`): the fastest exact layout for this model, the choice and its reason logged once.
+    model = mask_dropping_llama(tiny_llama) if drops_mask else AutoModelForCausalLM.from_pretrained(tiny_llama)
+    data = PreferenceDataModule(text_rows(8), tokenizer=tiny_llama, batch_size=4, max_length=64, max_prompt_length=32)
+    seen = []
+
+    class Layouts(L.Callback):
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            seen.append((batch["layout"], batch["input_ids"].shape[0]))
+
+    trainer = L.Trainer(max_steps=2, default_root_dir=tmp_path, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, callbacks=[Layouts()])
+    with caplog.at_level("INFO"):
+        trainer.fit(DPOModule(model), data)
+    lines = [r.getMessage() for r in caplog.records if "batch layout" in r.getMessage()]
+    assert len(lines) == 1
+    if drops_mask:
+        assert seen == [("padded", 8)] * 2  # 4 pairs: 8 rows
+        assert "padded (--data.prefix_sharing auto: LlamaForCausalLM" in lines[0] and "ignores" in lines[0]
+    else:
+        assert [layout for layout, _ in seen] == ["shared"] * 2 and all(rows < 4 for _, rows in seen)  # packed
+        assert "shared (prefix sharing, packed" in lines[0]
+
+
+def test_a_shared_batch_from_another_collator_is_refused_for_a_model_that_drops_the_mask(tiny_llama, tmp_path):
+    # The probe runs for the layout each batch declares, whoever collated it: not only the data module's.
+    data = PreferenceDataModule(text_rows(4), tokenizer=tiny_llama, max_length=64, max_prompt_length=32)
+    data.setup("fit")
+    loader = torch.utils.data.DataLoader(list(data.train_data), batch_size=2,
+                                         collate_fn=lambda rows: collate_shared(rows, 0, packing=True))
+    trainer = L.Trainer(max_steps=1, default_root_dir=tmp_path, logger=False, enable_checkpointing=False)
+    with pytest.raises(ValueError, match="--data.prefix_sharing: .* ignores the shared layout's attention mask"):
+        trainer.fit(DPOModule(mask_dropping_llama(tiny_llama)), loader)
+
+
 def test_data_module_batches_shared_and_packed_pairs(tiny_llama):
     with pytest.raises(ValueError, match="--data.packing .* --data.prefix_sharing true"):
-        PreferenceDataModule(text_rows(4), tokenizer=tiny_llama, packing=True)
+        PreferenceDataModule(text_rows(4), tokenizer=tiny_llama, prefix_sharing=False, packing=True)
     with pytest.raises(ValueError, match="--data.packing_max_tokens 64 needs --data.packing true"):
-        PreferenceDataModule(text_rows(4), tokenizer=tiny_llama, prefix_sharing=True, packing_max_tokens=64)
+        PreferenceDataModule(text_rows(4), tokenizer=tiny_llama, packing=False, packing_max_tokens=64)
+    with pytest.raises(ValueError, match="--data.prefix_sharing must be true, false or auto, got 'yes'"):
+        PreferenceDataModule(text_rows(4), tokenizer=tiny_llama, prefix_sharing="yes")
     data = PreferenceDataModule(text_rows(6), tokenizer=tiny_llama, batch_size=6, max_length=64,
                                 max_prompt_length=32, prefix_sharing=True, packing=True)
     data.setup("fit")
@@ -259,6 +304,56 @@ def test_module_step_on_a_packed_batch_equals_the_padded_step(tiny_llama, option
         torch.testing.assert_close(packed_metrics[name], value, rtol=1e-5, atol=1e-5, msg=name)
     for name, grad in grads.items():
         torch.testing.assert_close(packed_grads[name], grad, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def sliding_mistral(implementation: str = "sdpa") -> torch.nn.Module:
+    """A 2-layer Mistral whose layers attend over the last 12 positions only."""
+    torch.manual_seed(0)
+    config = MistralConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, sliding_window=12, max_position_embeddings=128)
+    config._attn_implementation = implementation
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+def forty_token_pairs() -> list[dict]:
+    generator = torch.Generator().manual_seed(1)
+
+    def tokens(n: int) -> list[int]:
+        return torch.randint(3, 96, (n,), generator=generator).tolist()
+
+    return [pair(tokens(16), tokens(10), tokens(14)), pair(tokens(5), tokens(20), tokens(15))]
+
+
+@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
+@pytest.mark.parametrize("compute", [naive_logps, lean_logps], ids=["naive", "lean"])
+def test_sliding_window_shared_layout_equals_the_plain_forward(implementation, compute):
+    # Defect 1 of issue 20: the shared layout's mask had no window, so on 40-token pairs a window of 12
+    # was ignored (the padded layout gave -123.68, the shared one -114.90). The oracle: the model's own
+    # forward on each prompt + response alone, log-softmax at the labels.
+    model, pairs = sliding_mistral(implementation), forty_token_pairs()
+    assert shared_layout_unsupported(model) is None
+    expected = []
+    with torch.no_grad():
+        for side in ("chosen_input_ids", "rejected_input_ids"):
+            for row in pairs:
+                ids = torch.tensor([row["prompt_input_ids"] + row[side]])
+                logits = model(input_ids=ids).logits[0, len(row["prompt_input_ids"]) - 1 : -1].log_softmax(-1)
+                expected.append(logits.gather(-1, torch.tensor(row[side])[:, None]).sum())
+        padded = compute(model, collate_pairs(pairs, 0))[0]
+        shared = compute(model, collate_shared(pairs, 0))[0]
+        packed = compute(model, collate_shared(pairs, 0, packing=True, max_tokens_per_row=100))[0]
+    for actual in (padded, shared, packed):
+        torch.testing.assert_close(actual, torch.stack(expected), rtol=1e-5, atol=1e-4)
+
+
+def test_probe_reaches_past_the_sliding_window(monkeypatch):
+    # A mask without the window (the mask before issue 20) must be refused: the probe's pairs are longer
+    # than the window. Before, they were 9 tokens at most, shorter than any window.
+    model = sliding_mistral()
+    assert shared_layout_unsupported(model) is None
+    windowed = packing.visible
+    monkeypatch.setattr(packing, "visible", lambda batch, b, q, k, window=None: windowed(batch, b, q, k))
+    assert "ignores the shared layout's attention mask" in shared_layout_unsupported(model)
 
 
 def stand_in(implementation: str = "sdpa") -> SimpleNamespace:

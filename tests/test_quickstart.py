@@ -42,7 +42,7 @@ def test_quickstart_packed_trains_the_same_weights_as_padded(tmp_path, monkeypat
     # not the training.
     monkeypatch.chdir(ROOT)
     runs = {}
-    for layout, flags in (("padded", []), ("packed", ["--data.prefix_sharing=true", "--data.packing=true",
+    for layout, flags in (("padded", ["--data.prefix_sharing=false"]), ("packed", ["--data.prefix_sharing=true", "--data.packing=true",
                                                       "--data.packing_max_tokens=128"])):
         runs[layout] = cli_main(["fit", "--config", "configs/quickstart.yaml", "--trainer.max_steps=25",
                                  f"--trainer.default_root_dir={tmp_path / layout}", "--trainer.logger=false", "--trainer.callbacks=[]", "--trainer.enable_checkpointing=false",

@@ -100,7 +100,7 @@ def test_mfu_is_model_flops_over_the_peak_when_the_device_has_one(tiny_llama, tm
     monkeypatch.setattr(throughput.Throughput, "_peak_flops", staticmethod(lambda trainer: 1e9))
     record = RecordBatches(tmp_path)
     data = PreferenceDataModule(dataset=uneven_rows(8), tokenizer=ascii_tokenizer(add_bos=True), max_length=48,
-                                max_prompt_length=24, batch_size=4)
+                                max_prompt_length=24, batch_size=4, prefix_sharing=False)  # rows counted by hand
     module = DPOModule(tiny_llama)
     L.Trainer(max_steps=2, log_every_n_steps=1, limit_val_batches=0, logger=CSVLogger(tmp_path),
               enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
@@ -136,7 +136,8 @@ if __name__ == "__main__":
 
     throughput.perf_counter = fake_clock
     data = PreferenceDataModule(dataset=uneven_rows(22), tokenizer=ascii_tokenizer(add_bos=True), max_length=48,
-                                max_prompt_length=24, batch_size=2)  # 11 rows per rank: 6 batches, the last of 1
+                                max_prompt_length=24, batch_size=2,  # 11 rows per rank: 6 batches, the last of 1
+                                prefix_sharing=False)  # the padded layout: RecordBatches counts its mask
     trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=1, accumulate_grad_batches=2,
                         log_every_n_steps=1, limit_val_batches=0, logger=CSVLogger(out), enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, callbacks=[RecordBatches(out)])
