@@ -16,8 +16,8 @@ targets from one place, `shifted_labels`.
   head over them `chunk_size` tokens at a time, upcast to float32 inside the chunk, recomputing each
   chunk's logits in backward instead of keeping them: the extra memory is a few (chunk_size, V) float32
   buffers, whatever N and T. A plain linear head (tied or not) goes through `LinearHeadLogProb`, which
-  keeps one logsumexp per token and costs one matmul more than the full logits (four for three; about
-  1.3x the bare head's time, `benchmarks/bench_head.py`); any other head (a LoRA adapter, a hooked
+  keeps one logsumexp per token and costs one matmul more than the full logits (four for three, a floor
+  of about 1.33x the bare head's time; `benchmarks/bench_head.py`); any other head (a LoRA adapter, a hooked
   module) is called as a module on checkpointed chunks (`torch.utils.checkpoint`), so it works unchanged.
 
 The lean path assumes logits = transform(head(decoder(x))): transformers' `base_model` as the decoder,
