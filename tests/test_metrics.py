@@ -63,8 +63,11 @@ def test_metrics_are_exact_under_batch_size_and_gradient_accumulation(tiny_llama
     # uneven last batch). Same weights, so every metric must agree, the per-step training ones included.
     one, train_one, val_one = fit_and_validate(tiny_llama, other_llama, 8, 1, 8, tmp_path)
     acc, train_acc, val_acc = fit_and_validate(tiny_llama, other_llama, 2, 4, 2, tmp_path)
+    # AdamW divides each gradient by its own scale, so an element near zero (a vocabulary row the batch
+    # barely touches) turns the float32 rounding of another summation order into a visible update: allow a
+    # tenth of one step's update (lr 1e-3); a wrong accumulation moves every weight by up to the whole step.
     for name, weight in one.policy.state_dict().items():
-        torch.testing.assert_close(acc.policy.state_dict()[name], weight, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(acc.policy.state_dict()[name], weight, rtol=1e-4, atol=1e-4)
     assert set(train_one) == set(train_acc) and "train/rewards/margin_length_corr" in train_one
     for name, value in train_one.items():
         assert train_acc[name] == pytest.approx(value, rel=1e-4, abs=1e-5), name
