@@ -48,7 +48,7 @@ from dpo_lightning.locate import model_source
 from dpo_lightning.losses import IGNORE_INDEX
 from dpo_lightning.packing import collate_shared
 from dpo_lightning.resume import EvalSampler, ResumableLoader
-from dpo_lightning.sources import FIELDS, STAGE_NAMES, DatasetSource, load_rows
+from dpo_lightning.sources import FIELDS, PROMPT_ONLY, STAGE_NAMES, DatasetSource, load_rows
 from dpo_lightning.summary import fingerprint, format_summary, summarize
 
 
@@ -170,7 +170,8 @@ def collate_pairs(rows: list[dict], pad_token_id: int) -> dict[str, torch.Tensor
 
 
 DATA_CODE = hashlib.sha256(b"".join(open(path, "rb").read()
-                                     for path in (__file__, formats.__file__, sources.__file__))).hexdigest()
+                                     for path in (__file__, formats.__file__, sources.__file__,
+                                                  __file__.replace("data.py", "online.py")))).hexdigest()
 def with_pad_token(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
     """`tokenizer`, checked for an EOS, with pad = eos where it has no pad token (padding is masked, so its id
     is free). The one place this is decided: `load_tokenizer` and the data module both call it."""
@@ -313,7 +314,8 @@ class PreferenceDataModule(L.LightningDataModule):
         tokenizer = self._resolve_tokenizer()
         columns = {"prompt": hp.prompt_column, "chosen": hp.chosen_column, "rejected": hp.rejected_column}
         load = partial(load_rows, name=hp.dataset_config, data_dir=hp.data_dir, columns=columns)
-        train = load(self.dataset, hp.split, streaming=hp.streaming)
+        online = getattr(self.trainer and self.trainer.lightning_module, "online", None) is not None
+        train = load(self.dataset, hp.split, streaming=hp.streaming, fields=PROMPT_ONLY if online else FIELDS)
         if self.eval_dataset is not None:
             val = load(self.eval_dataset, hp.eval_split or hp.split, stage="val")
         elif hp.eval_split is not None:
@@ -344,8 +346,12 @@ class PreferenceDataModule(L.LightningDataModule):
     def _prepare_split(self, rows: Dataset | IterableDataset, stage: str, tokenizer: PreTrainedTokenizerBase,
                        report: bool = True) -> Dataset | IterableDataset:
         hp = self.hparams
-        fmt = detect_format(rows, hp.dataset_format, stage, tokenizer)
-        prepared = _map(rows, prepare_rows, f"preparing {STAGE_NAMES[stage]} rows ({fmt})", batched=True,
+        from dpo_lightning.online import prepare_prompts, prompt_format  # online.py imports this module
+
+        prompts_only = "chosen" not in (rows.column_names or list(next(iter(rows))))  # online training's prompts
+        fmt = prompt_format(rows, tokenizer, stage) if prompts_only else detect_format(rows, hp.dataset_format,
+                                                                                       stage, tokenizer)
+        prepared = _map(rows, prepare_prompts if prompts_only else prepare_rows, f"preparing {STAGE_NAMES[stage]} rows ({fmt})", batched=True,
                         with_indices=True, remove_columns=rows.column_names or list(next(iter(rows))),
                         features=PREPARED, num_proc=hp.dataset_num_proc, fn_kwargs=dict(
                             dataset_format=fmt, tokenizer=tokenizer, bos_token_id=adds_bos(tokenizer),
@@ -425,6 +431,9 @@ class PreferenceDataModule(L.LightningDataModule):
         return DataLoader(data, batch_size=batch_size, shuffle=shuffle, **kwargs)
 
     def collate(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        if not rows[0]["chosen_input_ids"]:  # prompts alone: online training samples the pairs (online.py)
+            from dpo_lightning.online import collate_prompts  # online.py imports this module
+            return collate_prompts(rows)
         if self.hparams.prefix_sharing:
             return collate_shared(rows, self.tokenizer.pad_token_id, self.hparams.packing,
                                   self.hparams.packing_max_tokens or self.hparams.max_length)

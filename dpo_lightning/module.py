@@ -117,6 +117,8 @@ class DPOModule(L.LightningModule):
             base, and exports merge the adapter into a bf16 copy of the base. `pip install -e .[qlora]`.
         quantization_config: `transformers.BitsAndBytesConfig`'s arguments as a dict, instead of
             `load_in_4bit`'s defaults, e.g. {bnb_4bit_quant_type: fp4, bnb_4bit_use_double_quant: true}.
+        online: train online: the policy samples each batch's pairs from the data's prompts and a reward
+            ranks them (online.py; `online.OnlineConfig` lists the keys: reward_funcs, num_samples, ...).
     """
 
     def __init__(
@@ -159,6 +161,7 @@ class DPOModule(L.LightningModule):
         peft_config: dict | None = None,
         load_in_4bit: bool = False,
         quantization_config: dict | None = None,
+        online: dict | None = None,
     ):
         super().__init__()
         self.loss_types = [loss_type] if isinstance(loss_type, str) else list(loss_type)
@@ -197,6 +200,9 @@ class DPOModule(L.LightningModule):
         uses_nll = bool(rpo_alpha) or "sft" in self.loss_types
         self.train_metrics = make_metrics(self.loss_types, rpo_alpha, uses_nll, sync_on_compute=False)
         self.val_metrics = make_metrics(self.loss_types, rpo_alpha, uses_nll)
+        if online is not None:
+            from dpo_lightning.online import Online  # it imports callbacks.py, which imports this module
+        self.online = Online(online, self) if online is not None else None  # adds its train metrics
         self._skip_step = False  # a non-finite loss in this optimizer step, with nonfinite_loss: skip
         self._displacement_warned = False
 
@@ -235,6 +241,8 @@ class DPOModule(L.LightningModule):
             self.strict_loading = False
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        if self.online is not None:  # this batch's prompts -> sampled, scored pairs
+            batch = self.online.pairs(self, batch, batch_idx)
         loss = self._shared_step(batch, "train")
         if ends_optimizer_step(self.trainer, batch_idx):  # log once per optimizer step, over all its micro-batches
             self._log_train_step()
@@ -275,6 +283,8 @@ class DPOModule(L.LightningModule):
             loss = loss + self.hparams.rpo_alpha * (-chosen_logps.sum() / chosen_tokens.sum())
         if stage == "train" and not self._finite_on_every_rank(loss, batch):
             return loss  # its optimizer step is skipped: see on_before_optimizer_step
+        if "no_pairs" in batch:  # online, every prompt tied: a zero gradient, where other ranks train
+            return loss * 0
         metrics = self.train_metrics if stage == "train" else self.val_metrics
         update_metrics(metrics, losses, self.loss_weights, chosen_rewards, rejected_rewards, policy_logps,
                        mean_logits, n_tokens)
@@ -386,15 +396,16 @@ class DPOModule(L.LightningModule):
 
     def configure_callbacks(self) -> list[L.Callback]:
         # Tokens per second and padding in every run's logs (throughput.py); one in the Trainer's list is replaced.
-        return [Throughput()]
+        return [Throughput()] + ([self.online] if self.online is not None else [])
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # Only what trains is stored (with LoRA, the adapter). The reference and frozen weights (a LoRA
         # base, a reference adapter) never change: they are rebuilt from their source on load.
         frozen = {f"policy.{name}" for name, param in self.policy.named_parameters(remove_duplicate=False)
                   if not param.requires_grad}
+        synced = self.online is not None and self.online.syncs_reference()  # a synced reference is kept
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items()
-                                    if not k.startswith("ref.") and k not in frozen}
+                                    if (synced or not k.startswith("ref.")) and k not in frozen}
         # A fully fine-tuned policy no longer holds its starting weights: the reference is found from here.
         checkpoint["reference"] = self.ref.checkpoint_state()
 

@@ -28,6 +28,7 @@ import pyarrow.parquet as pq
 from datasets import Dataset, DatasetDict, Features, IterableDataset, LargeList, List, Value, load_dataset
 
 FIELDS = ("prompt", "chosen", "rejected")
+PROMPT_ONLY = ("prompt",)  # online training's data: the policy writes the responses (online.py)
 # A dataset given as: a hub name, a local file, folder, glob or list of files, an in-memory dict of
 # columns or list of rows, or a `datasets` object.
 DatasetSource = Union[str, dict, list, Dataset, DatasetDict]
@@ -39,7 +40,7 @@ _SAMPLE = 100  # rows that decide a column's kind
 
 def load_rows(source: DatasetSource, split: str = "train", name: str | None = None, data_dir: str | None = None,
               streaming: bool = False, columns: dict[str, str] | None = None,
-              stage: str = "train") -> Dataset | IterableDataset:
+              stage: str = "train", fields: tuple[str, ...] = FIELDS) -> Dataset | IterableDataset:
     """One split of preference rows from any supported source, with canonical field names.
 
     Local data files (.json, .jsonl, .parquet, .csv, optionally .gz; one path, a glob, or a list of paths)
@@ -49,8 +50,9 @@ def load_rows(source: DatasetSource, split: str = "train", name: str | None = No
     Args:
         columns: field -> the source's column holding it (default: the field's own name).
         stage: "train" or "val", named in error messages.
+        fields: the fields to read: `FIELDS`, or `PROMPT_ONLY` (other columns, chosen and rejected too, unread).
     """
-    columns = {field: (columns or {}).get(field, field) for field in FIELDS}
+    columns = {field: (columns or {}).get(field, field) for field in fields}
     label = STAGE_NAMES.get(stage, stage)
     if isinstance(source, dict) and not isinstance(source, DatasetDict):
         source = _columns_to_rows(source, label)
@@ -179,8 +181,12 @@ def _from_python(rows: list, columns: dict[str, str], label: str) -> Dataset:
 
 
 def require(names, columns: dict[str, str], label: str) -> None:
-    """Raise unless the source's columns `names` hold chosen and rejected (under their mapped names)."""
-    if {columns["chosen"], columns["rejected"]} - set(names):
+    """Raise unless the source's columns `names` hold chosen and rejected (under their mapped names), or for
+    `PROMPT_ONLY` fields the prompt."""
+    if tuple(columns) == PROMPT_ONLY and columns["prompt"] not in names:
+        raise ValueError(f"{label} data has columns {sorted(names)}; online training reads prompts from a "
+                         "'prompt' column: map yours with --data.prompt_column")
+    if tuple(columns) != PROMPT_ONLY and {columns["chosen"], columns["rejected"]} - set(names):
         raise ValueError(f"{label} data has columns {sorted(names)}; expected 'chosen' and 'rejected' (and 'prompt'): "
                          "map yours with --data.prompt_column / chosen_column / rejected_column")
 
@@ -189,7 +195,8 @@ def _features(sample: list, columns: dict[str, str], label: str) -> Features:
     """Each field present in `sample`: text, or messages where most of its values are lists."""
     rows = [row for row in sample if isinstance(row, dict)]
     if not rows:  # nothing but rows to drop ("not a dict"): the summary's error counts them
-        return Features({"chosen": Value("string"), "rejected": Value("string"), "source_issue": Value("string")})
+        text = PROMPT_ONLY if tuple(columns) == PROMPT_ONLY else ("chosen", "rejected")
+        return Features({**{field: Value("string") for field in text}, "source_issue": Value("string")})
     require({name for row in rows for name in row}, columns, label)
     features = {}
     for field, column in columns.items():
