@@ -12,10 +12,12 @@ column of text or messages; a preference set's other columns are not read). For 
    with `missing_eos_penalty` (TRL's) a completion cut at `max_new_tokens` loses that much.
 3. Pair. Each prompt's highest-scoring completion is chosen, its lowest rejected (`pick_pairs`); a prompt
    whose completions all score the same is a tie: skipped, and counted (`objective/ties`).
-4. Tokenize and train. The completions are decoded and go through the data module's rules 2-3 as any pair
-   does (`data.encode`, `data.truncate`: re-encoded without special tokens, the stop token the model
-   emitted (EOS, or a chat template's end of turn) appended; a completion cut at `max_new_tokens` has none),
-   then its collator, loss, reference and metrics, unchanged.
+4. Tokenize and train. Each pair keeps the token ids the policy sampled, so its log-probs are those of what
+   was sampled: rule 2 holds by construction (the prompt's ids as the data module made them, the response
+   generated after them, ending with the stop token the model emitted: EOS, or a chat template's end of
+   turn; a completion cut at `max_new_tokens` has none), and rule 3 cuts the pair to fit (`data.truncate`).
+   Decoding and re-encoding instead would change the ids wherever decode is not encode's inverse. Then the
+   data module's collator, and the loss, reference and metrics, unchanged.
 
 The reference is the starting weights; `ref_model_sync_steps: N` copies the policy into it every N optimizer
 steps (iterative DPO; TRL's `ref_model_sync_steps` with `ref_model_mixup_alpha` 1), and checkpoints then
@@ -277,7 +279,7 @@ class Online(L.Callback):
         chosen, rejected, untied = pick_pairs(scores.view(len(prompts), n))
         keep = untied.nonzero().flatten().tolist() or [0]
         rows = [self._pair_row(datamodule, tokenizer, prompts[i], completions[i * n + chosen[i]],
-                               completions[i * n + (rejected[i] if untied[i] else chosen[i])], stops,
+                               completions[i * n + (rejected[i] if untied[i] else chosen[i])],
                                int(batch["row_ids"][i])) for i in keep]
         pairs = datamodule.collate(rows)
         if not untied.any():
@@ -293,15 +295,10 @@ class Online(L.Callback):
 
     @staticmethod
     def _pair_row(datamodule, tokenizer, prompt: list[int], chosen: list[int], rejected: list[int],
-                  stops: list[int], row_id: int) -> dict:
-        """Rules 2-3 on one pair: each completion re-encoded from its text, its stop token kept, then cut to fit."""
+                  row_id: int) -> dict:
+        """Rule 3 on one pair of completions, as sampled (ids, stop token included), cut to fit."""
         hp = datamodule.hparams
-        responses = []
-        for ids in (chosen, rejected):
-            body, stop = split_completion(ids, stops)
-            text = tokenizer.decode(body, skip_special_tokens=False)
-            responses.append(encode(tokenizer, [text])[0] + ([stop] if stop is not None else []))
-        row = truncate(prompt, *responses, hp.max_length, hp.max_prompt_length, hp.truncation_mode,
+        row = truncate(prompt, chosen, rejected, hp.max_length, hp.max_prompt_length, hp.truncation_mode,
                        adds_bos(tokenizer))
         return {**row, "row_id": row_id}
 
