@@ -27,7 +27,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import nn
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 
-from dpo_lightning.data import adds_bos, encode, with_bos
+from dpo_lightning.rules import adds_bos, encode, with_bos
 from dpo_lightning.export import export_pretrained
 from dpo_lightning.resume import ends_optimizer_step
 

@@ -1,32 +1,9 @@
-"""Preference data: rows of (prompt, chosen, rejected) -> token ids -> padded batches.
+"""The preference DataModule: sources, splits, caches and the data summary, around the rules.
 
-Tokenization rules, applied in this order by `tokenize_row` for one row and by `prepare_rows` for a
-batch of rows (after the DPO reference's `preference_datasets.py::tokenize_batch_element`):
-
-1. Prompt. Each row becomes prompt, chosen and rejected strings as its format says (formats.py:
-   explicit, HH dialogues, implicit shared prefix, chat-template conversations). A row whose two sides
-   do not share a prompt is dropped and counted, never sliced into a corrupt response.
-2. Tokenize prompt, chosen and rejected separately with `add_special_tokens=False`, so the prompt ids
-   are identical in both sequences and no token merges across the prompt/response boundary. One BOS
-   goes in front of the prompt where the tokenizer adds one to plain text (`with_bos`: not a second one
-   when the text, e.g. a chat template's, already starts with it); EOS is appended to each response,
-   except for conversations, whose responses end with the template's own end-of-turn token. A prompt
-   with no tokens at all (`""` without BOS) is dropped and counted: no position would predict the first
-   response token, so it would silently go unscored. With BOS, an empty prompt is `[BOS]`.
-3. If prompt + longer response exceeds `max_length`, a prompt longer than `max_prompt_length` keeps
-   `max_prompt_length` tokens (BOS included and kept in front): its end with `truncation_mode="keep_end"`
-   (dialogues end with the turn being answered), its start with `"keep_start"`; a shorter prompt stays
-   whole. If still too long, both responses are cut to the room left, which is at least one token
-   because `max_prompt_length < max_length`: no response is ever empty, and a prompt longer than
-   `max_length` is cut like any other rather than dropped (as the DPO reference does).
-4. Labels are the input ids with every prompt position set to `IGNORE_INDEX`. The collator places them
-   by lengths, never by comparing ids, so a response's EOS is learned even when pad == eos.
-
-Rows that cannot be used (a missing, non-text or empty field, identical responses, prompts that
-differ; the README's bad-input table lists every reason) are dropped and counted by reason in
-`PreferenceDataModule.summary`, or with `strict=True` raise an error naming the split, the row, the
-field and the fix. Batches hold chosen rows first, then rejected rows, so one forward pass scores both
-(see `collate_pairs`).
+`PreferenceDataModule` reads each split (sources.py), detects its format (formats.py), maps rules.py's
+`prepare_rows` over it (rules 1 to 3, cached by `datasets` under a name that changes with the rules' code),
+counts and drops unusable rows (summary.py) and batches the rest (batches.py's `collate_pairs`, rule 4, or
+packing.py's `collate_shared`).
 """
 
 import hashlib
@@ -35,143 +12,28 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
-from datasets import Dataset, Features, IterableDataset, List, Value
+from datasets import Dataset, IterableDataset
 from datasets.distributed import split_dataset_by_node
 from datasets.fingerprint import Hasher
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from dpo_lightning import formats, sources
-from dpo_lightning.formats import FORMATS, PRESETS, detect_format, drop_error, to_strings
+from dpo_lightning import formats, rules, sources
+from dpo_lightning.batches import collate_pairs
+from dpo_lightning.formats import FORMATS, PRESETS, detect_format
 from dpo_lightning.locate import model_source
-from dpo_lightning.losses import IGNORE_INDEX
 from dpo_lightning.packing import collate_shared
 from dpo_lightning.resume import EvalSampler, ResumableLoader
+from dpo_lightning.rules import PREPARED, adds_bos, drop_error, prepare_rows
 from dpo_lightning.sources import FIELDS, PROMPT_ONLY, STAGE_NAMES, DatasetSource, load_rows
 from dpo_lightning.summary import fingerprint, format_summary, summarize
 
-
-def with_bos(ids: list[int], bos_token_id: int | None) -> list[int]:
-    """Rule 2's one BOS: `ids` with `bos_token_id` in front, unless it is None or `ids` already start with it.
-
-    Example:
-        with_bos([5, 6], 1) == [1, 5, 6];  with_bos([1, 5], 1) == [1, 5];  with_bos([5], None) == [5]
-    """
-    return ids if bos_token_id is None or ids[:1] == [bos_token_id] else [bos_token_id, *ids]
-
-
-def encode(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[list[int]]:
-    """Each text's ids without special tokens, in one call: a fast tokenizer encodes the list in Rust."""
-    return tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
-
-
-def truncate(prompt: list[int], chosen: list[int], rejected: list[int], max_length: int, max_prompt_length: int,
-             truncation_mode: str, bos_token_id: int | None = None) -> dict[str, Any]:
-    """Rule 3 on token ids: the prompt (with its BOS) and each response (with its EOS), cut to fit.
-
-    Returns `prompt_input_ids`, `chosen_input_ids`, `rejected_input_ids` (the collator concatenates
-    prompt + response and builds the labels, rule 4), and for the data summary: `length` (prompt +
-    longer response before truncation), `truncated` and `chosen_longer`.
-    """
-    length = len(prompt) + max(len(chosen), len(rejected))
-    stats = {"length": length, "truncated": length > max_length, "chosen_longer": len(chosen) > len(rejected)}
-    if length > max_length and len(prompt) > max_prompt_length:
-        head = prompt[:1] if bos_token_id is not None and prompt[:1] == [bos_token_id] else []  # BOS stays in front
-        body, keep = prompt[len(head):], max_prompt_length - len(head)
-        prompt = head + (body[len(body) - keep:] if truncation_mode == "keep_end" else body[:keep])
-    room = max_length - len(prompt)
-    return {"prompt_input_ids": prompt, "chosen_input_ids": chosen[:room], "rejected_input_ids": rejected[:room],
-            **stats}
-
-
-def tokenize_row(row: dict, tokenizer: PreTrainedTokenizerBase, bos_token_id: int | None, max_length: int,
-                 max_prompt_length: int, truncation_mode: str, append_eos: bool = True) -> dict[str, Any]:
-    """Rules 2 and 3 for one row of strings: `truncate`'s token ids and summary fields.
-
-    `prepare_rows` applies the same rules to a batch; an empty prompt is dropped there (rule 2).
-    """
-    prompt, chosen, rejected = encode(tokenizer, [row[field] for field in FIELDS])
-    eos = [tokenizer.eos_token_id] if append_eos else []
-    return truncate(with_bos(prompt, bos_token_id), chosen + eos, rejected + eos, max_length, max_prompt_length,
-                    truncation_mode, bos_token_id)
-
-
-PREPARED = Features({"row_id": Value("int64"), "drop_reason": Value("string"),
-                     **{f"{field}_input_ids": List(Value("int64")) for field in FIELDS},
-                     "length": Value("int64"), "truncated": Value("bool"), "chosen_longer": Value("bool")})
-
-
-def prepare_rows(batch: dict[str, list], indices: list[int], dataset_format: str, tokenizer: PreTrainedTokenizerBase,
-                 bos_token_id: int | None, max_length: int, max_prompt_length: int,
-                 truncation_mode: str) -> dict[str, list]:
-    """Rules 1 to 3 for a batch of rows (a batched `datasets.map` function), with `tokenize_row`'s ids.
-
-    Returns a `PREPARED` row for every input row: its `row_id` (its position in its split; batches carry
-    it, so error messages and cached reference log-probs name rows by it), its `drop_reason` ("" if kept;
-    a dropped row's ids are empty) and `truncate`'s fields. Each field is tokenized in one batched call.
-    """
-    checked = [to_strings(dict(zip(batch, values)), index, dataset_format, tokenizer)
-               for index, values in zip(indices, zip(*batch.values()))]
-    ids = [encode(tokenizer, [row[field] for row in checked]) for field in FIELDS]
-    eos = [] if dataset_format == "conversational" else [tokenizer.eos_token_id]
-    out = {name: [] for name in PREPARED}
-    for index, row, prompt, chosen, rejected in zip(indices, checked, *ids):
-        prompt = with_bos(prompt, bos_token_id)
-        reason = row["drop_reason"] or ("" if prompt else "empty prompt")
-        if reason:
-            prepared = {"prompt_input_ids": [], "chosen_input_ids": [], "rejected_input_ids": [], "length": 0,
-                        "truncated": False, "chosen_longer": False}
-        else:
-            prepared = truncate(prompt, chosen + eos, rejected + eos, max_length, max_prompt_length,
-                                truncation_mode, bos_token_id)
-        for name, value in {"row_id": index, "drop_reason": reason, **prepared}.items():
-            out[name].append(value)
-    return out
-
-
-def pad_and_label(sequences: list[tuple[list[int], list[int]]], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Rule 4 for N (prompt, response) id lists: `input_ids`, `attention_mask`, `labels`, each (N, T), right-padded,
-    the labels IGNORE_INDEX over the prompt and the padding (`collate_pairs` shows an example)."""
-    width = max(len(prompt) + len(response) for prompt, response in sequences)
-    input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    labels = torch.full((len(sequences), width), IGNORE_INDEX, dtype=torch.long)
-    for i, (prompt, response) in enumerate(sequences):
-        n, m = len(prompt), len(response)
-        input_ids[i, : n + m] = torch.tensor(prompt + response)
-        attention_mask[i, : n + m] = 1
-        labels[i, n : n + m] = torch.tensor(response)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-
-
-def collate_pairs(rows: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Pad tokenized pairs into one batch: chosen rows first, then rejected rows, right-padded.
-
-    Args:
-        rows: B dicts with `prompt_input_ids`, `chosen_input_ids`, `rejected_input_ids` (lists of ids).
-        pad_token_id: id written into padding; padding is masked by `attention_mask` and `labels`.
-
-    Returns:
-        `input_ids`, `attention_mask`, `labels`, each (2B, T) with T the longest sequence of the batch,
-        and `row_ids` (B,), each pair's row in its split, when the rows carry a `row_id`.
-
-    Example:
-        prompt [5, 6], chosen [7, 2], rejected [8, 9, 2], pad id 0:
-            input_ids      = [[5, 6, 7, 2, 0], [5, 6, 8, 9, 2]]
-            attention_mask = [[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]]
-            labels         = [[-100, -100, 7, 2, -100], [-100, -100, 8, 9, 2]]
-    """
-    batch = pad_and_label([(row["prompt_input_ids"], row[response]) for response in ("chosen_input_ids",
-                          "rejected_input_ids") for row in rows], pad_token_id)
-    if rows and "row_id" in rows[0]:
-        batch["row_ids"] = torch.tensor([row["row_id"] for row in rows])
-    return batch
-
-
 DATA_CODE = hashlib.sha256(b"".join(open(path, "rb").read()
-                                     for path in (__file__, formats.__file__, sources.__file__,
+                                     for path in (rules.__file__, formats.__file__, sources.__file__,
                                                   __file__.replace("data.py", "online.py")))).hexdigest()
+
+
 def with_pad_token(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
     """`tokenizer`, checked for an EOS, with pad = eos where it has no pad token (padding is masked, so its id
     is free). The one place this is decided: `load_tokenizer` and the data module both call it."""
@@ -185,12 +47,6 @@ def with_pad_token(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBas
 def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
     """A tokenizer by name or path (no remote code), through `with_pad_token`."""
     return with_pad_token(AutoTokenizer.from_pretrained(model_source(name_or_path, "tokenizer"), trust_remote_code=False))
-
-
-def adds_bos(tokenizer: PreTrainedTokenizerBase) -> int | None:
-    """The BOS id if the tokenizer puts one in front of plain text (Llama does, GPT-2 doesn't), else None."""
-    bos = tokenizer.bos_token_id
-    return bos if bos is not None and tokenizer("a")["input_ids"][:1] == [bos] else None
 
 
 def _check_arguments(hp: dict[str, Any]) -> None:
@@ -345,13 +201,14 @@ class PreferenceDataModule(L.LightningDataModule):
 
     def _prepare_split(self, rows: Dataset | IterableDataset, stage: str, tokenizer: PreTrainedTokenizerBase,
                        report: bool = True) -> Dataset | IterableDataset:
-        hp = self.hparams
         from dpo_lightning.online import prepare_prompts, prompt_format  # online.py imports this module
 
+        hp = self.hparams
         prompts_only = "chosen" not in (rows.column_names or list(next(iter(rows))))  # online training's prompts
         fmt = prompt_format(rows, tokenizer, stage) if prompts_only else detect_format(rows, hp.dataset_format,
                                                                                        stage, tokenizer)
-        prepared = _map(rows, prepare_prompts if prompts_only else prepare_rows, f"preparing {STAGE_NAMES[stage]} rows ({fmt})", batched=True,
+        prepare = prepare_prompts if prompts_only else prepare_rows
+        prepared = _map(rows, prepare, f"preparing {STAGE_NAMES[stage]} rows ({fmt})", batched=True,
                         with_indices=True, remove_columns=rows.column_names or list(next(iter(rows))),
                         features=PREPARED, num_proc=hp.dataset_num_proc, fn_kwargs=dict(
                             dataset_format=fmt, tokenizer=tokenizer, bos_token_id=adds_bos(tokenizer),
@@ -459,7 +316,7 @@ def _map(rows: Dataset | IterableDataset, function, desc: str, num_proc: int | N
     """`rows.map(function, **kwargs)`, cached under a name that changes with this package's data code.
 
     `datasets` names a map's cache by the function's module and name, not by its code: without the
-    source of data.py, formats.py and sources.py in the name, an upgraded dpo_lightning would reuse
+    source of rules.py, formats.py and sources.py in the name, an upgraded dpo_lightning would reuse
     rows prepared by the old rules.
     """
     if isinstance(rows, IterableDataset):  # a stream: no cache, no progress bar, no worker processes

@@ -1,6 +1,6 @@
 """Per-sequence response log-probs of a causal LM, two ways: from the full logits, or lean.
 
-Both return, for a batch of N rows (chosen rows then rejected rows, see `data.collate_pairs`):
+Both return, for a batch of N rows (chosen rows then rejected rows, see `batches.collate_pairs`):
 `logps` (N,) summed float32 log-probs of the labelled tokens, `mean_logits` (N,) the mean logit over the
 vocabulary at those positions (TRL's `logits/chosen` diagnostic) and `n_tokens` (N,) their count.
 A batch in the shared-prefix layout (`packing.collate_shared`: one row per pair, or several pairs packed

@@ -447,6 +447,9 @@ LENGTH_NORMALIZED = frozenset({"ipo", "sigmoid_norm", "simpo", "orpo", "sft"})
 # Losses that never read the reference log-probs: the caller loads no reference and passes zeros.
 REFERENCE_FREE = frozenset({"simpo", "orpo", "cpo", "sft"})
 
+# Losses with no implicit reward (they return zeros): the logged rewards come from another loss of a combination.
+REWARDLESS = frozenset({"sft"})
+
 # The keyword options each loss takes (beta, its config options, the batch's lengths or bco_pair's shift),
 # read once here so that callers bind them at construction instead of inspecting a loss at every step.
 LOSS_ARGS: dict[str, frozenset[str]] = {
@@ -464,6 +467,9 @@ def bind_losses(loss_types: list[str], loss_weights: list[float], beta: float,
     unknown = [name for name in loss_types if name not in LOSSES]
     if unknown or not loss_types:
         raise ValueError(f"--model.loss_type {unknown or loss_types} is not one of {sorted(LOSSES)}")
+    if len(set(loss_types)) != len(loss_types):
+        raise ValueError(f"--model.loss_type {loss_types} names a loss twice: give each once, with its weight in "
+                         "--model.loss_weights")
     if len(loss_weights) != len(loss_types):
         raise ValueError(f"--model.loss_weights has {len(loss_weights)} entries for {len(loss_types)} loss types "
                          f"{loss_types}: give one weight per loss")

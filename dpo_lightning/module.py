@@ -22,12 +22,15 @@ import torch
 from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
+from torchmetrics import MeanMetric
 from transformers import PreTrainedModel
 
-from dpo_lightning.logps import lean_logps, lean_unsupported, naive_logps
-from dpo_lightning.losses import LENGTH_NORMALIZED, LOSS_ARGS, LOSSES, REFERENCE_FREE, bind_losses
+from dpo_lightning.logps import lean_logps as lean_logps_fn
+from dpo_lightning.logps import lean_unsupported, naive_logps
+from dpo_lightning.losses import LOSSES
 from dpo_lightning.metrics import compute_all, make_metrics, update_metrics
 from dpo_lightning.models import base_causal_lm, build_models, quantized_base
+from dpo_lightning.objective import Objective, ObjectiveOutput, migrate_state_dict
 from dpo_lightning.optim import lr_factor, make_optimizer, param_groups
 from dpo_lightning.packing import shared_layout_unsupported
 from dpo_lightning.reference import Reference
@@ -164,55 +167,53 @@ class DPOModule(L.LightningModule):
         online: dict | None = None,
     ):
         super().__init__()
-        self.loss_types = [loss_type] if isinstance(loss_type, str) else list(loss_type)
-        self.loss_weights = list(loss_weights) if loss_weights is not None else [1.0] * len(self.loss_types)
+        loss_types = [loss_type] if isinstance(loss_type, str) else list(loss_type)
         options = {name: value for name, value in locals().items() if name in LOSS_OPTIONS and value is not None}
-        self.loss_fns = bind_losses(self.loss_types, self.loss_weights, beta, options)  # the batch's lengths: per step
+        # The losses, their weights and options, length normalisation, the RPO term and bco_pair's running mean.
+        self.objective = Objective(loss_types, list(loss_weights or [1.0] * len(loss_types)), beta, rpo_alpha,
+                                   options, reference_free)
         if learning_rate <= 0 or weight_decay < 0 or warmup_steps < 0:
             raise ValueError(f"--model.learning_rate must be > 0 and weight_decay, warmup_steps >= 0; got "
                              f"{learning_rate}, {weight_decay}, {warmup_steps}")
         self.save_hyperparameters(ignore=["model_name_or_path"] if isinstance(model_name_or_path, nn.Module) else None)
 
-        self.needs_reference = not reference_free and not set(self.loss_types) <= REFERENCE_FREE
         for flag, value in (("ref_model_name_or_path", ref_model_name_or_path is not None),
                             ("precompute_ref_log_probs", precompute_ref_log_probs)):
             if value and not self.needs_reference:
                 raise ValueError(f"--model.{flag} is set but the loss uses no reference (loss_type "
-                                 f"{self.loss_types}, reference_free {reference_free}): remove it")
+                                 f"{loss_types}, reference_free {reference_free}): remove it")
         if load_in_4bit or quantization_config is not None:
             model_name_or_path = quantized_base(model_name_or_path, self.hparams)
         self.policy, reference, reference_adapter = build_models(
             model_name_or_path, ref_model_name_or_path, self.needs_reference, self.hparams)
+        self.uses_lean_logps = lean_logps and lean_supported(self.policy, reference)
+        # One log-prob path for policy and reference: (model, batch) -> summed log-probs, mean logits, lengths.
+        self.logps_fn = functools.partial(lean_logps_fn, chunk_size=logps_chunk_size) if self.uses_lean_logps else (
+            naive_logps)
         # Which weights are the reference and where its log-probs come from: `reference.py`, and only there.
-        self.ref = Reference(reference, reference_adapter, self.needs_reference, ref_model_name_or_path,
+        self.ref = Reference(reference, reference_adapter, self.needs_reference, self.logps_fn, ref_model_name_or_path,
                              model_name_or_path if isinstance(model_name_or_path, str) else None, torch_dtype,
                              trust_remote_code, ref_logps_cache_dir, precompute_ref_batch_size)
         self.model_name_or_path = base_causal_lm(self.policy).name_or_path or None  # the tokenizer's default source
-        self.uses_lean_logps = lean_logps and self._lean_supported()
         if torch_compile:  # after the lean check, which would compile for its 8 tokens
             for model in (self.policy, self.reference):
                 if model is not None:
                     base_causal_lm(model).base_model.compile(dynamic=True)  # in place: same parameter names
-        # bco_pair shifts rewards by their running mean over all training pairs so far (kept for resume).
-        self.register_buffer("bco_reward_sum", torch.zeros((), dtype=torch.float64))
-        self.register_buffer("bco_reward_count", torch.zeros((), dtype=torch.float64))
-        self._bco_step_totals: Tensor | None = None  # this optimizer step's (reward sum, count), not yet added
-        uses_nll = bool(rpo_alpha) or "sft" in self.loss_types
-        self.train_metrics = make_metrics(self.loss_types, rpo_alpha, uses_nll, sync_on_compute=False)
-        self.val_metrics = make_metrics(self.loss_types, rpo_alpha, uses_nll)
+        uses_nll = bool(rpo_alpha) or "sft" in loss_types
+        self.train_metrics = make_metrics(loss_types, rpo_alpha, uses_nll, sync_on_compute=False)
+        self.val_metrics = make_metrics(loss_types, rpo_alpha, uses_nll)
+        # The likelihood displacement warning's measure: log ref - log pi of the chosen responses, per response.
+        self.chosen_logp_drop = MeanMetric(sync_on_compute=False)
         if online is not None:
             from dpo_lightning.online import Online  # it imports callbacks.py, which imports this module
         self.online = Online(online, self) if online is not None else None  # adds its train metrics
         self._skip_step = False  # a non-finite loss in this optimizer step, with nonfinite_loss: skip
         self._displacement_warned = False
 
-    def _lean_supported(self) -> bool:
-        for model in (self.policy, self.reference):
-            reason = lean_unsupported(model) if model is not None else None
-            if reason:
-                rank_zero_warn(f"--model.lean_logps: {reason}; using the full-logits path instead")
-                return False
-        return True
+    @property
+    def needs_reference(self) -> bool:
+        """Whether the loss reads reference log-probs (`Objective.needs_reference`)."""
+        return self.objective.needs_reference
 
     @property
     def reference(self) -> nn.Module | None:
@@ -253,10 +254,7 @@ class DPOModule(L.LightningModule):
             # No gradient at all, rather than a zero one: AdamW and RMSprop pass over such parameters, so no
             # weight, moment or step count moves (a zero gradient still moves them through momentum and decay).
             optimizer.zero_grad(set_to_none=True)
-        elif self._bco_step_totals is not None:  # before on_train_batch_end, where checkpoints are saved
-            self.bco_reward_sum += self._bco_step_totals[0]
-            self.bco_reward_count += self._bco_step_totals[1]
-        self._bco_step_totals = None
+        self.objective.commit(taken=not self._skip_step)  # before on_train_batch_end, where checkpoints are saved
 
     def lr_scheduler_step(self, scheduler, metric) -> None:
         if not self._skip_step:  # a skipped step leaves the schedule where it was, too
@@ -274,54 +272,29 @@ class DPOModule(L.LightningModule):
 
     def _shared_step(self, batch: dict[str, Tensor], stage: str) -> Tensor:
         policy_logps, mean_logits, n_tokens = self._sequence_logps(self.policy, batch)  # each (2B,), chosen first
-        ref_logps = self._reference_logps(batch, stage) if self.needs_reference else torch.zeros_like(policy_logps)
-        losses, chosen_rewards, rejected_rewards = self._losses(policy_logps, ref_logps, n_tokens, stage)  # (B,) each
-        loss = sum(weight * losses[name].mean() for name, weight in zip(self.loss_types, self.loss_weights))
-        if self.hparams.rpo_alpha:
-            # Token-weighted over the batch, as a cross-entropy over all chosen tokens (TRL's rpo_alpha).
-            chosen_logps, chosen_tokens = policy_logps.chunk(2)[0], n_tokens.chunk(2)[0]
-            loss = loss + self.hparams.rpo_alpha * (-chosen_logps.sum() / chosen_tokens.sum())
-        if stage == "train" and not self._finite_on_every_rank(loss, batch):
-            return loss  # its optimizer step is skipped: see on_before_optimizer_step
+        ref_logps = self.ref.logps(self.policy, batch, stage)  # (2B,), no grad; None for reference-free losses
+        # Training batches join bco_pair's running mean, summed over ranks (`Objective`).
+        out = self.objective(policy_logps, ref_logps, n_tokens, self._sum_over_ranks if stage == "train" else None)
+        if stage == "train" and not self._finite_on_every_rank(out.loss, batch):
+            return out.loss  # its optimizer step is skipped: see on_before_optimizer_step
         if "no_pairs" in batch:  # online, every prompt tied: a zero gradient, where other ranks train
-            return loss * 0
+            return out.loss * 0
+        self._update_metrics(stage, batch, out, policy_logps, ref_logps, mean_logits, n_tokens)
+        return out.loss
+
+    def _sum_over_ranks(self, tensor: Tensor) -> Tensor:
+        return self.trainer.strategy.reduce(tensor, reduce_op="sum") if self._trainer is not None else tensor
+
+    def _update_metrics(self, stage: str, batch: dict[str, Tensor], out: ObjectiveOutput, policy_logps: Tensor,
+                        ref_logps: Tensor | None, mean_logits: Tensor, n_tokens: Tensor) -> None:
         metrics = self.train_metrics if stage == "train" else self.val_metrics
-        update_metrics(metrics, losses, self.loss_weights, chosen_rewards, rejected_rewards, policy_logps,
-                       mean_logits, n_tokens)
+        update_metrics(metrics, out.losses, list(self.objective.weights.values()), out.chosen_rewards,
+                       out.rejected_rewards, policy_logps, mean_logits, n_tokens)
+        if stage == "train" and ref_logps is not None:
+            self.chosen_logp_drop.update((ref_logps - policy_logps).chunk(2)[0].detach())
         if "pairs_per_row" in batch:  # how densely packing fills the rows
-            self.log(f"{stage}/pairs_per_row", batch["pairs_per_row"].float().mean(), batch_size=len(chosen_rewards))
-        return loss
-
-    def _losses(self, policy_logps: Tensor, ref_logps: Tensor, n_tokens: Tensor,
-                stage: str) -> tuple[dict[str, Tensor], Tensor, Tensor]:
-        """Each selected loss per pair (B,), unweighted, and the first loss's rewards (B,) each."""
-        chosen_tokens, rejected_tokens = n_tokens.float().chunk(2)
-        batch_args = {"chosen_lengths": chosen_tokens, "rejected_lengths": rejected_tokens}
-        if "bco_pair" in self.loss_types:
-            batch_args["bco_reward_shift"] = self._bco_reward_shift(policy_logps, ref_logps, stage)
-        losses, rewards = {}, []
-        for name, loss_fn in self.loss_fns.items():
-            policy, ref = (policy_logps / n_tokens, ref_logps / n_tokens) if name in LENGTH_NORMALIZED else (
-                policy_logps, ref_logps)
-            kwargs = {k: v for k, v in batch_args.items() if k in LOSS_ARGS[name]}
-            losses[name], *pair_rewards = loss_fn(*policy.chunk(2), *ref.chunk(2), **kwargs)
-            rewards = rewards or pair_rewards
-        return losses, *rewards
-
-    def _bco_reward_shift(self, policy_logps: Tensor, ref_logps: Tensor, stage: str) -> Tensor:
-        """Running mean of the implicit rewards of every trained pair so far, this step's included (TRL's delta).
-
-        This optimizer step's sums are added to the running ones only once the step is taken
-        (`on_before_optimizer_step`), so a skipped step leaves no trace in later batches.
-        """
-        totals = torch.stack([self.bco_reward_sum, self.bco_reward_count])
-        if stage == "train":
-            rewards = (self.hparams.beta * (policy_logps - ref_logps)).detach().double()  # (2B,)
-            batch = self.all_gather(torch.stack([rewards.sum(), rewards.new_tensor(rewards.numel())]))
-            batch = batch.reshape(-1, 2).sum(0)  # over ranks
-            self._bco_step_totals = batch if self._bco_step_totals is None else self._bco_step_totals + batch
-            totals = totals + self._bco_step_totals
-        return (totals[0] / totals[1].clamp(min=1)).float()
+            self.log(f"{stage}/pairs_per_row", batch["pairs_per_row"].float().mean(),
+                     batch_size=len(out.chosen_rewards))
 
     def _finite_on_every_rank(self, loss: Tensor, batch: dict[str, Tensor]) -> bool:
         """Whether the loss is finite on every rank; if not, stop naming the step and rows, or mark the step skipped."""
@@ -347,41 +320,34 @@ class DPOModule(L.LightningModule):
     def _log_train_step(self) -> None:
         """Log the optimizer step's training metrics over all its micro-batches and ranks, with one all-reduce."""
         reduce = functools.partial(self.trainer.strategy.reduce, reduce_op="sum")
-        values = {} if self._skip_step else {f"train/{k}": v for k, v in compute_all(self.train_metrics, reduce).items()}
-        for metric in self.train_metrics.values():
-            metric.reset()
-        for name, value in values.items():
-            self.log(name, value, on_step=True, on_epoch=False, prog_bar=name.removeprefix("train/") in PROGRESS_BAR)
         threshold = self.hparams.chosen_logp_drop_warning
-        if values and threshold is not None and self.needs_reference and not self._displacement_warned:
-            drop = -values["train/rewards/chosen"].item() / self.hparams.beta  # mean log ref - log pi of chosen
-            if drop > threshold:
+        watch = threshold is not None and self.needs_reference and not self._displacement_warned
+        metrics = {**self.train_metrics, **({"chosen_logp_drop": self.chosen_logp_drop} if watch else {})}
+        values = {} if self._skip_step else compute_all(metrics, reduce)
+        for metric in (*self.train_metrics.values(), self.chosen_logp_drop):
+            metric.reset()
+        drop = values.pop("chosen_logp_drop", None)
+        for name, value in values.items():
+            self.log(f"train/{name}", value, on_step=True, on_epoch=False, prog_bar=name in PROGRESS_BAR)
+        if drop is not None:
+            if drop.item() > threshold:  # mean over the step's pairs of log ref(y_w) - log pi(y_w), summed over tokens
                 self._displacement_warned = True
-                rank_zero_warn(f"step {self.global_step}: the chosen responses' log-prob is {drop:.2f} nats below "
-                               f"the reference's (threshold {threshold}): likelihood displacement; consider "
+                rank_zero_warn(f"step {self.global_step}: the chosen responses' log-prob is {drop.item():.2f} nats "
+                               f"below the reference's (threshold {threshold}): likelihood displacement; consider "
                                "rpo_alpha, a larger beta or a smaller learning rate")
 
     def _sequence_logps(self, model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
         """Summed response log-probs (2B,), mean response logits (2B,) and response lengths (2B,)."""
-        if self.uses_lean_logps:
-            return lean_logps(model, batch, self.hparams.logps_chunk_size)
-        return naive_logps(model, batch)
-
-    def _reference_logps(self, batch: dict[str, Tensor], stage: str) -> Tensor:
-        """Summed response log-probs (2B,) under the reference, chosen rows then rejected (`Reference.logps`)."""
-        return self.ref.logps(self.policy, batch, stage, self._reference_score)
-
-    def _reference_score(self, model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
-        return self._sequence_logps(model, batch)[0]
+        return self.logps_fn(model, batch)
 
     def on_fit_start(self) -> None:
         if self.hparams.precompute_ref_log_probs:
-            self.ref.precompute(self.trainer, self.policy, ["train", "val"], self._reference_score)
+            self.ref.precompute(self.trainer, self.policy, ["train", "val"])
         self.ref.policy_trained = True  # from the first step on, a fully fine-tuned policy is not its reference
 
     def on_validation_start(self) -> None:
         if self.hparams.precompute_ref_log_probs and "val" not in self.ref.tables:  # trainer.validate alone
-            self.ref.precompute(self.trainer, self.policy, ["val"], self._reference_score)
+            self.ref.precompute(self.trainer, self.policy, ["val"])
 
     def configure_optimizers(self):
         """The optimizer over the trainable parameters (`optim.py`) and its schedule, stepped every optimizer step."""
@@ -412,7 +378,17 @@ class DPOModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         # Lightning loads state dicts strictly; hand it the frozen weights this module already rebuilt.
         # (ModelParallelStrategy has loaded and removed the state dict already: see configure_model.)
+        migrate_state_dict(checkpoint.get("state_dict", {}))
         for name, value in self.state_dict().items() if "state_dict" in checkpoint else ():
             checkpoint["state_dict"].setdefault(name, value)
         self.ref.load_checkpoint_state(checkpoint)
 
+
+def lean_supported(*models: nn.Module | None) -> bool:
+    """Whether every given model's log-probs can take the lean path (`logps.lean_unsupported`); warns if not."""
+    for model in models:
+        reason = lean_unsupported(model) if model is not None else None
+        if reason:
+            rank_zero_warn(f"--model.lean_logps: {reason}; using the full-logits path instead")
+            return False
+    return True

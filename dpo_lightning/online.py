@@ -15,7 +15,7 @@ column of text or messages; a preference set's other columns are not read). For 
 4. Tokenize and train. Each pair keeps the token ids the policy sampled, so its log-probs are those of what
    was sampled: rule 2 holds by construction (the prompt's ids as the data module made them, the response
    generated after them, ending with the stop token the model emitted: EOS, or a chat template's end of
-   turn; a completion cut at `max_new_tokens` has none), and rule 3 cuts the pair to fit (`data.truncate`).
+   turn; a completion cut at `max_new_tokens` has none), and rule 3 cuts the pair to fit (`rules.truncate`).
    Decoding and re-encoding instead would change the ids wherever decode is not encode's inverse. Then the
    data module's collator, and the loss, reference and metrics, unchanged.
 
@@ -48,7 +48,7 @@ from torchmetrics import MeanMetric
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 
 from dpo_lightning.callbacks import SHARDED, seeded
-from dpo_lightning.data import adds_bos, encode, truncate, with_bos
+from dpo_lightning.rules import adds_bos, encode, truncate, with_bos
 from dpo_lightning.sources import STAGE_NAMES
 from dpo_lightning.models import evaluating
 from dpo_lightning.resume import ends_optimizer_step
@@ -126,7 +126,7 @@ def prompt_format(rows: Dataset | IterableDataset, tokenizer: PreTrainedTokenize
 
 def prepare_prompts(batch: dict[str, list], indices: list[int], dataset_format: str,
                     tokenizer: PreTrainedTokenizerBase, bos_token_id: int | None, **unused) -> dict[str, list]:
-    """Rules 1-2 for prompt-only rows (a batched `datasets.map` function, as `data.prepare_rows`), as `PREPARED`
+    """Rules 1-2 for prompt-only rows (a batched `datasets.map` function, as `rules.prepare_rows`), as `PREPARED`
     rows with no responses: a conversation rendered with `add_generation_prompt=True`, one BOS, no special
     tokens. A missing, non-text or empty prompt is dropped and counted. Rule 3 applies once the pair exists."""
     prompts, reasons = [], []

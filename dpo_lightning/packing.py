@@ -1,6 +1,6 @@
 """Prefix sharing and packing: each pair's prompt runs through the model once, and pairs share rows.
 
-The padded layout (`data.collate_pairs`) runs every prompt twice, once before each response, and pads
+The padded layout (`batches.collate_pairs`) runs every prompt twice, once before each response, and pads
 every sequence to the batch's longest. Here a pair is one stretch of tokens `[prompt | chosen | rejected]`:
 
 - Position ids restart the rejected response at the prompt's end (prompt 0..P-1, chosen P..P+C-1,
@@ -145,7 +145,7 @@ def _response_grid(responses: list[Response]) -> tuple[Tensor, Tensor]:
 
 
 def is_shared(batch: dict[str, Tensor]) -> bool:
-    """Whether `batch` comes from `collate_shared` rather than `data.collate_pairs`."""
+    """Whether `batch` comes from `collate_shared` rather than `batches.collate_pairs`."""
     return "response_positions" in batch
 
 

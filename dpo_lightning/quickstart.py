@@ -47,7 +47,7 @@ import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from dpo_lightning.data import pad_and_label
+from dpo_lightning.batches import pad_and_label
 
 LETTERS = "abcdefghijklmn"  # 14 letters: enough distinct sets to hold out val sets at every length
 MIN_LETTERS, MAX_LETTERS = 3, 8  # 3 is the shortest that allows a non-adjacent swap

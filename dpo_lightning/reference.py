@@ -51,7 +51,8 @@ from dpo_lightning.models import POLICY_ADAPTER, evaluating, load_causal_lm
 DEFAULT_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "dpo_lightning", "reference_logps")
 WEIGHT_FILES = (".safetensors", ".bin", ".json")
 LOGPROB_CODE = (logps, packing)  # the modules that turn a batch into the log-probs a table stores
-Score = Callable[[nn.Module, dict[str, Tensor]], Tensor]  # (model, batch) -> summed log-probs (2B,)
+# (model, batch) -> summed log-probs, mean logits and lengths, each (2B,): the module's log-prob path (logps.py)
+Score = Callable[[nn.Module, dict[str, Tensor]], tuple[Tensor, Tensor, Tensor]]
 
 
 @contextlib.contextmanager
@@ -84,7 +85,8 @@ class Reference(nn.Module):
     Args:
         model: the frozen reference model (case 1), or None.
         adapter: the frozen reference adapter's name on the policy (case 3), or None.
-        needed: False for reference-free losses: nothing computes a reference.
+        needed: False for reference-free losses: nothing computes a reference (`logps` gives None).
+        score: the module's log-prob path (`Score`), with which the reference is computed.
         ref_source: `ref_model_name_or_path`; with precomputation it is loaded only if the cache misses.
         policy_source: the path the policy's starting weights were loaded from (None for a model object).
         torch_dtype, trust_remote_code: how to load either source.
@@ -97,14 +99,14 @@ class Reference(nn.Module):
         policy_trained: whether the policy has left its starting weights (saved in checkpoints).
     """
 
-    def __init__(self, model: nn.Module | None, adapter: str | None, needed: bool, ref_source: str | None,
-                 policy_source: str | None, torch_dtype: str | None, trust_remote_code: bool,
-                 cache_dir: str | None = None, batch_size: int | None = None):
+    def __init__(self, model: nn.Module | None, adapter: str | None, needed: bool, score: Score,
+                 ref_source: str | None, policy_source: str | None, torch_dtype: str | None,
+                 trust_remote_code: bool, cache_dir: str | None = None, batch_size: int | None = None):
         super().__init__()
         if model is not None:
             model.requires_grad_(False).train()  # frozen; eval mode within `weights` (see `reference_weights`)
         self.model = model
-        self.adapter, self.needed = adapter, needed
+        self.adapter, self.needed, self.score = adapter, needed, score
         self.ref_source, self.policy_source = ref_source, policy_source
         self.torch_dtype, self.trust_remote_code = torch_dtype, trust_remote_code
         self.cache_dir, self.batch_size = cache_dir or DEFAULT_CACHE_DIR, batch_size
@@ -128,8 +130,11 @@ class Reference(nn.Module):
         # With adapters the frozen base (and reference adapter) never change; all weights train otherwise.
         return self.needed and self.ref_source is None and (isinstance(policy, PeftModel) or not self.policy_trained)
 
-    def logps(self, policy: nn.Module, batch: dict[str, Tensor], stage: str, score: Score) -> Tensor:
-        """The batch's summed reference log-probs (2B,), chosen rows then rejected: looked up, or computed."""
+    def logps(self, policy: nn.Module, batch: dict[str, Tensor], stage: str) -> Tensor | None:
+        """The batch's summed reference log-probs (2B,), chosen rows then rejected: looked up, or computed
+        without grad; None when the loss takes no reference."""
+        if not self.needed:
+            return None
         if stage in self.tables:
             pairs = self.tables[stage][batch["row_ids"]]  # (B, 2)
             return torch.cat([pairs[:, 0], pairs[:, 1]])
@@ -138,9 +143,9 @@ class Reference(nn.Module):
             raise RuntimeError(f"no reference for the {stage} batches: no table was precomputed for {stage!r}, "
                                "and no model computes the reference (the policy has trained)")
         with torch.no_grad(), context:
-            return score(model, batch)
+            return self.score(model, batch)[0]
 
-    def precompute(self, trainer: L.Trainer, policy: nn.Module, stages: list[str], score: Score) -> None:
+    def precompute(self, trainer: L.Trainer, policy: nn.Module, stages: list[str]) -> None:
         """Fill `tables` for `stages`: from the cache, or scored now and saved; then hold no reference model."""
         splits = {s: d for s, d in check_splits(trainer.datamodule).items() if s in stages}
         # Rank 0's, so that every rank names the same files (under FSDP each rank hashes its own shard).
@@ -155,7 +160,7 @@ class Reference(nn.Module):
                              device=trainer.strategy.root_device)
         everywhere = (trainer.strategy.reduce(found, reduce_op="sum") == trainer.world_size).tolist()
         missing = {split: data for (split, data), hit in zip(splits.items(), everywhere) if not hit}
-        tables = self._score(trainer, policy, missing, score) if missing else {}
+        tables = self._score(trainer, policy, missing) if missing else {}
         if trainer.is_global_zero:
             for split, table in tables.items():
                 save_tables({split: table}, paths[split])
@@ -167,18 +172,17 @@ class Reference(nn.Module):
                        f"{sorted(set(splits) - set(missing))} read from the cache {self.cache_dir}; "
                        "training holds the policy alone")
 
-    def _score(self, trainer: L.Trainer, policy: nn.Module, splits: dict[str, Dataset],
-               score: Score) -> dict[str, Tensor]:
+    def _score(self, trainer: L.Trainer, policy: nn.Module, splits: dict[str, Dataset]) -> dict[str, Tensor]:
         """`score_reference` with the model that computes the reference, loading it from its path if none does."""
         if self.weights(policy)[0] is None:
             self.model = self._load()
-        model = self.weights(policy)[0]
+        model, score = self.weights(policy)[0], self.score
         if model is not policy:  # loaded here (now, or for its fingerprint), on the CPU
             model.to(trainer.strategy.root_device)
             if lean_unsupported(model):  # another architecture than the policy's, which `score` was checked on
-                score = lambda model, batch: naive_logps(model, batch)[0]  # noqa: E731
+                score = naive_logps
         hp = trainer.datamodule.hparams
-        return score_reference(trainer, trainer.datamodule, splits, lambda batch: score(model, batch),
+        return score_reference(trainer, trainer.datamodule, splits, lambda batch: score(model, batch)[0],
                                lambda: self.weights(policy)[1], self.batch_size or hp.eval_batch_size or hp.batch_size)
 
     def _load(self) -> nn.Module:

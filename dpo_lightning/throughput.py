@@ -8,7 +8,7 @@ logs the training metrics (every `log_every_n_steps` optimizer steps), over the 
   optimizer step, so validation and checkpointing in between are left out), averaged over ranks. Sums,
   then one division: not a mean of per-rank rates. `train/tokens_per_second_per_rank` is it / world size.
 - `train/padding_fraction`: padded positions over all positions of the batches, summed over ranks. The
-  padded layout (`data.collate_pairs`) pads every row to the batch's longest; the shared and packed
+  padded layout (`batches.collate_pairs`) pads every row to the batch's longest; the shared and packed
   layouts (`packing.collate_shared`) run each prompt once and pad only row ends, which is what prefix
   sharing and packing buy.
 - `train/mfu` on a GPU whose peak Lightning knows (`get_available_flops`): model FLOPs per second over

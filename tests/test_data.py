@@ -13,18 +13,25 @@ from conftest import BOS, EOS, ascii_tokenizer, ids, rows
 from datasets import Dataset
 
 import dpo_lightning.data
-from dpo_lightning.data import PreferenceDataModule, adds_bos, collate_pairs, tokenize_row
-from dpo_lightning.summary import fingerprint
-from dpo_lightning.formats import split_dialogue, split_shared_prefix, to_strings
+from dpo_lightning.batches import collate_pairs
+from dpo_lightning.data import PreferenceDataModule
+from dpo_lightning.rules import adds_bos, prepare_rows, split_dialogue, split_shared_prefix, to_strings
 from dpo_lightning.sources import load_rows
+from dpo_lightning.summary import fingerprint
 
 HH_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "hh-rlhf" / "harmless-base-test-1500.jsonl.gz"
 
 
+def tokenize_one(row, tokenizer, bos, max_length, max_prompt_length, truncation_mode="keep_end"):
+    """`row` through `prepare_rows`, the batched code training maps over every split, as a batch of one."""
+    out = prepare_rows({k: [v] for k, v in row.items()}, [0], "explicit", tokenizer, bos, max_length,
+                       max_prompt_length, truncation_mode)
+    return {k: out[k][0] for k in ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids")}
+
+
 def tokenize(row, add_bos=False, max_length=64, max_prompt_length=32, truncation_mode="keep_end"):
     tokenizer = ascii_tokenizer(add_bos)
-    out = tokenize_row(row, tokenizer, adds_bos(tokenizer), max_length, max_prompt_length, truncation_mode)
-    return {k: out[k] for k in ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids")}
+    return tokenize_one(row, tokenizer, adds_bos(tokenizer), max_length, max_prompt_length, truncation_mode)
 
 
 def test_prompt_and_responses_are_tokenized_separately_with_eos():
@@ -378,7 +385,7 @@ def test_prompt_and_response_never_merge_into_one_bpe_token():
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="</s>")
     vocab = tokenizer.get_vocab()
     assert tokenizer("xab!", add_special_tokens=False)["input_ids"][1] == vocab["ab"]  # the merge is real
-    out = tokenize_row({"prompt": "xa", "chosen": "b!", "rejected": "a"}, tokenizer, None, 64, 32, "keep_end")
+    out = tokenize_one({"prompt": "xa", "chosen": "b!", "rejected": "a"}, tokenizer, None, 64, 32)
     assert out["prompt_input_ids"] == [vocab["x"], vocab["a"]]
     assert out["chosen_input_ids"] == [vocab["b"], vocab["!"], vocab["</s>"]]
 
@@ -387,9 +394,9 @@ def test_prompt_and_response_never_merge_into_one_bpe_token():
 
 def test_keep_end_keeps_a_prompt_that_already_fits_max_prompt_length():
     # prompt 11 tokens <= max_prompt_length 16, chosen 99 + EOS = 100 > room: only the responses are cut.
-    out = tokenize({"prompt": "abcdefghijk", "chosen": " " * 99, "rejected": " b"}, max_length=64, max_prompt_length=16)
+    out = tokenize({"prompt": "abcdefghijk", "chosen": "x" * 99, "rejected": " b"}, max_length=64, max_prompt_length=16)
     assert out["prompt_input_ids"] == ids("abcdefghijk")
-    assert out["chosen_input_ids"] == ids(" " * 53)
+    assert out["chosen_input_ids"] == ids("x" * 53)
 
 
 def test_hh_rejected_dialogue_with_an_extra_exchange_is_dropped_not_kept_with_turns_in_its_response():

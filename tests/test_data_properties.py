@@ -16,8 +16,8 @@ from conftest import BOS, EOS, UNK, ascii_tokenizer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dpo_lightning.data import collate_pairs, prepare_rows, tokenize_row
-from dpo_lightning.formats import split_dialogue, split_shared_prefix
+from dpo_lightning.batches import collate_pairs
+from dpo_lightning.rules import prepare_rows, split_dialogue, split_shared_prefix
 from dpo_lightning.packing import collate_shared
 
 SETTINGS = settings(max_examples=int(os.environ.get("DPO_PROPERTY_EXAMPLES", 40)), deadline=None,
@@ -30,6 +30,20 @@ HH = "\n\nAssistant:"
 CHARS = st.one_of(st.sampled_from([chr(i) for i in range(32, 127) if chr(i) != "<"] + ["\n", "\t", " "]),
                   st.sampled_from(["é", "😀", "\u0301", "中"]))
 TEXT = st.text(CHARS, max_size=30)
+
+
+def prepare_one(row, tokenizer, bos, max_length, max_prompt_length, mode):
+    """One row through `prepare_rows` (the batched code training runs) as a batch of one, its row's fields."""
+    out = prepare_rows({k: [v] for k, v in row.items()}, [0], "explicit", tokenizer, bos, max_length,
+                       max_prompt_length, mode)
+    return {k: v[0] for k, v in out.items()}
+
+
+def expected_drop(row, add_bos):
+    """The drop checks on a text row, in the order rule 1's row checks and rule 2 apply them ("" if kept)."""
+    return ("empty chosen" if not row["chosen"].strip() else "empty rejected" if not row["rejected"].strip()
+            else "chosen == rejected" if row["chosen"] == row["rejected"]
+            else "empty prompt" if not add_bos and row["prompt"] == "" else "")
 
 
 def oracle_ids(text: str) -> list[int]:
@@ -64,9 +78,12 @@ def pairs(draw):
 
 @SETTINGS
 @given(case=pairs(), add_bos=st.booleans(), mode=st.sampled_from(["keep_end", "keep_start"]))
-def test_tokenize_row_follows_rules_2_and_3(case, add_bos, mode):
+def test_prepared_row_follows_rules_2_and_3(case, add_bos, mode):
     row, max_length, max_prompt_length = case
-    out = tokenize_row(row, TOKENIZERS[add_bos], BOS if add_bos else None, max_length, max_prompt_length, mode)
+    out = prepare_one(row, TOKENIZERS[add_bos], BOS if add_bos else None, max_length, max_prompt_length, mode)
+    assert out["drop_reason"] == expected_drop(row, add_bos)
+    if out["drop_reason"]:
+        return
     raw = oracle_ids(row["prompt"])
     full = {side: oracle_ids(row[side]) + [EOS] for side in ("chosen", "rejected")}
     whole_prompt = ([BOS] if add_bos and raw[:1] != [BOS] else []) + raw
@@ -94,21 +111,18 @@ def test_tokenize_row_follows_rules_2_and_3(case, add_bos, mode):
 @SETTINGS
 @given(rows=st.lists(pairs(), min_size=1, max_size=6), add_bos=st.booleans(),
        mode=st.sampled_from(["keep_end", "keep_start"]))
-def test_batched_preparation_gives_exactly_the_row_wise_ids(rows, add_bos, mode):
+def test_batched_preparation_gives_each_row_the_ids_it_gets_alone(rows, add_bos, mode):
     max_length, max_prompt_length = rows[0][1], rows[0][2]
     batch = {field: [row[field] for row, _, _ in rows] for field in ("prompt", "chosen", "rejected")}
     tokenizer = TOKENIZERS[add_bos]
     bos = BOS if add_bos else None
     out = prepare_rows(batch, list(range(len(rows))), "explicit", tokenizer, bos, max_length, max_prompt_length, mode)
     for i, (row, _, _) in enumerate(rows):
-        # The drop checks, in the order formats.to_strings and rule 2 apply them.
-        expected = ("empty chosen" if not row["chosen"].strip() else "empty rejected" if not row["rejected"].strip()
-                    else "chosen == rejected" if row["chosen"] == row["rejected"]
-                    else "empty prompt" if not add_bos and row["prompt"] == "" else "")
+        expected = expected_drop(row, add_bos)
         assert out["drop_reason"][i] == expected
         if not expected:
-            single = tokenize_row(row, tokenizer, bos, max_length, max_prompt_length, mode)
-            assert {k: out[k][i] for k in single} == single
+            single = prepare_one(row, tokenizer, bos, max_length, max_prompt_length, mode)
+            assert {k: out[k][i] for k in single if k != "row_id"} == {k: v for k, v in single.items() if k != "row_id"}
 
 
 def oracle_padded(rows, pad):
@@ -228,6 +242,6 @@ def test_batched_bpe_preparation_gives_the_row_wise_ids(bpe_tokenizer, rows):
     out = prepare_rows(batch, list(range(len(rows))), "explicit", bpe_tokenizer, None, 24, 8, "keep_end")
     for i, (prompt, chosen, rejected) in enumerate(rows):
         if not out["drop_reason"][i]:
-            single = tokenize_row({"prompt": prompt, "chosen": chosen, "rejected": rejected}, bpe_tokenizer, None, 24,
-                                  8, "keep_end")
-            assert {k: out[k][i] for k in single} == single
+            single = prepare_one({"prompt": prompt, "chosen": chosen, "rejected": rejected}, bpe_tokenizer, None, 24,
+                                 8, "keep_end")
+            assert {k: out[k][i] for k in single if k != "row_id"} == {k: v for k, v in single.items() if k != "row_id"}

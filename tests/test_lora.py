@@ -56,7 +56,7 @@ def test_new_adapter_reference_is_the_base_model_without_a_copy(tiny_llama):
                 param.normal_(0, 0.1)  # the policy moves away from the base
         policy_logps = model._sequence_logps(model.policy, batch)[0]
     expected = base_logps(tiny_llama, batch)
-    torch.testing.assert_close(model._reference_logps(batch, "train"), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(model.ref.logps(model.policy, batch, "train"), expected, rtol=1e-5, atol=1e-5)
     assert (policy_logps - expected).abs().max() > 0.1
     # One model in memory: the module holds the base weights once, plus the adapter.
     base_params = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(tiny_llama).parameters())
@@ -86,7 +86,7 @@ def test_checkpoint_holds_only_the_adapter_and_reloads_to_the_same_weights(tiny_
     saved = torch.load(path, weights_only=True)["state_dict"]
     policy_keys = {k for k in saved if k.startswith("policy.")}
     assert policy_keys == {f"policy.{n}" for n in adapter_weights(model)}
-    assert set(saved) - policy_keys == {"bco_reward_sum", "bco_reward_count"}
+    assert set(saved) - policy_keys == {"objective.bco_reward_sum", "objective.bco_reward_count"}
     reloaded = DPOModule.load_from_checkpoint(path, weights_only=True)
     for name, value in model.policy.state_dict().items():
         torch.testing.assert_close(reloaded.policy.state_dict()[name], value, rtol=0, atol=0, msg=name)
@@ -105,7 +105,7 @@ def test_pretrained_adapter_is_copied_frozen_as_the_reference(tiny_llama, tmp_pa
     with torch.no_grad():
         adapter_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama), tmp_path / "sft-adapter")
         expected = naive_logps(adapter_model, batch)[0]
-    torch.testing.assert_close(model._reference_logps(batch, "train"), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(model.ref.logps(model.policy, batch, "train"), expected, rtol=1e-5, atol=1e-5)
     assert (expected - base_logps(tiny_llama, batch)).abs().max() > 0.1
     torch.testing.assert_close(model._shared_step(batch, "val"), torch.tensor(math.log(2)))  # policy == reference
     # Training moves the policy's adapter, never the reference copy, which is not optimized.
@@ -115,7 +115,7 @@ def test_pretrained_adapter_is_copied_frozen_as_the_reference(tiny_llama, tmp_pa
                                     for n, p in model.policy.named_parameters() if n in reference_before)
     optimized = {id(p) for group in trainer.optimizers[0].param_groups for p in group["params"]}
     assert all(".default." in n for n, p in model.policy.named_parameters() if id(p) in optimized)
-    torch.testing.assert_close(model._reference_logps(batch, "train"), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(model.ref.logps(model.policy, batch, "train"), expected, rtol=1e-5, atol=1e-5)
     assert all(".default." in n for n in adapter_weights(model))  # requires_grad restored after each reference pass
 
 

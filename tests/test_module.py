@@ -118,7 +118,7 @@ def test_checkpoint_holds_only_the_policy_and_reloads_to_the_same_weights(tiny_l
     t.save_checkpoint(path)
     saved = torch.load(path, weights_only=True)["state_dict"]
     # The policy, and bco_pair's running reward mean; never the reference.
-    assert {k for k in saved if not k.startswith("policy.")} == {"bco_reward_sum", "bco_reward_count"}
+    assert {k for k in saved if not k.startswith("policy.")} == {"objective.bco_reward_sum", "objective.bco_reward_count"}
     reloaded = DPOModule.load_from_checkpoint(path, weights_only=True)
     for k, v in model.policy.state_dict().items():
         torch.testing.assert_close(reloaded.policy.state_dict()[k], v, rtol=0, atol=0)
@@ -175,6 +175,7 @@ def test_bf16_mixed_log_probs_are_float32_and_match_the_float32_run(tiny_llama, 
     ({"loss_type": "sigmoid", "simpo_gamma": 0.5}, r"simpo_gamma is set .* used by \['simpo'\]"),
     ({"loss_type": "kto"}, r"--model.loss_type \['kto'\] is not one of \[.*'sigmoid'"),
     ({"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0]}, "loss_weights has 1 entries for 2 loss types"),
+    ({"loss_type": ["sigmoid", "sigmoid"]}, r"--model.loss_type \['sigmoid', 'sigmoid'\] names a loss twice"),
     ({"loss_type": "simpo", "ref_model_name_or_path": "x"}, "ref_model_name_or_path is set but the loss uses no"),
 ])
 def test_bad_arguments_fail_at_construction_naming_the_flag(tiny_llama, kwargs, message):
@@ -220,6 +221,19 @@ def test_weighted_combination_and_rpo_nll_and_the_logged_total(tiny_llama):
     torch.testing.assert_close(metrics["nll_loss"], nll)
 
 
+def test_logged_rewards_come_from_the_first_loss_that_has_rewards(tiny_llama):
+    # [sft, sigmoid]: sft has no implicit reward, so rewards/* are sigmoid's, beta * (log pi - log ref), summed.
+    model = DPOModule(tiny_llama, loss_type=["sft", "sigmoid"], beta=0.1)
+    batch = first_batch(data_module())
+    with torch.no_grad():
+        model.policy.lm_head.weight.mul_(1.5)
+        model._shared_step(batch, "val")
+    (pc, pr), (rc, rr), _ = batch_logps(model, batch)
+    metrics = {name: metric.compute() for name, metric in model.val_metrics.items()}
+    torch.testing.assert_close(metrics["rewards/chosen"], (0.1 * (pc - rc)).mean())
+    torch.testing.assert_close(metrics["rewards/rejected"], (0.1 * (pr - rr)).mean())
+
+
 def test_bco_pair_shift_is_the_running_mean_of_all_training_rewards(tiny_llama, tmp_path):
     seen = []
 
@@ -231,13 +245,24 @@ def test_bco_pair_shift_is_the_running_mean_of_all_training_rewards(tiny_llama, 
     model = DPOModule(tiny_llama, loss_type="bco_pair", learning_rate=1e-2)
     trainer(tmp_path, max_steps=3, callbacks=[Record()]).fit(model, data_module())
     expected = torch.cat(seen).double().mean()
-    torch.testing.assert_close(model.bco_reward_sum / model.bco_reward_count, expected, rtol=1e-4, atol=1e-6)
-    assert model.bco_reward_count.item() == 3 * 8  # 3 steps of 4 pairs = 8 sequences each
+    torch.testing.assert_close(model.objective.bco_reward_sum / model.objective.bco_reward_count, expected, rtol=1e-4, atol=1e-6)
+    assert model.objective.bco_reward_count.item() == 3 * 8  # 3 steps of 4 pairs = 8 sequences each
+    # A checkpoint saved before the running sums moved into `Objective` (top-level buffer names) still loads them.
+    path = tmp_path / "old.ckpt"
+    checkpoint = {"state_dict": {**{f"policy.{k}": v for k, v in model.policy.state_dict().items()},
+                                 "bco_reward_sum": torch.tensor(6.0, dtype=torch.float64),
+                                 "bco_reward_count": torch.tensor(24.0, dtype=torch.float64)},
+                  "hyper_parameters": dict(model.hparams), "pytorch-lightning_version": L.__version__}
+    torch.save(checkpoint, path)
+    reloaded = DPOModule.load_from_checkpoint(path, weights_only=True)
+    assert (reloaded.objective.bco_reward_sum.item(), reloaded.objective.bco_reward_count.item()) == (6.0, 24.0)
 
 
-def test_likelihood_displacement_warns_once_past_the_threshold(tiny_llama, other_llama, tmp_path):
+@pytest.mark.parametrize("loss_type", ["sigmoid", ["sft", "sigmoid"], "ipo"], ids=["sigmoid", "sft+sigmoid", "ipo"])
+def test_likelihood_displacement_warns_once_past_the_threshold(tiny_llama, other_llama, tmp_path, loss_type):
     # One step against another reference: the drop is mean(log ref(y_w) - log pi(y_w)) over the step's
-    # pairs, recomputed here before the step; a threshold just under it warns, just over it does not.
+    # pairs, summed log-probs per response whatever the loss (ipo's rewards are per token, sft's are zero),
+    # recomputed here before the step; a threshold just under it warns, just over it does not.
     drops = []
 
     class Drop(L.Callback):
@@ -246,7 +271,8 @@ def test_likelihood_displacement_warns_once_past_the_threshold(tiny_llama, other
             drops.append((ref - policy).mean().item())
 
     def warnings_at(threshold: float | None) -> list[str]:
-        model = DPOModule(tiny_llama, ref_model_name_or_path=other_llama, chosen_logp_drop_warning=threshold)
+        model = DPOModule(tiny_llama, ref_model_name_or_path=other_llama, chosen_logp_drop_warning=threshold,
+                          loss_type=loss_type)
         with warnings.catch_warnings(record=True) as record:
             warnings.simplefilter("always")
             trainer(tmp_path, max_steps=1, callbacks=[Drop()]).fit(model, data_module())

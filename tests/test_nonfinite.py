@@ -120,6 +120,6 @@ def test_skipped_step_changes_no_weight_optimizer_state_schedule_or_metric(tiny_
     if loss_type == "bco_pair":
         # The running mean holds the trained steps' rewards only (a NaN in it would poison every later step).
         kept = torch.cat([r for rows, r in rewards.items() if not set(rows) & set(record.steps[skipped]["rows"])])
-        assert model.bco_reward_count.item() == kept.numel() == 2 * 8
-        torch.testing.assert_close(model.bco_reward_sum / model.bco_reward_count, kept.double().mean(),
+        assert model.objective.bco_reward_count.item() == kept.numel() == 2 * 8
+        torch.testing.assert_close(model.objective.bco_reward_sum / model.objective.bco_reward_count, kept.double().mean(),
                                    rtol=1e-4, atol=1e-6)

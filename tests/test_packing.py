@@ -19,7 +19,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from dpo_lightning import DPOModule, PreferenceDataModule
-from dpo_lightning.data import collate_pairs
+from dpo_lightning.batches import collate_pairs
 from dpo_lightning.logps import lean_logps, naive_logps
 from dpo_lightning.losses import sigmoid_loss
 from dpo_lightning.packing import attention_mask, collate_shared, pack_pairs, shared_layout_unsupported

@@ -120,7 +120,7 @@ def test_the_reference_runs_without_dropout_while_the_module_trains(tiny_gpt2):
         expected = naive_logps(model.reference.eval(), batch)[0]
         model.reference.train()
         for _ in range(2):
-            torch.testing.assert_close(model._reference_logps(batch, "train"), expected)
+            torch.testing.assert_close(model.ref.logps(model.policy, batch, "train"), expected)
     assert model.reference.training  # its mode is restored after each forward
 
 

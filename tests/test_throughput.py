@@ -19,7 +19,7 @@ from conftest import ascii_tokenizer
 from lightning.pytorch.loggers import CSVLogger
 
 from dpo_lightning import DPOModule, PreferenceDataModule
-from dpo_lightning.data import collate_pairs
+from dpo_lightning.batches import collate_pairs
 from dpo_lightning.packing import collate_shared
 from dpo_lightning.throughput import count_tokens, flops_per_token, matmul_params
 
