@@ -49,7 +49,8 @@ class ValidationSummary(L.Callback):
         metrics: validation metrics to print, without the `val/` prefix.
     """
 
-    def __init__(self, metrics: tuple[str, ...] = ("loss", "rewards/accuracies", "rewards/margins")):
+    def __init__(self, metrics: tuple[str, ...] = ("loss", "rewards/accuracies", "rewards/margins",
+                                                   "reward/greedy")):
         self.metrics = metrics
         self.history: list[dict[str, float]] = []
 

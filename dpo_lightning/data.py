@@ -25,12 +25,14 @@ from dpo_lightning.locate import model_source
 from dpo_lightning.layouts import Layout, choose_layout
 from dpo_lightning.resume import EvalSampler, ResumableLoader
 from dpo_lightning.rules import PREPARED, adds_bos, drop_error, prepare_rows
-from dpo_lightning.sources import STAGE_NAMES, DatasetSource, load_rows, resolve_transform, single_split
+from dpo_lightning.sources import (FIELDS, PROMPT_ONLY, STAGE_NAMES, DatasetSource, load_rows, resolve_transform,
+                                   single_split)
 from dpo_lightning.summary import fingerprint, format_summary, summarize
 
 DATA_CODE = hashlib.sha256(b"".join(open(path, "rb").read()
                                      for path in (rules.__file__, formats.__file__, schemas.__file__,
-                                                  sources.__file__))).hexdigest()
+                                                  sources.__file__, __file__.replace("data.py", "online.py")))
+                           ).hexdigest()
 
 
 def with_pad_token(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
@@ -195,7 +197,8 @@ class PreferenceDataModule(L.LightningDataModule):
         columns = {"prompt": hp.prompt_column, "chosen": hp.chosen_column, "rejected": hp.rejected_column}
         load = partial(load_rows, name=hp.dataset_config, data_dir=hp.data_dir, columns=columns,
                        transform=resolve_transform(self.transform), chat=bool(tokenizer.chat_template))
-        train, schema = load(self.dataset, hp.split, streaming=hp.streaming)
+        online = getattr(self.trainer and self.trainer.lightning_module, "online", None) is not None
+        train, schema = load(self.dataset, hp.split, streaming=hp.streaming, fields=PROMPT_ONLY if online else FIELDS)
         val, val_schema = None, schema
         if self.eval_dataset is not None:
             val, val_schema = load(self.eval_dataset, hp.eval_split or hp.split, stage="val")
@@ -234,9 +237,15 @@ class PreferenceDataModule(L.LightningDataModule):
 
     def _prepare_split(self, rows: Dataset | IterableDataset, stage: str, tokenizer: PreTrainedTokenizerBase,
                        schema: str, report: bool = True) -> Dataset | IterableDataset:
+        from dpo_lightning.online import prepare_prompts, prompt_format  # online.py imports this module
+
         hp = self.hparams
-        rows, fmt, schema = detect_format(rows, hp.dataset_format, stage, tokenizer, schema)
-        prepared = _map(rows, prepare_rows, f"preparing {STAGE_NAMES[stage]} rows ({fmt})", batched=True,
+        if "chosen" in (rows.column_names or list(next(iter(rows)))):
+            rows, fmt, schema = detect_format(rows, hp.dataset_format, stage, tokenizer, schema)
+            prepare = prepare_rows
+        else:  # online training's prompts
+            fmt, schema, prepare = prompt_format(rows, tokenizer, stage), "prompts", prepare_prompts
+        prepared = _map(rows, prepare, f"preparing {STAGE_NAMES[stage]} rows ({fmt})", batched=True,
                         with_indices=True, remove_columns=rows.column_names or list(next(iter(rows))),
                         features=PREPARED, num_proc=hp.dataset_num_proc, fn_kwargs=dict(
                             dataset_format=fmt, tokenizer=tokenizer, bos_token_id=adds_bos(tokenizer),
@@ -317,6 +326,9 @@ class PreferenceDataModule(L.LightningDataModule):
         return DataLoader(data, batch_size=batch_size, shuffle=shuffle, **kwargs)
 
     def collate(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        if not rows[0]["chosen_input_ids"]:  # prompts alone: online training samples the pairs (online.py)
+            from dpo_lightning.online import collate_prompts  # online.py imports this module
+            return collate_prompts(rows)
         return self.layout.collate(rows, self.tokenizer.pad_token_id)
 
     def train_dataloader(self) -> DataLoader:

@@ -124,6 +124,8 @@ class DPOModule(L.LightningModule):
             base, and exports merge the adapter into a bf16 copy of the base. `pip install -e .[qlora]`.
         quantization_config: `transformers.BitsAndBytesConfig`'s arguments as a dict, instead of
             `load_in_4bit`'s defaults, e.g. {bnb_4bit_quant_type: fp4, bnb_4bit_use_double_quant: true}.
+        online: train online: the policy samples each batch's pairs from the data's prompts and a reward
+            ranks them (online.py; `online.OnlineConfig` lists the keys: reward_funcs, num_samples, ...).
     """
 
     def __init__(
@@ -166,6 +168,7 @@ class DPOModule(L.LightningModule):
         peft_config: dict | None = None,
         load_in_4bit: bool = False,
         quantization_config: dict | None = None,
+        online: dict | None = None,
     ):
         super().__init__()
         loss_types = [loss_type] if isinstance(loss_type, str) else list(loss_type)
@@ -210,6 +213,9 @@ class DPOModule(L.LightningModule):
         self.val_metrics = make_metrics(loss_types, rpo_alpha, uses_nll)
         # The likelihood displacement warning's measure: log ref - log pi of the chosen responses, per response.
         self.chosen_logp_drop = MeanMetric(sync_on_compute=False)
+        if online is not None:
+            from dpo_lightning.online import Online  # it imports callbacks.py, which imports this module
+        self.online = Online(online, self) if online is not None else None  # adds its train metrics
         self._skip_step = False  # a non-finite loss in this optimizer step, with nonfinite_loss: skip
         self._layout_checks: dict[tuple[int, str], str | None] = {}  # (id(model), layout) -> why not, or None
         self._displacement_warned = False
@@ -254,6 +260,8 @@ class DPOModule(L.LightningModule):
             self.strict_loading = False
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        if self.online is not None:  # this batch's prompts -> sampled, scored pairs
+            batch = self.online.pairs(self, batch, batch_idx)
         loss = self._shared_step(batch, "train")
         if ends_optimizer_step(self.trainer, batch_idx):  # log once per optimizer step, over all its micro-batches
             self._log_train_step()
@@ -292,6 +300,8 @@ class DPOModule(L.LightningModule):
         out = self.objective(policy_logps, ref_logps, n_tokens, self._sum_over_ranks if stage == "train" else None)
         if stage == "train" and not self._finite_on_every_rank(out.loss, batch):
             return out.loss  # its optimizer step is skipped: see on_before_optimizer_step
+        if "no_pairs" in batch:  # online, every prompt tied: a zero gradient, where other ranks train
+            return out.loss * 0
         self._update_metrics(stage, batch, out, policy_logps, ref_logps, mean_logits, n_tokens)
         return out.loss
 
@@ -379,15 +389,17 @@ class DPOModule(L.LightningModule):
     def configure_callbacks(self) -> list[L.Callback]:
         # Tokens per second and padding in every run's logs (throughput.py); one in the Trainer's list is replaced.
         # So are Lightning's default bar and summary, by ours (console.py): the same console from Python and the CLI.
-        return [Throughput(), CheckpointValidation(), *console.replacements(self.trainer.callbacks)]
+        online = [self.online] if self.online is not None else []
+        return [Throughput(), CheckpointValidation(), *console.replacements(self.trainer.callbacks), *online]
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # Only what trains is stored (with LoRA, the adapter). The reference and frozen weights (a LoRA
         # base, a reference adapter) never change: they are rebuilt from their source on load.
         frozen = {f"policy.{name}" for name, param in self.policy.named_parameters(remove_duplicate=False)
                   if not param.requires_grad}
+        synced = self.online is not None and self.online.syncs_reference()  # a synced reference is kept
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items()
-                                    if not k.startswith("ref.") and k not in frozen}
+                                    if (synced or not k.startswith("ref.")) and k not in frozen}
         # A fully fine-tuned policy no longer holds its starting weights: the reference is found from here.
         checkpoint["reference"] = self.ref.checkpoint_state()
 

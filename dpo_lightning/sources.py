@@ -40,6 +40,7 @@ from dpo_lightning.schemas import Schema, detect_schema
 
 FIELDS = ("prompt", "chosen", "rejected")
 FIELD_NAMES = {field: field for field in FIELDS}  # a schema's rows hold the fields under their own names
+PROMPT_ONLY = ("prompt",)  # online training's data: the policy writes the responses (online.py)
 # A dataset given as: a hub name, a local file, folder, glob or list of files, an in-memory dict of
 # columns or list of rows, or a `datasets` object.
 DatasetSource = Union[str, dict, list, Dataset, DatasetDict]
@@ -51,8 +52,8 @@ _SAMPLE = 100  # rows that decide a column's kind
 
 def load_rows(source: DatasetSource, split: str = "train", name: str | None = None, data_dir: str | None = None,
               streaming: bool = False, columns: dict[str, str] | None = None, stage: str = "train",
-              transform: Callable[[dict], dict | None] | None = None,
-              chat: bool = True) -> tuple[Dataset | IterableDataset, str]:
+              transform: Callable[[dict], dict | None] | None = None, chat: bool = True,
+              fields: tuple[str, ...] = FIELDS) -> tuple[Dataset | IterableDataset, str]:
     """One split of preference rows from any supported source, with canonical field names, and its schema.
 
     Local data files (.json, .jsonl, .parquet, .csv, optionally .gz; one path, a glob, or a list of paths)
@@ -66,11 +67,12 @@ def load_rows(source: DatasetSource, split: str = "train", name: str | None = No
         stage: "train" or "val", named in error messages.
         transform: a function of one raw row (a dict) returning the row to use, or None to drop it.
         chat: whether the tokenizer has a chat template (a schema may build messages for it).
+        fields: the fields to read: `FIELDS`, or `PROMPT_ONLY` (online training: other columns unread, no schema).
 
     Returns:
         The rows, and the name of the public schema their columns matched ("" if none).
     """
-    columns = {field: (columns or {}).get(field, field) for field in FIELDS}
+    columns = {field: (columns or {}).get(field, field) for field in fields}
     plan = dict(columns=columns, label=STAGE_NAMES.get(stage, stage), transform=transform, chat=chat)
     if isinstance(source, dict) and not isinstance(source, DatasetDict):
         source = _columns_to_rows(source, plan["label"])
@@ -258,6 +260,8 @@ def _from_arrow(rows: Dataset | IterableDataset, plan: dict) -> tuple[Dataset | 
 
 
 def _schema(names: set[str], plan: dict) -> Schema | None:
+    if tuple(plan["columns"]) == PROMPT_ONLY:  # a preference set's own prompt column serves as it is
+        return None
     return detect_schema(names, plan["columns"], plan["label"])
 
 
@@ -284,6 +288,8 @@ def _planned(sample: list, plan: dict) -> tuple[dict, str]:
 def _warn_unused_text(rows: list, names: set[str], plan: dict) -> None:
     """Text columns beside a missing prompt: the prompt will come from chosen/rejected, perhaps wrongly."""
     columns = plan["columns"]
+    if tuple(columns) == PROMPT_ONLY:
+        return
     unused = sorted(name for name in names - set(columns.values()) - {"source_issue"}
                     if any(isinstance(row, dict) and isinstance(row.get(name), str) for row in rows))
     texts = any(isinstance(row, dict) and isinstance(row.get(columns["chosen"]), str) for row in rows)
@@ -295,7 +301,13 @@ def _warn_unused_text(rows: list, names: set[str], plan: dict) -> None:
 
 
 def require(names, columns: dict[str, str], label: str) -> None:
-    """Raise unless the source has the columns the fields map to: chosen and rejected, and a mapped prompt."""
+    """Raise unless the source has the columns the fields map to: chosen and rejected, and a mapped prompt
+    (for `PROMPT_ONLY` fields: the prompt)."""
+    if tuple(columns) == PROMPT_ONLY:
+        if columns["prompt"] not in names:
+            raise ValueError(f"{label} data has columns {sorted(names)}; online training reads prompts from a "
+                             f"{columns['prompt']!r} column: map yours with --data.prompt_column")
+        return
     for field in ("chosen", "rejected", "prompt"):
         column = columns[field]
         if column != field and column not in names:
@@ -315,8 +327,9 @@ def _features(sample: list, columns: dict[str, str]) -> Features:
         kinds = Counter(type(row[column]) is list for row in rows if row.get(column) is not None)
         if any(column in row for row in rows):
             features[field] = _MESSAGES if kinds[True] > kinds[False] else Value("string")
-    if not {"chosen", "rejected"} <= set(features):  # rows to drop only (a schema's issues, "not a dict")
-        features = {"chosen": Value("string"), "rejected": Value("string"), **features}
+    needed = PROMPT_ONLY if tuple(columns) == PROMPT_ONLY else ("chosen", "rejected")
+    if not set(needed) <= set(features):  # rows to drop only (a schema's issues, "not a dict")
+        features = {**{field: Value("string") for field in needed}, **features}
     return Features({**features, "source_issue": Value("string")})
 
 

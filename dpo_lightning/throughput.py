@@ -87,11 +87,11 @@ class Throughput(L.Callback):
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
         if self._step_start is None:
             self._step_start = self._now(trainer)
-        counts = count_tokens(batch)
-        self._window = counts if self._window is None else self._window + counts
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch,
                            batch_idx: int) -> None:
+        counts = count_tokens(batch)  # at the end: online training turns a batch of prompts into pairs in place
+        self._window = counts if self._window is None else self._window + counts
         if not ends_optimizer_step(trainer, batch_idx):
             return
         self._seconds += self._now(trainer) - self._step_start
