@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from dpo_lightning import DPOModule, ExportPretrained, PreferenceDataModule, ValidationSummary
+from dpo_lightning.batches import collate_pairs
 from dpo_lightning.cli import cli_main, main
 from dpo_lightning.export import export_checkpoint, export_pretrained
 
@@ -60,8 +61,9 @@ def response_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> to
 
 
 def a_batch(data: PreferenceDataModule) -> dict[str, torch.Tensor]:
+    """The validation pairs in the padded layout, one sequence a row, which `response_logps` reads."""
     data.setup("fit")
-    return next(iter(data.val_dataloader()))
+    return collate_pairs([data.val_data[i] for i in range(len(data.val_data))], data.tokenizer.pad_token_id)
 
 
 def test_export_reloads_with_the_same_log_probs_and_a_card_with_the_final_metrics(tiny_gpt2, tmp_path):

@@ -71,7 +71,9 @@ def fit(nonfinite_loss, tiny_llama, tmp_path, accumulate=1, callbacks=(), **mode
     model = (PoisonedStep if accumulate > 1 else PoisonedRow)(tiny_llama, learning_rate=1e-2, nonfinite_loss=nonfinite_loss, **model_kwargs)
     trainer = quiet_trainer(tmp_path, max_steps=-1, max_epochs=1, enable_checkpointing=False,
                             accumulate_grad_batches=accumulate, log_every_n_steps=1, callbacks=list(callbacks))
-    return model, trainer, lambda: trainer.fit(model, data_module(12, eval_n=0, batch_size=2 if accumulate > 1 else 4))
+    # The padded layout: the oracle (`response_logps`) reads one sequence a row.
+    return model, trainer, lambda: trainer.fit(model, data_module(12, eval_n=0, batch_size=2 if accumulate > 1 else 4,
+                                                                  prefix_sharing=False))
 
 
 def test_nan_loss_stops_the_run_naming_step_and_rows_before_any_update(tiny_llama, tmp_path):
