@@ -54,7 +54,7 @@ def test_new_adapter_reference_is_the_base_model_without_a_copy(tiny_llama):
         for name, param in model.policy.named_parameters():
             if "lora_B" in name:
                 param.normal_(0, 0.1)  # the policy moves away from the base
-        policy_logps = model._sequence_logps(model.policy, batch)[0]
+        policy_logps = model.scorer(model.policy, batch)[0]
     expected = base_logps(tiny_llama, batch)
     torch.testing.assert_close(model.ref.logps(model.policy, batch, "train"), expected, rtol=1e-5, atol=1e-5)
     assert (policy_logps - expected).abs().max() > 0.1

@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from dpo_lightning import DPOModule, ExportPretrained, PreferenceDataModule
+from dpo_lightning.training.logps import Scorer
 
 
 @pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_gpt2"])
@@ -150,15 +151,17 @@ def test_tokenizer_defaults_to_the_models(tiny_llama, tmp_path):
 
 
 @pytest.mark.parametrize("lean", [True, False], ids=["lean", "naive"])
-def test_bf16_mixed_log_probs_are_float32_and_match_the_float32_run(tiny_llama, other_llama, tmp_path, lean):
+def test_bf16_mixed_log_probs_are_float32_and_match_the_float32_run(tiny_llama, other_llama, tmp_path, lean,
+                                                                     monkeypatch):
     # The policy's log-probs at the first step (the same weights and batch in both runs): float32 numbers
     # from bf16 matmuls, so equal to the float32 run's to bf16's rounding, not to float32's.
     seen = {}
+    original = Scorer.__call__
     for precision in ("32-true", "bf16-mixed"):
         model = DPOModule(tiny_llama, ref_model_name_or_path=other_llama, learning_rate=1e-3, lean_logps=lean)
-        original, seen[precision] = model._sequence_logps, []
-        model._sequence_logps = lambda m, batch, original=original, out=seen[precision]: out.append(
-            original(m, batch)) or out[-1]
+        seen[precision] = []
+        monkeypatch.setattr(Scorer, "__call__", lambda self, m, batch, out=seen[precision]: out.append(
+            original(self, m, batch)) or out[-1])  # the policy's pass comes first in a step
         trainer(tmp_path, max_steps=1, precision=precision).fit(model, data_module())
     (policy_32, _, tokens_32), (policy_bf16, _, tokens_bf16) = seen["32-true"][0], seen["bf16-mixed"][0]
     assert policy_bf16.dtype == torch.float32

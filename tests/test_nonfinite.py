@@ -15,6 +15,7 @@ import torch
 from conftest import RecordBatches, data_module, quiet_trainer, response_logps
 
 from dpo_lightning import DPOModule
+from dpo_lightning.training.logps import Scorer
 from dpo_lightning.utils.steps import ends_optimizer_step
 
 POISONED_ROW = 5
@@ -30,14 +31,26 @@ class PoisonedRow(DPOModule):
             self.__dict__.setdefault("logged_at", []).append(self.global_step)
         return super().log(name, *args, **kwargs)
 
-    def _sequence_logps(self, model, batch):
-        logps, mean_logits, n_tokens = super()._sequence_logps(model, batch)
-        if torch.is_grad_enabled() and self.poisoned(batch):  # the policy's pass, in training
-            logps = logps * float("nan")
-        return logps, mean_logits, n_tokens
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.scorer = PoisonedScorer(self)  # the policy's log-probs; the reference keeps the scorer it was given
 
     def poisoned(self, batch) -> bool:
         return POISONED_ROW in batch["row_ids"]
+
+
+class PoisonedScorer(Scorer):
+    """The module's log-prob path, with NaN log-probs for the policy's training pass over a poisoned batch."""
+
+    def __init__(self, module: PoisonedRow):
+        super().__init__(module.scorer.lean, module.scorer.chunk_size)
+        self.poisoned = module.poisoned
+
+    def __call__(self, model, batch):
+        logps, mean_logits, n_tokens = super().__call__(model, batch)
+        if torch.is_grad_enabled() and self.poisoned(batch):  # the policy's pass, in training
+            logps = logps * float("nan")
+        return logps, mean_logits, n_tokens
 
 
 class PoisonedStep(PoisonedRow):

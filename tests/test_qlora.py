@@ -39,11 +39,11 @@ def test_the_reference_is_the_adapter_disabled_on_the_same_4bit_base(tiny_llama)
     batch = first_batch(data_module())
     with torch.no_grad():
         reference = model.ref.logps(model.policy, batch, "train")
-        torch.testing.assert_close(model._sequence_logps(model.policy, batch)[0], reference)  # LoRA's B = 0
+        torch.testing.assert_close(model.scorer(model.policy, batch)[0], reference)  # LoRA's B = 0
         for name, param in model.policy.named_parameters():
             if "lora_B" in name:
                 param.fill_(0.05)
-        adapted = model._sequence_logps(model.policy, batch)[0]
+        adapted = model.scorer(model.policy, batch)[0]
         assert (adapted - reference).abs().max() > 0.1  # the adapter is on for the policy ...
         torch.testing.assert_close(model.ref.logps(model.policy, batch, "train"), reference)  # ... and off for the reference
 

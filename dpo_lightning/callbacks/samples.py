@@ -34,7 +34,7 @@ class GenerateSamples(L.Callback):
     (`generate(synced_gpus=True)`); until that is tested on GPUs the callback skips them with a warning.
 
     Args:
-        prompts: prompt strings, tokenized as training does (data.py rule 2). Default: the prompts of
+        prompts: prompt strings, tokenized as training does (data/rules.py rule 2). Default: the prompts of
             the first `num_prompts` validation pairs, as tokenized (and truncated) for validation.
         num_prompts: how many validation prompts to use when `prompts` is not given.
         max_new_tokens: tokens generated per completion at most.

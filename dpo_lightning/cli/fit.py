@@ -1,6 +1,6 @@
 """`dpo-lightning fit` and `dpo-lightning validate`: LightningCLI over `DPOModule` and `PreferenceDataModule`.
 
-Imported only for these two subcommands (cli.py dispatches): building the parser imports torch,
+Imported only for these two subcommands (main.py dispatches): building the parser imports torch,
 transformers and Lightning, seconds the tools and `--help` do without.
 """
 

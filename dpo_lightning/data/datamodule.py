@@ -314,7 +314,7 @@ class PreferenceDataModule(L.LightningDataModule):
         batch_size = self.hparams.eval_batch_size or self.hparams.batch_size
         if self.trainer is None or self.trainer.world_size == 1 or isinstance(self.val_data, IterableDataset):
             return self._loader(self.val_data, batch_size, shuffle=False)
-        # Each pair on one rank: Lightning's own sampler would pad, counting some pairs twice (resume.py).
+        # Each pair on one rank: Lightning's own sampler would pad, counting some pairs twice (loaders.py).
         sampler = EvalSampler(self.val_data, self.trainer.world_size, self.trainer.global_rank)
         return DataLoader(self.val_data, batch_size=batch_size, sampler=sampler, collate_fn=self.collate,
                           num_workers=self.hparams.num_workers)

@@ -13,7 +13,7 @@ of pairs train again on the epoch's first ones (one process trains a smaller las
 Validation must not repeat pairs: its metrics are exact means over the split. Lightning would wrap the
 val loader in a padding `DistributedSampler`; `EvalSampler` is one that does not pad, so ranks may get
 one pair (and one batch) more than others. That is safe for DDP in evaluation: its forward syncs buffers
-only on the first no-grad batch, and the metrics sync sums of fixed shape (metrics.py).
+only on the first no-grad batch, and the metrics sync sums of fixed shape (training/metrics.py).
 """
 
 import lightning as L

@@ -40,7 +40,7 @@ from dpo_lightning.data.schemas import Schema, detect_schema
 
 FIELDS = ("prompt", "chosen", "rejected")
 FIELD_NAMES = {field: field for field in FIELDS}  # a schema's rows hold the fields under their own names
-PROMPT_ONLY = ("prompt",)  # online training's data: the policy writes the responses (online.py)
+PROMPT_ONLY = ("prompt",)  # online training's data: the policy writes the responses (online/sampler.py)
 # A dataset given as: a hub name, a local file, folder, glob or list of files, an in-memory dict of
 # columns or list of rows, or a `datasets` object.
 DatasetSource = Union[str, dict, list, Dataset, DatasetDict]

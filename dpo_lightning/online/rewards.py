@@ -1,4 +1,4 @@
-"""Rewards: what a completion is worth, for online DPO's pairs (`online.py`) and the validation solve rate.
+"""Rewards: what a completion is worth, for online DPO's pairs (`sampler.py`) and the validation solve rate.
 
 A reward takes the prompts and their completions (two lists of text, one prompt per completion) and returns
 one float per completion. A config names each one in `reward_funcs` (TRL's name), as

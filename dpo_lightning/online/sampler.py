@@ -193,7 +193,7 @@ class Online(L.Callback):
         if not untied.any():
             pairs["no_pairs"] = True
         self._update_metrics(module, scores.view(len(prompts), n), chosen, rejected, untied, completions, finished)
-        batch.clear()  # in place, so that callbacks after the step (throughput.py) see what trained
+        batch.clear()  # in place, so that callbacks after the step (training/throughput.py) see what trained
         batch.update(move_data_to_device(pairs, module.device))
         self._generating += time.perf_counter() - start
         return batch

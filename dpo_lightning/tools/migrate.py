@@ -62,7 +62,7 @@ SAME_AS_OURS = {"adam_beta1": 0.9, "adam_beta2": 0.999, "adam_epsilon": 1e-8, "l
 # Known TRL names with no equivalent here, and why.
 NO_EQUIVALENT = {
     "max_target_length": "TRL 0.2x, encoder-decoder models only; dpo_lightning trains causal LMs",
-    "max_completion_length": "responses are cut to max_length minus the prompt (data.py rule 3), not to their own limit",
+    "max_completion_length": "responses are cut to max_length minus the prompt (data/rules.py rule 3), not to their own limit",
     "sync_ref_model": "TR-DPO reference syncing is not implemented",
     "ref_model_mixup_alpha": "TR-DPO reference syncing is not implemented",
     "ref_model_sync_steps": "TR-DPO reference syncing is not implemented",

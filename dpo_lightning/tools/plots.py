@@ -26,7 +26,7 @@ PANELS = (("loss", ("loss",), (0, None)),
           ("reward margin (chosen - rejected)", ("rewards/margins",), None),
           ("rewards", ("rewards/chosen", "rewards/rejected"), None),
           ("log-probs of the responses", ("logps/chosen", "logps/rejected"), None))
-# Drawn below those when the log has them (the module logs the learning rate and gradient norm, throughput.py
+# Drawn below those when the log has them (the module logs the learning rate and gradient norm, training/throughput.py
 # the others).
 OPTIONAL_PANELS = (("learning rate", ("learning_rate",), (0, None)),
                    ("gradient norm (before clipping)", ("grad_norm",), (0, None)),

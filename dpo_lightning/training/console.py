@@ -6,7 +6,7 @@ shows `Epoch 4/-2` (max_epochs is -1) and `v_num: 0.000` (the logger's version a
 and the model summary has a FLOPs column of zeros and `Total FLOPs: 0` (it counts FLOPs only for an
 `example_input_array`). `DPOModule.configure_callbacks` returns `replacements` for Lightning's default bar and
 summary in the Trainer (exactly those types; a bar or summary of your own is kept), so the CLI and a
-notebook's `L.Trainer(...)` print the same. The third-party lines filtered out are in `quiet.py`.
+notebook's `L.Trainer(...)` print the same. The third-party lines filtered out are in `utils/quiet.py`.
 """
 
 import dataclasses

@@ -135,7 +135,7 @@ def lean_logps(model: nn.Module, batch: dict[str, Tensor], chunk_size: int = 256
 
     Args:
         model: a Hugging Face causal LM, or a peft model wrapping one, for which `lean_unsupported` is None.
-        batch: `input_ids`, `attention_mask`, `labels`, each (N, T), or a shared batch (packing.py).
+        batch: `input_ids`, `attention_mask`, `labels`, each (N, T), or a shared batch (data/packing.py).
         chunk_size: tokens per head call; memory grows with chunk_size x vocabulary.
     """
     lm = base_causal_lm(model)

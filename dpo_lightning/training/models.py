@@ -28,7 +28,7 @@ from dpo_lightning.utils import quiet
 from dpo_lightning.utils.hf import base_causal_lm
 from dpo_lightning.utils.locate import model_source
 
-quiet.drop_weight_bars()  # transformers' "Loading weights" bar at every load (quiet.py)
+quiet.drop_weight_bars()  # transformers' "Loading weights" bar at every load (utils/quiet.py)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 POLICY_ADAPTER = "default"  # peft's name for the adapter a model is wrapped with
 REFERENCE_ADAPTER = "reference"

@@ -23,7 +23,7 @@ THIRD_PARTY_WARNINGS = (
     (UserWarning, r"Starting from v1\.9\.0, `tensorboardX` has been removed as a dependency"),
 )
 # Info lines of Lightning's rank-zero logger: advertisements for its cloud products, and the notice that
-# `DPOModule.configure_callbacks` replaced the Trainer's default bar and summary (console.py) or a Throughput.
+# `DPOModule.configure_callbacks` replaced the Trainer's default bar and summary (training/console.py) or a Throughput.
 THIRD_PARTY_INFO = re.compile(
     r"💡 Tip|The following callbacks returned in `LightningModule.configure_callbacks` will override existing "
     r"callbacks passed to Trainer: ((ModelSummary|RichModelSummary|RichProgressBar|Throughput)(, |$))+$")
@@ -48,7 +48,7 @@ def install() -> None:
 def drop_weight_bars() -> None:
     """From now on, transformers draws no `WEIGHT_BARS` (a bar per model loaded or saved); download bars stay.
 
-    Called where our code first imports transformers (models.py): importing it here would cost seconds.
+    Called where our code first imports transformers (training/models.py): importing it here would cost seconds.
     """
     global _weight_bars_dropped
     from transformers.utils import logging as hf_logging
