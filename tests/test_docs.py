@@ -25,6 +25,7 @@ import json
 import re
 import shlex
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -108,11 +109,13 @@ def dpo_lightning(argv: list[str]) -> None:
     """The console script, in this process: a SystemExit of 0 (help, --print_config) is a success."""
     from dpo_lightning.cli import main
 
-    try:
-        main(argv)
-    except SystemExit as stop:
-        if stop.code not in (0, None):
-            raise AssertionError(f"`dpo-lightning {shlex.join(argv)}` exited with {stop.code}") from None
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sys, "argv", ["dpo-lightning", *argv])  # as the console script sees it
+        try:
+            main()
+        except SystemExit as stop:
+            if stop.code not in (0, None):
+                raise AssertionError(f"`dpo-lightning {shlex.join(argv)}` exited with {stop.code}") from None
 
 
 def shortened(argv: list[str]) -> list[str]:
