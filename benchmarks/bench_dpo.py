@@ -63,7 +63,7 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, GPT2C
                           PreTrainedTokenizerFast, Qwen2Config)
 
 from dpo_lightning import DPOModule, PreferenceDataModule
-from dpo_lightning.data import load_tokenizer
+from dpo_lightning.utils.tokenizers import load_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HH = os.path.join(ROOT, "..", "shared", "data", "hh-rlhf", "harmless-base-test-1500.jsonl.gz")

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dpo_lightning.logps import LogitTransform, head_logps
+from dpo_lightning.training.logps import LogitTransform, head_logps
 
 VARIANTS = ("bare", "ours")
 

@@ -47,7 +47,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_dpo as bench  # noqa: E402
 
 from dpo_lightning import DPOModule, ExportPretrained  # noqa: E402
-from dpo_lightning.distributed import DecoderLayers  # noqa: E402
+from dpo_lightning.training.distributed import DecoderLayers  # noqa: E402
 
 # Mean and standard deviation of the log token count of each field in the HH slice (1,495 usable pairs,
 # bench_dpo's 32k BPE tokenizer, max_length 1024): medians 90 / 27 / 36 tokens.

@@ -3,7 +3,7 @@
     python benchmarks/startup.py                          # this checkout
     python benchmarks/startup.py --checkout ../other --repeat 5
 
-Each command runs `--repeat` times in a fresh process (`python -m dpo_lightning.cli`, the console script's
+Each command runs `--repeat` times in a fresh process (`python -m dpo_lightning.cli.main`, the console script's
 code, run from the checkout's root so that its package is the one imported); the table gives the median and the fastest. Wall time depends on
 the disk cache and on other load: compare two checkouts back to back on a quiet machine.
 """
@@ -23,7 +23,7 @@ def seconds(checkout: Path, args: list[str], repeat: int) -> list[float]:
     times = []
     for _ in range(repeat):
         start = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "dpo_lightning.cli", *args], cwd=checkout, check=True,
+        subprocess.run([sys.executable, "-m", "dpo_lightning.cli.main", *args], cwd=checkout, check=True,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         times.append(time.perf_counter() - start)
     return times

@@ -1,30 +1,88 @@
 """dpo_lightning: Direct Preference Optimization for Hugging Face causal LMs, in PyTorch Lightning.
 
-The names below are imported on first use (PEP 562), so `import dpo_lightning` and `dpo-lightning --help`
-do not pay for torch, transformers and Lightning; `from dpo_lightning import DPOModule` imports them then.
-Importing the package filters the third-party console lines listed in `quiet.py`.
+The package is laid out by wing, each a sub-package whose docstring says what it holds and what it may import;
+imports run one way, from the command line down to the floor:
+
+    cli/        the `dpo-lightning` command (LightningCLI for fit and validate, and the tools)
+    tools/      plots, TRL migration, the quickstart's assets
+    callbacks/  what a run adds around training: summary, samples, export, preemption
+    training/   the training step: DPOModule, log-probs, reference, objective, losses, metrics
+    online/     online DPO: sampling, rewards, the greedy solve rate
+    data/       rows -> token ids -> batches: sources, schemas, rules, layouts, PreferenceDataModule
+    utils/      the floor: paths, atomic writes, the tokenizer default, generation
+
+The names below are imported on first use (PEP 562), so `import dpo_lightning` and `dpo-lightning --help` do not
+pay for torch, transformers and Lightning. Importing the package filters the third-party console lines listed in
+`utils/quiet.py`, and lets 0.1's flat module paths (`dpo_lightning.rewards.sort_exact` in a config, say) import as
+the modules that hold their names now (`MOVED`).
 """
 
 import importlib
+import importlib.abc
+import importlib.util
+import sys
 
-from dpo_lightning import quiet
+from dpo_lightning.utils import quiet
 
 EXPORTS = {
-    "DPOModule": "dpo_lightning.module",
-    "PreferenceDataModule": "dpo_lightning.data",
-    "ValidationSummary": "dpo_lightning.callbacks",
-    "GenerateSamples": "dpo_lightning.callbacks",
-    "ExportPretrained": "dpo_lightning.callbacks",
-    "PreemptionCheckpoint": "dpo_lightning.callbacks",
-    "LOSSES": "dpo_lightning.losses",
-    "sigmoid_loss": "dpo_lightning.losses",
-    "hinge_loss": "dpo_lightning.losses",
-    "ipo_loss": "dpo_lightning.losses",
-    "sequence_logps": "dpo_lightning.logps",
+    "DPOModule": "dpo_lightning.training.module",
+    "PreferenceDataModule": "dpo_lightning.data.datamodule",
+    "ValidationSummary": "dpo_lightning.callbacks.validation",
+    "GenerateSamples": "dpo_lightning.callbacks.samples",
+    "ExportPretrained": "dpo_lightning.callbacks.export",
+    "PreemptionCheckpoint": "dpo_lightning.callbacks.preemption",
+    "GreedyReward": "dpo_lightning.online.greedy",
+    "OnlineConfig": "dpo_lightning.online.sampler",
+    "DecoderLayers": "dpo_lightning.training.distributed",
+    "LOSSES": "dpo_lightning.training.losses",
+    "sigmoid_loss": "dpo_lightning.training.losses",
+    "hinge_loss": "dpo_lightning.training.losses",
+    "ipo_loss": "dpo_lightning.training.losses",
+    "sequence_logps": "dpo_lightning.training.logps",
 }
 __all__ = list(EXPORTS)
 
+# 0.1's flat modules -> the modules that hold their public names now. Configs name them in `class_path` and
+# `reward_funcs` (`dpo_lightning.distributed.DecoderLayers`, `dpo_lightning.rewards.sort_exact`).
+MOVED = {
+    "dpo_lightning.module": "dpo_lightning.training.module",
+    "dpo_lightning.losses": "dpo_lightning.training.losses",
+    "dpo_lightning.logps": "dpo_lightning.training.logps",
+    "dpo_lightning.objective": "dpo_lightning.training.objective",
+    "dpo_lightning.metrics": "dpo_lightning.training.metrics",
+    "dpo_lightning.models": "dpo_lightning.training.models",
+    "dpo_lightning.reference": "dpo_lightning.training.reference",
+    "dpo_lightning.optim": "dpo_lightning.training.optim",
+    "dpo_lightning.distributed": "dpo_lightning.training.distributed",
+    "dpo_lightning.throughput": "dpo_lightning.training.throughput",
+    "dpo_lightning.rewards": "dpo_lightning.online.rewards",
+    "dpo_lightning.export": "dpo_lightning.callbacks.export",
+    "dpo_lightning.plots": "dpo_lightning.tools.plots",
+    "dpo_lightning.migrate": "dpo_lightning.tools.migrate",
+    "dpo_lightning.rules": "dpo_lightning.data.rules",
+    "dpo_lightning.sources": "dpo_lightning.data.sources",
+    "dpo_lightning.batches": "dpo_lightning.data.batches",
+    "dpo_lightning.packing": "dpo_lightning.data.packing",
+    "dpo_lightning.layouts": "dpo_lightning.data.layouts",
+}
+
+
+class _Moved(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Imports a `MOVED` path as the module it moved to (the same module object, not a copy)."""
+
+    def find_spec(self, name, path=None, target=None):
+        return importlib.util.spec_from_loader(name, self) if name in MOVED else None
+
+    def create_module(self, spec):
+        return importlib.import_module(MOVED[spec.name])
+
+    def exec_module(self, module):
+        pass  # imported in full by create_module
+
+
 quiet.install()
+if not any(isinstance(finder, _Moved) for finder in sys.meta_path):
+    sys.meta_path.append(_Moved())
 
 
 def __getattr__(name: str):

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from dpo_lightning import DPOModule
-from dpo_lightning.packing import shared_layout_unsupported
+from dpo_lightning.data.layouts import shared_layout_unsupported
 
 from conftest import data_module, quiet_trainer
 

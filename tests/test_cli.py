@@ -15,7 +15,7 @@ import yaml
 from conftest import rows
 from datasets import Dataset
 
-from dpo_lightning.cli import cli_main
+from dpo_lightning.cli.main import cli_main
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
@@ -59,7 +59,7 @@ def test_console_script_exits_zero_after_a_run(tmp_path):
 
 
 def test_inspect_data_prints_the_summary_and_rows_token_by_token(capsys, caplog, monkeypatch):
-    from dpo_lightning.cli import main
+    from dpo_lightning.cli.main import main
 
     monkeypatch.chdir(ROOT)
     main(["inspect-data", "--config", "configs/quickstart.yaml", "--rows", "1"])
@@ -73,8 +73,8 @@ def test_inspect_data_prints_the_summary_and_rows_token_by_token(capsys, caplog,
 
 
 def imported_modules(*args: str) -> set[str]:
-    """Top-level packages a fresh `python -m dpo_lightning.cli ARGS` imports (`-X importtime` lists each on stderr)."""
-    done = subprocess.run([sys.executable, "-X", "importtime", "-m", "dpo_lightning.cli", *args],
+    """Top-level packages a fresh `python -m dpo_lightning.cli.main ARGS` imports (`-X importtime` lists each on stderr)."""
+    done = subprocess.run([sys.executable, "-X", "importtime", "-m", "dpo_lightning.cli.main", *args],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     return {line.split("|")[-1].strip().split(".")[0] for line in done.stderr.splitlines() if "|" in line}
@@ -96,10 +96,10 @@ def test_from_trl_reads_the_signatures_and_losses_the_imports_have():
     import lightning as L
 
     from dpo_lightning import LOSSES, DPOModule, PreferenceDataModule
-    from dpo_lightning.migrate import PACKAGE, init_arguments, loss_names
+    from dpo_lightning.tools.migrate import PACKAGE, init_arguments, loss_names
 
-    assert init_arguments(PACKAGE / "module.py", "DPOModule") == set(inspect.signature(DPOModule).parameters)
-    assert init_arguments(PACKAGE / "data.py", "PreferenceDataModule") == set(
+    assert init_arguments(PACKAGE / "training" / "module.py", "DPOModule") == set(inspect.signature(DPOModule).parameters)
+    assert init_arguments(PACKAGE / "data" / "datamodule.py", "PreferenceDataModule") == set(
         inspect.signature(PreferenceDataModule).parameters)
     lightning_trainer = Path(inspect.getfile(L.Trainer))
     assert init_arguments(lightning_trainer, "Trainer") == set(inspect.signature(L.Trainer).parameters)
@@ -107,7 +107,7 @@ def test_from_trl_reads_the_signatures_and_losses_the_imports_have():
 
 
 def test_help_lists_fit_and_validate_and_no_subcommand_the_module_cannot_run(capsys):
-    from dpo_lightning.cli import main
+    from dpo_lightning.cli.main import main
 
     main(["--help"])
     listed = {line.split()[0] for line in capsys.readouterr().out.splitlines() if line.startswith("  ")}
@@ -153,7 +153,7 @@ def test_validate_of_a_checkpoint_prepares_only_its_split_at_the_checkpoints_ste
     assert list(validated) == ["3"]
     assert float(validated["3"]["val/loss"]) == pytest.approx(float(fitted["3"]["val/loss"]), rel=1e-5)
 
-    from dpo_lightning.cli import main
+    from dpo_lightning.cli.main import main
 
     capfd.readouterr()
     main(["plot", str(tmp_path / "runs" / "run")])  # the newest run that trained, not the one-point validate

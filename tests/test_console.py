@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from dpo_lightning.data import load_tokenizer
-from dpo_lightning.locate import PACKAGE, model_source, shipped
-from dpo_lightning.models import load_causal_lm
+from dpo_lightning.utils.tokenizers import load_tokenizer
+from dpo_lightning.utils.locate import PACKAGE, model_source, shipped
+from dpo_lightning.training.models import load_causal_lm
 
 ROOT = Path(__file__).resolve().parents[1]
 BROKEN_LOOKING = ["Epoch 0/-2", "/-2 ", "v_num", "Total FLOPs", "isinstance(treespec, LeafSpec)",

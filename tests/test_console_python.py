@@ -17,8 +17,8 @@ import pytest
 from lightning.pytorch.trainer.connectors.logger_connector import logger_connector
 from test_console import BROKEN_LOOKING
 
-from dpo_lightning import quiet
-from dpo_lightning.locate import PACKAGE
+from dpo_lightning.utils import quiet
+from dpo_lightning.utils.locate import PACKAGE
 
 ASSETS = PACKAGE / "assets" / "sort-tiny"
 SCRIPT = f"""

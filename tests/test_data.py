@@ -1,4 +1,4 @@
-"""Tokenization rules, batch layout and row checks of `dpo_lightning.data`, token by token.
+"""Tokenization rules, batch layout and row checks of `dpo_lightning.data.datamodule`, token by token.
 
 The tokenizer is `conftest.ascii_tokenizer`: one token per character with id = its ASCII code, EOS = 2,
 BOS = 1, so every expected id list is written out from the rules, not read off the code's output.
@@ -12,12 +12,12 @@ import pytest
 from conftest import BOS, EOS, ascii_tokenizer, ids, rows
 from datasets import Dataset
 
-import dpo_lightning.data
-from dpo_lightning.batches import collate_pairs
+import dpo_lightning.data.datamodule
+from dpo_lightning.data.batches import collate_pairs
 from dpo_lightning.data import PreferenceDataModule
-from dpo_lightning.rules import adds_bos, prepare_rows, split_dialogue, split_shared_prefix, to_strings
-from dpo_lightning.sources import load_rows
-from dpo_lightning.summary import fingerprint
+from dpo_lightning.data.rules import adds_bos, prepare_rows, split_dialogue, split_shared_prefix, to_strings
+from dpo_lightning.data.sources import load_rows
+from dpo_lightning.data.summary import fingerprint
 
 HH_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "hh-rlhf" / "harmless-base-test-1500.jsonl.gz"
 
@@ -305,7 +305,7 @@ def test_tokenization_is_cached_and_reused_by_a_second_data_module(tmp_path, mon
     path = _write(tmp_path / "rows.jsonl", rows(8))
     built = []
     for code in ("this version", "this version", "an upgraded data.py"):
-        monkeypatch.setattr(dpo_lightning.data, "DATA_CODE", code)
+        monkeypatch.setattr(dpo_lightning.data.datamodule, "DATA_CODE", code)
         dm = PreferenceDataModule(dataset=path, tokenizer=ascii_tokenizer(), max_length=64, max_prompt_length=32)
         dm.prepare_data()
         dm.setup("fit")
@@ -535,7 +535,7 @@ def test_empty_prompt_scores_every_token_with_bos_and_is_dropped_without():
 
 def test_file_sources_build_and_report_once(tmp_path, monkeypatch):
     printed = []
-    monkeypatch.setattr(dpo_lightning.data, "rank_zero_info", printed.append)
+    monkeypatch.setattr(dpo_lightning.data.datamodule, "rank_zero_info", printed.append)
     dm = PreferenceDataModule(dataset=_write(tmp_path / "rows.jsonl", rows(4)), tokenizer=ascii_tokenizer())
     dm.prepare_data()
     dm.setup("fit")

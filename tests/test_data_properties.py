@@ -17,9 +17,9 @@ from conftest import BOS, EOS, UNK, ascii_tokenizer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dpo_lightning.batches import collate_pairs
-from dpo_lightning.rules import prepare_rows, split_dialogue, split_shared_prefix
-from dpo_lightning.packing import collate_shared
+from dpo_lightning.data.batches import collate_pairs
+from dpo_lightning.data.rules import prepare_rows, split_dialogue, split_shared_prefix
+from dpo_lightning.data.packing import collate_shared
 
 SETTINGS = settings(max_examples=int(os.environ.get("DPO_PROPERTY_EXAMPLES", 40)), deadline=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])

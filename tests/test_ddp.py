@@ -97,7 +97,7 @@ if __name__ == "__main__":
     from conftest import data_module
     from test_nonfinite import PoisonedStep
 
-    from dpo_lightning.resume import ends_optimizer_step
+    from dpo_lightning.utils.steps import ends_optimizer_step
 
     class Record(L.Callback):
         """This rank's rows per micro-batch (train and val) and, on rank 0, the weights after each step."""

@@ -11,8 +11,8 @@ import yaml
 from jsonargparse import ArgumentParser
 from lightning.pytorch.strategies import FSDPStrategy, StrategyRegistry
 
-from dpo_lightning.cli import cli_main
-from dpo_lightning.distributed import DecoderLayers
+from dpo_lightning.cli.main import cli_main
+from dpo_lightning.training.distributed import DecoderLayers
 from test_cli import ROOT
 
 STRATEGIES = {"ddp.yaml": "ddp", "fsdp.yaml": "lightning.pytorch.strategies.FSDPStrategy",

@@ -20,9 +20,9 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from dpo_lightning import DPOModule, ExportPretrained, PreferenceDataModule, ValidationSummary
-from dpo_lightning.batches import collate_pairs
-from dpo_lightning.cli import cli_main, main
-from dpo_lightning.export import export_checkpoint, export_pretrained
+from dpo_lightning.data.batches import collate_pairs
+from dpo_lightning.cli.main import cli_main, main
+from dpo_lightning.callbacks.export import export_checkpoint, export_pretrained
 
 
 def fit_from_the_cli(model_path: str, tmp_path, *flags: str):

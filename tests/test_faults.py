@@ -28,8 +28,8 @@ from safetensors.torch import load_file, save_file
 
 from dpo_lightning import DPOModule, ExportPretrained, PreferenceDataModule
 from dpo_lightning.callbacks import PreemptionCheckpoint
-from dpo_lightning.preflight import NamedCheckpointIO
-from dpo_lightning.reference import save_table
+from dpo_lightning.training.checkpoints import NamedCheckpointIO
+from dpo_lightning.training.refcache import save_table
 
 
 def validate(model: DPOModule, root, dm=None) -> dict[str, float]:

@@ -13,7 +13,7 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (apply_a
                                                                          checkpoint_wrapper)
 
 from dpo_lightning import DPOModule
-from dpo_lightning.distributed import DecoderLayers, decoder_layer_classes
+from dpo_lightning.training.distributed import DecoderLayers, decoder_layer_classes
 
 
 @pytest.mark.parametrize("fixture, layer", [("tiny_llama", "LlamaDecoderLayer"), ("tiny_gpt2", "GPT2Block")])

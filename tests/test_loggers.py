@@ -18,7 +18,7 @@ import yaml
 from conftest import rows
 from datasets import Dataset
 
-from dpo_lightning.cli import cli_main
+from dpo_lightning.cli.main import cli_main
 
 wandb_pb = pytest.importorskip("wandb.proto.wandb_internal_pb2")
 mlflow_tracking = pytest.importorskip("mlflow.tracking")

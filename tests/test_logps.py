@@ -26,7 +26,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, Gemma2Config, Gemma2ForCausalLM, GraniteConfig, GraniteForCausalLM
 
 from dpo_lightning import DPOModule
-from dpo_lightning.logps import LogitTransform, head_logps, lean_logps, lean_unsupported, naive_logps, sequence_logps
+from dpo_lightning.training.logps import LogitTransform, head_logps, lean_logps, lean_unsupported, naive_logps, sequence_logps
 
 IGNORE_INDEX = -100
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

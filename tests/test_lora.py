@@ -16,7 +16,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
 
 from dpo_lightning import DPOModule, PreferenceDataModule
-from dpo_lightning.logps import naive_logps
+from dpo_lightning.training.logps import naive_logps
 
 
 def data_module() -> PreferenceDataModule:

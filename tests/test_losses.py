@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from dpo_lightning.losses import (LOSS_ARGS, LOSSES, REFERENCE_FREE, aot_loss, aot_pair_loss, apo_down_loss,
+from dpo_lightning.training.losses import (LOSS_ARGS, LOSSES, REFERENCE_FREE, aot_loss, aot_pair_loss, apo_down_loss,
                                   apo_zero_loss, bco_pair_loss, cpo_loss, discopop_loss, dpop_loss, exo_pair_loss,
                                   hinge_loss, ipo_loss, nca_pair_loss, orpo_loss, rdpo_loss, robust_loss, sft_loss,
                                   sigmoid_loss, sigmoid_norm_loss, simpo_loss, sppo_hard_loss)

@@ -24,8 +24,9 @@ from trl import DPOTrainer  # noqa: E402
 from trl.experimental.cpo import CPOTrainer  # noqa: E402
 from trl.experimental.orpo import ORPOTrainer  # noqa: E402
 
-from dpo_lightning.logps import sequence_logps  # noqa: E402
-from dpo_lightning.losses import IGNORE_INDEX, LOSSES  # noqa: E402
+from dpo_lightning.training.logps import sequence_logps  # noqa: E402
+from dpo_lightning.data.batches import IGNORE_INDEX  # noqa: E402
+from dpo_lightning.training.losses import LOSSES  # noqa: E402
 
 B, T, V = 4, 6, 11  # pairs, response-token slots, vocabulary
 ACCELERATOR = SimpleNamespace(device=torch.device("cpu"), gather=lambda x: x, gather_for_metrics=lambda x: x,

@@ -15,7 +15,8 @@ import torch
 from conftest import data_module
 
 from dpo_lightning import DPOModule
-from dpo_lightning.metrics import MarginLengthCorrelation, batch_values
+from dpo_lightning.training.metrics import MarginLengthCorrelation, batch_values
+from dpo_lightning.training.objective import ObjectiveOutput
 
 
 def test_margin_length_correlation_matches_pearson_across_batches():
@@ -35,8 +36,8 @@ def test_margin_length_correlation_is_zero_when_lengths_never_differ():
 def test_ties_count_half_and_logits_are_token_weighted():
     # Pair 0 wins, pair 1 ties, pair 2 loses: accuracy (1 + 0.5 + 0) / 3.
     rewards_c, rewards_r = torch.tensor([1.0, 0.0, -1.0]), torch.tensor([0.0, 0.0, 1.0])
-    values = batch_values({"sigmoid": torch.zeros(3)}, [1.0], rewards_c, rewards_r, torch.zeros(6), torch.arange(6.0),
-                          torch.tensor([1, 3, 1, 2, 2, 2]))
+    out = ObjectiveOutput(torch.tensor(0.0), torch.zeros(3), {"sigmoid": torch.zeros(3)}, rewards_c, rewards_r)
+    values = batch_values(out, torch.zeros(6), torch.arange(6.0), torch.tensor([1, 3, 1, 2, 2, 2]))
     accuracy, _ = values["rewards/accuracies"]
     assert accuracy.mean().item() == pytest.approx(0.5)
     logits, weights = values["logits/chosen"]  # per-sequence means [0, 1, 2] over 1, 3, 1 tokens

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dpo_lightning.cli import cli_main, main
-from dpo_lightning.migrate import from_trl
+from dpo_lightning.cli.main import cli_main, main
+from dpo_lightning.tools.migrate import from_trl
 
 ROOT = Path(__file__).resolve().parents[1]
 # The seed tutorial: DPOTrainer(model="gpt2", ...) on Anthropic HH with these DPOConfig arguments (TRL 0.2x names).

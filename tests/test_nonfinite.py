@@ -15,7 +15,7 @@ import torch
 from conftest import RecordBatches, data_module, quiet_trainer, response_logps
 
 from dpo_lightning import DPOModule
-from dpo_lightning.resume import ends_optimizer_step
+from dpo_lightning.utils.steps import ends_optimizer_step
 
 POISONED_ROW = 5
 

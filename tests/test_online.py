@@ -20,8 +20,9 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForSequenceClassification
 
 from dpo_lightning import DPOModule, PreferenceDataModule
-from dpo_lightning.online import GreedyReward, pick_pairs
-from dpo_lightning.rewards import Rewards
+from dpo_lightning.online import GreedyReward
+from dpo_lightning.online.sampler import pick_pairs
+from dpo_lightning.online.rewards import Rewards
 
 ROOT = Path(__file__).resolve().parents[1]
 SORT_TINY = ROOT / "dpo_lightning" / "assets" / "sort-tiny"
@@ -185,7 +186,7 @@ def test_reward_model_scores_prompt_and_completion_and_weights_add_up(reward_mod
 
 
 def test_reward_named_in_yaml_trains_through_the_cli(tiny_llama, reward_model, tmp_path):
-    from dpo_lightning.cli import cli_main
+    from dpo_lightning.cli.main import cli_main
 
     train = tmp_path / "train.jsonl"
     Dataset.from_dict({"prompt": rows(8)["prompt"]}).to_json(train)  # prompts only
@@ -211,7 +212,7 @@ def greedy_solved(model, rows_: list[dict], eos: int) -> float:
     """The oracle: each prompt completed greedily by repeated plain forwards (argmax, no cache; prompts of one
     length together, so nothing is padded), solved when the answer is the row's chosen (sorted) text, then EOS,
     within 10 tokens."""
-    from dpo_lightning.quickstart import build_tokenizer
+    from dpo_lightning.tools.quickstart import build_tokenizer
 
     tokenizer, solved = build_tokenizer(), 0
     by_length = {}
@@ -232,7 +233,7 @@ def test_val_reward_greedy_is_the_exact_sort_rate_of_greedy_answers(tmp_path):
     model = DPOModule(str(SORT_TINY))
     data = PreferenceDataModule(dataset=val[:8], eval_dataset=val, max_length=32, max_prompt_length=16,
                                 batch_size=64)
-    greedy = GreedyReward("dpo_lightning.rewards.sort_exact", max_new_tokens=10, batch_size=100)
+    greedy = GreedyReward("dpo_lightning.online.rewards.sort_exact", max_new_tokens=10, batch_size=100)
     metrics = quiet_trainer(tmp_path, callbacks=[greedy]).validate(model, data, verbose=False)[0]
     oracle = greedy_solved(model.policy.eval(), val, model.policy.config.eos_token_id)
     assert 0 < oracle < 1
@@ -241,7 +242,7 @@ def test_val_reward_greedy_is_the_exact_sort_rate_of_greedy_answers(tmp_path):
     for name in ("quickstart.yaml", "online_quickstart.yaml"):
         callbacks = yaml.safe_load((ROOT / "configs" / name).read_text())["trainer"]["callbacks"]
         assert {"class_path": "dpo_lightning.online.GreedyReward", "init_args": {
-            "reward_funcs": "dpo_lightning.rewards.sort_exact", "max_new_tokens": 10}} in callbacks, name
+            "reward_funcs": "dpo_lightning.online.rewards.sort_exact", "max_new_tokens": 10}} in callbacks, name
 
 
 def test_ddp_two_ranks_each_complete_their_own_prompts(tiny_llama, tmp_path):

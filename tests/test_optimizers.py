@@ -18,9 +18,9 @@ from conftest import ascii_tokenizer, rows
 from datasets import Dataset
 
 from dpo_lightning import DPOModule, PreferenceDataModule
-from dpo_lightning.cli import cli_main
-from dpo_lightning.migrate import from_trl
-from dpo_lightning.optim import lr_factor
+from dpo_lightning.cli.main import cli_main
+from dpo_lightning.tools.migrate import from_trl
+from dpo_lightning.training.optim import lr_factor
 
 
 @pytest.mark.parametrize("kind, expected", [

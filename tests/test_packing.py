@@ -18,11 +18,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, MistralConfig
 
-from dpo_lightning import DPOModule, PreferenceDataModule, packing
-from dpo_lightning.batches import collate_pairs
-from dpo_lightning.logps import lean_logps, naive_logps
-from dpo_lightning.losses import sigmoid_loss
-from dpo_lightning.packing import attention_mask, collate_shared, pack_pairs, shared_layout_unsupported
+from dpo_lightning import DPOModule, PreferenceDataModule
+from dpo_lightning.data import layouts
+from dpo_lightning.data.batches import collate_pairs
+from dpo_lightning.training.logps import lean_logps, naive_logps
+from dpo_lightning.training.losses import sigmoid_loss
+from dpo_lightning.data.layouts import attention_mask, shared_layout_unsupported
+from dpo_lightning.data.packing import collate_shared, pack_pairs
 
 from conftest import BF16_RTOL
 from conftest import rows as text_rows
@@ -351,8 +353,8 @@ def test_probe_reaches_past_the_sliding_window(monkeypatch):
     # than the window. Before, they were 9 tokens at most, shorter than any window.
     model = sliding_mistral()
     assert shared_layout_unsupported(model) is None
-    windowed = packing.visible
-    monkeypatch.setattr(packing, "visible", lambda batch, b, q, k, window=None: windowed(batch, b, q, k))
+    windowed = layouts.visible
+    monkeypatch.setattr(layouts, "visible", lambda batch, b, q, k, window=None: windowed(batch, b, q, k))
     assert "ignores the shared layout's attention mask" in shared_layout_unsupported(model)
 
 

@@ -7,8 +7,8 @@ No training, no network.
 
 import os
 
-from dpo_lightning.cli import main
-from dpo_lightning.plots import plot_metrics, read_metrics
+from dpo_lightning.cli.main import main
+from dpo_lightning.tools.plots import plot_metrics, read_metrics
 
 # Lightning's CSVLogger layout: one row per logging call, empty cells for metrics not logged then.
 METRICS_CSV = """epoch,step,train/loss,train/rewards/accuracies,val/rewards/accuracies,val/rewards/margins

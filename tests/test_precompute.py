@@ -14,8 +14,8 @@ from conftest import ascii_tokenizer, rows
 from lightning.pytorch.callbacks import ModelCheckpoint
 from transformers import AutoModelForCausalLM
 
-import dpo_lightning.models
-import dpo_lightning.reference
+import dpo_lightning.training.models
+import dpo_lightning.training.reference
 from dpo_lightning import DPOModule, PreferenceDataModule
 
 
@@ -70,13 +70,13 @@ def test_a_second_run_with_another_beta_reads_the_cache_without_loading_the_refe
     assert_same_run(fit(tiny_llama, tmp_path / "live", **{**kwargs, "ref_logps_cache_dir": None}),
                     fit(tiny_llama, tmp_path / "first", precompute_ref_log_probs=True, **kwargs))
     files = sorted(os.listdir(tmp_path / "cache"))
-    load = dpo_lightning.models.load_causal_lm
+    load = dpo_lightning.training.models.load_causal_lm
 
     def policy_only(path, *args):
         assert path != other_llama, "the reference was loaded although its log-probs are cached"
         return load(path, *args)
 
-    for module in (dpo_lightning.models, dpo_lightning.reference):
+    for module in (dpo_lightning.training.models, dpo_lightning.training.reference):
         monkeypatch.setattr(module, "load_causal_lm", policy_only)
     second = fit(tiny_llama, tmp_path / "second", precompute_ref_log_probs=True, beta=0.3, **kwargs)
     assert sorted(os.listdir(tmp_path / "cache")) == files  # read, not rescored
@@ -97,7 +97,7 @@ def test_resumed_full_fine_tuning_reads_the_cache_of_its_first_run(tiny_llama, t
     straight = fit(tiny_llama, tmp_path / "straight", max_steps=4, **kwargs)
     every_2 = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2, save_top_k=-1)
     fit(tiny_llama, tmp_path / "first", max_steps=2, callbacks=[every_2], **kwargs)
-    monkeypatch.setattr(dpo_lightning.reference, "score_reference", None)  # would fail if called
+    monkeypatch.setattr(dpo_lightning.training.reference, "score_reference", None)  # would fail if called
     resumed = fit(tiny_llama, tmp_path / "second", max_steps=4, ckpt_path=tmp_path / "ckpt" / "epoch=0-step=2.ckpt",
                   **kwargs)
     for name, weight in straight[0].policy.state_dict().items():

@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import BOS, EOS, ascii_tokenizer, ids
 
-from dpo_lightning.cli import cli_main, main
+from dpo_lightning.cli.main import cli_main, main
 from dpo_lightning.data import PreferenceDataModule
 
 CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{{ eos_token }}\n"

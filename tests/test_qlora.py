@@ -19,7 +19,7 @@ from test_module import data_module, first_batch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from dpo_lightning import DPOModule
-from dpo_lightning.export import export_pretrained
+from dpo_lightning.callbacks.export import export_pretrained
 
 bnb = pytest.importorskip("bitsandbytes")
 

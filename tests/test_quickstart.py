@@ -11,7 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from dpo_lightning import DPOModule
-from dpo_lightning.cli import cli_main
+from dpo_lightning.cli.main import cli_main
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,7 +1,7 @@
 """Tests for the committed quickstart assets in dpo_lightning/assets/sort-tiny/.
 
 They check that every preference row obeys the sorting task, that val is held out from train, that
-`dpo_lightning.quickstart` still reproduces the jsonl files byte for byte, and that the saved
+`dpo_lightning.tools.quickstart` still reproduces the jsonl files byte for byte, and that the saved
 tokenizer and model load the way the library will load them. Everything is read from the package
 folder, so no network or hub access is needed; the SFT warm-up is not rerun.
 """
@@ -15,7 +15,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from dpo_lightning.quickstart import (
+from dpo_lightning.tools.quickstart import (
     DEFAULT_OUT, N_TRAIN, N_VAL, TRAIN_SEED, VAL_SEED, generation_stats, make_pairs, write_jsonl,
 )
 

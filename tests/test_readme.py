@@ -17,7 +17,7 @@ import yaml
 from conftest import rows
 from datasets import Dataset
 
-from dpo_lightning.cli import cli_main
+from dpo_lightning.cli.main import cli_main
 
 ROOT = Path(__file__).resolve().parents[1]
 

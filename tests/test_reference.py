@@ -6,6 +6,7 @@ Tiny models from conftest.py and stand-ins for the Trainer; no network (the hub 
 """
 
 import contextlib
+import importlib
 import shutil
 import warnings
 from pathlib import Path
@@ -17,10 +18,10 @@ import pytest
 import torch
 from conftest import ascii_tokenizer, rows
 
-import dpo_lightning.logps
+import dpo_lightning.training.logps
 from dpo_lightning import DPOModule, PreferenceDataModule
-from dpo_lightning.logps import naive_logps
-from dpo_lightning.reference import cache_key, files_fingerprint, rank_share, score_reference
+from dpo_lightning.training.logps import naive_logps
+from dpo_lightning.training.refcache import cache_key, files_fingerprint, rank_share, score_reference
 
 
 def test_the_reference_is_identified_by_its_weight_files_or_its_hub_commit(tiny_llama, tmp_path, monkeypatch):
@@ -37,10 +38,23 @@ def test_the_cache_key_follows_the_log_prob_code(tmp_path, monkeypatch):
     # Content, not the path: a copy of logps.py keys the same; one changed line, another key (old tables unused).
     key = cache_key("weights", "32-true", "data")
     copy = tmp_path / "logps.py"
-    copy.write_text(Path(dpo_lightning.logps.__file__).read_text())
-    monkeypatch.setattr(dpo_lightning.logps, "__file__", str(copy))
+    copy.write_text(Path(dpo_lightning.training.logps.__file__).read_text())
+    monkeypatch.setattr(dpo_lightning.training.logps, "__file__", str(copy))
     assert cache_key("weights", "32-true", "data") == key
     copy.write_text(copy.read_text().replace("IGNORE_INDEX", "IGNORE_INDEX ", 1))
+    assert cache_key("weights", "32-true", "data") != key
+
+
+@pytest.mark.parametrize("module", ["dpo_lightning.data.batches", "dpo_lightning.data.packing",
+                                    "dpo_lightning.data.layouts", "dpo_lightning.utils.hf"])
+def test_the_cache_key_follows_every_module_the_log_probs_run_through(module, tmp_path, monkeypatch):
+    # A fix to the labelling rule (batches.py), the shared layout's labels and mask, or the model helpers changes
+    # the stored log-probs as much as one in logps.py: each must change the key.
+    imported = importlib.import_module(module)
+    key = cache_key("weights", "32-true", "data")
+    copy = tmp_path / "copy.py"
+    copy.write_text(Path(imported.__file__).read_text() + "\n# a fix\n")
+    monkeypatch.setattr(imported, "__file__", str(copy))
     assert cache_key("weights", "32-true", "data") != key
 
 

@@ -11,7 +11,7 @@ from conftest import RecordBatches, data_module, quiet_trainer, rows
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from dpo_lightning import DPOModule
-from dpo_lightning.resume import EvalSampler
+from dpo_lightning.data.loaders import EvalSampler
 
 
 def fit(tiny_llama, root, max_steps, ckpt_path=None, callbacks=(), dataset=None):

@@ -19,9 +19,9 @@ from conftest import ascii_tokenizer
 from lightning.pytorch.loggers import CSVLogger
 
 from dpo_lightning import DPOModule, PreferenceDataModule
-from dpo_lightning.batches import collate_pairs
-from dpo_lightning.packing import collate_shared
-from dpo_lightning.throughput import count_tokens, flops_per_token, matmul_params
+from dpo_lightning.data.batches import collate_pairs
+from dpo_lightning.data.packing import collate_shared
+from dpo_lightning.training.throughput import count_tokens, flops_per_token, matmul_params
 
 A = {"prompt_input_ids": [5, 6], "chosen_input_ids": [7, 2], "rejected_input_ids": [8, 9, 2]}  # 2 + 2 + 3 = 7
 B = {"prompt_input_ids": [5], "chosen_input_ids": [7], "rejected_input_ids": [8]}  # 1 + 1 + 1 = 3
@@ -93,7 +93,7 @@ def test_under_ddp_the_rates_are_sums_over_ranks_divided_once(tiny_llama, tmp_pa
 
 def test_mfu_is_model_flops_over_the_peak_when_the_device_has_one(tiny_llama, tmp_path, monkeypatch):
     # No GPU here: give the CPU a peak of 1 GFLOP/s and a clock where every step takes 2 s.
-    import dpo_lightning.throughput as throughput
+    import dpo_lightning.training.throughput as throughput
 
     ticks = iter(range(0, 1000, 1))
     monkeypatch.setattr(throughput, "perf_counter", lambda: 2.0 * next(ticks))
@@ -113,7 +113,7 @@ def test_mfu_is_model_flops_over_the_peak_when_the_device_has_one(tiny_llama, tm
 
 
 def test_quickstart_metrics_csv_has_the_throughput_columns(tmp_path, monkeypatch):
-    from dpo_lightning.cli import cli_main
+    from dpo_lightning.cli.main import cli_main
 
     cli = cli_main(["fit", "--config", str(Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"),
                     "--trainer.max_steps=10", "--trainer.limit_val_batches=1", "--trainer.callbacks=[]",
@@ -126,7 +126,7 @@ def test_quickstart_metrics_csv_has_the_throughput_columns(tmp_path, monkeypatch
 
 if __name__ == "__main__":
     model_path, out = sys.argv[1], Path(sys.argv[2])
-    import dpo_lightning.throughput as throughput
+    import dpo_lightning.training.throughput as throughput
 
     clock = {"t": 0.0}
 

@@ -1,0 +1,41 @@
+"""`dpo-lightning fit` and `dpo-lightning validate`: LightningCLI over `DPOModule` and `PreferenceDataModule`.
+
+Imported only for these two subcommands (cli.py dispatches): building the parser imports torch,
+transformers and Lightning, seconds the tools and `--help` do without.
+"""
+
+from lightning.pytorch.cli import LightningCLI
+
+from dpo_lightning.data import PreferenceDataModule
+from dpo_lightning.training.module import DPOModule
+from dpo_lightning.utils.locate import resolve_data_paths
+
+
+class DPOLightningCLI(LightningCLI):
+    """LightningCLI with the shipped assets found from any directory, and only the subcommands that work."""
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        # No test or predict: the module has no test_step or predict_step, and `validate` evaluates any
+        # split (--data.eval_dataset), a test set included.
+        return {name: keys for name, keys in LightningCLI.subcommands().items() if name in ("fit", "validate")}
+
+    def before_instantiate_classes(self) -> None:
+        # Data files under dpo_lightning/ found from any directory; models and tokenizers are found where they
+        # are loaded (`locate.model_source`).
+        resolve_data_paths((self.config[self.subcommand] if self.subcommand else self.config).data)
+
+
+def make_cli(args: list[str] | None = None) -> LightningCLI:
+    """Parse `args` (default: the command line), run the subcommand, return the CLI (its model, data, trainer)."""
+    return DPOLightningCLI(
+        DPOModule, PreferenceDataModule, args=args,
+        seed_everything_default=42,
+        # Lightning's default logger is TensorBoard, which is not a dependency; CSV needs nothing.
+        trainer_defaults={"logger": {"class_path": "lightning.pytorch.loggers.CSVLogger",
+                                     "init_args": {"save_dir": "runs"}}},
+        save_config_kwargs={"overwrite": True},
+        # The optimizer is --model.optimizer (a name or class_path + init_args) with --model.learning_rate etc.,
+        # so that configure_optimizers keeps the weight-decay groups; not LightningCLI's top-level --optimizer.
+        auto_configure_optimizers=False,
+    )

@@ -1,0 +1,345 @@
+"""The preference DataModule: sources, splits, caches and the data summary, around the rules.
+
+`PreferenceDataModule` reads each split (sources.py), detects its format (formats.py), maps rules.py's
+`prepare_rows` over it (rules 1 to 3, cached by `datasets` under a name that changes with the rules' code),
+counts and drops unusable rows (summary.py) and batches the rest in the layout `layouts.choose_layout` picks
+(batches.py's `collate_pairs`, rule 4, or packing.py's `collate_shared`).
+"""
+
+import hashlib
+from functools import partial
+from typing import Any, Callable, Literal
+
+import lightning as L
+import torch
+from datasets import Dataset, IterableDataset
+from datasets.distributed import split_dataset_by_node
+from datasets.fingerprint import Hasher
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch.utils.data import DataLoader
+from transformers import PreTrainedTokenizerBase
+
+from dpo_lightning.data import formats, prompts, rules, schemas, sources
+from dpo_lightning.data.formats import FORMATS, PRESETS, detect_format
+from dpo_lightning.data.layouts import Layout, choose_layout
+from dpo_lightning.data.loaders import EvalSampler, ResumableLoader
+from dpo_lightning.data.prompts import collate_prompts, prepare_prompts, prompt_format
+from dpo_lightning.data.rules import PREPARED, adds_bos, drop_error, prepare_rows
+from dpo_lightning.data.sources import (FIELDS, PROMPT_ONLY, STAGE_NAMES, DatasetSource, load_rows, resolve_transform,
+                                        single_split)
+from dpo_lightning.data.summary import fingerprint, format_summary, summarize
+from dpo_lightning.utils.tokenizers import load_tokenizer, tokenizer_source, with_pad_token
+
+# The code that turns rows into prepared rows: part of every map's cache name (`_map`).
+DATA_CODE = hashlib.sha256(b"".join(open(module.__file__, "rb").read()
+                                    for module in (rules, formats, schemas, sources, prompts))).hexdigest()
+
+
+def _check_arguments(hp: dict[str, Any]) -> None:
+    """The data module's arguments, checked at construction: each error names the flag and the fix."""
+    if not 0 < hp.max_prompt_length < hp.max_length:
+        raise ValueError(f"--data.max_prompt_length must be in (0, max_length={hp.max_length}) so every "
+                         f"response keeps at least one token, got {hp.max_prompt_length}")
+    if hp.truncation_mode not in ("keep_end", "keep_start"):
+        raise ValueError(f"--data.truncation_mode must be 'keep_end' or 'keep_start', got {hp.truncation_mode!r}")
+    if hp.dataset_format != "auto" and hp.dataset_format not in FORMATS:
+        raise ValueError(f"--data.dataset_format must be 'auto' or one of {FORMATS}, got {hp.dataset_format!r}")
+    if not 0.0 <= hp.eval_fraction < 1.0:
+        raise ValueError(f"--data.eval_fraction must be in [0, 1), got {hp.eval_fraction}")
+    if hp.streaming and hp.eval_fraction:
+        raise ValueError("--data.eval_fraction cannot carve a stream: give eval_dataset or eval_split")
+    for name in ("prefix_sharing", "packing"):
+        if hp[name] not in (True, False, "auto"):
+            raise ValueError(f"--data.{name} must be true, false or auto, got {hp[name]!r}")
+    if hp.packing is True and hp.prefix_sharing is False:
+        raise ValueError("--data.packing packs shared-prefix rows: set --data.prefix_sharing true (or auto) too, "
+                         "or packing false")
+    if hp.packing_max_tokens is not None and (hp.packing is False or hp.packing_max_tokens <= 0):
+        raise ValueError(f"--data.packing_max_tokens {hp.packing_max_tokens} needs --data.packing true (or auto) "
+                         "and a value > 0")
+    if hp.dataset_num_proc is not None and hp.dataset_num_proc < 1:
+        raise ValueError(f"--data.dataset_num_proc must be >= 1 (or null for one process), got {hp.dataset_num_proc}")
+
+
+class PreferenceDataModule(L.LightningDataModule):
+    """Preference pairs for DPO: loads, checks, tokenizes once (cached by `datasets`), and batches.
+
+    Args:
+        dataset: training rows: a hub dataset name (or "hh" for Anthropic/hh-rlhf), a local file
+            (.json/.jsonl/.parquet/.csv, optionally .gz), a glob or list of files, a folder of split files,
+            an in-memory dict of columns or list of rows, or a `datasets.Dataset`/`DatasetDict`.
+        eval_dataset: validation rows, in any of the forms of `dataset`. Default: `eval_split` of
+            `dataset`, else `eval_fraction` of the training rows, else no validation.
+        tokenizer: tokenizer name or path (or object). Default: the model's (`DPOModule.model_name_or_path`).
+        dataset_format: how rows hold prompt and responses (see formats.py); "auto" detects it from the
+            columns' types and a sample of rows. Public datasets' columns (schemas.py) are detected too.
+        prompt_column: the column holding the prompt, when it is not called "prompt".
+        chosen_column: the column holding the preferred response, when it is not called "chosen".
+        rejected_column: the column holding the dispreferred response, when it is not called "rejected".
+        dataset_config: the hub dataset's configuration name (`name` of `datasets.load_dataset`).
+        data_dir: the hub dataset's sub-folder (`data_dir` of `datasets.load_dataset`), e.g. "harmless-base".
+        split: split of `dataset` to train on.
+        eval_split: split of `dataset` to validate on, e.g. "test".
+        eval_fraction: share of the training rows held out for validation when no eval data is named.
+        streaming: read the training rows as a stream (`datasets.IterableDataset`) instead of preparing
+            them on disk first, for data too big for that; set `trainer.max_steps`. No drop counts then.
+        max_length: maximum tokens of prompt + response (rule 3).
+        max_prompt_length: prompt tokens kept when a pair is too long (rule 3).
+        truncation_mode: which end of a too-long prompt to keep (rule 3).
+        strict: raise on the first unusable row (naming the split, the row, the field and the fix)
+            instead of dropping and counting it.
+        max_drop_fraction: fail at setup when more than this share of a split's rows is dropped.
+        batch_size: preference pairs per batch and device; a batch holds 2 * batch_size sequences.
+        eval_batch_size: pairs per validation batch. Default: `batch_size`.
+        num_workers: DataLoader worker processes.
+        seed: seed of the `eval_fraction` split and of the streaming shuffle.
+        prefix_sharing: batch each pair as one `[prompt | chosen | rejected]` row (packing.py), so each
+            prompt runs through the model once; needs a model that takes a custom 4D attention mask. "auto":
+            on when the model being fit passes `packing.shared_layout_unsupported` (its outputs on the
+            shared layout equal the padded layout's), else the padded layout; the choice and its reason
+            are printed at fit start (layouts.py). true: such a model is refused with an error.
+        packing: with prefix_sharing, pack several pairs per row, up to `packing_max_tokens` tokens a row.
+            "auto": on whenever prefix sharing is.
+        packing_max_tokens: the packed rows' length budget. Default: `max_length`. A pair holds a prompt
+            and two responses, so short pairs (under half of `max_length`) pack only with a larger budget;
+            attention costs grow with the square of the row length.
+        dataset_num_proc: processes that check and tokenize rows (`datasets.map(num_proc=...)`, TRL's name).
+            Default: one; the tokenizer itself already encodes each batch on every core.
+        transform: a function applied to each raw row before anything else, returning the row to use (any
+            columns a format or schema reads) or None to drop it (counted as `dropped by transform`); from
+            YAML, its import path, e.g. `my_module.my_function`.
+    """
+
+    def __init__(
+        self,
+        dataset: DatasetSource,
+        eval_dataset: DatasetSource | None = None,
+        tokenizer: str | PreTrainedTokenizerBase | None = None,
+        dataset_format: Literal["auto", "explicit", "hh", "implicit", "conversational"] = "auto",
+        prompt_column: str = "prompt",
+        chosen_column: str = "chosen",
+        rejected_column: str = "rejected",
+        dataset_config: str | None = None,
+        data_dir: str | None = None,
+        split: str = "train",
+        eval_split: str | None = None,
+        eval_fraction: float = 0.0,
+        streaming: bool = False,
+        max_length: int = 512,
+        max_prompt_length: int = 128,
+        truncation_mode: Literal["keep_end", "keep_start"] = "keep_end",
+        strict: bool = False,
+        max_drop_fraction: float | None = None,
+        batch_size: int = 8,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        seed: int = 42,
+        prefix_sharing: bool | Literal["auto"] = "auto",
+        packing: bool | Literal["auto"] = "auto",
+        packing_max_tokens: int | None = None,
+        dataset_num_proc: int | None = None,
+        transform: str | Callable[[dict], dict | None] | None = None,
+    ):
+        super().__init__()
+        # A tokenizer name is kept with the hyperparameters (the export finds it there); an object is not.
+        objects = ["transform"] + ([] if tokenizer is None or isinstance(tokenizer, str) else ["tokenizer"])
+        self.save_hyperparameters(ignore=["dataset", "eval_dataset", *objects])
+        _check_arguments(self.hparams)
+        if isinstance(dataset, str) and dataset in PRESETS:
+            dataset, preset_format = PRESETS[dataset]
+            self.hparams.dataset_format = preset_format if dataset_format == "auto" else dataset_format
+        self.dataset, self.eval_dataset, self.tokenizer, self.transform = dataset, eval_dataset, tokenizer, transform
+        self.train_data: Dataset | IterableDataset | None = None
+        self.val_data: Dataset | None = None
+        self.summary: dict[str, dict[str, Any]] = {}
+        self._fingerprints: dict[str, str | None] = {}
+        self.layout: Layout = self._choose_layout()[0]  # without a model to check: refined in `setup`
+
+    def prepare_data(self) -> None:
+        # Runs on one process per node: downloads and tokenizes file-backed sources into the `datasets`
+        # cache, so that `setup` on every rank reads it (and prints the summary once) instead of tokenizing.
+        if isinstance(self.dataset, str) or isinstance(self.eval_dataset, str):
+            self._build(report=False, with_train=self.trainer is None or self.trainer.state.fn != "validate")
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_data is None:  # `validate` prepares the validation split alone (train_data stays None)
+            self.train_data, self.val_data = self._build(with_train=stage != "validate")
+        self.layout, reason = self._choose_layout()
+        if self.trainer is not None and stage == "fit":
+            rank_zero_info(f"[dpo_lightning] batch layout: {self.layout.name} ({reason})")
+
+    def _choose_layout(self) -> tuple[Layout, str]:
+        """`layouts.choose_layout` for this module's settings, checked on the models of the module being fit."""
+        hp = self.hparams
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        return choose_layout(hp.prefix_sharing, hp.packing, hp.packing_max_tokens or hp.max_length,
+                             getattr(module, "layout_unsupported", None))
+
+    def _build(self, report: bool = True, with_train: bool = True) -> tuple[Dataset | IterableDataset | None,
+                                                                           Dataset | None]:
+        hp = self.hparams
+        tokenizer = self._resolve_tokenizer()
+        columns = {"prompt": hp.prompt_column, "chosen": hp.chosen_column, "rejected": hp.rejected_column}
+        load = partial(load_rows, name=hp.dataset_config, data_dir=hp.data_dir, columns=columns,
+                       transform=resolve_transform(self.transform), chat=bool(tokenizer.chat_template))
+        online = getattr(self.trainer and self.trainer.lightning_module, "online", None) is not None
+        train, schema = load(self.dataset, hp.split, streaming=hp.streaming, fields=PROMPT_ONLY if online else FIELDS)
+        val, val_schema = None, schema
+        if self.eval_dataset is not None:
+            val, val_schema = load(self.eval_dataset, hp.eval_split or hp.split, stage="val")
+        elif hp.eval_split is not None:
+            if single_split(self.dataset):  # a file has no other split: it would validate on the train rows
+                raise ValueError(f"--data.eval_split {hp.eval_split!r}: the dataset is one split (a local file, "
+                                 "list or Dataset), so validation would run on the training rows. Give eval rows "
+                                 "with --data.eval_dataset, hold some out with --data.eval_fraction, or point "
+                                 f"--data.dataset at a folder or hub dataset with a {hp.eval_split!r} split")
+            val, val_schema = load(self.dataset, hp.eval_split, stage="val")
+        elif hp.eval_fraction > 0:
+            parts = train.train_test_split(test_size=hp.eval_fraction, seed=hp.seed)
+            train, val = parts["train"], parts["test"]
+        elif report:  # Lightning's own hint would be "Total length of `list` across ranks is zero"
+            rank_zero_warn("no validation data: this run logs no val/ metrics, keeps no checkpoint on a val "
+                           "metric and generates no samples. Name held-out pairs with eval_dataset "
+                           "(--data.eval_dataset) or eval_split (--data.eval_split), or hold out a share of "
+                           "the training rows with eval_fraction, e.g. 0.1 (--data.eval_fraction)")
+        train = self._prepare_split(train, "train", tokenizer, schema, report) if with_train else None
+        val = self._prepare_split(val, "val", tokenizer, val_schema, report) if val is not None else None
+        return train, val
+
+    def _resolve_tokenizer(self) -> PreTrainedTokenizerBase:
+        if not isinstance(self.tokenizer, PreTrainedTokenizerBase):
+            module = self.trainer.lightning_module if self.trainer is not None else None
+            self.tokenizer = load_tokenizer(tokenizer_source(self.tokenizer, getattr(module, "model_name_or_path", None)))
+        return with_pad_token(self.tokenizer)
+
+    def _prepare_split(self, rows: Dataset | IterableDataset, stage: str, tokenizer: PreTrainedTokenizerBase,
+                       schema: str, report: bool = True) -> Dataset | IterableDataset:
+        hp = self.hparams
+        if "chosen" in (rows.column_names or list(next(iter(rows)))):
+            rows, fmt, schema = detect_format(rows, hp.dataset_format, stage, tokenizer, schema)
+            prepare = prepare_rows
+        else:  # online training's prompts
+            fmt, schema, prepare = prompt_format(rows, tokenizer, stage), "prompts", prepare_prompts
+        prepared = _map(rows, prepare, f"preparing {STAGE_NAMES[stage]} rows ({fmt})", batched=True,
+                        with_indices=True, remove_columns=rows.column_names or list(next(iter(rows))),
+                        features=PREPARED, num_proc=hp.dataset_num_proc, fn_kwargs=dict(
+                            dataset_format=fmt, tokenizer=tokenizer, bos_token_id=adds_bos(tokenizer),
+                            max_length=hp.max_length, max_prompt_length=hp.max_prompt_length,
+                            truncation_mode=hp.truncation_mode))
+        if isinstance(prepared, IterableDataset):  # a stream: no counts, rows are checked as they come
+            prepared = prepared.filter(_keep_row, input_columns=["drop_reason", "row_id"],
+                                       fn_kwargs=dict(strict=hp.strict, stage=stage)).remove_columns("drop_reason")
+            if self.trainer is not None and self.trainer.world_size > 1:
+                prepared = split_dataset_by_node(prepared, self.trainer.global_rank, self.trainer.world_size)
+            return prepared
+        self.summary[stage] = {**summarize(prepared, hp.max_length), "schema": schema}
+        if hp.strict and self.summary[stage]["dropped"]:  # the first bad row, by its position in the split
+            first = prepared.filter(bool, input_columns="drop_reason")[0]
+            raise drop_error(first["drop_reason"], first["row_id"], stage)
+        if report:
+            rank_zero_info(f"[dpo_lightning] {STAGE_NAMES[stage]} data: {format_summary(self.summary[stage])}")
+        self._check_drops(stage)
+        if self.summary[stage]["dropped"]:
+            prepared = prepared.filter(_no_reason, input_columns="drop_reason", batched=True,
+                                       desc=f"dropping unusable {STAGE_NAMES[stage]} rows")
+        return prepared.remove_columns("drop_reason")
+
+    def _check_drops(self, stage: str) -> None:
+        summary, hp, label = self.summary[stage], self.hparams, STAGE_NAMES[stage]
+        if summary["kept"] == 0:
+            raise ValueError(f"no usable {label} rows left: {format_summary(summary)}. The README's bad-input table "
+                             "says what each reason means and how to fix it (strict: true names the first row)")
+        dropped = summary["rows"] - summary["kept"]
+        if hp.max_drop_fraction is not None and dropped > hp.max_drop_fraction * summary["rows"]:
+            raise ValueError(f"{dropped} of {summary['rows']} {label} rows dropped, over max_drop_fraction="
+                             f"{hp.max_drop_fraction}: {summary['dropped']}")
+
+    def fingerprint(self, stage: str = "train") -> str | None:
+        """`fingerprint` of the split's tokenized rows (None for a stream or a missing split), computed once."""
+        if self._fingerprints.get(stage) is None:  # again once a split missing at validate is prepared for fit
+            data = self.train_data if stage == "train" else self.val_data
+            self._fingerprints[stage] = fingerprint(data) if isinstance(data, Dataset) else None
+        return self._fingerprints[stage]
+
+    def state_dict(self) -> dict[str, Any]:
+        # Saved in every checkpoint: resuming on other pairs would make "the next unseen batch" meaningless.
+        return {"train_fingerprint": self.fingerprint("train"), "train_rows": self.summary.get("train", {}).get("kept")}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        saved, current = state.get("train_fingerprint"), self.fingerprint("train")
+        if saved is not None and current is not None and saved != current:
+            raise ValueError(
+                f"the checkpoint was trained on other data: its train split had {state.get('train_rows')} pairs "
+                f"with token fingerprint {saved[:12]}, this run's has {self.summary['train']['kept']} pairs with "
+                f"{current[:12]}. Resume with the same dataset, tokenizer, max_length, max_prompt_length and "
+                "truncation_mode, or start a new run (drop --ckpt_path; to start from its weights, export them "
+                "with `dpo-lightning export` and train from that folder)")
+
+    def inspect(self, n_rows: int = 3, stage: str = "train") -> str:
+        """The split's summary and its first rows token by token: `[masked]` prompt, then trained tokens.
+
+        What the model is trained on, exactly: every token the loss sees is outside the brackets.
+        """
+        if self.train_data is None:  # not `setup`, which would print the summary line this output opens with
+            self.train_data, self.val_data = self._build(report=False)
+        data = self.train_data if stage == "train" else self.val_data
+        lines = [f"{stage}: {format_summary(self.summary[stage])}"]
+        for i, row in zip(range(n_rows), data):
+            prompt = self.tokenizer.convert_ids_to_tokens(row["prompt_input_ids"])
+            lines.append(f"--- row {i}: prompt {len(prompt)} tokens (masked), responses trained")
+            for side in ("chosen", "rejected"):
+                tokens = self.tokenizer.convert_ids_to_tokens(row[f"{side}_input_ids"])
+                lines.append(f"{side:>9}: [{'|'.join(prompt)}] {'|'.join(tokens)}")
+        return "\n".join(lines)
+
+    def _loader(self, data: Dataset | IterableDataset, batch_size: int, shuffle: bool) -> DataLoader:
+        kwargs = {"num_workers": self.hparams.num_workers, "collate_fn": self.collate}
+        if isinstance(data, IterableDataset):
+            return DataLoader(data.shuffle(seed=self.hparams.seed, buffer_size=10_000), batch_size=batch_size, **kwargs)
+        if shuffle and self.trainer is not None:
+            return ResumableLoader(data, batch_size, self.hparams.seed, self.trainer, **kwargs)
+        return DataLoader(data, batch_size=batch_size, shuffle=shuffle, **kwargs)
+
+    def collate(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        if not rows[0]["chosen_input_ids"]:  # prompts alone: online training samples the pairs (online/sampler.py)
+            return collate_prompts(rows)
+        return self.layout.collate(rows, self.tokenizer.pad_token_id)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_data, self.hparams.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader | list:
+        if self.val_data is None:
+            return []
+        batch_size = self.hparams.eval_batch_size or self.hparams.batch_size
+        if self.trainer is None or self.trainer.world_size == 1 or isinstance(self.val_data, IterableDataset):
+            return self._loader(self.val_data, batch_size, shuffle=False)
+        # Each pair on one rank: Lightning's own sampler would pad, counting some pairs twice (resume.py).
+        sampler = EvalSampler(self.val_data, self.trainer.world_size, self.trainer.global_rank)
+        return DataLoader(self.val_data, batch_size=batch_size, sampler=sampler, collate_fn=self.collate,
+                          num_workers=self.hparams.num_workers)
+
+
+def _map(rows: Dataset | IterableDataset, function, desc: str, num_proc: int | None = None,
+         **kwargs) -> Dataset | IterableDataset:
+    """`rows.map(function, **kwargs)`, cached under a name that changes with this package's data code.
+
+    `datasets` names a map's cache by the function's module and name, not by its code: without the
+    source of the data code (rules, formats, schemas, sources) in the name, an upgraded dpo_lightning would reuse
+    rows prepared by the old rules.
+    """
+    if isinstance(rows, IterableDataset):  # a stream: no cache, no progress bar, no worker processes
+        return rows.map(function, **kwargs)
+    name = Hasher.hash([rows._fingerprint, DATA_CODE, function.__name__, kwargs])
+    return rows.map(function, desc=desc, new_fingerprint=name, num_proc=num_proc, **kwargs)
+
+
+def _no_reason(reasons: list[str]) -> list[bool]:
+    return [not reason for reason in reasons]
+
+
+def _keep_row(reason: str, row_id: int, strict: bool, stage: str) -> bool:
+    """A streamed row's filter: kept without a drop reason; with one, under `strict`, its error."""
+    if reason and strict:
+        raise drop_error(reason, row_id, stage)
+    return not reason

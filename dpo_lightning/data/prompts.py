@@ -1,0 +1,52 @@
+"""Online DPO's data: prompt-only rows (rules 1-2 for prompts), and their batches.
+
+Online training reads a `prompt` column (text, or messages rendered with the chat template) and nothing else; the
+policy writes the responses during training (`online/sampler.py`), and rule 3 cuts each pair once it exists.
+"""
+
+import torch
+from datasets import Dataset, IterableDataset, LargeList, List
+from transformers import PreTrainedTokenizerBase
+
+from dpo_lightning.data.rules import encode, with_bos
+from dpo_lightning.data.sources import STAGE_NAMES
+
+
+def prompt_format(rows: Dataset | IterableDataset, tokenizer: PreTrainedTokenizerBase, stage: str) -> str:
+    """A prompt-only split's format: "conversational" for messages (needs a chat template), else "explicit"."""
+    feature = (rows.features or {}).get("prompt")
+    if not isinstance(feature, (List, LargeList)):
+        return "explicit"
+    if not tokenizer.chat_template:
+        raise ValueError(f"{STAGE_NAMES[stage]} prompts are conversations but the tokenizer has no chat_template: "
+                         "use a chat model's tokenizer, or set tokenizer.chat_template before training")
+    return "conversational"
+
+
+def prepare_prompts(batch: dict[str, list], indices: list[int], dataset_format: str,
+                    tokenizer: PreTrainedTokenizerBase, bos_token_id: int | None, **unused) -> dict[str, list]:
+    """Rules 1-2 for prompt-only rows (a batched `datasets.map` function, as `rules.prepare_rows`), as `PREPARED`
+    rows with no responses: a conversation rendered with `add_generation_prompt=True`, one BOS, no special
+    tokens. A missing, non-text or empty prompt is dropped and counted. Rule 3 applies once the pair exists."""
+    prompts, reasons = [], []
+    for prompt, issue in zip(batch["prompt"], batch.get("source_issue") or [""] * len(indices)):
+        ok = isinstance(prompt, list if dataset_format == "conversational" else str)
+        reasons.append(issue or ("missing prompt" if prompt is None else "" if ok else
+                                 f"not {'messages' if dataset_format == 'conversational' else 'text'} prompt"))
+        if ok and dataset_format == "conversational":
+            prompt = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+        prompts.append(prompt if ok else "")
+    ids = [with_bos(p, bos_token_id) for p in encode(tokenizer, prompts)]
+    reasons = [reason or ("" if p else "empty prompt") for reason, p in zip(reasons, ids)]
+    ids = [p if not reason else [] for p, reason in zip(ids, reasons)]
+    n = len(indices)
+    return {"row_id": indices, "drop_reason": reasons, "prompt_input_ids": ids, "chosen_input_ids": [[]] * n,
+            "rejected_input_ids": [[]] * n, "length": [len(p) for p in ids], "truncated": [False] * n,
+            "chosen_longer": [False] * n}
+
+
+def collate_prompts(rows: list[dict]) -> dict:
+    """Prompt-only rows as a batch: their `prompt_input_ids` (lists, unpadded) and `row_ids` (B,)."""
+    return {"prompt_input_ids": [row["prompt_input_ids"] for row in rows],
+            "row_ids": torch.tensor([row["row_id"] for row in rows])}
+

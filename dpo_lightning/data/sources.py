@@ -1,0 +1,388 @@
+"""Reading preference rows from the sources users bring, into `prompt`/`chosen`/`rejected` columns.
+
+Every source comes out as a `datasets.Dataset` (or `IterableDataset` when streaming) with only the
+fields it has, under their canonical names (`prompt_column` etc. renamed), each holding text or, for
+conversations, lists of `{"role", "content"}` messages. What cannot be read that way is refused here,
+by our own code, naming the dataset (train/eval), the row, the field and the fix, before `datasets`,
+pyarrow or pandas can fail on it deep inside:
+
+- A list of rows, a dict of columns and .json/.jsonl/.csv files are read in Python, so a value of the
+  wrong kind (a number, an object) in a text field is kept as a row to drop, `source_issue = "not text
+  chosen"`, instead of making pyarrow fail on the whole column or `datasets` turn the column into JSON
+  (which reads the string "1.5" back as the float 1.5). A text column's kind is its values' majority
+  kind. CSV cells are text (a response "42" or "NA" stays the text it is); an empty cell is missing.
+- Files are read as UTF-8 with an optional byte-order mark, and every cache of rows read from files is
+  keyed by the files' content, never by path and modification time.
+- .parquet files and `datasets` objects keep their types; a field column that holds neither text nor
+  messages is an error naming the column.
+- A `transform` maps each raw row first (None: a counted drop, `dropped by transform`); columns that
+  match a public schema (schemas.py) are mapped by it, else by `prompt_column` etc.
+- An empty source, rows that are not dicts, invalid JSON, columns of unequal length: errors.
+"""
+
+import csv
+import glob
+import gzip
+import hashlib
+import importlib
+import json
+import os
+import warnings
+from collections import Counter
+from collections.abc import Mapping
+from typing import Any, Callable, Iterator, Union
+
+import datasets
+import pyarrow.parquet as pq
+from datasets import Dataset, DatasetDict, Features, IterableDataset, LargeList, List, Value, load_dataset
+
+from dpo_lightning.data.schemas import Schema, detect_schema
+
+FIELDS = ("prompt", "chosen", "rejected")
+FIELD_NAMES = {field: field for field in FIELDS}  # a schema's rows hold the fields under their own names
+PROMPT_ONLY = ("prompt",)  # online training's data: the policy writes the responses (online.py)
+# A dataset given as: a hub name, a local file, folder, glob or list of files, an in-memory dict of
+# columns or list of rows, or a `datasets` object.
+DatasetSource = Union[str, dict, list, Dataset, DatasetDict]
+STAGE_NAMES = {"train": "train", "val": "eval"}  # a split's name in messages, as the user names its argument
+_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+_MESSAGES = List({"role": Value("string"), "content": Value("string")})
+_SAMPLE = 100  # rows that decide a column's kind
+
+
+def load_rows(source: DatasetSource, split: str = "train", name: str | None = None, data_dir: str | None = None,
+              streaming: bool = False, columns: dict[str, str] | None = None, stage: str = "train",
+              transform: Callable[[dict], dict | None] | None = None, chat: bool = True,
+              fields: tuple[str, ...] = FIELDS) -> tuple[Dataset | IterableDataset, str]:
+    """One split of preference rows from any supported source, with canonical field names, and its schema.
+
+    Local data files (.json, .jsonl, .parquet, .csv, optionally .gz; one path, a glob, or a list of paths)
+    are read as a single split; any other string goes to `datasets.load_dataset(source, name,
+    data_dir=..., split=...)`, which reads a hub dataset or a local folder of split files alike. Each raw
+    row goes through `transform` (None: dropped and counted), then a public schema's mapping when the
+    columns match one (schemas.py), else the column mapping.
+
+    Args:
+        columns: field -> the source's column holding it (default: the field's own name).
+        stage: "train" or "val", named in error messages.
+        transform: a function of one raw row (a dict) returning the row to use, or None to drop it.
+        chat: whether the tokenizer has a chat template (a schema may build messages for it).
+        fields: the fields to read: `FIELDS`, or `PROMPT_ONLY` (online training: other columns unread, no schema).
+
+    Returns:
+        The rows, and the name of the public schema their columns matched ("" if none).
+    """
+    columns = {field: (columns or {}).get(field, field) for field in fields}
+    plan = dict(columns=columns, label=STAGE_NAMES.get(stage, stage), transform=transform, chat=chat)
+    if isinstance(source, dict) and not isinstance(source, DatasetDict):
+        source = _columns_to_rows(source, plan["label"])
+    if isinstance(source, list) and not _are_paths(source):
+        return _from_python(source, plan)
+    if isinstance(source, DatasetDict):
+        if split not in source:
+            raise ValueError(f"split {split!r} not in the {plan['label']} dataset; it has {sorted(source)}: "
+                             f"set --data.{'eval_split' if stage == 'val' else 'split'}")
+        source = source[split]
+    if isinstance(source, Dataset):
+        return _from_arrow(source, plan)
+    files = _data_files(source)
+    if files is None:
+        return _from_arrow(load_dataset(source, name, data_dir=data_dir, split=split, streaming=streaming), plan)
+    if _file_builder(files[0]) in ("json", "csv") and not streaming:
+        return _from_files(files, plan)
+    return _from_arrow(_load_files(files, plan["label"], streaming), plan)
+
+
+def single_split(source: DatasetSource) -> bool:
+    """Whether `source` holds one split only (rows, a `Dataset`, local data files): it has no `eval_split`."""
+    if isinstance(source, (dict, list, Dataset)) and not isinstance(source, DatasetDict):
+        return True
+    return isinstance(source, str) and (glob.has_magic(source) or os.path.isfile(source))
+
+
+def resolve_transform(transform: str | Callable | None) -> Callable | None:
+    """`--data.transform`: a callable, or the import path `package.module.function` of one."""
+    if transform is None or callable(transform):
+        return transform
+    module, _, function = transform.rpartition(".")
+    try:
+        found = getattr(importlib.import_module(module), function) if module else None
+    except (ImportError, AttributeError) as error:
+        found, reason = None, f" ({error})"
+    else:
+        reason = ""
+    if not callable(found):
+        raise ValueError(f"--data.transform {transform!r}: no function at that import path{reason}; give "
+                         "`package.module.function` of a function importable from here (on PYTHONPATH), which "
+                         "maps one raw row (a dict) to a row or None")
+    return found
+
+
+def _are_paths(items: list) -> bool:
+    """Whether a list names data files (all strings that are files, or look like data file names)."""
+    return bool(items) and all(isinstance(item, str) and (os.path.isfile(item) or _file_builder(item))
+                               for item in items)
+
+
+def _columns_to_rows(data: dict, label: str) -> list[dict]:
+    lengths = {key: len(value) if isinstance(value, (list, tuple)) else None for key, value in data.items()}
+    if None in lengths.values() or len(set(lengths.values())) > 1:
+        raise ValueError(f"the {label} dataset, a dict of columns, needs one list per column, all of one length; "
+                         f"got {lengths} (None: not a list)")
+    return [dict(zip(data, values)) for values in zip(*data.values())]
+
+
+def _file_builder(path: str) -> str | None:
+    stem = path[:-3] if path.endswith(".gz") else path
+    return _FILE_BUILDERS.get(os.path.splitext(stem)[1])
+
+
+def _data_files(source: str | list[str]) -> list[str] | None:
+    """The local data files `source` names, or None for a hub name or folder."""
+    if isinstance(source, list):
+        files = source
+    elif glob.has_magic(source):
+        files = sorted(glob.glob(source))
+        if not files:
+            raise FileNotFoundError(f"no data files match {source!r}: check the pattern")
+    elif os.path.isfile(source):
+        files = [source]
+    else:
+        return None
+    missing = [f for f in files if not os.path.isfile(f)]
+    if missing:
+        raise FileNotFoundError(f"no data file at {missing[0]!r}")
+    builders = {_file_builder(f) for f in files}
+    if None in builders or len(builders) > 1:
+        raise ValueError(f"{source}: files must share one type of {sorted(_FILE_BUILDERS)} (optionally .gz)")
+    return files
+
+
+def _open(path: str):
+    # utf-8-sig: a UTF-8 byte-order mark (Excel's "CSV UTF-8", some Windows tools) is not part of the text.
+    return gzip.open(path, "rt", encoding="utf-8-sig", newline="") if path.endswith(".gz") else \
+        open(path, encoding="utf-8-sig", newline="")
+
+
+def _digest(files: list[str]) -> str:
+    """sha256 of the files' bytes: every cache of rows read from them is keyed by what they hold, not by
+    path and modification time (`cp -p` or `rsync -t` puts an old time back on new rows)."""
+    digest = hashlib.sha256()
+    for path in files:
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _load_files(files: list[str], label: str, streaming: bool) -> Dataset | IterableDataset:
+    """.parquet files (or any files, streamed) through `datasets`' own readers; parquet cached by content."""
+    builder = _file_builder(files[0])
+    if builder == "parquet" and not sum(pq.ParquetFile(f).metadata.num_rows for f in files):
+        raise ValueError(f"the {label} dataset is empty: no rows in {files}")
+    if streaming:
+        kwargs = {}
+        if builder == "csv":  # every cell text, as when read in Python
+            with _open(files[0]) as f:
+                names = next(csv.reader([f.readline()]))
+            kwargs = dict(features=Features({c: Value("string") for c in names}), keep_default_na=False,
+                          na_values=[""], encoding="utf-8-sig")
+        return load_dataset(builder, data_files=files, split="train", streaming=True, **kwargs)
+    cache_dir = os.path.join(datasets.config.HF_DATASETS_CACHE, "dpo_lightning_files", _digest(files)[:32])
+    return load_dataset(builder, data_files=files, split="train", cache_dir=cache_dir)
+
+
+class _NotJSON:
+    """A JSON-lines line that does not parse: a row to drop as `not valid JSON`."""
+
+
+def _file_rows(files: list[str], label: str) -> Iterator[Any]:
+    """Each row of the files, in order: JSON lines, .json files holding a list of rows, or CSV rows (every
+    cell text, an empty cell None)."""
+    for path in files:
+        with _open(path) as f:
+            if _file_builder(path) == "csv":
+                yield from ({k: v or None for k, v in row.items() if k is not None} for row in csv.DictReader(f))
+                continue
+            text = f.read()
+        if path.removesuffix(".gz").endswith(".json") and text.lstrip().startswith("["):
+            try:
+                yield from json.loads(text)
+                continue
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{label} data {path}: not valid JSON ({error}): fix the file") from None
+        for line in text.splitlines():
+            if line.strip():
+                try:
+                    yield json.loads(line)
+                except json.JSONDecodeError:
+                    yield _NotJSON()
+
+
+def _from_files(files: list[str], plan: dict) -> tuple[Dataset, str]:
+    for path in files[1:]:  # a whole .json file that does not parse: raised here, not inside `datasets`
+        next(_file_rows([path], plan["label"]), None)
+    sample = [row for _, row in zip(range(_SAMPLE), _file_rows(files, plan["label"]))]
+    if not sample:
+        raise ValueError(f"the {plan['label']} dataset is empty: no rows in {files}")
+    args, schema = _planned(sample, plan)
+    # Cached by `datasets` under a name made of its arguments, the files' content digest among them:
+    # another process (a DDP rank after `prepare_data`) reads the cache instead of the files.
+    return Dataset.from_generator(_generate, features=args["features"], gen_kwargs=dict(
+        files=files, digest=_digest(files), label=plan["label"], args=args)), schema
+
+
+def _generate(files: list[str], digest: str, label: str, args: dict) -> Iterator[dict]:
+    for row in _file_rows(files, label):
+        yield _canonical_row(row, **args)
+
+
+def _from_python(rows: list, plan: dict) -> tuple[Dataset, str]:
+    if not rows:
+        raise ValueError(f"the {plan['label']} dataset is empty: no rows")
+    args, schema = _planned(rows[:_SAMPLE], plan)
+    return Dataset.from_list([_canonical_row(row, **args) for row in rows], features=args["features"]), schema
+
+
+def _from_arrow(rows: Dataset | IterableDataset, plan: dict) -> tuple[Dataset | IterableDataset, str]:
+    """Typed rows: renamed and type-checked in Arrow, or mapped row by row where a transform or schema applies."""
+    names = rows.column_names or list(next(iter(rows)))  # a stream may not know its columns yet
+    if isinstance(rows, Dataset) and not len(rows):
+        raise ValueError(f"the {plan['label']} dataset is empty: no rows")
+    sample = list(rows.take(_SAMPLE))
+    if plan["transform"] is None and _schema(set(names), plan) is None:
+        _planned(sample, plan)  # the column checks and warnings
+        return _canonical(rows, plan["columns"], plan["label"]), ""
+    args, schema = _planned(sample, plan)
+    mapped = rows.map(_canonical_row, fn_kwargs=args, remove_columns=names, features=args["features"],
+                      **({} if isinstance(rows, IterableDataset) else {"desc": f"reading {schema or 'rows'}"}))
+    return mapped, schema
+
+
+def _schema(names: set[str], plan: dict) -> Schema | None:
+    if tuple(plan["columns"]) == PROMPT_ONLY:  # a preference set's own prompt column serves as it is
+        return None
+    return detect_schema(names, plan["columns"], plan["label"])
+
+
+def _planned(sample: list, plan: dict) -> tuple[dict, str]:
+    """`_canonical_row`'s arguments from a sample of raw rows (the schema their columns match, the fields'
+    features) and the schema's name.
+
+    Raises the missing-column error; warns when text columns stand beside a missing prompt.
+    """
+    transform = plan["transform"]
+    raw = [transform(row) if transform is not None and isinstance(row, dict) else row for row in sample]
+    names = {name for row in raw if isinstance(row, dict) for name in row}
+    schema = _schema(names, plan) if names else None
+    if schema is None and names:
+        require(names, plan["columns"], plan["label"])
+        _warn_unused_text(raw, names, plan)
+    mapped = [schema.to_row(row, plan["chat"]) if schema and isinstance(row, dict) else row for row in raw]
+    columns = FIELD_NAMES if schema else plan["columns"]
+    args = dict(columns=plan["columns"], transform=transform, chat=plan["chat"], schema=schema,
+                features=_features(mapped, columns))
+    return args, schema.name if schema else ""
+
+
+def _warn_unused_text(rows: list, names: set[str], plan: dict) -> None:
+    """Text columns beside a missing prompt: the prompt will come from chosen/rejected, perhaps wrongly."""
+    columns = plan["columns"]
+    if tuple(columns) == PROMPT_ONLY:
+        return
+    unused = sorted(name for name in names - set(columns.values()) - {"source_issue"}
+                    if any(isinstance(row, dict) and isinstance(row.get(name), str) for row in rows))
+    texts = any(isinstance(row, dict) and isinstance(row.get(columns["chosen"]), str) for row in rows)
+    if columns["prompt"] not in names and unused and texts:  # (whole conversations need no prompt column)
+        warnings.warn(f"{plan['label']} data has no {columns['prompt']!r} column but text columns {unused}: the "
+                      "prompt will be taken from chosen/rejected themselves (hh or implicit format). If one of "
+                      "them is the prompt, set --data.prompt_column; to build rows yourself, --data.transform",
+                      stacklevel=2)
+
+
+def require(names, columns: dict[str, str], label: str) -> None:
+    """Raise unless the source has the columns the fields map to: chosen and rejected, and a mapped prompt
+    (for `PROMPT_ONLY` fields: the prompt)."""
+    if tuple(columns) == PROMPT_ONLY:
+        if columns["prompt"] not in names:
+            raise ValueError(f"{label} data has columns {sorted(names)}; online training reads prompts from a "
+                             f"{columns['prompt']!r} column: map yours with --data.prompt_column")
+        return
+    for field in ("chosen", "rejected", "prompt"):
+        column = columns[field]
+        if column != field and column not in names:
+            raise ValueError(f"{label} data has no column {column!r} (--data.{field}_column); its columns are "
+                             f"{sorted(names)}: set --data.{field}_column to one of them")
+    if {columns["chosen"], columns["rejected"]} - set(names):
+        raise ValueError(f"{label} data has columns {sorted(names)}; expected 'chosen' and 'rejected' (and 'prompt'): "
+                         "map yours with --data.prompt_column / chosen_column / rejected_column, or turn each row "
+                         "into one with --data.transform")
+
+
+def _features(sample: list, columns: dict[str, str]) -> Features:
+    """Each field present in `sample`: text, or messages where most of its values are lists."""
+    rows = [row for row in sample if isinstance(row, dict)]
+    features = {}
+    for field, column in columns.items():
+        kinds = Counter(type(row[column]) is list for row in rows if row.get(column) is not None)
+        if any(column in row for row in rows):
+            features[field] = _MESSAGES if kinds[True] > kinds[False] else Value("string")
+    needed = PROMPT_ONLY if tuple(columns) == PROMPT_ONLY else ("chosen", "rejected")
+    if not set(needed) <= set(features):  # rows to drop only (a schema's issues, "not a dict")
+        features = {**{field: Value("string") for field in needed}, **features}
+    return Features({**features, "source_issue": Value("string")})
+
+
+def _canonical_row(row: Any, columns: dict[str, str], transform: Callable | None, chat: bool,
+                   schema: Schema | None, features: Features) -> dict:
+    """One raw row -> the fields, each of its column's kind or None with `source_issue` saying why."""
+    empty = {field: None for field in features}
+    if isinstance(row, Mapping):  # `datasets` hands a mapped function a lazy row: the transform gets a dict
+        row = dict(row)
+    if transform is not None and isinstance(row, dict):
+        row = transform(row)
+        if row is None:
+            return {**empty, "source_issue": "dropped by transform"}
+    if not isinstance(row, dict):  # counted, not raised: `datasets` would wrap an error raised in here
+        return {**empty, "source_issue": "not valid JSON" if isinstance(row, _NotJSON) else "not a dict"}
+    issue = ""
+    if schema is not None:
+        row, columns = schema.to_row(row, chat), FIELD_NAMES
+        issue = row.get("source_issue", "")
+    out = {}
+    for field in features:
+        if field == "source_issue":
+            continue
+        value = row.get(columns[field])
+        if features[field] == _MESSAGES:
+            ok = isinstance(value, list) and all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                for m in value)
+            value, problem = ([{"role": m["role"], "content": m["content"]} for m in value], "") if ok else \
+                (None, "not messages")
+        else:
+            value, problem = (value, "") if isinstance(value, str) else (None, "not text")
+        if row.get(columns[field]) is None:
+            problem = ""  # a missing value is the row checks' "missing", not a reading problem
+        issue = issue or (f"{problem} {field}" if problem else "")
+        out[field] = value
+    return {**out, "source_issue": issue}
+
+
+def _canonical(rows: Dataset | IterableDataset, columns: dict[str, str], label: str) -> Dataset | IterableDataset:
+    """Only the field columns, under their canonical names; a column of another type is an error."""
+    names = rows.column_names or list(next(iter(rows)))  # a stream may not know its columns yet
+    if isinstance(rows, Dataset) and not len(rows):
+        raise ValueError(f"the {label} dataset is empty: no rows")
+    require(names, columns, label)
+    keep = {column: field for field, column in columns.items() if column in names}
+    if "source_issue" in names:
+        keep["source_issue"] = "source_issue"
+    rows = rows.select_columns(list(keep)).rename_columns({c: f for c, f in keep.items() if c != f})
+    for field, feature in (rows.features or {}).items():
+        text = isinstance(feature, Value) and feature.dtype in ("string", "large_string", "null")
+        if field != "source_issue" and not text and not isinstance(feature, (List, LargeList)):
+            raise ValueError(f"every {label} row: field {field!r} (column {columns[field]!r}) holds {feature}, not "
+                             f"text: cast it, e.g. dataset.cast_column({columns[field]!r}, Value('string')), or fix "
+                             "the source")
+    return rows

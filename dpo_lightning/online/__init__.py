@@ -1,0 +1,9 @@
+"""Online DPO: the policy writes each batch's pairs and a reward ranks them (`sampler`), the rewards themselves
+(`rewards`: import paths, reward models, the quickstart's sort task), and the validation solve rate (`greedy`:
+`GreedyReward`). It may import `data` and `utils`; the training step (`training.module`) composes it.
+"""
+
+from dpo_lightning.online.greedy import GreedyReward
+from dpo_lightning.online.sampler import Online, OnlineConfig
+
+__all__ = ["GreedyReward", "Online", "OnlineConfig"]

@@ -1,0 +1,4 @@
+"""Tools around runs, each a function the `dpo-lightning` command calls and Python can call too: training curves
+(`plots`), TRL arguments to a config (`migrate`), and the quickstart's assets (`quickstart`). They may import any
+wing below the CLI.
+"""

@@ -1,0 +1,356 @@
+"""From TRL to here: a `DPOConfig` / `TrainingArguments` (plus the `trl dpo` script's model and dataset
+arguments) as our LightningCLI YAML.
+
+    dpo-lightning from-trl args.json --out configs/mine.yaml    # args.json: TrainingArguments.to_json_string()
+    dpo-lightning fit --config configs/mine.yaml
+
+Every key of the input ends up in exactly one of three lists, printed and written as comments at the top
+of the YAML, so nothing is dropped silently:
+- mapped: a key of ours takes the value (converted where the units differ, e.g. `eval_steps` counts
+  optimizer steps and Lightning's `val_check_interval` counts batches);
+- same as ours: the value is what we do anyway (`adam_beta1: 0.9`, `label_pad_token_id: -100`);
+- not carried over: no equivalent here, with the reason. Check each before trusting the run.
+Defaults that transformers applies when a key is absent and that differ from ours (a linear learning-rate
+decay, gradient clipping at 1.0, 3 epochs, no evaluation) are written out too, so the converted run
+trains as the TRL one did. A mapped key that this version's `DPOModule`, `PreferenceDataModule` or
+`Trainer` lacks is listed as not carried over.
+"""
+
+import ast
+import importlib.util
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dpo_lightning.utils.locate import PACKAGE
+
+# TRL name -> our "section.key", the value unchanged.
+RENAMES = {
+    # DPOConfig (1.x and 0.2x), and the `trl dpo` script's ModelConfig / ScriptArguments
+    "beta": "model.beta", "loss_weights": "model.loss_weights", "label_smoothing": "model.label_smoothing",
+    "rpo_alpha": "model.rpo_alpha", "reference_free": "model.reference_free",
+    "f_divergence_type": "model.f_divergence_type", "f_alpha_divergence_coef": "model.f_alpha_divergence_coef",
+    "discopop_tau": "model.discopop_tau", "disable_dropout": "model.disable_dropout",
+    "precompute_ref_log_probs": "model.precompute_ref_log_probs",
+    "precompute_ref_batch_size": "model.precompute_ref_batch_size", "model_name_or_path": "model.model_name_or_path",
+    "ref_model_name_or_path": "model.ref_model_name_or_path", "trust_remote_code": "model.trust_remote_code",
+    "torch_dtype": "model.torch_dtype", "dtype": "model.torch_dtype",
+    "max_length": "data.max_length", "max_prompt_length": "data.max_prompt_length",
+    "truncation_mode": "data.truncation_mode", "dataset_name": "data.dataset", "dataset_config": "data.dataset_config",
+    "dataset_train_split": "data.split", "dataset_test_split": "data.eval_split",
+    # TrainingArguments
+    "learning_rate": "model.learning_rate", "weight_decay": "model.weight_decay",
+    "gradient_checkpointing": "model.gradient_checkpointing",
+    "per_device_train_batch_size": "data.batch_size", "per_device_eval_batch_size": "data.eval_batch_size",
+    "dataloader_num_workers": "data.num_workers",
+    "gradient_accumulation_steps": "trainer.accumulate_grad_batches", "logging_steps": "trainer.log_every_n_steps",
+    "max_grad_norm": "trainer.gradient_clip_val", "output_dir": "trainer.default_root_dir", "seed": "seed_everything",
+}
+# Values that need no key because they are what we do anyway.
+SAME_AS_OURS = {"adam_beta1": 0.9, "adam_beta2": 0.999, "adam_epsilon": 1e-8, "label_pad_token_id": -100,
+                "is_encoder_decoder": False, "sync_ref_model": False, "use_weighting": False, "padding_free": False,
+                "ld_alpha": None, "tf32": None, "gradient_checkpointing_kwargs": None, "lr_scheduler_kwargs": None,
+                "save_total_limit": None, "load_best_model_at_end": False, "use_liger_kernel": False,
+                "torch_compile": False, "deepspeed": None, "fsdp": None, "neftune_noise_alpha": None,
+                "label_smoothing_factor": 0.0, "use_peft": False, "tools": None, "model_adapter_name": None,
+                "ref_adapter_name": None, "force_use_ref_model": False, "model_init_kwargs": None,
+                "ref_model_init_kwargs": None, "precompute_ref_log_probs": False, "precompute_ref_batch_size": None}
+# Known TRL names with no equivalent here, and why.
+NO_EQUIVALENT = {
+    "max_target_length": "TRL 0.2x, encoder-decoder models only; dpo_lightning trains causal LMs",
+    "max_completion_length": "responses are cut to max_length minus the prompt (data.py rule 3), not to their own limit",
+    "sync_ref_model": "TR-DPO reference syncing is not implemented",
+    "ref_model_mixup_alpha": "TR-DPO reference syncing is not implemented",
+    "ref_model_sync_steps": "TR-DPO reference syncing is not implemented",
+    "use_weighting": "WPO weighting is not implemented", "ld_alpha": "LD-DPO is not implemented",
+    "padding_free": "set data.prefix_sharing and data.packing true: no padding inside rows, each prompt run once", "tools": "tool-calling chat templates: not supported",
+    "is_encoder_decoder": "encoder-decoder models are not supported",
+    "save_total_limit": "Lightning keeps top-k checkpoints only by a monitored metric; set a ModelCheckpoint",
+    "load_best_model_at_end": "add a ModelCheckpoint(monitor=...) and load its best_model_path",
+    "metric_for_best_model": "add a ModelCheckpoint(monitor=...)",
+    "data_seed": "seed_everything seeds the data order; data.seed is only the eval_fraction split",
+    "tf32": "call torch.set_float32_matmul_precision('high') instead",
+}
+# Keys that configure what our data module, Lightning or the export do on their own.
+NOT_NEEDED = {"remove_unused_columns": "the data module keeps only the columns it uses",
+              "do_train": "the subcommand (fit) says it", "do_eval": "eval_strategy says it",
+              "overwrite_output_dir": "each run writes a new version_N", "logging_strategy": "logging_steps says it",
+              "disable_tqdm": "cosmetic: use trainer.enable_progress_bar", "logging_first_step": "cosmetic",
+              "push_to_hub": "push the exported hf_model folder with huggingface_hub.upload_folder",
+              "hub_model_id": "see push_to_hub"}
+# What transformers does when these are absent, where it differs from ours.
+TRL_DEFAULTS = {"lr_scheduler_type": "linear", "max_grad_norm": 1.0, "num_train_epochs": 3.0, "eval_strategy": "no"}
+SCHEDULERS = {"linear": "linear", "cosine": "cosine", "constant": "constant", "constant_with_warmup": "constant"}
+# transformers' `optim` names; the 8-bit ones are bitsandbytes' classes, as transformers uses them (paged
+# AdamW falls back to unpaged on CPU, with bitsandbytes' warning).
+OPTIMIZERS = {"adamw_torch": "adamw", "adamw_torch_fused": "adamw", "adamw_hf": "adamw", "adamw": "adamw",
+              "rmsprop": "rmsprop", "adamw_8bit": {"class_path": "bitsandbytes.optim.AdamW8bit"},
+              "adamw_bnb_8bit": {"class_path": "bitsandbytes.optim.AdamW8bit"},
+              "paged_adamw_8bit": {"class_path": "bitsandbytes.optim.PagedAdamW8bit"},
+              "paged_adamw_32bit": {"class_path": "bitsandbytes.optim.PagedAdamW32bit"}}
+LOGGERS = {"tensorboard": "lightning.pytorch.loggers.TensorBoardLogger", "wandb": "lightning.pytorch.loggers.WandbLogger",
+           "mlflow": "lightning.pytorch.loggers.MLFlowLogger"}
+
+
+@dataclass
+class Migration:
+    """The converted config and, for every input key, what became of it: (key, value, where or why)."""
+
+    config: dict[str, Any] = field(default_factory=lambda: {"trainer": {}, "model": {}, "data": {}})
+    mapped: list[tuple[str, Any, str]] = field(default_factory=list)
+    same: list[tuple[str, Any, str]] = field(default_factory=list)
+    defaults: list[tuple[str, Any, str]] = field(default_factory=list)
+    not_carried: list[tuple[str, Any, str]] = field(default_factory=list)
+    defaulted: set[str] = field(default_factory=set)  # keys absent from the input, filled from TRL_DEFAULTS
+
+    def set(self, target: str, value: Any, key: str, original: Any, note: str = "") -> None:
+        """Set our key `target` ("section.name") to `value`, recording that TRL's `key` gave it."""
+        section, _, name = target.rpartition(".")
+        (self.config[section] if section else self.config)[name] = value
+        where = f"{target}: {json.dumps(value)}" + (f" ({note})" if note else "")
+        (self.defaults if key in self.defaulted else self.mapped).append((key, original, where))
+
+    def missing(self) -> list[str]:
+        return [f"{section}.{name}" for section, name in (("model", "model_name_or_path"), ("data", "dataset"))
+                if name not in self.config[section]]
+
+    def report(self) -> str:
+        """The lists as text; the YAML carries it as comments."""
+        lines = [f"REQUIRED, absent from the arguments: set {name}" for name in self.missing()]
+        for title, items in (("mapped", self.mapped), ("same as ours, no key needed", self.same),
+                             ("TRL defaults written out (absent from the arguments)", self.defaults),
+                             ("NOT CARRIED OVER, check each", self.not_carried)):
+            if items:
+                lines.append(f"{title}:")
+                lines += [f"  {key}: {json.dumps(value, default=str)} -> {where}" for key, value, where in items]
+        return "\n".join(lines)
+
+    def to_yaml(self) -> str:
+        header = ["Converted from TRL arguments by dpo_lightning.tools.migrate (`dpo-lightning from-trl`).",
+                  "Run: dpo-lightning fit --config THIS_FILE", "", *self.report().splitlines()]
+        body = yaml.safe_dump(self.config, sort_keys=False)
+        return "\n".join("#" + (" " + line if line else "") for line in header) + "\n" + body
+
+
+def from_trl(args: dict[str, Any] | str | Path) -> Migration:
+    """Convert TRL arguments (a dict, or a .json/.yaml file of them) to our config; see the module docstring."""
+    if not isinstance(args, dict):
+        text = Path(args).read_text()
+        args = json.loads(text) if str(args).endswith(".json") else yaml.safe_load(text)
+    args = {("eval_strategy" if k == "evaluation_strategy" else k): v for k, v in args.items()}  # the 0.2x name
+    m = Migration()
+    for key, value in TRL_DEFAULTS.items():
+        if key not in args and not (key == "num_train_epochs" and (args.get("max_steps") or -1) > 0):
+            args[key] = value
+            m.defaulted.add(key)
+    if "dataset_name" in args and "dataset_test_split" not in args and args["eval_strategy"] != "no":
+        args["dataset_test_split"] = "test"  # the `trl dpo` script's default
+        m.defaulted.add("dataset_test_split")
+    handled = _special(args, m)
+    for key, value in args.items():
+        if key in handled:
+            continue
+        if key in SAME_AS_OURS and value == SAME_AS_OURS[key]:
+            m.same.append((key, value, "our behaviour"))
+        elif key in NOT_NEEDED:
+            m.same.append((key, value, NOT_NEEDED[key]))
+        elif key in RENAMES and value is not None:
+            m.set(RENAMES[key], value, key, value)
+        elif key in RENAMES:
+            m.same.append((key, value, "unset: our default"))
+        else:
+            m.not_carried.append((key, value, NO_EQUIVALENT.get(key, "unknown to the converter")))
+    _check_targets(m)
+    _add_callbacks_and_logger(args, m)
+    for section, first in (("model", "model_name_or_path"), ("data", "dataset")):  # the names lead their section
+        m.config[section] = dict(sorted(m.config[section].items(), key=lambda item: item[0] != first))
+    return m
+
+
+def _special(args: dict[str, Any], m: Migration) -> set[str]:
+    """The keys whose conversion depends on others or changes units; returns the keys it consumed."""
+    max_steps = args.get("max_steps") or -1
+    _optimizer_and_schedule(args, m, max_steps)
+    _precision(args, m)
+    _evaluation(args, m, args.get("gradient_accumulation_steps") or 1, max_steps)
+    _lora(args, m)
+    if "loss_type" in args:
+        losses = [args["loss_type"]] if isinstance(args["loss_type"], str) else list(args["loss_type"])
+        ours = loss_names()
+        unknown = [name for name in losses if name not in ours]
+        if unknown:
+            m.not_carried.append(("loss_type", args["loss_type"], f"{unknown} not among ours: {sorted(ours)}"))
+        else:
+            m.set("model.loss_type", args["loss_type"], "loss_type", args["loss_type"])
+    if max_steps > 0:
+        m.set("trainer.max_steps", max_steps, "max_steps", max_steps)
+        if "num_train_epochs" in args:
+            m.same.append(("num_train_epochs", args["num_train_epochs"], "ignored: max_steps is set (as in transformers)"))
+    else:
+        if "max_steps" in args:
+            m.same.append(("max_steps", args["max_steps"], "unset: train by epochs"))
+        epochs = args["num_train_epochs"]
+        if float(epochs).is_integer():
+            m.set("trainer.max_epochs", int(epochs), "num_train_epochs", epochs)
+        else:
+            m.not_carried.append(("num_train_epochs", epochs, "a fraction of an epoch: give max_steps instead"))
+    return {"optim", "lr_scheduler_type", "bf16", "fp16", "eval_strategy", "eval_steps", "num_train_epochs",
+            "max_steps", "warmup_steps", "warmup_ratio", "loss_type", "generate_during_eval", "report_to", "run_name",
+            "logging_dir", "use_peft", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules",
+            "save_strategy", "save_steps"}
+
+
+def _optimizer_and_schedule(args: dict[str, Any], m: Migration, max_steps: int) -> None:
+    if "optim" in args:
+        if args["optim"] in OPTIMIZERS:
+            m.set("model.optimizer", OPTIMIZERS[args["optim"]], "optim", args["optim"])
+        else:
+            m.not_carried.append(("optim", args["optim"], f"ours are {sorted(OPTIMIZERS)}"))
+    kind = args["lr_scheduler_type"]
+    if kind in SCHEDULERS:
+        note = "transformers' 'constant' skips warm-up, ours warms up" if kind == "constant" else ""
+        m.set("model.lr_scheduler_type", SCHEDULERS[kind], "lr_scheduler_type", kind, note)
+    else:
+        m.not_carried.append(("lr_scheduler_type", kind, f"ours are {sorted(SCHEDULERS)}"))
+    # transformers 5 folds warmup_ratio into warmup_steps: a float below 1 is a share of the training steps.
+    warmup, ratio = args.get("warmup_steps") or 0, args.get("warmup_ratio") or 0
+    key = "warmup_steps" if 0 < warmup < 1 or not ratio else "warmup_ratio"
+    if 0 < warmup < 1:
+        ratio, warmup = warmup, 0
+    if warmup:
+        m.set("model.warmup_steps", int(warmup), "warmup_steps", warmup)
+    elif ratio and max_steps > 0:
+        m.set("model.warmup_steps", math.ceil(ratio * max_steps), key, ratio, "rounded up, as transformers does")
+    elif ratio:
+        m.not_carried.append((key, ratio, "a warm-up share needs max_steps; give warmup_steps"))
+    for unused in ("warmup_steps", "warmup_ratio"):
+        if unused in args and not args[unused]:
+            m.same.append((unused, args[unused], "no warm-up from this key"))
+
+
+def _precision(args: dict[str, Any], m: Migration) -> None:
+    if args.get("bf16"):
+        m.set("trainer.precision", "bf16-mixed", "bf16", True)
+        if args.get("fp16"):
+            m.not_carried.append(("fp16", True, "bf16 is also set: bf16-mixed is used"))
+    elif args.get("fp16"):
+        m.set("trainer.precision", "16-mixed", "fp16", True)
+    for key in ("bf16", "fp16"):
+        if key in args and not args[key]:
+            m.same.append((key, args[key], "off: float32 unless the other is set"))
+
+
+def _evaluation(args: dict[str, Any], m: Migration, accumulate: int, max_steps: int) -> None:
+    strategy = args["eval_strategy"]
+    if strategy == "no":
+        m.set("trainer.limit_val_batches", 0, "eval_strategy", strategy)
+    elif strategy == "epoch":
+        m.set("trainer.check_val_every_n_epoch", 1, "eval_strategy", strategy)
+    elif strategy == "steps":
+        steps = args.get("eval_steps") or args.get("logging_steps") or 500  # transformers' fallbacks
+        if steps < 1 and max_steps > 0:
+            steps = math.ceil(steps * max_steps)  # a float below 1 is a share of the training steps
+        # eval_steps counts optimizer steps; val_check_interval counts batches, and must count across epochs.
+        note = f"{steps} steps x {accumulate} batches each" if accumulate > 1 else ""
+        m.set("trainer.val_check_interval", int(steps) * accumulate, "eval_steps", args.get("eval_steps"), note)
+        m.set("trainer.check_val_every_n_epoch", None, "eval_strategy", strategy)
+    else:
+        m.not_carried.append(("eval_strategy", strategy, "one of no, steps, epoch"))
+    if "eval_steps" in args and strategy != "steps":
+        m.same.append(("eval_steps", args["eval_steps"], f"unused with eval_strategy {strategy}"))
+
+
+def _lora(args: dict[str, Any], m: Migration) -> None:
+    keys = [k for k in ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules") if k in args]
+    if not args.get("use_peft"):
+        if "use_peft" in args:
+            m.same.append(("use_peft", args["use_peft"], "full fine-tuning"))
+        m.same.extend((k, args[k], "unused: use_peft is not set") for k in keys)
+        return
+    m.set("model.lora_r", args.get("lora_r", 16), "use_peft", True, "TRL's default r 16 unless lora_r is given")
+    for key in keys:
+        value, note = args[key], ""
+        if key == "lora_dropout" and value and args.get("disable_dropout", True):
+            value, note = 0.0, "TRL's disable_dropout zeroes every dropout, LoRA's too; ours refuses the pair"
+        m.set(f"model.{key}", value, key, args[key], note)
+
+
+def _check_targets(m: Migration) -> None:
+    """Move a mapped key whose target this version lacks to the not-carried list."""
+    lightning = Path(importlib.util.find_spec("lightning").origin).parent  # found, not imported
+    accepted = {"model": init_arguments(PACKAGE / "training" / "module.py", "DPOModule"),
+                "data": init_arguments(PACKAGE / "data" / "datamodule.py", "PreferenceDataModule"),
+                "trainer": init_arguments(lightning / "pytorch" / "trainer" / "trainer.py", "Trainer")}
+    for items in (m.mapped, m.defaults):
+        for entry in list(items):
+            key, value, where = entry
+            section, _, name = where.split(":")[0].rpartition(".")
+            if section in accepted and name not in accepted[section]:
+                m.config[section].pop(name, None)
+                items.remove(entry)
+                m.not_carried.append((key, value, f"{section}.{name} is not an argument in this version"))
+
+
+# from-trl reads which arguments and losses this version has from the source, without importing it: importing
+# torch, transformers and Lightning would take seconds (tests/test_cli.py checks both against the imports).
+def init_arguments(source: Path, class_name: str) -> set[str]:
+    """The parameter names of `class_name.__init__` in the Python file `source`."""
+    for node in ast.walk(ast.parse(source.read_text())):
+        if isinstance(node, ast.ClassDef) and node.name == class_name:
+            init = next(f for f in node.body if isinstance(f, ast.FunctionDef) and f.name == "__init__")
+            return {a.arg for a in init.args.posonlyargs + init.args.args + init.args.kwonlyargs} - {"self"}
+    raise LookupError(f"no class {class_name} in {source}")
+
+
+def loss_names() -> set[str]:
+    """The keys of `training.losses.LOSSES`, a dict literal in training/losses/__init__.py."""
+    for node in ast.parse((PACKAGE / "training" / "losses" / "__init__.py").read_text()).body:
+        targets = [node.target] if isinstance(node, ast.AnnAssign) else getattr(node, "targets", [])
+        if any(isinstance(t, ast.Name) and t.id == "LOSSES" for t in targets):
+            return {key.value for key in node.value.keys}
+    raise LookupError("no LOSSES dict in training/losses/__init__.py")
+
+
+def _add_callbacks_and_logger(args: dict[str, Any], m: Migration) -> None:
+    """Our standard callbacks (as in configs/), GenerateSamples for generate_during_eval, checkpoints, loggers."""
+    callbacks = [{"class_path": "dpo_lightning.callbacks.ValidationSummary"},
+                 {"class_path": "dpo_lightning.callbacks.ExportPretrained"}]
+    if args.get("generate_during_eval"):
+        callbacks.append({"class_path": "dpo_lightning.callbacks.GenerateSamples"})
+        m.mapped.append(("generate_during_eval", True, "trainer.callbacks: GenerateSamples"))
+    elif "generate_during_eval" in args:
+        m.same.append(("generate_during_eval", args["generate_during_eval"], "no GenerateSamples callback"))
+    save = args.get("save_strategy", "steps" if "save_steps" in args else None)  # transformers' default: steps
+    if save == "steps" and args.get("save_steps"):
+        callbacks.append({"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                          "init_args": {"every_n_train_steps": args["save_steps"], "save_top_k": -1}})
+        m.mapped.append(("save_steps", args["save_steps"], "trainer.callbacks: ModelCheckpoint"))
+    elif save == "epoch":
+        callbacks.append({"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                          "init_args": {"every_n_epochs": 1, "save_top_k": -1}})
+    elif save == "no":
+        m.config["trainer"]["enable_checkpointing"] = False
+    if "save_strategy" in args:
+        m.mapped.append(("save_strategy", save, "trainer.callbacks / enable_checkpointing"))
+    if "save_steps" in args and save != "steps":
+        m.same.append(("save_steps", args["save_steps"], f"unused with save_strategy {save}"))
+    m.config["trainer"]["callbacks"] = callbacks
+
+    root = args.get("output_dir") or "runs"
+    name = args.get("run_name") or "trl"
+    loggers = [{"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": root, "name": name}}]
+    report_to = args.get("report_to") or []
+    for target in [report_to] if isinstance(report_to, str) else report_to:
+        if target in LOGGERS:
+            init = {"save_dir": args.get("logging_dir") or root} if target != "wandb" else {"name": name}
+            loggers.append({"class_path": LOGGERS[target], "init_args": init})
+        elif target != "none":
+            m.not_carried.append(("report_to", target, f"name loggers among {sorted(LOGGERS)} (CSV is always on)"))
+    for key in ("report_to", "run_name", "logging_dir"):
+        if key in args:
+            m.mapped.append((key, args[key], "trainer.logger"))
+    m.config["trainer"]["logger"] = loggers

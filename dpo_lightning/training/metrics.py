@@ -1,0 +1,164 @@
+"""Preference metrics: what `DPOModule` logs under `train/` and `val/`, with TRL's names.
+
+Every metric is a torchmetrics object holding sums and counts, so a split's value is the exact mean
+over all of its pairs (or tokens), whatever the batch size, the number of DDP ranks (torchmetrics
+syncs the sums; each validation pair is on one rank only, `resume.EvalSampler`) or the gradient
+accumulation (training metrics are reduced per optimizer step). `loss` is the loss as trained
+(`objective.total_loss` over the split's or step's sums); when it has several terms, each loss type's own
+(unweighted) mean is logged as `loss/<loss_type>`.
+"""
+
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+from torchmetrics import MeanMetric, Metric
+
+from dpo_lightning.training.objective import ObjectiveOutput, total_loss
+
+PAIR_METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+                "logps/chosen", "logps/rejected", "lengths/chosen", "lengths/rejected")
+TOKEN_METRICS = ("logits/chosen", "logits/rejected", "nll_loss")
+
+
+class MarginLengthCorrelation(Metric):
+    """Pearson correlation of the reward margin with the length difference |y_w| - |y_l| over a split.
+
+    A strong positive value says the policy is winning pairs by length (the bias R-DPO targets).
+    Kept as sums so it is exact across batches and ranks; 0 when either side never varies (for
+    example, chosen and rejected always the same length), where the correlation is undefined.
+    """
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        for name in ("n", "sx", "sy", "sxx", "syy", "sxy"):
+            self.add_state(name, default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, margins: Tensor, length_differences: Tensor) -> None:
+        x, y = margins.double(), length_differences.double()
+        self.n += x.numel()
+        self.sx += x.sum()
+        self.sy += y.sum()
+        self.sxx += (x * x).sum()
+        self.syy += (y * y).sum()
+        self.sxy += (x * y).sum()
+
+    def compute(self) -> Tensor:
+        cov = self.sxy - self.sx * self.sy / self.n
+        var_x, var_y = self.sxx - self.sx ** 2 / self.n, self.syy - self.sy ** 2 / self.n
+        if var_x <= 0 or var_y <= 0:
+            return torch.tensor(0.0)
+        return (cov / torch.sqrt(var_x * var_y)).float()
+
+
+class TotalLoss(Metric):
+    """The loss as trained over a split or a step: the mean pair loss + rpo_alpha x the chosen responses' NLL per token.
+
+    The RPO term is token-weighted (a cross-entropy over all chosen tokens, as TRL's `rpo_alpha`), the
+    pair term a mean over pairs, so neither is a mean of batch values: both are kept as sums.
+    """
+
+    def __init__(self, rpo_alpha: float = 0.0, **kwargs):
+        super().__init__(**kwargs)
+        self.rpo_alpha = rpo_alpha
+        for name in ("pair_loss", "pairs", "chosen_nll", "chosen_tokens"):
+            self.add_state(name, default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, pair_losses: Tensor, chosen_nll: Tensor, chosen_tokens: Tensor) -> None:
+        """pair_losses (B,); chosen_nll (B,) each chosen response's summed NLL over its chosen_tokens (B,) tokens."""
+        self.pair_loss += pair_losses.double().sum()
+        self.pairs += pair_losses.numel()
+        self.chosen_nll += chosen_nll.double().sum()
+        self.chosen_tokens += chosen_tokens.double().sum()
+
+    def compute(self) -> Tensor:
+        return total_loss(self.pair_loss, self.pairs, self.chosen_nll, self.chosen_tokens, self.rpo_alpha).float()
+
+
+def make_metrics(loss_types: list[str], rpo_alpha: float | None, sync_on_compute: bool = True) -> nn.ModuleDict:
+    """One stage's metrics; `nll_loss` where the loss has an NLL term (rpo_alpha or sft). Slashes are fine in
+    ModuleDict keys (dots are not).
+
+    `sync_on_compute=False` for metrics computed at every step: `compute_all` then syncs them at once.
+    """
+    parts = tuple(f"loss/{name}" for name in loss_types) if len(loss_types) > 1 or rpo_alpha else ()
+    with_nll = bool(rpo_alpha) or "sft" in loss_types
+    names = PAIR_METRICS[1:] + TOKEN_METRICS[:2] + (("nll_loss",) if with_nll else ()) + parts
+    metrics = nn.ModuleDict({"loss": TotalLoss(rpo_alpha or 0.0, sync_on_compute=sync_on_compute)})
+    metrics.update({name: MeanMetric(sync_on_compute=sync_on_compute) for name in names})
+    metrics["rewards/margin_length_corr"] = MarginLengthCorrelation(sync_on_compute=sync_on_compute)
+    return metrics
+
+
+def compute_all(metrics: nn.ModuleDict, all_reduce_sum: Callable[[Tensor], Tensor]) -> dict[str, Tensor]:
+    """Every metric's value over all ranks, with one all-reduce instead of one per metric state.
+
+    Every state here is a sum (`dist_reduce_fx="sum"`), so summing them stacked equals syncing each.
+    """
+    states = [(metric, name) for metric in metrics.values() for name in metric.metric_state]
+    summed = all_reduce_sum(torch.stack([getattr(metric, name).double() for metric, name in states]))
+    for (metric, name), value in zip(states, summed):
+        setattr(metric, name, value.to(getattr(metric, name).dtype))
+    return {name: metric.compute() for name, metric in metrics.items()}
+
+
+def update_metrics(metrics: nn.ModuleDict, out: ObjectiveOutput, logps: Tensor, mean_logits: Tensor,
+                   n_tokens: Tensor) -> None:
+    """Add one batch to every metric in `metrics` (see `batch_values` for the arguments)."""
+    for name, args in batch_values(out, logps, mean_logits, n_tokens).items():
+        if name in metrics:
+            thaw(metrics[name])
+            metrics[name].update(*args)
+
+
+def thaw(metric: Metric) -> None:
+    """Replace the metric's inference tensors with normal ones, outside inference mode (in it, nothing to do).
+
+    `trainer.validate` runs under `torch.inference_mode`, so the states its epoch-end reset makes are inference
+    tensors, which the in-place updates of a later `trainer.fit` (its validation runs under `no_grad`) may not
+    touch: a notebook's validate-then-fit would stop with "Inplace update to inference tensor outside
+    InferenceMode". A clone made outside inference mode is a normal tensor with the same value.
+    """
+    if torch.is_inference_mode_enabled():
+        return
+    for name in metric.metric_state:
+        value = getattr(metric, name)
+        if isinstance(value, Tensor) and value.is_inference():
+            setattr(metric, name, value.clone())
+
+
+def batch_values(out: ObjectiveOutput, logps: Tensor, mean_logits: Tensor,
+                 n_tokens: Tensor) -> dict[str, tuple[Tensor, ...]]:
+    """Each metric's update arguments for one batch: (value, weight) for means, (margins, Δlength) for the correlation.
+
+    Args:
+        out: the batch's objective: its pair losses (B,), each loss type's (B,), and the rewards (B,) of the first loss.
+        logps, mean_logits, n_tokens: (2B,) summed log-probs, mean logit and token count per sequence,
+            chosen rows first.
+    """
+    chosen_rewards, rejected_rewards = out.chosen_rewards, out.rejected_rewards
+    # A tie (policy == reference, as at step 0) counts as half right: the accuracy of a coin flip.
+    # TRL counts ties as wrong, which reads 0.0 at step 0 instead of 0.5.
+    accuracy = (chosen_rewards > rejected_rewards).float() + 0.5 * (chosen_rewards == rejected_rewards).float()
+    margins = chosen_rewards - rejected_rewards
+    one = torch.ones_like(chosen_rewards)
+    (chosen_logps, rejected_logps), (chosen_logits, rejected_logits) = logps.chunk(2), mean_logits.chunk(2)
+    chosen_tokens, rejected_tokens = n_tokens.float().chunk(2)
+    values = {
+        "loss": (out.pair_losses, -chosen_logps, chosen_tokens),
+        "rewards/chosen": (chosen_rewards, one),
+        "rewards/rejected": (rejected_rewards, one),
+        "rewards/accuracies": (accuracy, one),
+        "rewards/margins": (margins, one),
+        "logps/chosen": (chosen_logps, one),
+        "logps/rejected": (rejected_logps, one),
+        "lengths/chosen": (chosen_tokens, one),
+        "lengths/rejected": (rejected_tokens, one),
+        # Token-weighted: the split's value is the mean over every response token, not over rows.
+        "logits/chosen": (chosen_logits, chosen_tokens),
+        "logits/rejected": (rejected_logits, rejected_tokens),
+        "rewards/margin_length_corr": (margins, chosen_tokens - rejected_tokens),
+        "nll_loss": (-chosen_logps / chosen_tokens, chosen_tokens),  # per token, over all chosen tokens
+        **{f"loss/{name}": (part, one) for name, part in out.losses.items()},
+    }
+    return {name: tuple(arg.detach() for arg in args) for name, args in values.items()}

@@ -1,0 +1,86 @@
+"""Generation, in one place: what stops a completion, the generation config, batched completion with the KV cache,
+a seeded block, the text a reward reads, and which strategies cannot generate. `GenerateSamples`, `GreedyReward`
+and online DPO all complete prompts through `complete`, so they stop on the same tokens.
+"""
+
+import contextlib
+from typing import Iterator
+
+import lightning as L
+import torch
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+from torch import nn
+from transformers import GenerationConfig, PreTrainedTokenizerBase
+
+from dpo_lightning.utils.hf import evaluating
+
+# Strategies whose weights are sharded across ranks: a rank generating alone would wait forever on the others'
+# shards (every rank would have to generate in step, `generate(synced_gpus=True)`, untested on GPUs here).
+SHARDED = (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)
+
+
+def sharded(trainer: L.Trainer, who: str) -> str | None:
+    """Why `who` cannot generate under the trainer's strategy (its weights are sharded), or None where it can."""
+    if not isinstance(trainer.strategy, SHARDED):
+        return None
+    return f"{who} cannot generate under {type(trainer.strategy).__name__}: its sharded weights would need every " \
+           "rank to generate in step"
+
+
+def stop_ids(model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """The tokens that end a completion: the tokenizer's EOS and the model's generation config's (a chat
+    template's end of turn)."""
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    configured = configured if isinstance(configured, list) else [configured]
+    return list(dict.fromkeys([tokenizer.eos_token_id, *(i for i in configured if i is not None)]))
+
+
+def generation_config(tokenizer: PreTrainedTokenizerBase, stops: list[int], max_new_tokens: int,
+                      do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
+                      top_k: int = 0) -> GenerationConfig:
+    """Greedy, or sampling with these settings: a fresh config, not the model's (its defaults, such as top_k 50
+    and a sampling temperature, vary by model)."""
+    sampling = dict(temperature=temperature, top_p=top_p, top_k=top_k) if do_sample else {}
+    return GenerationConfig(max_new_tokens=max_new_tokens, do_sample=do_sample, pad_token_id=tokenizer.pad_token_id,
+                            eos_token_id=stops, **sampling)
+
+
+@torch.no_grad()
+def complete(model: nn.Module, prompts: list[list[int]], config: GenerationConfig,
+             device: torch.device) -> list[list[int]]:
+    """Each prompt's completion ids, through the first stop token if one came: one left-padded batch,
+    in eval mode, with the KV cache (`config.use_cache`, transformers' default)."""
+    width = max(map(len, prompts))
+    pad, stops = config.pad_token_id, set(config.eos_token_id)
+    input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
+    attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    with evaluating(model):
+        # synced_gpus=False: no rank waits on another's generation (sharded weights are refused before this).
+        out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
+                             synced_gpus=False)
+    completions = []
+    for ids in out[:, width:].tolist():
+        end = next((i + 1 for i, token in enumerate(ids) if token in stops), len(ids))
+        completions.append(ids[:end])
+    return completions
+
+
+def split_completion(ids: list[int], stops: list[int]) -> tuple[list[int], int | None]:
+    """(the completion's ids before its stop token, the stop token or None where it was cut off)."""
+    return (ids[:-1], ids[-1]) if ids and ids[-1] in stops else (ids, None)
+
+
+def texts(tokenizer: PreTrainedTokenizerBase, prompts: list[list[int]], completions: list[list[int]],
+          stops: list[int]) -> tuple[list[str], list[str]]:
+    """The text a reward reads: prompts and completions decoded without special tokens (nor the stop token)."""
+    decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+    return [decode(p) for p in prompts], [decode(split_completion(c, stops)[0]) for c in completions]
+
+
+@contextlib.contextmanager
+def seeded(seed: int, device: torch.device) -> Iterator[None]:
+    """Run the body with `torch.manual_seed(seed)`, then restore the random state training had."""
+    devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
