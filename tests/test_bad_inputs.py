@@ -1,7 +1,7 @@
 """The bad-input catalogue: malformed rows and sources, each through every source kind it can be written as.
 
 A row-level case puts one bad row (index 2) among three good ones and asserts a counted drop with its
-documented reason (the README's bad-input table), the good rows intact token for token, and under
+documented reason (the bad-input table in docs/data.md), the good rows intact token for token, and under
 `strict: true` an error naming the split, row 2, the field and the fix. A source-level case asserts an
 error raised by dpo_lightning's own code (a `ValueError`/`FileNotFoundError` whose traceback ends in our
 package, not in pyarrow, datasets or pandas). Source kinds: a list of rows, a dict of columns, a

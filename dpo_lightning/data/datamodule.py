@@ -247,7 +247,7 @@ class PreferenceDataModule(L.LightningDataModule):
     def _check_drops(self, stage: str) -> None:
         summary, hp, label = self.summary[stage], self.hparams, STAGE_NAMES[stage]
         if summary["kept"] == 0:
-            raise ValueError(f"no usable {label} rows left: {format_summary(summary)}. The README's bad-input table "
+            raise ValueError(f"no usable {label} rows left: {format_summary(summary)}. The bad-input table in docs/data.md "
                              "says what each reason means and how to fix it (strict: true names the first row)")
         dropped = summary["rows"] - summary["kept"]
         if hp.max_drop_fraction is not None and dropped > hp.max_drop_fraction * summary["rows"]:

@@ -26,7 +26,7 @@ The file reads top to bottom: `prepare_rows`, then each rule's helpers, then the
    by lengths, never by comparing ids, so a response's EOS is learned even when pad == eos.
 
 Rows that cannot be used (a missing, non-text or empty field, identical responses, prompts that
-differ; the README's bad-input table lists every reason) are dropped and counted by reason in
+differ; the bad-input table in docs/data.md lists every reason) are dropped and counted by reason in
 `PreferenceDataModule.summary`, or with `strict=True` raise an error naming the split, the row, the
 field and the fix. Batches hold chosen rows first, then rejected rows, so one forward pass scores both
 (rule 4 is batches.py's `collate_pairs`, or packing.py's `collate_shared`).
@@ -236,9 +236,9 @@ def truncate(prompt: list[int], chosen: list[int], rejected: list[int], max_leng
             **stats}
 
 
-# --- Drop reasons: what `strict=True` raises and the README's bad-input table lists. ---
+# --- Drop reasons: what `strict=True` raises and docs/data.md's bad-input table lists. ---
 
-# drop reason (without its field) -> what a user can do about it: strict mode's errors, the README's table.
+# drop reason (without its field) -> what a user can do about it: strict mode's errors, docs/data.md's table.
 FIXES = {
     "missing": "fill the field or filter the row out",
     "not text": "give the field as text (a JSON string, not a number or object), or filter the row out",

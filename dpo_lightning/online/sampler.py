@@ -55,7 +55,7 @@ METRICS = ("objective/scores", "objective/scores_margin", "objective/scores_chos
 
 @dataclass
 class OnlineConfig:
-    """`model.online`'s keys (see the README's "Online DPO"). TRL's names where TRL has one.
+    """`model.online`'s keys (see docs/online.md). TRL's names where TRL has one.
 
     Args:
         reward_funcs: the reward: an import path, a reward model's folder, or a list of them (`rewards.py`).

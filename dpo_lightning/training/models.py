@@ -1,6 +1,6 @@
 """Building the policy and its reference: loading, dropout, activation checkpointing, LoRA adapters (peft).
 
-Where the reference comes from, by case (`build_models` picks; the README's "The reference" says why):
+Where the reference comes from, by case (`build_models` picks; docs/how_it_works.md, "The reference", says why):
 1. Full fine-tuning: a frozen in-memory copy of the policy, in the policy's dtype (TRL 1.16 reloads the
    reference from its hub name instead).
 2. A new LoRA adapter (`add_lora`): the policy with the adapter disabled. No second copy; exact, because

@@ -1,6 +1,6 @@
 """The reference, in one place: which weights compute it and where its log-probs come from (`Reference`).
 
-`models.build_models` makes its parts, by case (the README's "The reference" says why):
+`models.build_models` makes its parts, by case (docs/how_it_works.md, "The reference", says why):
 1. a frozen model: `ref_model_name_or_path`, or a copy of a fully fine-tuned policy's starting weights;
 2. a new LoRA adapter: the policy with the adapter disabled (no copy);
 3. a pretrained adapter: the policy with `models.REFERENCE_ADAPTER`, a frozen copy of it, active.
