@@ -56,7 +56,7 @@ HH_LOG_LENGTHS = {"prompt": (4.33, 1.00), "chosen": (3.33, 0.86), "rejected": (3
 BF16_PEAK_TFLOPS = {"H200": 989, "H100": 989, "A100": 312, "L40S": 362, "L4": 121, "A10": 125, "4090": 165}
 CPU_BACKWARD = "torch 2.13 has no FlexAttention backward on CPU"
 CPU_COMPILE = "torch.compile of the decoders takes about a minute on this CPU, past the smoke's budget " \
-              "(the same fit_module path with torch_compile=True; CPU figures in benchmarks/README.md)"
+              "(the same fit_module path with torch_compile=True; CPU figures in docs/benchmarks.md)"
 CPU_FSDP1 = "Lightning's FSDPStrategy refuses accelerator='cpu'"
 CPU_QLORA = "bitsandbytes' CPU backend drops backward through 4-bit weights after an eval forward (tests/test_qlora.py)"
 # Summed log-probs of ~40 tokens near log(vocab) each: bf16 rounding moves their mean far less than 0.5%.

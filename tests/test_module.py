@@ -95,7 +95,7 @@ def perturbed_loss_and_grads(model: DPOModule, batch) -> tuple[torch.Tensor, dic
 
 def test_torch_compile_compiles_both_decoders_in_place_and_gives_the_eager_step(tiny_llama, monkeypatch):
     # The eager backend traces the decoder as inductor would (guards, graph breaks), without its minute of C++
-    # code generation on CPU; inductor itself is measured in benchmarks/README.md.
+    # code generation on CPU; inductor itself is measured in docs/benchmarks.md.
     compile_module = torch.nn.Module.compile
     monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: compile_module(self, backend="eager", **kw))
     batch = first_batch(data_module())

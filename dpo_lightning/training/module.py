@@ -103,11 +103,11 @@ class DPOModule(L.LightningModule):
         torch_dtype: dtype to load the weights in; None keeps transformers' default (float32).
         trust_remote_code: run model code shipped with a hub checkpoint. Off: it executes arbitrary code.
         gradient_checkpointing: recompute each layer's activations in backward: activation memory down
-            to the layer inputs (651 MB -> 44 MB in benchmarks/README.md) for one more decoder forward
+            to the layer inputs (651 MB -> 44 MB in docs/benchmarks.md) for one more decoder forward
             per step (15% more time there; more where the decoder dominates the step). Off by default.
         torch_compile: `torch.compile` the decoder of the policy and reference (dynamic shapes). Costs
             a minute or more of compilation at the first steps (and at new shapes), then runs each step
-            a little faster (9% on CPU in benchmarks/README.md; GPUs unmeasured). Off by default.
+            a little faster (9% on CPU in docs/benchmarks.md; GPUs unmeasured). Off by default.
         disable_dropout: set every dropout to 0 in policy and reference, LoRA's included (TRL's default).
         lean_logps: compute log-probs from the decoder's hidden states, running the output head only on
             response tokens, in chunks, recomputed in backward: no (2B, T, V) logits in memory. Equal to
