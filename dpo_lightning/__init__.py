@@ -64,20 +64,39 @@ MOVED = {
     "dpo_lightning.batches": "dpo_lightning.data.batches",
     "dpo_lightning.packing": "dpo_lightning.data.packing",
     "dpo_lightning.layouts": "dpo_lightning.data.layouts",
+    "dpo_lightning.formats": "dpo_lightning.data.formats",
+    "dpo_lightning.schemas": "dpo_lightning.data.schemas",
+    "dpo_lightning.summary": "dpo_lightning.data.summary",
+    "dpo_lightning.resume": "dpo_lightning.data.loaders",
+    "dpo_lightning.console": "dpo_lightning.training.console",
+    "dpo_lightning.preflight": "dpo_lightning.training.preflight",
+    "dpo_lightning.locate": "dpo_lightning.utils.locate",
+    "dpo_lightning.quiet": "dpo_lightning.utils.quiet",
+    "dpo_lightning.quickstart": "dpo_lightning.tools.quickstart",
+    "dpo_lightning.lightning_cli": "dpo_lightning.cli.fit",
 }
 
 
-class _Moved(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    """Imports a `MOVED` path as the module it moved to (the same module object, not a copy)."""
+class _Moved(importlib.abc.MetaPathFinder, importlib.abc.InspectLoader):
+    """Imports a `MOVED` path as the module it moved to (the same module object, not a copy); `python -m` on it
+    runs the new module's code (`get_code`), so `python -m dpo_lightning.quickstart` still rebuilds the assets."""
 
     def find_spec(self, name, path=None, target=None):
-        return importlib.util.spec_from_loader(name, self) if name in MOVED else None
+        if name not in MOVED:
+            return None
+        return importlib.util.spec_from_loader(name, self, origin=importlib.util.find_spec(MOVED[name]).origin)
 
     def create_module(self, spec):
         return importlib.import_module(MOVED[spec.name])
 
     def exec_module(self, module):
         pass  # imported in full by create_module
+
+    def get_code(self, fullname):
+        return importlib.util.find_spec(MOVED[fullname]).loader.get_code(MOVED[fullname])
+
+    def get_source(self, fullname):
+        return importlib.util.find_spec(MOVED[fullname]).loader.get_source(MOVED[fullname])
 
 
 quiet.install()

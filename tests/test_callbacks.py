@@ -134,3 +134,22 @@ if __name__ == "__main__":
                         callbacks=[GenerateSamples(num_prompts=2, max_new_tokens=4)], enable_progress_bar=False,
                         enable_model_summary=False)  # checkpointing on: its barrier waits for rank 0's samples
     trainer.fit(DPOModule(model_path, learning_rate=1e-2), sample_data())
+
+
+def test_samples_stop_at_the_models_end_of_turn_and_show_what_the_rewards_read(tiny_llama):
+    # A chat model's generation config names its end of turn beside EOS. Samples stop there, as GreedyReward and
+    # online DPO do, and the table shows the answer without it: the text those rewards score.
+    tokenizer = ascii_tokenizer(add_bos=True)
+    model = DPOModule(tiny_llama)
+    samples = GenerateSamples(prompts=["Q0: say ab?"], max_new_tokens=8, sample=False)
+    prompts = samples.prompt_rows(PreferenceDataModule(dataset=rows(2), tokenizer=tokenizer))
+    ids = torch.tensor([prompts[0]["prompt_input_ids"]])
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    greedy = base.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False,
+                           pad_token_id=tokenizer.eos_token_id)[0, ids.shape[1]:].tolist()
+    stop = greedy[2]  # the third token the model writes is made its end of turn
+    model.policy.generation_config.eos_token_id = [tokenizer.eos_token_id, stop]
+    table, lengths = samples.generate(model, tokenizer, prompts)
+    answer = greedy[:greedy.index(stop)]
+    assert table[0]["policy/greedy"] == table[0]["reference/greedy"] == tokenizer.decode(answer, skip_special_tokens=True)
+    assert lengths["policy_greedy"] == len(answer) + 1  # the stop token counts in the length, as EOS does

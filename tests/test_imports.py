@@ -3,7 +3,10 @@ paths (which configs name in `class_path` and `reward_funcs`) still import. Read
 
 import ast
 import importlib
+import os
 import pkgutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,7 +16,9 @@ import dpo_lightning
 from dpo_lightning.cli.main import cli_main
 
 PACKAGE = Path(dpo_lightning.__file__).parent
-MODULES = sorted(m.name for m in pkgutil.walk_packages(dpo_lightning.__path__, prefix="dpo_lightning."))
+# `__main__` modules run their command when imported: `test_python_dash_m_runs_...` runs them instead.
+MODULES = sorted(m.name for m in pkgutil.walk_packages(dpo_lightning.__path__, prefix="dpo_lightning.")
+                 if not m.name.endswith(".__main__"))
 # The wings from the floor up: a module may import its own wing and the wings below it, never one above.
 WINGS = ["utils", "data", "online", "training", "callbacks", "tools", "cli"]
 RANK = {"utils": 0, "data": 1, "online": 2, "training": 3, "callbacks": 4, "tools": 4, "cli": 5}
@@ -116,3 +121,19 @@ def test_a_config_written_for_01_still_parses_and_its_reward_path_loads(tmp_path
         "PreemptionCheckpoint", "ValidationSummary", "GreedyReward"]
     assert printed["strategy"]["init_args"]["auto_wrap_policy"]["class_path"].endswith("DecoderLayers")
     assert load_reward("dpo_lightning.rewards.sort_exact") is sort_exact
+
+
+def test_python_dash_m_runs_the_commands_under_their_01_and_new_names(tmp_path):
+    # `python -m dpo_lightning.quickstart` (0.1's README) and `python -m dpo_lightning.cli` where the console script
+    # is not on the PATH: each runs, from any directory.
+    for module, expected in (("dpo_lightning.quickstart", "Regenerate the sort-tiny quickstart assets"),
+                             ("dpo_lightning.tools.quickstart", "Regenerate the sort-tiny quickstart assets"),
+                             ("dpo_lightning.cli", "usage: dpo-lightning SUBCOMMAND")):
+        done = subprocess.run([sys.executable, "-m", module, "--help"], cwd=tmp_path, capture_output=True, text=True,
+                              env={**os.environ, "PYTHONPATH": str(PACKAGE.parent)})
+        assert done.returncode == 0 and expected in done.stdout, (module, done.stderr[-500:])
+
+
+def test_the_callbacks_01_listed_import_from_the_callbacks_package():
+    from dpo_lightning.callbacks import (CheckpointValidation, ExportPretrained, GenerateSamples,  # noqa: F401
+                                         PreemptionCheckpoint, ValidationSummary)

@@ -11,5 +11,6 @@ from dpo_lightning.callbacks.export import ExportPretrained
 from dpo_lightning.callbacks.preemption import PreemptionCheckpoint
 from dpo_lightning.callbacks.samples import GenerateSamples
 from dpo_lightning.callbacks.validation import ValidationSummary
+from dpo_lightning.training.checkpoints import CheckpointValidation  # DPOModule adds it itself; 0.1 listed it here
 
-__all__ = ["ExportPretrained", "GenerateSamples", "PreemptionCheckpoint", "ValidationSummary"]
+__all__ = ["CheckpointValidation", "ExportPretrained", "GenerateSamples", "PreemptionCheckpoint", "ValidationSummary"]

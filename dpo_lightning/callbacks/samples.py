@@ -11,7 +11,7 @@ from transformers import GenerationConfig, PreTrainedTokenizerBase
 
 from dpo_lightning.callbacks.loggers import log_table
 from dpo_lightning.data.rules import adds_bos, encode, with_bos
-from dpo_lightning.utils.generation import complete, generation_config, seeded, sharded, stop_ids
+from dpo_lightning.utils.generation import complete, generation_config, seeded, sharded, stop_ids, texts
 
 
 class GenerateSamples(L.Callback):
@@ -109,8 +109,11 @@ class GenerateSamples(L.Callback):
                 with weights:
                     completions = [self._complete(model, p["prompt_input_ids"], config, i, pl_module.device)
                                    for i, p in enumerate(prompts)]
-                for row, ids in zip(rows, completions):
-                    row[f"{model_name}/{decoding}"] = tokenizer.decode(ids, skip_special_tokens=True)
+                # The text a reward reads (`texts`: without the stop token), so the table shows what GreedyReward
+                # and online DPO score.
+                _, answers = texts(tokenizer, [p["prompt_input_ids"] for p in prompts], completions, stops)
+                for row, answer in zip(rows, answers):
+                    row[f"{model_name}/{decoding}"] = answer
                 lengths[f"{model_name}_{decoding}"] = sum(map(len, completions)) / len(completions)
         return rows, lengths
 

@@ -77,7 +77,7 @@ class DPOModule(L.LightningModule):
         f_divergence_type: the f-divergence of the sigmoid loss's regularizer (Wang et al. 2023).
         f_alpha_divergence_coef: alpha of `f_divergence_type: alpha_divergence`.
         precompute_ref_log_probs: score the reference once over the train and val data before training,
-            cache the log-probs on disk (`reference.py`) and train with the policy alone. A later
+            cache the log-probs on disk (`refcache.py`) and train with the policy alone. A later
             run on the same reference and data (another beta or loss_type) reads the cache and never
             builds the reference.
         precompute_ref_batch_size: pairs per reference forward when precomputing. Default: the data's
