@@ -135,5 +135,7 @@ def test_python_dash_m_runs_the_commands_under_their_01_and_new_names(tmp_path):
 
 
 def test_the_callbacks_01_listed_import_from_the_callbacks_package():
-    from dpo_lightning.callbacks import (CheckpointValidation, ExportPretrained, GenerateSamples,  # noqa: F401
-                                         PreemptionCheckpoint, ValidationSummary)
+    callbacks = importlib.import_module("dpo_lightning.callbacks")
+    for name in ("CheckpointValidation", "ExportPretrained", "GenerateSamples", "PreemptionCheckpoint",
+                 "ValidationSummary"):
+        assert issubclass(getattr(callbacks, name), importlib.import_module("lightning").Callback), name
