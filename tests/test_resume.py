@@ -14,12 +14,13 @@ from dpo_lightning import DPOModule
 from dpo_lightning.data.loaders import EvalSampler
 
 
-def fit(tiny_llama, root, max_steps, ckpt_path=None, callbacks=(), dataset=None):
+def fit(tiny_llama, root, max_steps, ckpt_path=None, callbacks=(), dataset=None, n=24, **trainer):
     L.seed_everything(0)
     record = RecordBatches()
     model = DPOModule(tiny_llama, learning_rate=1e-2, warmup_steps=3)
-    data = data_module(24, eval_n=0, dataset=dataset)
-    quiet_trainer(root, max_steps=max_steps, callbacks=[record, *callbacks]).fit(model, data, ckpt_path=ckpt_path)
+    data = data_module(n, eval_n=0, dataset=dataset)
+    quiet_trainer(root, max_steps=max_steps, callbacks=[record, *callbacks], **trainer).fit(model, data,
+                                                                                          ckpt_path=ckpt_path)
     return model, record.batches
 
 
@@ -38,6 +39,21 @@ def test_resumed_mid_epoch_run_sees_each_batch_once_and_reaches_the_same_weights
     other["chosen"][5] += " changed"
     with pytest.raises(ValueError, match="the checkpoint was trained on other data: its train split had 24 pairs"):
         fit(tiny_llama, tmp_path / "third", 10, ckpt_path=tmp_path / "ckpt" / "epoch=0-step=4.ckpt", dataset=other)
+
+
+def test_a_checkpoint_at_an_epochs_last_batch_resumes_with_the_next_epoch(tiny_llama, tmp_path):
+    # 20 pairs in batches of 4, two micro-batches a step: 5 batches an epoch, the last a step of its own, so the
+    # step-3 checkpoint is saved at epoch 0's last batch. Lightning resumes it at epoch 1, which must be epoch 1's
+    # order from its start (the saved position was epoch 0's end), not an empty epoch and then epoch 2.
+    straight, seen_straight = fit(tiny_llama, tmp_path / "straight", 5, n=20, accumulate_grad_batches=2)
+    every_3 = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=3, save_top_k=-1)
+    _, seen_before = fit(tiny_llama, tmp_path / "first", 3, callbacks=[every_3], n=20, accumulate_grad_batches=2)
+    resumed, seen_after = fit(tiny_llama, tmp_path / "second", 5, ckpt_path=tmp_path / "ckpt" / "epoch=0-step=3.ckpt",
+                              n=20, accumulate_grad_batches=2)
+    assert len(seen_before) == 5 and sorted(sum(seen_before, [])) == list(range(20))  # the checkpoint ends epoch 0
+    assert seen_before + seen_after == seen_straight
+    for name, weight in straight.policy.state_dict().items():
+        torch.testing.assert_close(resumed.policy.state_dict()[name], weight)
 
 
 @pytest.mark.parametrize("n_pairs, world_size", [(7, 3), (8, 2), (5, 5), (9, 4)])
