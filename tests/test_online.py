@@ -53,7 +53,8 @@ class Pairs(L.Callback):
         self._rng = torch.get_rng_state()
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-        self.batches.append({k: v.clone() for k, v in batch.items() if isinstance(v, torch.Tensor)})
+        trained = outputs["batch"]  # the pairs sampled from this batch's prompts
+        self.batches.append({k: v.clone() for k, v in trained.items() if isinstance(v, torch.Tensor)})
         self.weights.append({k: v.clone() for k, v in module.policy.state_dict().items()})
         self.rng_equal.append(torch.equal(self._rng, torch.get_rng_state()))
 
@@ -269,7 +270,7 @@ if __name__ == "__main__":
             self.prompt_rows.append(batch["row_ids"].tolist())
 
         def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-            self.pair_rows.append(batch["row_ids"].tolist())
+            self.pair_rows.append(outputs["batch"]["row_ids"].tolist())
 
     L.seed_everything(0)
     model = DPOModule(policy, learning_rate=1e-2, online={**ONLINE, "reward_funcs": "test_online.length_reward"})

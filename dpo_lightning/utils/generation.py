@@ -1,6 +1,7 @@
 """Generation, in one place: what stops a completion, the generation config, batched completion with the KV cache,
-a seeded block, the text a reward reads, and which strategies cannot generate. `GenerateSamples`, `GreedyReward`
-and online DPO all complete prompts through `complete`, so they stop on the same tokens.
+a seeded block, the text a reward reads, which strategies cannot generate, and FSDP2's weights gathered for it.
+`GenerateSamples`, `GreedyReward` and online DPO all complete prompts through `complete`, so they stop on the same
+tokens.
 """
 
 import contextlib
@@ -10,21 +11,57 @@ import lightning as L
 import torch
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 
 from dpo_lightning.utils.hf import evaluating
 
 # Strategies whose weights are sharded across ranks: a rank generating alone would wait forever on the others'
-# shards (every rank would have to generate in step, `generate(synced_gpus=True)`, untested on GPUs here).
+# shards. Under FSDP2 (ModelParallelStrategy) every rank can gather the whole weights first (`unsharded`) when
+# every rank generates at once; FSDP1 and DeepSpeed would need every rank to generate in step
+# (`generate(synced_gpus=True)`, untested on GPUs here).
 SHARDED = (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)
 
 
-def sharded(trainer: L.Trainer, who: str) -> str | None:
-    """Why `who` cannot generate under the trainer's strategy (its weights are sharded), or None where it can."""
-    if not isinstance(trainer.strategy, SHARDED):
+def sharded(trainer: L.Trainer, who: str, every_rank: bool = False) -> str | None:
+    """Why `who` cannot generate under the trainer's strategy (its weights are sharded), or None where it can.
+
+    `every_rank`: every rank generates at the same point, inside `unsharded`, which FSDP2 allows.
+    """
+    strategy = trainer.strategy
+    if not isinstance(strategy, SHARDED) or every_rank and isinstance(strategy, ModelParallelStrategy):
         return None
-    return f"{who} cannot generate under {type(trainer.strategy).__name__}: its sharded weights would need every " \
-           "rank to generate in step"
+    fix = "use DDP or FSDP2 (ModelParallelStrategy)" if every_rank else "use DDP"
+    return f"{who} cannot generate under {type(strategy).__name__}: its sharded weights would need every rank to " \
+           f"generate in step; {fix}"
+
+
+@contextlib.contextmanager
+def unsharded(model: nn.Module) -> Iterator[None]:
+    """Within the block, an FSDP2 model holds its whole weights on every rank, so that each rank generates alone.
+
+    Every unit gathers its weights once on entry (an all-gather each: every rank must enter together) and keeps
+    them through every forward in the block, so a rank runs as many forwards as its own completions need and no
+    collective at all; on exit each unit is sharded again, as it trains. As TRL's online trainer generates under
+    FSDP (with the full parameters), at the cost of the whole model's memory during generation. A model not
+    sharded with FSDP2 is left as it is.
+    """
+    units = [module for module in model.modules() if isinstance(module, FSDPModule)]
+    # FSDP2 reshards a unit after each forward where it was sharded to (its `reshard_after_forward`); it has no public
+    # getter, so the setting is read and put back on the parameter groups themselves.
+    groups = [group for unit in units for group in unit._get_fsdp_state()._fsdp_param_groups]
+    kept = [group.post_forward_mesh_info for group in groups]
+    for unit in units:
+        unit.unshard()
+    for group in groups:
+        group.post_forward_mesh_info = None  # no reshard after forward: the next token's forward gathers nothing
+    try:
+        yield
+    finally:
+        for group, info in zip(groups, kept):
+            group.post_forward_mesh_info = info
+        for unit in units:
+            unit.reshard()
 
 
 def stop_ids(model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> list[int]:
@@ -55,7 +92,7 @@ def complete(model: nn.Module, prompts: list[list[int]], config: GenerationConfi
     input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
     attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
     with evaluating(model):
-        # synced_gpus=False: no rank waits on another's generation (sharded weights are refused before this).
+        # synced_gpus=False: no rank waits on another's generation (sharded weights are gathered or refused first).
         out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
                              synced_gpus=False)
     completions = []
