@@ -11,6 +11,7 @@ accumulation (training metrics are reduced per optimizer step). `loss` is the lo
 import warnings
 from typing import Callable
 
+import lightning as L
 import torch
 from torch import Tensor, nn
 from torchmetrics import MeanMetric, Metric
@@ -74,6 +75,24 @@ class TotalLoss(Metric):
 
     def compute(self) -> Tensor:
         return total_loss(self.pair_loss, self.pairs, self.chosen_nll, self.chosen_tokens, self.rpo_alpha).float()
+
+
+class StepLogs(L.Callback):
+    """Each optimizer step's log holds what that step logged, and nothing from an earlier step.
+
+    Lightning keeps the last value of every name logged with `on_step=True` for the rest of the epoch, and sends it
+    to the loggers again at a later step that does not log the name: a step with nothing defined to log (a skipped
+    step, an online step whose prompts all tied: no loss, no log-prob, no gradient) would show the previous step's
+    values in metrics.csv. At each optimizer step's start those values are set aside (Lightning's `has_reset`,
+    as its own reset does; there is no public way), and a name logged again is logged afresh.
+    `DPOModule.configure_callbacks` adds it to every run.
+    """
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
+        if batch_idx % trainer.accumulate_grad_batches == 0:
+            for result in trainer._results.values():
+                if result.meta.on_step and not result.meta.on_epoch:
+                    result.has_reset = True
 
 
 def make_metrics(loss_types: list[str], rpo_alpha: float | None, sync_on_compute: bool = True,

@@ -33,7 +33,7 @@ from dpo_lightning.training.checkpoints import (CheckpointValidation, check_refe
 from dpo_lightning.training.distributed import fully_shard_models
 from dpo_lightning.training.logps import Scorer, lean_supported
 from dpo_lightning.training.losses import LOSSES
-from dpo_lightning.training.metrics import compute_all, make_metrics, update_means, update_metrics
+from dpo_lightning.training.metrics import StepLogs, compute_all, make_metrics, update_means, update_metrics
 from dpo_lightning.training.models import build_models, quantized_base
 from dpo_lightning.training.objective import Objective, ObjectiveOutput, migrate_state_dict
 from dpo_lightning.training.optim import grad_norm, optimizers
@@ -378,7 +378,7 @@ class DPOModule(L.LightningModule):
     def configure_callbacks(self) -> list[L.Callback]:
         # Tokens per second and padding in every run's logs (throughput.py); one in the Trainer's list is replaced.
         # So are Lightning's default bar and summary, by ours (console.py): the same console from Python and the CLI.
-        return [Throughput(), CheckpointValidation(), *console.replacements(self.trainer.callbacks),
+        return [Throughput(), CheckpointValidation(), StepLogs(), *console.replacements(self.trainer.callbacks),
                 *([self.online] if self.online is not None else [])]  # online: marks each step's start
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
