@@ -1,7 +1,8 @@
 """Fault injection: damaged files, two writers at once, folders that cannot be written, a tokenizer too large for
 the model, resume with other settings and on another number of ranks; online DPO's rewards that fail at a step
-(raise, or return strings, NaN, a wrong count), prompts that all tie, prompts longer than max_length. Each test asserts the state afterwards
-(the weights, the cache file, what was trained) and the message, not only that something was raised.
+(raise, or return strings, NaN, a wrong count), prompts that all tie, prompts longer than max_length. Each test
+asserts the state afterwards (the weights, the cache file, what was trained) and the message, not only that
+something was raised.
 
 Signals to real training processes are in test_preemption.py (SIGTERM, SIGUSR1: the weights, the rows and
 the logged metrics of a stopped-and-resumed run equal an uninterrupted one's). Tiny Llama from conftest.py,

@@ -5,6 +5,7 @@ set: online training reads its prompts only). The rewards below are plain functi
 named by import path (`test_online.<name>`) as a config names them. `RECORD` keeps what each call saw.
 """
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -20,7 +21,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForSequenceClassification
 
 from dpo_lightning import DPOModule, PreferenceDataModule
-from dpo_lightning.online import GreedyReward
+from dpo_lightning.online import GreedyReward, OnlineConfig
 from dpo_lightning.online.sampler import pick_pairs
 from dpo_lightning.online.rewards import Rewards
 
@@ -38,6 +39,12 @@ def mod3_reward(prompts: list[str], completions: list[str]) -> list[float]:
 
 def length_reward(prompts: list[str], completions: list[str]) -> list[float]:
     return [float(len(c)) for c in completions]
+
+
+def tied_on_rank_0_reward(prompts: list[str], completions: list[str]) -> list[float]:
+    """Every completion scores 1 on rank 0 (all its prompts tie); elsewhere each scores its position (none tie)."""
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    return [1.0] * len(completions) if rank == 0 else [float(i) for i in range(len(completions))]
 
 
 ONLINE = {"reward_funcs": "test_online.mod3_reward", "num_samples": 3, "max_new_tokens": 6}
@@ -209,6 +216,45 @@ def test_reward_named_in_yaml_trains_through_the_cli(tiny_llama, reward_model, t
         DPOModule(tiny_llama, online={**ONLINE, "reward_funcs": "no_such_module.score"})
 
 
+def test_online_settings_are_typed_checked_and_listed_on_the_command_line_and_in_python(tiny_llama, tmp_path,
+                                                                                       monkeypatch, capsys):
+    from dpo_lightning.cli.main import cli_main
+
+    monkeypatch.chdir(tmp_path)  # the quickstart's logs and export go here
+    quickstart = ["fit", "--config", str(ROOT / "configs" / "online_quickstart.yaml")]
+    cli = cli_main([*quickstart, "--model.online.max_new_tokens", "8", "--trainer.max_steps", "1",
+                    "--trainer.limit_val_batches", "0", "--trainer.num_sanity_val_steps", "0"])
+    config = cli.model.online.config
+    assert isinstance(config, OnlineConfig) and config.max_new_tokens == 8 and config.num_samples == 4
+    assert cli.trainer.global_step == 1 and cli.trainer.callback_metrics["train/completions/mean_length"] <= 8
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        cli_main([*quickstart, "--model.online.temperature", "0.7", "--print_config"])
+    printed = yaml.safe_load(capsys.readouterr().out)["model"]["online"]
+    assert printed == {"reward_funcs": "dpo_lightning.online.rewards.sort_closeness", "reward_weights": None,
+                       "num_samples": 4, "max_new_tokens": 10, "temperature": 0.7, "top_p": 1.0, "top_k": 0,
+                       "missing_eos_penalty": None, "ref_model_sync_steps": None, "seed": None}
+    with pytest.raises(SystemExit):
+        cli_main(["fit", "--model.online.help", "OnlineConfig"])
+    listed = capsys.readouterr().out
+    assert "--model.online.max_new_tokens" in listed and "tokens generated per completion at most" in listed
+    for flag, value, says in (("max_new_tokens", "eight", "Expected a <class 'int'>. Got value: eight"),
+                              ("temprature", "0.7", "Option 'temprature' is not accepted")):  # refused while parsing
+        with pytest.raises(SystemExit):
+            cli_main([*quickstart, f"--model.online.{flag}", value, "--print_config"])
+        err = capsys.readouterr().err
+        assert 'Parser key "model.online"' in err and says in err, err
+    with pytest.raises(ValueError, match="--model.online.num_samples must be an integer >= 2; got 1"):  # checked
+        cli_main([*quickstart, "--model.online.num_samples", "1"])
+
+    # From Python: a dict of the same keys (TRL-style) or the dataclass, one path; the checkpoint keeps plain data.
+    as_dict, as_config = (DPOModule(tiny_llama, online=online) for online in (ONLINE, OnlineConfig(**ONLINE)))
+    assert as_dict.online.config == as_config.online.config == OnlineConfig(**ONLINE)
+    assert as_dict.hparams["online"] == as_config.hparams["online"] == dataclasses.asdict(OnlineConfig(**ONLINE))
+    with pytest.raises(ValueError, match=r"--model.online.max_new_tokens must be an integer >= 1; got '8' \(str\)"):
+        DPOModule(tiny_llama, online={**ONLINE, "max_new_tokens": "8"})
+
+
 def greedy_solved(model, rows_: list[dict], eos: int) -> float:
     """The oracle: each prompt completed greedily by repeated plain forwards (argmax, no cache; prompts of one
     length together, so nothing is padded), solved when the answer is the row's chosen (sorted) text, then EOS,
@@ -246,7 +292,10 @@ def test_val_reward_greedy_is_the_exact_sort_rate_of_greedy_answers(tmp_path):
             "reward_funcs": "dpo_lightning.online.rewards.sort_exact", "max_new_tokens": 10}} in callbacks, name
 
 
-def test_ddp_two_ranks_each_complete_their_own_prompts(tiny_llama, tmp_path):
+def test_ddp_two_ranks_each_complete_their_own_prompts_and_a_rank_whose_prompts_all_tie_waits_for_none(tiny_llama,
+                                                                                                        tmp_path):
+    # Rank 0's prompts all tie at every step, rank 1's never: rank 0 trains a stand-in with weight 0 (every rank
+    # must run the gradient all-reduce), and the step logs the ties of all 4 prompts and rank 1's pairs alone.
     out = tmp_path / "ddp.json"
     subprocess.run([sys.executable, __file__, tiny_llama, str(out)], check=True, timeout=600, cwd=tmp_path)
     result = json.loads(out.read_text())
@@ -256,6 +305,9 @@ def test_ddp_two_ranks_each_complete_their_own_prompts(tiny_llama, tmp_path):
     for rank in range(2):  # the pairs a rank trained on come from its own prompts
         assert set(sum(result["pair_rows"][rank], [])) <= prompts[rank]
     assert result["same_weights"] and result["moved"]
+    for step in result["metrics"]:  # 2 of the step's 4 prompts tied; rank 1's 2 pairs score 2 - 0 each
+        assert step["train/objective/ties"] == 0.5 and step["train/objective/scores_margin"] == 2.0
+        assert all(value == value for value in step.values()) and "train/loss" in step
 
 
 if __name__ == "__main__":
@@ -271,9 +323,11 @@ if __name__ == "__main__":
 
         def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
             self.pair_rows.append(outputs["batch"]["row_ids"].tolist())
+            self.metrics = getattr(self, "metrics", []) + [{k: float(v) for k, v in trainer.callback_metrics.items()}]
 
     L.seed_everything(0)
-    model = DPOModule(policy, learning_rate=1e-2, online={**ONLINE, "reward_funcs": "test_online.length_reward"})
+    online = {**ONLINE, "reward_funcs": "test_online.tied_on_rank_0_reward"}
+    model = DPOModule(policy, learning_rate=1e-2, online=online)
     start = {k: v.clone() for k, v in model.policy.state_dict().items()}
     rows_cb = Rows()
     trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=2, logger=False,
@@ -287,5 +341,6 @@ if __name__ == "__main__":
     if trainer.is_global_zero:
         out.write_text(json.dumps({
             "prompt_rows": [e[0] for e in everything], "pair_rows": [e[1] for e in everything],
+            "metrics": rows_cb.metrics,
             "same_weights": bool(torch.equal(gathered[0], gathered[1])),
             "moved": any(not torch.equal(model.policy.state_dict()[k], v) for k, v in start.items())}))

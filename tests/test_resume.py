@@ -1,7 +1,9 @@
-"""Exact resume: a run stopped mid-epoch and resumed from its checkpoint trains on the same batches, in
-the same order, and ends at the same weights as a run that was never stopped.
+"""Exact resume: a run stopped mid-epoch, or at an epoch's last batch, and resumed from its checkpoint trains on
+the same batches, in the same order, and ends at the same weights as a run that was never stopped; online, it
+also samples the same completions and logs the same metrics.
 
-Tiny Llama from conftest.py, 24 pairs in batches of 4: 6 steps an epoch, 10 steps cross an epoch boundary.
+Tiny Llama from conftest.py, 24 pairs in batches of 4: 6 steps an epoch, 10 steps cross an epoch boundary;
+20 pairs (or prompts) with 2 micro-batches a step: 3 steps an epoch, the last of a single micro-batch.
 """
 
 import lightning as L
@@ -52,6 +54,49 @@ def test_a_checkpoint_at_an_epochs_last_batch_resumes_with_the_next_epoch(tiny_l
                               n=20, accumulate_grad_batches=2)
     assert len(seen_before) == 5 and sorted(sum(seen_before, [])) == list(range(20))  # the checkpoint ends epoch 0
     assert seen_before + seen_after == seen_straight
+    for name, weight in straight.policy.state_dict().items():
+        torch.testing.assert_close(resumed.policy.state_dict()[name], weight)
+
+
+def length_reward(prompts: list[str], completions: list[str]) -> list[float]:
+    return [float(len(c)) for c in completions]
+
+
+class StepMetrics(L.Callback):
+    """The logged loss and mean reward of each optimizer step, by step."""
+
+    def __init__(self):
+        self.logged = {}
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        if (batch_idx + 1) % trainer.accumulate_grad_batches == 0 or trainer.is_last_batch:
+            self.logged[trainer.global_step - 1] = {name: float(trainer.callback_metrics[name])
+                                                    for name in ("train/loss", "train/objective/scores")}
+
+
+def fit_online(tiny_llama, root, max_steps, ckpt_path=None, callbacks=()):
+    # 20 prompts in batches of 4, 2 micro-batches a step, 3 completions each: 5 batches an epoch, 3 steps.
+    L.seed_everything(0)
+    record, metrics = RecordBatches(), StepMetrics()
+    model = DPOModule(tiny_llama, learning_rate=1e-2, online={"reward_funcs": "test_resume.length_reward",
+                                                              "num_samples": 3, "max_new_tokens": 6})
+    quiet_trainer(root, max_steps=max_steps, callbacks=[record, metrics, *callbacks], accumulate_grad_batches=2,
+                  log_every_n_steps=1).fit(model, data_module(20, eval_n=0, max_length=32, max_prompt_length=16),
+                                           ckpt_path=ckpt_path)
+    return model, record.batches, metrics.logged
+
+
+@pytest.mark.parametrize("at", [2, 3], ids=["mid-epoch", "epoch-end"])
+def test_online_resume_with_accumulation_samples_trains_and_logs_as_the_unbroken_run(tiny_llama, tmp_path, at):
+    straight, seen_straight, logged_straight = fit_online(tiny_llama, tmp_path / "straight", 5)
+    every = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=at, save_top_k=-1)
+    _, seen_before, _ = fit_online(tiny_llama, tmp_path / "first", at, callbacks=[every])
+    resumed, seen_after, logged_after = fit_online(tiny_llama, tmp_path / "second", 5,
+                                                   ckpt_path=tmp_path / "ckpt" / f"epoch=0-step={at}.ckpt")
+    assert seen_before + seen_after == seen_straight
+    assert sorted(logged_after) == list(range(at, 5))
+    for step, values in logged_after.items():  # the same completions, scores and loss, step by step
+        assert values == pytest.approx(logged_straight[step], rel=1e-6, abs=1e-7), step
     for name, weight in straight.policy.state_dict().items():
         torch.testing.assert_close(resumed.policy.state_dict()[name], weight)
 
