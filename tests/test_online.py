@@ -7,6 +7,7 @@ named by import path (`test_online.<name>`) as a config names them. `RECORD` kee
 
 import dataclasses
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +25,8 @@ from dpo_lightning import DPOModule, PreferenceDataModule
 from dpo_lightning.online import GreedyReward, OnlineConfig
 from dpo_lightning.online.sampler import pick_pairs
 from dpo_lightning.online.rewards import Rewards
+from dpo_lightning.utils.generation import KeyedSampling, complete, generation_config, sampling
+from dpo_lightning.utils.tokenizers import with_pad_token
 
 ROOT = Path(__file__).resolve().parents[1]
 SORT_TINY = ROOT / "dpo_lightning" / "assets" / "sort-tiny"
@@ -130,6 +133,26 @@ def test_each_pair_is_its_prompts_best_and_worst_sample_and_ties_are_skipped_and
     all_scores = [s for _, _, scores in RECORD for s in scores]
     assert logged["train/objective/scores"] == pytest.approx(
         [sum(all_scores[i:i + 12]) / 12 for i in range(0, 36, 12)])
+
+
+def test_keyed_sampling_draws_from_the_softmax_and_a_rows_completion_ignores_the_rest_of_the_batch(tiny_llama):
+    # The distribution: one row of fixed scores, 20000 keys. softmax([0, 1, 2, log 3]) = [1, e, e^2, 3] / total;
+    # each frequency within 4 standard deviations of its probability.
+    scores = torch.tensor([[0.0, 1.0, 2.0, math.log(3.0)]])
+    keys = list(range(20_000))
+    picks = [int((KeyedSampling([key], torch.device("cpu"))(None, scores)).argmax()) for key in keys]
+    weights = [1.0, math.e, math.e ** 2, 3.0]
+    for token, weight in enumerate(weights):
+        p = weight / sum(weights)
+        assert abs(picks.count(token) / len(keys) - p) < 4 * math.sqrt(p * (1 - p) / len(keys)), token
+    # A row's completion: the same alone, or beside longer prompts (left padding) in another order, on its key.
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
+    config = generation_config(with_pad_token(ascii_tokenizer()), [2], 8)
+    prompts, cpu = [[1, 81, 58, 32], [1, 72, 105, 32, 116, 104, 101, 114, 101], [1, 66]], torch.device("cpu")
+    alone = complete(model, prompts[:1], config, cpu, sampling([7], cpu, temperature=1.3, top_k=20, top_p=0.9))
+    batch = complete(model, prompts[::-1], config, cpu, sampling([5, 6, 7], cpu, temperature=1.3, top_k=20,
+                                                                   top_p=0.9))
+    assert alone[0] == batch[2] and len(set(map(tuple, batch))) == 3
 
 
 def test_same_seed_same_pairs_and_the_training_random_state_untouched(tiny_llama, tmp_path):

@@ -6,11 +6,13 @@ the pairs as a training batch, or an explicit "no pair" where every prompt tied,
 
 1. Sample. The current policy completes each prompt `num_samples` times (no grad, eval mode, the KV cache,
    one left-padded batch: `utils/generation.py`, as every generation in the package), with TRL's generation
-   settings (`max_new_tokens`, `temperature`, `top_p`, `top_k`). The seed is drawn from (seed, step,
-   micro-batch, rank) inside `torch.random.fork_rng`, so the same run, or one resumed from any step's
-   checkpoint, samples the same completions, and training's own random state is left as it was. Each rank
-   completes its own prompts: under DDP with its replica, under FSDP2 with the whole weights gathered for
-   the sampling (`unsharded`), then it trains sharded.
+   settings (`max_new_tokens`, `temperature`, `top_p`, `top_k`). Each completion draws from its own random
+   stream, seeded from (seed, step, prompt's row, sample) (`utils.generation.KeyedSampling`): it is the same
+   whatever else is in the batch, on whichever rank and however many, so the same run, one resumed from any
+   step's checkpoint (on any number of ranks), or one with other batch sizes per rank samples the same
+   completions, and training's own random state is left as it was. Each rank completes its own prompts: under
+   DDP with its replica, under FSDP2 with the whole weights gathered for the sampling (`unsharded`), then it
+   trains sharded.
 2. Score. The reward (`rewards.Rewards`: `reward_funcs`, `reward_weights`) scores each completion's text,
    checked before anything trains on it (`rewards.RewardError` names the entry, the setting and the step);
    with `missing_eos_penalty` (TRL's) a completion cut at `max_new_tokens` loses that much.
@@ -25,7 +27,7 @@ the pairs as a training batch, or an explicit "no pair" where every prompt tied,
 
 What it needs from the run is handed to it once, before training (`bind`): the tokenizer, the data module's
 `pair_batch`, and the reference's refresh (`training/reference.py`). As a callback (`DPOModule.configure_callbacks`
-adds it) it marks each optimizer step's start: the step and micro-batch the seed is drawn from, the reference
+adds it) it marks each optimizer step's start: the step the seeds are drawn from, the reference
 refreshed every `ref_model_sync_steps` optimizer steps (iterative DPO; TRL's `ref_model_sync_steps` with
 `ref_model_mixup_alpha` 1), and the step's time spent sampling, scoring and pairing.
 
@@ -51,8 +53,8 @@ from transformers import PreTrainedTokenizerBase
 
 from dpo_lightning.online.config import OnlineConfig
 from dpo_lightning.online.rewards import Rewards
-from dpo_lightning.utils.generation import (complete, generation_config, seeded, sharded, split_completion, stop_ids,
-                                            texts, unsharded)
+from dpo_lightning.utils.generation import (complete, generation_config, sampling, sharded, split_completion,
+                                            stop_ids, texts, unsharded)
 from dpo_lightning.utils.steps import ends_optimizer_step
 
 def pick_pairs(scores: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -72,7 +74,7 @@ def pick_pairs(scores: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def sampling_seed(*parts: int) -> int:
-    """A 63-bit seed drawn from the parts (seed, step, micro-batch, rank): neighbouring steps are unrelated."""
+    """A 63-bit seed drawn from the parts (seed, step, row, sample): neighbouring steps and rows are unrelated."""
     return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "big") >> 1
 
 
@@ -122,7 +124,7 @@ class Online(L.Callback):
         self._tokenizer: PreTrainedTokenizerBase | None = None
         self._pair_batch: Callable[[list[dict]], dict[str, Tensor]] | None = None
         self._refresh_reference: Callable[[], None] | None = None
-        self._where: tuple[int, int, int] | None = None  # (optimizer step, micro-batch, rank) of the batch at hand
+        self._step: int | None = None  # the optimizer step of the batch at hand
         self._step_start, self._generating = 0.0, 0.0
 
     def bind(self, datamodule: L.LightningDataModule, refresh_reference: Callable[[], None]) -> None:
@@ -145,9 +147,8 @@ class Online(L.Callback):
             raise ValueError(refusal)
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
-        micro = batch_idx % trainer.accumulate_grad_batches
-        self._where = (trainer.global_step, micro, trainer.global_rank)
-        if micro:
+        self._step = trainer.global_step
+        if batch_idx % trainer.accumulate_grad_batches:
             return  # not the first micro-batch of an optimizer step
         self._step_start, self._generating = time.perf_counter(), 0.0
         every, step = self.config.ref_model_sync_steps, trainer.global_step
@@ -164,18 +165,17 @@ class Online(L.Callback):
     def pairs(self, policy: nn.Module, prompts: dict) -> Sampled:
         """The pairs of one training micro-batch of prompts (`data.prompts.collate_prompts`: `prompt_input_ids`,
         `row_ids`): sampled, scored, paired and batched (the module docstring's steps 1 to 4)."""
-        if self._pair_batch is None or self._where is None:
+        if self._pair_batch is None or self._step is None:
             raise RuntimeError("Online.pairs runs inside Trainer.fit, after `bind` and the callback's "
                                "on_train_batch_start (DPOModule does both)")
-        start, cfg, tokenizer = time.perf_counter(), self.config, self._tokenizer
-        step, micro, rank = self._where
-        device, n = next(policy.parameters()).device, cfg.num_samples
+        start, cfg, tokenizer, step = time.perf_counter(), self.config, self._tokenizer, self._step
+        device, n, row_ids = next(policy.parameters()).device, cfg.num_samples, prompts["row_ids"].tolist()
         stops = stop_ids(policy, tokenizer)
         repeated = [p for p in prompts["prompt_input_ids"] for _ in range(n)]
-        config = generation_config(tokenizer, stops, cfg.max_new_tokens, do_sample=True, temperature=cfg.temperature,
-                                   top_p=cfg.top_p, top_k=cfg.top_k)
-        with seeded(sampling_seed(self._seed(), step, micro, rank), device), unsharded(policy):
-            completions = complete(policy, repeated, config, device)
+        keys = [sampling_seed(self._seed(), step, row, sample) for row in row_ids for sample in range(n)]
+        with unsharded(policy):  # greedy over keyed noise: a sample (`KeyedSampling`)
+            completions = complete(policy, repeated, generation_config(tokenizer, stops, cfg.max_new_tokens), device,
+                                   sampling(keys, device, cfg.temperature, cfg.top_p, cfg.top_k))
         finished = torch.tensor([split_completion(c, stops)[1] is not None for c in completions])
         scores = self.rewards.to(device)(*texts(tokenizer, repeated, completions, stops), f"at training step {step}")
         if cfg.missing_eos_penalty is not None:
@@ -183,7 +183,6 @@ class Online(L.Callback):
         scores = scores.view(-1, n)  # (P, n)
         chosen, rejected, untied = pick_pairs(scores)
         kept, best_at, worst_at = untied.nonzero().flatten().tolist(), chosen.tolist(), rejected.tolist()
-        row_ids = prompts["row_ids"].tolist()
         rows = [{"prompt_input_ids": repeated[i * n], "chosen_input_ids": completions[i * n + best_at[i]],
                  "rejected_input_ids": completions[i * n + worst_at[i]], "row_id": row_ids[i]} for i in kept]
         if not rows:  # the stand-in: a completion against itself (`Sampled.batch`)

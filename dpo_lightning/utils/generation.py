@@ -1,5 +1,6 @@
 """Generation, in one place: what stops a completion, the generation config, batched completion with the KV cache,
-a seeded block, the text a reward reads, which strategies cannot generate, and FSDP2's weights gathered for it.
+sampling keyed per row, a seeded block, the text a reward reads, which strategies cannot generate, and FSDP2's
+weights gathered for it.
 `GenerateSamples`, `GreedyReward` and online DPO all complete prompts through `complete`, so they stop on the same
 tokens.
 """
@@ -13,6 +14,8 @@ from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelP
 from torch import nn
 from torch.distributed.fsdp import FSDPModule
 from transformers import GenerationConfig, PreTrainedTokenizerBase
+from transformers.generation import (LogitsProcessor, LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper,
+                                     TopPLogitsWarper)
 
 from dpo_lightning.utils.hf import evaluating
 
@@ -82,11 +85,46 @@ def generation_config(tokenizer: PreTrainedTokenizerBase, stops: list[int], max_
                             eos_token_id=stops, **sampling)
 
 
+class KeyedSampling(LogitsProcessor):
+    """Sampling in which each row draws from its own random stream, seeded by its key, so that a row's completion
+    depends on its prompt, its key and the model alone: not on the rows beside it (how many, in which order, their
+    padding), nor on the rank or the number of ranks.
+
+    The Gumbel-max trick: with G_i = -log(-log U_i), U_i uniform, argmax_i (s_i + G_i) is i with probability
+    softmax(s)_i. So greedy decoding (`generation_config` without `do_sample`) of the scores plus this noise samples
+    from them; each row's U are drawn from its own generator, one vector per generated token.
+
+    Args:
+        keys: one seed per row of the batch, in its order.
+        device: where the scores are (each generator lives there).
+    """
+
+    def __init__(self, keys: list[int], device: torch.device):
+        self.generators = [torch.Generator(device).manual_seed(key) for key in keys]
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        uniform = torch.stack([torch.rand(scores.shape[1], generator=generator, device=scores.device)
+                               for generator in self.generators])  # (rows, V)
+        uniform = uniform.clamp(min=torch.finfo(uniform.dtype).tiny)  # rand may give 0: log(0)
+        return scores + -torch.log(-torch.log(uniform)).to(scores.dtype)
+
+
+def sampling(keys: list[int], device: torch.device, temperature: float = 1.0, top_p: float = 1.0,
+             top_k: int = 0) -> LogitsProcessorList:
+    """The processors that sample with these settings, each row keyed (`KeyedSampling`), for `complete` with a greedy
+    `generation_config`: temperature, then top_k, then top_p, as `generate` orders them when it samples."""
+    warpers = [TemperatureLogitsWarper(temperature)] if temperature != 1.0 else []
+    warpers += [TopKLogitsWarper(top_k)] if top_k else []
+    warpers += [TopPLogitsWarper(top_p)] if top_p < 1.0 else []
+    return LogitsProcessorList([*warpers, KeyedSampling(keys, device)])
+
+
 @torch.no_grad()
-def complete(model: nn.Module, prompts: list[list[int]], config: GenerationConfig,
-             device: torch.device) -> list[list[int]]:
+def complete(model: nn.Module, prompts: list[list[int]], config: GenerationConfig, device: torch.device,
+             processors: LogitsProcessorList | None = None) -> list[list[int]]:
     """Each prompt's completion ids, through the first stop token if one came: one left-padded batch,
-    in eval mode, with the KV cache (`config.use_cache`, transformers' default)."""
+    in eval mode, with the KV cache (`config.use_cache`, transformers' default); `processors` (`sampling`) change
+    the scores before each token is picked."""
     width = max(map(len, prompts))
     pad, stops = config.pad_token_id, set(config.eos_token_id)
     input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
@@ -94,7 +132,7 @@ def complete(model: nn.Module, prompts: list[list[int]], config: GenerationConfi
     with evaluating(model):
         # synced_gpus=False: no rank waits on another's generation (sharded weights are gathered or refused first).
         out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
-                             synced_gpus=False)
+                             logits_processor=processors, synced_gpus=False)
     completions = []
     for ids in out[:, width:].tolist():
         end = next((i + 1 for i, token in enumerate(ids) if token in stops), len(ids))
