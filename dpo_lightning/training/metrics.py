@@ -136,7 +136,7 @@ def update_means(metrics: nn.ModuleDict, values: dict[str, Tensor]) -> None:
     for name, value in values.items():
         if value.numel():
             thaw(metrics[name])
-            metrics[name].update(value)
+            metrics[name].update(value.to(metrics[name].device))  # the metric's device, not the value's
 
 
 def update_metrics(metrics: nn.ModuleDict, out: ObjectiveOutput, logps: Tensor, mean_logits: Tensor,
