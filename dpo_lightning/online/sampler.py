@@ -57,6 +57,7 @@ from dpo_lightning.utils.generation import (complete, generation_config, samplin
                                             stop_ids, texts, unsharded)
 from dpo_lightning.utils.steps import ends_optimizer_step
 
+
 def pick_pairs(scores: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Each prompt's best and worst completion by score, and which prompts are not ties.
 

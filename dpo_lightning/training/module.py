@@ -10,8 +10,8 @@ moves tensors or casts them.
 The hooks come in the order Lightning calls them (setup, training_step, on_before_optimizer_step,
 lr_scheduler_step, on_train_batch_end, validation_step), then the step they share (`_shared_step`:
 log-probs, reference log-probs, loss, metrics) and its helpers. A non-finite loss with
-`nonfinite_loss: skip` marks the optimizer step skipped on every rank, and the hooks after it leave the
-weights, optimizer, schedule and metrics alone (`_finite_on_every_rank`, `on_before_optimizer_step`).
+`nonfinite_loss: skip`, or an online step without a pair on any rank, marks the optimizer step skipped on every
+rank, and the hooks after it leave the weights, optimizer, schedule and metrics alone (`on_before_optimizer_step`).
 """
 
 import functools
@@ -225,7 +225,7 @@ class DPOModule(L.LightningModule):
         self.val_metrics = make_metrics(loss_types, rpo_alpha)
         # The likelihood displacement warning's measure: log ref - log pi of the chosen responses, per response.
         self.chosen_logp_drop = MeanMetric(sync_on_compute=False)
-        self._skip_step = False  # a non-finite loss in this optimizer step, with nonfinite_loss: skip
+        self._skip_step = False  # this optimizer step: a non-finite loss (nonfinite_loss: skip), or no pair (online)
         self._displacement_warned = False
 
     @property
