@@ -1,4 +1,7 @@
-"""Online DPO (online.py, rewards.py): pairs sampled by the policy during training and ranked by a reward.
+"""Online DPO (online/: config.py, sampler.py, rewards.py, greedy.py): pairs sampled by the policy during training
+and ranked by a reward; its typed settings through the CLI and Python, keyed sampling, DDP with ties on one rank.
+Faults (failing rewards, ties, long prompts) are in test_faults.py, resume in test_resume.py and
+test_preemption.py, FSDP2 in test_fsdp2.py, the architecture matrix in test_architectures.py.
 
 Tiny Llama and the ASCII tokenizer from conftest.py; the data's prompts are `conftest.rows`' (a preference
 set: online training reads its prompts only). The rewards below are plain functions of the completion text,
