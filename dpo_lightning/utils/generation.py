@@ -1,8 +1,7 @@
 """Generation, in one place: what stops a completion, the generation config, batched completion with the KV cache,
 sampling keyed per row, a seeded block, the text a reward reads, which strategies cannot generate, and FSDP2's
-weights gathered for it.
-`GenerateSamples`, `GreedyReward` and online DPO all complete prompts through `complete`, so they stop on the same
-tokens.
+weights gathered for it. `GenerateSamples`, `GreedyReward` and online DPO all complete prompts through `complete`,
+so they stop on the same tokens.
 """
 
 import contextlib
@@ -50,8 +49,8 @@ def unsharded(model: nn.Module) -> Iterator[None]:
     sharded with FSDP2 is left as it is.
     """
     units = [module for module in model.modules() if isinstance(module, FSDPModule)]
-    # FSDP2 reshards a unit after each forward where it was sharded to (its `reshard_after_forward`); it has no public
-    # getter, so the setting is read and put back on the parameter groups themselves.
+    # FSDP2 reshards a unit after each forward if it was sharded with `reshard_after_forward`; that setting has no
+    # public getter, so it is read from the unit's parameter groups and put back there.
     groups = [group for unit in units for group in unit._get_fsdp_state()._fsdp_param_groups]
     kept = [group.post_forward_mesh_info for group in groups]
     for unit in units:
