@@ -47,6 +47,14 @@ def length_reward(prompts: list[str], completions: list[str]) -> list[float]:
     return [float(len(c)) for c in completions]
 
 
+def fails_on_rank_1_reward(prompts: list[str], completions: list[str]) -> list[float]:
+    """`length_reward`, but rank 1's second call (step 1) raises."""
+    RECORD.append((list(prompts), list(completions), []))
+    if torch.distributed.get_rank() == 1 and len(RECORD) == 2:
+        raise RuntimeError("rank 1's scorer is down")
+    return length_reward(prompts, completions)
+
+
 def tied_on_rank_0_reward(prompts: list[str], completions: list[str]) -> list[float]:
     """Every completion scores 1 on rank 0 (all its prompts tie); elsewhere each scores its position (none tie)."""
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
@@ -323,7 +331,8 @@ def test_ddp_two_ranks_each_complete_their_own_prompts_and_a_rank_whose_prompts_
     # Rank 0's prompts all tie at every step, rank 1's never: rank 0 trains a stand-in with weight 0 (every rank
     # must run the gradient all-reduce), and the step logs the ties of all 4 prompts and rank 1's pairs alone.
     out = tmp_path / "ddp.json"
-    subprocess.run([sys.executable, __file__, tiny_llama, str(out)], check=True, timeout=600, cwd=tmp_path)
+    subprocess.run([sys.executable, __file__, tiny_llama, str(out), "tied_on_rank_0_reward"], check=True, timeout=600,
+                   cwd=tmp_path)
     result = json.loads(out.read_text())
     prompts = [set(sum(rank, [])) for rank in result["prompt_rows"]]
     assert prompts[0] and prompts[1] and not prompts[0] & prompts[1]  # each rank's own prompts
@@ -336,9 +345,19 @@ def test_ddp_two_ranks_each_complete_their_own_prompts_and_a_rank_whose_prompts_
         assert all(value == value for value in step.values()) and "train/loss" in step
 
 
+def test_ddp_a_reward_failing_on_one_rank_stops_every_rank_naming_it(tiny_llama, tmp_path):
+    # Rank 1's reward raises at step 1: rank 0, whose reward scored, must not wait for it in the step's all-reduce.
+    done = subprocess.run([sys.executable, __file__, tiny_llama, str(tmp_path / "ddp.json"), "fails_on_rank_1_reward"],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode != 0 and not (tmp_path / "ddp.json").exists()
+    assert ("--model.online.reward_funcs entry 'test_online.fails_on_rank_1_reward' raised at training step 1: "
+            "RuntimeError: rank 1's scorer is down") in done.stderr
+    assert "--model.online.reward_funcs: a reward failed on another rank at training step 1" in done.stderr
+
+
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).parent))
-    policy, out = sys.argv[1], Path(sys.argv[2])
+    policy, out, reward = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
 
     class Rows(L.Callback):
         def __init__(self):
@@ -352,7 +371,7 @@ if __name__ == "__main__":
             self.metrics = getattr(self, "metrics", []) + [{k: float(v) for k, v in trainer.callback_metrics.items()}]
 
     L.seed_everything(0)
-    online = {**ONLINE, "reward_funcs": "test_online.tied_on_rank_0_reward"}
+    online = {**ONLINE, "reward_funcs": f"test_online.{reward}"}
     model = DPOModule(policy, learning_rate=1e-2, online=online)
     start = {k: v.clone() for k, v in model.policy.state_dict().items()}
     rows_cb = Rows()

@@ -39,6 +39,7 @@ scoring and pairing); over the pairs, so not at a step where every prompt tied: 
 (chosen - rejected), `objective/scores_chosen`, `objective/scores_rejected`.
 """
 
+import functools
 import hashlib
 import os
 import time
@@ -52,7 +53,7 @@ from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
 from dpo_lightning.online.config import OnlineConfig
-from dpo_lightning.online.rewards import Rewards
+from dpo_lightning.online.rewards import RewardError, Rewards
 from dpo_lightning.utils.generation import (complete, generation_config, sampling, sharded, split_completion,
                                             stop_ids, texts, unsharded)
 from dpo_lightning.utils.steps import ends_optimizer_step
@@ -126,6 +127,7 @@ class Online(L.Callback):
         self._pair_batch: Callable[[list[dict]], dict[str, Tensor]] | None = None
         self._refresh_reference: Callable[[], None] | None = None
         self._step: int | None = None  # the optimizer step of the batch at hand
+        self._sum_over_ranks: Callable[[Tensor], Tensor] = lambda tensor: tensor
         self._step_start, self._generating = 0.0, 0.0
 
     def bind(self, datamodule: L.LightningDataModule, refresh_reference: Callable[[], None]) -> None:
@@ -146,6 +148,7 @@ class Online(L.Callback):
         refusal = sharded(trainer, "--model.online", every_rank=True)
         if refusal and stage == "fit":
             raise ValueError(refusal)
+        self._sum_over_ranks = functools.partial(trainer.strategy.reduce, reduce_op="sum")
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
         self._step = trainer.global_step
@@ -178,7 +181,7 @@ class Online(L.Callback):
             completions = complete(policy, repeated, generation_config(tokenizer, stops, cfg.max_new_tokens), device,
                                    sampling(keys, device, cfg.temperature, cfg.top_p, cfg.top_k))
         finished = torch.tensor([split_completion(c, stops)[1] is not None for c in completions])
-        scores = self.rewards.to(device)(*texts(tokenizer, repeated, completions, stops), f"at training step {step}")
+        scores = self._scores(tokenizer, repeated, completions, stops, device)
         if cfg.missing_eos_penalty is not None:
             scores = scores - cfg.missing_eos_penalty * (~finished).float()
         scores = scores.view(-1, n)  # (P, n)
@@ -199,6 +202,20 @@ class Online(L.Callback):
         batch = move_data_to_device(self._pair_batch(rows), device)
         self._generating += time.perf_counter() - start
         return Sampled(batch, bool(kept), metrics)
+
+    def _scores(self, tokenizer: PreTrainedTokenizerBase, prompts: list[list[int]], completions: list[list[int]],
+                stops: list[int], device: torch.device) -> Tensor:
+        """The rewards of the completions (N,), or on every rank together the error of a reward that failed on one:
+        a rank that raised alone would leave the others waiting in the step's collectives."""
+        where, error = f"at training step {self._step}", None
+        try:
+            scores = self.rewards.to(device)(*texts(tokenizer, prompts, completions, stops), where)
+        except RewardError as failure:
+            error = failure
+        if self._sum_over_ranks(torch.tensor(float(error is not None), device=device)).item():
+            raise error or RewardError(f"{self.rewards.setting}: a reward failed on another rank {where}; that "
+                                       "rank's error names it. Nothing was trained on these completions")
+        return scores
 
     def _seed(self) -> int:
         return self.config.seed if self.config.seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
