@@ -32,7 +32,7 @@ EXPORTS = {
     "ExportPretrained": "dpo_lightning.callbacks.export",
     "PreemptionCheckpoint": "dpo_lightning.callbacks.preemption",
     "GreedyReward": "dpo_lightning.online.greedy",
-    "OnlineConfig": "dpo_lightning.online.sampler",
+    "OnlineConfig": "dpo_lightning.online.config",
     "DecoderLayers": "dpo_lightning.training.distributed",
     "LOSSES": "dpo_lightning.training.losses",
     "sigmoid_loss": "dpo_lightning.training.losses",

@@ -15,9 +15,13 @@ eval mode (no dropout: `disable_dropout` is on), the DPO loss written out, and `
 step's mean chosen log-prob and loss, and the trained weights, must match. A layout the model cannot take
 must be refused with our own message (`REFUSED`), never run silently wrong.
 
+Online DPO trains the pairs its policy samples, in the default mode, with LoRA and in bf16-mixed, on a few
+architectures: the sampled pairs (as the data module batches them) go through the same oracle.
+
 The default run covers every architecture in the default mode (the probe, the layout `auto` picks, two
-steps) and the explicit shared and packed layouts on a few; `pytest -m architectures` runs every mode of
-every architecture (CI runs it: .ci/run).
+steps), the explicit shared and packed layouts on a few, and online DPO on Llama; `pytest -m architectures`
+runs every mode of every architecture and online DPO's modes on a few (CI runs it: .ci/run, and the online bf16
+cases again under ATEN_CPU_CAPABILITY=default).
 """
 
 import copy
@@ -31,7 +35,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from dpo_lightning import DPOModule
 from dpo_lightning.data.layouts import shared_layout_unsupported
 
-from conftest import data_module, quiet_trainer
+from conftest import BF16_RTOL, data_module, quiet_trainer
 
 WIDTH = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=128)
@@ -212,6 +216,63 @@ def test_explicit_shared_layouts_are_exact_or_refused(name, mode, tmp_path):
 @pytest.mark.parametrize("name", ARCHITECTURES)
 def test_every_mode_of_every_architecture(name, mode, tmp_path):
     train_and_compare(name, mode, tmp_path)
+
+
+# --- Online DPO: the pairs the policy samples, trained as the plain forward would ----------------------------------
+
+ONLINE_MODES = {"default": ({}, {}), "lora": ({"lora_r": 4}, {}), "bf16": ({}, {"precision": "bf16-mixed"})}
+
+
+def text_reward(prompts: list[str], completions: list[str]) -> list[float]:
+    """Length, then the characters: ties are rare, so every step has pairs."""
+    return [len(c) + sum(map(ord, c)) % 89 / 89 for c in completions]
+
+
+def train_online_and_compare(name: str, mode: str, tmp_path) -> None:
+    """Online SGD steps: the pairs the data module batched (`pair_batch`), as sampled, go through the oracle's plain
+    float32 forward; the logged loss and mean chosen log-prob and the weights must match it. In bf16-mixed, one
+    step, from the same weights: to bf16's rounding (the update sums a few hundred bf16 products: a few units)."""
+    module_options, trainer_options = ONLINE_MODES[mode]
+    if mode == "lora" and name in NO_LORA_DEFAULTS:
+        module_options = {**module_options, "lora_target_modules": "all-linear"}
+    online = {"reward_funcs": "test_architectures.text_reward", "num_samples": 3, "max_new_tokens": 6}
+    module = DPOModule(tiny_model(name), beta=BETA, learning_rate=LR, optimizer=torch.optim.SGD, online=online,
+                       **module_options)
+    start = copy.deepcopy(module.policy)
+    data = data_module(8, eval_n=0)
+    sampled, batch_pairs = [], data.pair_batch  # each step's pairs, as the online component hands them over
+    data.pair_batch = lambda pairs: sampled.append(pairs) or batch_pairs(pairs)
+    record, steps = Record(), 1 if mode == "bf16" else 2
+    quiet_trainer(tmp_path, max_steps=steps, callbacks=[record], enable_checkpointing=False, **trainer_options).fit(
+        module, data)
+    assert len(sampled) == steps and all(len(pairs) >= 2 for pairs in sampled)  # pairs, not a stand-in for ties
+    for pair in sum(sampled, []):  # short enough that rule 3 cut nothing: trained as sampled
+        assert len(pair["prompt_input_ids"]) + max(len(pair["chosen_input_ids"]), len(pair["rejected_input_ids"])) <= 48
+    trained, losses, logps = oracle_training(start, mode == "lora", sampled)
+    bf16 = mode == "bf16"
+    torch.testing.assert_close(torch.stack(record.logps), torch.stack(logps), msg="logps",
+                               **(dict(rtol=BF16_RTOL, atol=0) if bf16 else dict(rtol=1e-4, atol=1e-4)))
+    torch.testing.assert_close(torch.stack(record.losses), torch.stack(losses), rtol=1e-4, atol=1e-5, msg="loss")
+    before = dict(start.named_parameters())
+    for (key, actual), expected in zip(module.policy.named_parameters(), trained.parameters()):
+        if actual.requires_grad:  # the update must match to 1e-3 of its own size (bf16: 2 x BF16_RTOL)
+            step, expected_step = actual.detach() - before[key], expected.detach() - before[key]
+            scale = expected_step.abs().max().item()
+            tolerance = dict(rtol=0, atol=2 * BF16_RTOL * scale) if bf16 else dict(rtol=1e-3, atol=1e-3 * scale + 1e-7)
+            torch.testing.assert_close(step, expected_step, **tolerance, msg=key)
+    if bf16:  # bf16 really ran
+        assert not torch.equal(torch.stack(record.logps), torch.stack(logps))
+
+
+def test_online_default_mode_trains_its_own_samples_as_the_plain_forward(tmp_path):
+    train_online_and_compare("llama", "default", tmp_path)
+
+
+@pytest.mark.architectures
+@pytest.mark.parametrize("mode", ONLINE_MODES)
+@pytest.mark.parametrize("name", FAST)
+def test_online_every_mode_of_a_few_architectures(name, mode, tmp_path):
+    train_online_and_compare(name, mode, tmp_path)
 
 
 @pytest.mark.parametrize("name", ["opt", "falcon", "bloom", "llama", "gpt2"])

@@ -1,6 +1,8 @@
 """Fault injection: damaged files, two writers at once, folders that cannot be written, a tokenizer too large for
-the model, resume with other settings and on another number of ranks. Each test asserts the state afterwards
-(the weights, the cache file, what was trained) and the message, not only that something was raised.
+the model, resume with other settings and on another number of ranks; online DPO's rewards that fail at a step
+(raise, or return strings, NaN, a wrong count), prompts that all tie, prompts longer than max_length. Each test
+asserts the state afterwards (the weights, the cache file, what was trained) and the message, not only that
+something was raised.
 
 Signals to real training processes are in test_preemption.py (SIGTERM, SIGUSR1: the weights, the rows and
 the logged metrics of a stopped-and-resumed run equal an uninterrupted one's). Tiny Llama from conftest.py,
@@ -8,6 +10,7 @@ the ASCII tokenizer; runs of a few steps; subprocesses only where a process must
 We run as root, which ignores permission bits: an unwritable folder is a path through a regular file.
 """
 
+import csv
 import json
 import multiprocessing
 import os
@@ -24,12 +27,17 @@ import torch
 from conftest import RecordBatches, ascii_tokenizer, data_module, ids, quiet_trainer, rows
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
 from safetensors.torch import load_file, save_file
 
 from dpo_lightning import DPOModule, ExportPretrained, PreferenceDataModule
 from dpo_lightning.callbacks import PreemptionCheckpoint
+from dpo_lightning.cli.main import cli_main
+from dpo_lightning.online.rewards import RewardError
 from dpo_lightning.training.checkpoints import NamedCheckpointIO
 from dpo_lightning.training.refcache import save_table
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def validate(model: DPOModule, root, dm=None) -> dict[str, float]:
@@ -253,6 +261,182 @@ def test_a_one_process_checkpoint_resumed_on_two_ranks_trains_every_remaining_pa
     for step in range(2):  # global batch of step 2 + step: two of the straight run's batches of 4
         trained = sorted(ranks[0][step] + ranks[1][step])
         assert trained == sorted(straight.batches[2 + 2 * step] + straight.batches[3 + 2 * step]), step
+
+
+# --- online DPO: a reward that fails at step N, prompts that all tie, prompts longer than max_length -------------
+# The rewards are named by import path (`test_faults.<name>`), as a config names them; the test sets `FAILURE`.
+
+CALLS: list[tuple[list[str], list[str]]] = []  # what each reward call saw: (prompts, completions)
+FAILURE = {"kind": "raises", "at": 3}  # what `failing_reward` does from its `at`-th call on
+def _down(completions: list[str]):
+    raise RuntimeError("the scoring service is down")
+
+
+FAILURES = {
+    "raises": _down,
+    "strings": lambda completions: ["good"] * len(completions),
+    "nan": lambda completions: [float("nan")] + [1.0] * (len(completions) - 1),
+    "too few": lambda completions: [1.0] * (len(completions) - 1),
+    "None": lambda completions: None,
+    "one number": lambda completions: 3.0,
+    "complex": lambda completions: [1j] * len(completions),
+}
+# What the error says of each, after naming the entry, the setting and the step: the reward's own message.
+SAYS = {"raises": "raised at training step 2: RuntimeError: the scoring service is down",
+        "strings": "returned 'good' \\(str\\) for completion 0, not a number at training step 2",
+        "nan": "returned nan for completion 0 .*, not a finite number at training step 2",
+        "too few": "returned 11 scores for 12 completions at training step 2",
+        "None": "returned a NoneType, not one number per completion at training step 2",
+        "one number": "returned a float, not one number per completion at training step 2",
+        "complex": "returned 1j \\(complex\\) for completion 0, not a number at training step 2"}
+
+
+def length_reward(prompts: list[str], completions: list[str]) -> list[float]:
+    CALLS.append((list(prompts), list(completions)))
+    return [float(len(c)) for c in completions]
+
+
+def failing_reward(prompts: list[str], completions: list[str]):
+    """`length_reward` until its `FAILURE["at"]`-th call, then `FAILURES[FAILURE["kind"]]`."""
+    scores = length_reward(prompts, completions)
+    return FAILURES[FAILURE["kind"]](completions) if len(CALLS) >= FAILURE["at"] else scores
+
+
+def tensor_reward(prompts: list[str], completions: list[str]) -> torch.Tensor:
+    """`length_reward` as a float64 column (N, 1), as a reward model's head gives it."""
+    return torch.tensor(length_reward(prompts, completions), dtype=torch.float64)[:, None]
+
+
+def constant_reward(prompts: list[str], completions: list[str]) -> list[float]:
+    CALLS.append((list(prompts), list(completions)))
+    return [1.0] * len(completions)
+
+
+def tied_at_call_2_reward(prompts: list[str], completions: list[str]) -> list[float]:
+    """`length_reward`, except that every completion scores 1 at the second call (step 1): a step of ties."""
+    scores = length_reward(prompts, completions)
+    return [1.0] * len(completions) if len(CALLS) == 2 else scores
+
+
+class Steps(L.Callback):
+    """The policy's weights after each optimizer step, and each micro-batch's trained batch (the pairs)."""
+
+    def __init__(self):
+        self.weights, self.batches = [], []
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        self.batches.append({k: v.clone() for k, v in outputs["batch"].items() if isinstance(v, torch.Tensor)})
+        self.weights.append({k: v.clone() for k, v in module.policy.state_dict().items()})
+
+
+def fit_online(policy, root, reward: str, steps: Steps | None = None, dataset=None, logger=False,
+               **data_options) -> Steps:
+    """3 online steps of 4 prompts, 3 samples each, rewarded by `test_faults.<reward>`; `steps` records them
+    (`steps.start`: the weights before, `steps.model`, `steps.data`), also when the run raises."""
+    L.seed_everything(0)
+    CALLS.clear()
+    steps = steps or Steps()
+    steps.model = DPOModule(policy, learning_rate=1e-2, online={"reward_funcs": f"test_faults.{reward}",
+                                                                "num_samples": 3, "max_new_tokens": 6})
+    steps.start = {k: v.clone() for k, v in steps.model.policy.state_dict().items()}
+    steps.data = data_module(12, eval_n=0, dataset=dataset, **{"max_length": 32, "max_prompt_length": 16,
+                                                                **data_options})
+    trainer = quiet_trainer(root, max_steps=3, callbacks=[steps], log_every_n_steps=1, logger=logger)
+    trainer.fit(steps.model, steps.data)
+    return steps
+
+
+def metrics_csv(root) -> list[dict[str, str]]:
+    with open(next(Path(root).rglob("metrics.csv"))) as f:
+        return [{k: v for k, v in row.items() if v != ""} for row in csv.DictReader(f)]
+
+
+@pytest.mark.parametrize("kind", FAILURES)
+def test_a_reward_that_fails_at_step_n_stops_naming_the_entry_the_setting_the_step_and_its_message(tiny_llama,
+                                                                                                    tmp_path, kind):
+    FAILURE.update(kind=kind, at=3)  # the third call: step 2, after two steps trained
+    says = f"--model.online.reward_funcs entry 'test_faults.failing_reward' {SAYS[kind]}"
+    steps = Steps()
+    with pytest.raises(RewardError, match=says) as error:
+        fit_online(tiny_llama, tmp_path, "failing_reward", steps)
+    assert len(CALLS) == 3 and "Nothing was trained on these completions" in str(error.value)
+    assert len(steps.weights) == 2  # steps 0 and 1 trained; step 2 stopped before its forward
+    for name, value in steps.model.policy.state_dict().items():
+        assert torch.equal(value, steps.weights[-1][name]), name
+
+
+def test_a_reward_returning_a_float_tensor_trains_as_the_same_scores_in_a_list(tiny_llama, tmp_path):
+    as_list, as_tensor = (fit_online(tiny_llama, tmp_path / reward, reward) for reward in ("length_reward",
+                                                                                           "tensor_reward"))
+    for name, value in as_list.weights[-1].items():
+        assert torch.equal(as_tensor.weights[-1][name], value), name
+
+
+def test_a_missing_reward_module_named_on_the_command_line_is_named_as_the_setting(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="--model.online.reward_funcs: reward 'no_such_module.score': cannot import "
+                                         "'score' from 'no_such_module'.*PYTHONPATH"):
+        cli_main(["fit", "--config", str(ROOT / "configs" / "online_quickstart.yaml"),
+                  "--model.online.reward_funcs", "no_such_module.score", "--trainer.max_steps", "1"])
+
+
+def test_every_prompt_tied_logs_the_ties_and_scores_and_nothing_undefined(tiny_llama, tmp_path):
+    steps = fit_online(tiny_llama, tmp_path, "constant_reward", logger=CSVLogger(tmp_path, name="logs"))
+    rows = metrics_csv(tmp_path)
+    train = [row for row in rows if any(name.startswith("train/") for name in row)]
+    assert len(CALLS) == 3 and len(train) >= 3
+    for row in rows:
+        assert not [name for name, value in row.items() if value.lower() == "nan"], row
+    by_step = {}
+    for row in train:
+        by_step.setdefault(int(row["step"]), {}).update(row)
+    for step in range(3):  # every prompt tied: the share is 1, the score is the constant, no pair metric at all
+        assert float(by_step[step]["train/objective/ties"]) == 1.0
+        assert float(by_step[step]["train/objective/scores"]) == 1.0
+        assert not [name for name in by_step[step] if name.startswith(tuple(f"train/{pair}" for pair in (
+            "loss", "logps", "logits", "lengths", "rewards", "grad_norm", "learning_rate")))]
+        assert "train/objective/scores_margin" not in by_step[step]
+    for name, value in steps.model.policy.state_dict().items():  # nothing to train on: nothing trained
+        assert torch.equal(value, steps.start[name]), name
+
+
+def test_a_step_whose_prompts_all_tie_moves_no_weight(tiny_llama, tmp_path):
+    # Step 1 ties everywhere. AdamW would still move every weight on its zero gradient (the moments of step 0),
+    # so a step with no pair is skipped as a whole, and steps 0 and 2 train.
+    steps = fit_online(tiny_llama, tmp_path, "tied_at_call_2_reward", logger=CSVLogger(tmp_path, name="logs"))
+    first, tied, last = steps.weights
+    assert all(torch.equal(tied[name], first[name]) for name in first)
+    assert not all(torch.equal(first[name], steps.start[name]) for name in first)
+    assert not all(torch.equal(last[name], tied[name]) for name in first)
+    logged = {}
+    for row in metrics_csv(tmp_path):
+        logged.setdefault(int(row["step"]), {}).update(row)
+    assert "train/loss" in logged[0] and "train/loss" in logged[2] and "train/loss" not in logged[1]
+    assert float(logged[1]["train/objective/ties"]) == 1.0
+
+
+def test_prompts_longer_than_max_length_are_cut_before_sampling_so_every_pair_keeps_a_response(tiny_llama, tmp_path):
+    # Prompts of 21-30 characters, 22-31 tokens with BOS, against max_length 24: rule 3 keeps max_prompt_length 16
+    # tokens of each (BOS, then its last 15 characters: keep_end) before the policy completes it, so a pair trains
+    # on the prompt its completions were sampled from, and its responses keep 24 - 16 = 8 tokens at most, 1 at least.
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    prompts = [f"say {(letters * 2)[i:i + 15 + i % 10]}{i % 10}?" for i in range(12)]
+    assert {len(prompt) for prompt in prompts} == set(range(21, 31))
+    cut = {tuple([1] + ids(prompt)[-15:]) for prompt in prompts}  # the oracle: rule 3's cut, written out
+    tokenizer = ascii_tokenizer(add_bos=True)
+    steps = fit_online(tiny_llama, tmp_path, "length_reward", dataset={"prompt": prompts}, max_length=24,
+                       max_prompt_length=16, prefix_sharing=False, tokenizer=tokenizer)
+    assert steps.data.summary["train"]["truncated"] == 12
+    for (seen, _), batch in zip(CALLS, steps.batches):
+        assert set(seen) <= {tokenizer.decode(list(prompt), skip_special_tokens=True) for prompt in cut}
+        mask, labels = batch["attention_mask"].bool(), batch["labels"]
+        for row in range(len(labels)):
+            response = labels[row][labels[row] != -100].tolist()
+            sequence = batch["input_ids"][row][mask[row]].tolist()
+            assert 1 <= len(response) <= 8 and len(sequence) <= 24
+            assert tuple(sequence[:len(sequence) - len(response)]) in cut  # trained on the prompt it sampled from
+    for weights in steps.weights:
+        assert all(torch.isfinite(value).all() for value in weights.values())
 
 
 if __name__ == "__main__":

@@ -1,11 +1,16 @@
-"""Online DPO (online.py, rewards.py): pairs sampled by the policy during training and ranked by a reward.
+"""Online DPO (online/: config.py, sampler.py, rewards.py, greedy.py): pairs sampled by the policy during training
+and ranked by a reward; its typed settings through the CLI and Python, keyed sampling, DDP with ties on one rank.
+Faults (failing rewards, ties, long prompts) are in test_faults.py, resume in test_resume.py and
+test_preemption.py, FSDP2 in test_fsdp2.py, the architecture matrix in test_architectures.py.
 
 Tiny Llama and the ASCII tokenizer from conftest.py; the data's prompts are `conftest.rows`' (a preference
 set: online training reads its prompts only). The rewards below are plain functions of the completion text,
 named by import path (`test_online.<name>`) as a config names them. `RECORD` keeps what each call saw.
 """
 
+import dataclasses
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -20,9 +25,11 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForSequenceClassification
 
 from dpo_lightning import DPOModule, PreferenceDataModule
-from dpo_lightning.online import GreedyReward
+from dpo_lightning.online import GreedyReward, OnlineConfig
 from dpo_lightning.online.sampler import pick_pairs
 from dpo_lightning.online.rewards import Rewards
+from dpo_lightning.utils.generation import KeyedSampling, complete, generation_config, sampling
+from dpo_lightning.utils.tokenizers import with_pad_token
 
 ROOT = Path(__file__).resolve().parents[1]
 SORT_TINY = ROOT / "dpo_lightning" / "assets" / "sort-tiny"
@@ -40,6 +47,20 @@ def length_reward(prompts: list[str], completions: list[str]) -> list[float]:
     return [float(len(c)) for c in completions]
 
 
+def fails_on_rank_1_reward(prompts: list[str], completions: list[str]) -> list[float]:
+    """`length_reward`, but rank 1's second call (step 1) raises."""
+    RECORD.append((list(prompts), list(completions), []))
+    if torch.distributed.get_rank() == 1 and len(RECORD) == 2:
+        raise RuntimeError("rank 1's scorer is down")
+    return length_reward(prompts, completions)
+
+
+def tied_on_rank_0_reward(prompts: list[str], completions: list[str]) -> list[float]:
+    """Every completion scores 1 on rank 0 (all its prompts tie); elsewhere each scores its position (none tie)."""
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    return [1.0] * len(completions) if rank == 0 else [float(i) for i in range(len(completions))]
+
+
 ONLINE = {"reward_funcs": "test_online.mod3_reward", "num_samples": 3, "max_new_tokens": 6}
 
 
@@ -53,7 +74,8 @@ class Pairs(L.Callback):
         self._rng = torch.get_rng_state()
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-        self.batches.append({k: v.clone() for k, v in batch.items() if isinstance(v, torch.Tensor)})
+        trained = outputs["batch"]  # the pairs sampled from this batch's prompts
+        self.batches.append({k: v.clone() for k, v in trained.items() if isinstance(v, torch.Tensor)})
         self.weights.append({k: v.clone() for k, v in module.policy.state_dict().items()})
         self.rng_equal.append(torch.equal(self._rng, torch.get_rng_state()))
 
@@ -122,6 +144,26 @@ def test_each_pair_is_its_prompts_best_and_worst_sample_and_ties_are_skipped_and
     all_scores = [s for _, _, scores in RECORD for s in scores]
     assert logged["train/objective/scores"] == pytest.approx(
         [sum(all_scores[i:i + 12]) / 12 for i in range(0, 36, 12)])
+
+
+def test_keyed_sampling_draws_from_the_softmax_and_a_rows_completion_ignores_the_rest_of_the_batch(tiny_llama):
+    # The distribution: one row of fixed scores, 20000 keys. softmax([0, 1, 2, log 3]) = [1, e, e^2, 3] / total;
+    # each frequency within 4 standard deviations of its probability.
+    scores = torch.tensor([[0.0, 1.0, 2.0, math.log(3.0)]])
+    keys = list(range(20_000))
+    picks = [int((KeyedSampling([key], torch.device("cpu"))(None, scores)).argmax()) for key in keys]
+    weights = [1.0, math.e, math.e ** 2, 3.0]
+    for token, weight in enumerate(weights):
+        p = weight / sum(weights)
+        assert abs(picks.count(token) / len(keys) - p) < 4 * math.sqrt(p * (1 - p) / len(keys)), token
+    # A row's completion: the same alone, or beside longer prompts (left padding) in another order, on its key.
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
+    config = generation_config(with_pad_token(ascii_tokenizer()), [2], 8)
+    prompts, cpu = [[1, 81, 58, 32], [1, 72, 105, 32, 116, 104, 101, 114, 101], [1, 66]], torch.device("cpu")
+    alone = complete(model, prompts[:1], config, cpu, sampling([7], cpu, temperature=1.3, top_k=20, top_p=0.9))
+    batch = complete(model, prompts[::-1], config, cpu, sampling([5, 6, 7], cpu, temperature=1.3, top_k=20,
+                                                                   top_p=0.9))
+    assert alone[0] == batch[2] and len(set(map(tuple, batch))) == 3
 
 
 def test_same_seed_same_pairs_and_the_training_random_state_untouched(tiny_llama, tmp_path):
@@ -208,6 +250,45 @@ def test_reward_named_in_yaml_trains_through_the_cli(tiny_llama, reward_model, t
         DPOModule(tiny_llama, online={**ONLINE, "reward_funcs": "no_such_module.score"})
 
 
+def test_online_settings_are_typed_checked_and_listed_on_the_command_line_and_in_python(tiny_llama, tmp_path,
+                                                                                       monkeypatch, capsys):
+    from dpo_lightning.cli.main import cli_main
+
+    monkeypatch.chdir(tmp_path)  # the quickstart's logs and export go here
+    quickstart = ["fit", "--config", str(ROOT / "configs" / "online_quickstart.yaml")]
+    cli = cli_main([*quickstart, "--model.online.max_new_tokens", "8", "--trainer.max_steps", "1",
+                    "--trainer.limit_val_batches", "0", "--trainer.num_sanity_val_steps", "0"])
+    config = cli.model.online.config
+    assert isinstance(config, OnlineConfig) and config.max_new_tokens == 8 and config.num_samples == 4
+    assert cli.trainer.global_step == 1 and cli.trainer.callback_metrics["train/completions/mean_length"] <= 8
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        cli_main([*quickstart, "--model.online.temperature", "0.7", "--print_config"])
+    printed = yaml.safe_load(capsys.readouterr().out)["model"]["online"]
+    assert printed == {"reward_funcs": "dpo_lightning.online.rewards.sort_closeness", "reward_weights": None,
+                       "num_samples": 4, "max_new_tokens": 10, "temperature": 0.7, "top_p": 1.0, "top_k": 0,
+                       "missing_eos_penalty": None, "ref_model_sync_steps": None, "seed": None}
+    with pytest.raises(SystemExit):
+        cli_main(["fit", "--model.online.help", "OnlineConfig"])
+    listed = capsys.readouterr().out
+    assert "--model.online.max_new_tokens" in listed and "tokens generated per completion at most" in listed
+    for flag, value, says in (("max_new_tokens", "eight", "Expected a <class 'int'>. Got value: eight"),
+                              ("temprature", "0.7", "Option 'temprature' is not accepted")):  # refused while parsing
+        with pytest.raises(SystemExit):
+            cli_main([*quickstart, f"--model.online.{flag}", value, "--print_config"])
+        err = capsys.readouterr().err
+        assert 'Parser key "model.online"' in err and says in err, err
+    with pytest.raises(ValueError, match="--model.online.num_samples must be an integer >= 2; got 1"):  # checked
+        cli_main([*quickstart, "--model.online.num_samples", "1"])
+
+    # From Python: a dict of the same keys (TRL-style) or the dataclass, one path; the checkpoint keeps plain data.
+    as_dict, as_config = (DPOModule(tiny_llama, online=online) for online in (ONLINE, OnlineConfig(**ONLINE)))
+    assert as_dict.online.config == as_config.online.config == OnlineConfig(**ONLINE)
+    assert as_dict.hparams["online"] == as_config.hparams["online"] == dataclasses.asdict(OnlineConfig(**ONLINE))
+    with pytest.raises(ValueError, match=r"--model.online.max_new_tokens must be an integer >= 1; got '8' \(str\)"):
+        DPOModule(tiny_llama, online={**ONLINE, "max_new_tokens": "8"})
+
+
 def greedy_solved(model, rows_: list[dict], eos: int) -> float:
     """The oracle: each prompt completed greedily by repeated plain forwards (argmax, no cache; prompts of one
     length together, so nothing is padded), solved when the answer is the row's chosen (sorted) text, then EOS,
@@ -245,9 +326,13 @@ def test_val_reward_greedy_is_the_exact_sort_rate_of_greedy_answers(tmp_path):
             "reward_funcs": "dpo_lightning.online.rewards.sort_exact", "max_new_tokens": 10}} in callbacks, name
 
 
-def test_ddp_two_ranks_each_complete_their_own_prompts(tiny_llama, tmp_path):
+def test_ddp_two_ranks_each_complete_their_own_prompts_and_a_rank_whose_prompts_all_tie_waits_for_none(tiny_llama,
+                                                                                                        tmp_path):
+    # Rank 0's prompts all tie at every step, rank 1's never: rank 0 trains a stand-in with weight 0 (every rank
+    # must run the gradient all-reduce), and the step logs the ties of all 4 prompts and rank 1's pairs alone.
     out = tmp_path / "ddp.json"
-    subprocess.run([sys.executable, __file__, tiny_llama, str(out)], check=True, timeout=600, cwd=tmp_path)
+    subprocess.run([sys.executable, __file__, tiny_llama, str(out), "tied_on_rank_0_reward"], check=True, timeout=600,
+                   cwd=tmp_path)
     result = json.loads(out.read_text())
     prompts = [set(sum(rank, [])) for rank in result["prompt_rows"]]
     assert prompts[0] and prompts[1] and not prompts[0] & prompts[1]  # each rank's own prompts
@@ -255,11 +340,24 @@ def test_ddp_two_ranks_each_complete_their_own_prompts(tiny_llama, tmp_path):
     for rank in range(2):  # the pairs a rank trained on come from its own prompts
         assert set(sum(result["pair_rows"][rank], [])) <= prompts[rank]
     assert result["same_weights"] and result["moved"]
+    for step in result["metrics"]:  # 2 of the step's 4 prompts tied; rank 1's 2 pairs score 2 - 0 each
+        assert step["train/objective/ties"] == 0.5 and step["train/objective/scores_margin"] == 2.0
+        assert all(value == value for value in step.values()) and "train/loss" in step
+
+
+def test_ddp_a_reward_failing_on_one_rank_stops_every_rank_naming_it(tiny_llama, tmp_path):
+    # Rank 1's reward raises at step 1: rank 0, whose reward scored, must not wait for it in the step's all-reduce.
+    done = subprocess.run([sys.executable, __file__, tiny_llama, str(tmp_path / "ddp.json"), "fails_on_rank_1_reward"],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode != 0 and not (tmp_path / "ddp.json").exists()
+    assert ("--model.online.reward_funcs entry 'test_online.fails_on_rank_1_reward' raised at training step 1: "
+            "RuntimeError: rank 1's scorer is down") in done.stderr
+    assert "--model.online.reward_funcs: a reward failed on another rank at training step 1" in done.stderr
 
 
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).parent))
-    policy, out = sys.argv[1], Path(sys.argv[2])
+    policy, out, reward = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
 
     class Rows(L.Callback):
         def __init__(self):
@@ -269,10 +367,12 @@ if __name__ == "__main__":
             self.prompt_rows.append(batch["row_ids"].tolist())
 
         def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-            self.pair_rows.append(batch["row_ids"].tolist())
+            self.pair_rows.append(outputs["batch"]["row_ids"].tolist())
+            self.metrics = getattr(self, "metrics", []) + [{k: float(v) for k, v in trainer.callback_metrics.items()}]
 
     L.seed_everything(0)
-    model = DPOModule(policy, learning_rate=1e-2, online={**ONLINE, "reward_funcs": "test_online.length_reward"})
+    online = {**ONLINE, "reward_funcs": f"test_online.{reward}"}
+    model = DPOModule(policy, learning_rate=1e-2, online=online)
     start = {k: v.clone() for k, v in model.policy.state_dict().items()}
     rows_cb = Rows()
     trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=2, logger=False,
@@ -286,5 +386,6 @@ if __name__ == "__main__":
     if trainer.is_global_zero:
         out.write_text(json.dumps({
             "prompt_rows": [e[0] for e in everything], "pair_rows": [e[1] for e in everything],
+            "metrics": rows_cb.metrics,
             "same_weights": bool(torch.equal(gathered[0], gathered[1])),
             "moved": any(not torch.equal(model.policy.state_dict()[k], v) for k, v in start.items())}))

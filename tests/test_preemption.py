@@ -5,7 +5,7 @@ uninterrupted run trains on, and ends at the same weights.
 Each run is a subprocess executing this file, so a real signal stops a real process. The run signals
 itself at the start of a chosen micro-batch (a fixed point inside a step, whose checkpoint step the test
 knows), and then, as a cluster would, the test sends SIGTERM from outside at whatever moment it lands. Tiny Llama from conftest.py, 12 pairs in batches of 2, 2 micro-batches per optimizer
-step: 3 steps an epoch, and 5 steps cross into the second epoch. No network.
+step: 3 steps an epoch, and 5 steps cross into the second epoch; online, the same rows' prompts. No network.
 """
 
 import csv
@@ -38,12 +38,11 @@ def seen(out: Path) -> list[list[int]]:
     return [json.loads(line) for line in (out / "rows.jsonl").read_text().splitlines()]
 
 
-def logged(out: Path) -> dict[str, list[tuple[int, float]]]:
-    """The run's metrics.csv as (step, value) of train/loss and of val/loss, in the order written."""
+def logged(out: Path, names=("train/loss", "val/loss")) -> dict[str, list[tuple[int, float]]]:
+    """The run's metrics.csv as (step, value) of each of `names`, in the order written."""
     with open(out / "logs" / "version_0" / "metrics.csv") as f:
         lines = list(csv.DictReader(f))
-    return {name: [(int(line["step"]), float(line[name])) for line in lines if line.get(name)]
-            for name in ("train/loss", "val/loss")}
+    return {name: [(int(line["step"]), float(line[name])) for line in lines if line.get(name)] for name in names}
 
 
 def test_sigterm_mid_step_saves_at_the_step_end_and_the_resumed_run_matches_an_uninterrupted_one(tiny_llama,
@@ -92,6 +91,33 @@ def test_sigterm_mid_step_saves_at_the_step_end_and_the_resumed_run_matches_an_u
         torch.testing.assert_close(actual[name], weight)
 
 
+def length_reward(prompts: list[str], completions: list[str]) -> list[float]:
+    return [float(len(c)) for c in completions]
+
+
+def test_an_online_run_killed_mid_step_resumes_sampling_and_training_as_an_uninterrupted_one(tiny_llama, tmp_path):
+    # The same runs online: the 12 rows' prompts, 3 completions each, scored by length (`ONLINE=1`).
+    online = {"ONLINE": "1"}
+    straight = fit(tiny_llama, tmp_path / "straight", env=online)
+    assert straight.returncode == 0, straight.stderr
+    stopped = fit(tiny_llama, tmp_path / "stopped", signal_at=2, env=online)
+    assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr
+    resumed = fit(tiny_llama, tmp_path / "resumed", ckpt_path=tmp_path / "stopped" / "preempted.ckpt", env=online)
+    assert resumed.returncode == 0, resumed.stderr
+    assert seen(tmp_path / "stopped") + seen(tmp_path / "resumed") == seen(tmp_path / "straight")
+    expected = torch.load(tmp_path / "straight" / "policy.pt", weights_only=True)
+    actual = torch.load(tmp_path / "resumed" / "policy.pt", weights_only=True)
+    for name, weight in expected.items():
+        torch.testing.assert_close(actual[name], weight)
+    names = ("train/loss", "train/objective/scores", "train/objective/ties", "val/loss")
+    straight_log, stopped_log, resumed_log = (logged(tmp_path / run, names) for run in ("straight", "stopped",
+                                                                                         "resumed"))
+    for name in names:  # each step's samples, scores and loss, logged once, in one run or the other
+        assert [step for step, _ in stopped_log[name] + resumed_log[name]] == [step for step, _ in straight_log[name]]
+        torch.testing.assert_close([v for _, v in stopped_log[name] + resumed_log[name]],
+                                   [v for _, v in straight_log[name]], msg=name)
+
+
 def test_sigusr1_under_slurm_saves_then_requeues_the_job(tiny_llama, tmp_path):
     # A stand-in `scontrol` records its arguments; the SLURM variables make Lightning pick SLURMEnvironment,
     # whose auto_requeue is on by default.
@@ -135,7 +161,8 @@ if __name__ == "__main__":
 
     policy, out, signal_at, signum = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), signal.Signals[sys.argv[4]]
     L.seed_everything(0)
-    model = DPOModule(policy, learning_rate=1e-2, warmup_steps=3)
+    online = {"reward_funcs": "test_preemption.length_reward", "num_samples": 3, "max_new_tokens": 6}
+    model = DPOModule(policy, learning_rate=1e-2, warmup_steps=3, online=online if os.environ.get("ONLINE") else None)
     data = PreferenceDataModule(dataset=rows(12), eval_dataset=rows(4), tokenizer=ascii_tokenizer(), max_length=48,
                                 max_prompt_length=24, batch_size=2)
     # Logged at every step, validated every 4 micro-batches: after step 2 of each epoch.

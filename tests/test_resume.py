@@ -1,7 +1,9 @@
-"""Exact resume: a run stopped mid-epoch and resumed from its checkpoint trains on the same batches, in
-the same order, and ends at the same weights as a run that was never stopped.
+"""Exact resume: a run stopped mid-epoch, or at an epoch's last batch, and resumed from its checkpoint trains on
+the same batches, in the same order, and ends at the same weights as a run that was never stopped; online, it
+also samples the same completions and logs the same metrics.
 
-Tiny Llama from conftest.py, 24 pairs in batches of 4: 6 steps an epoch, 10 steps cross an epoch boundary.
+Tiny Llama from conftest.py, 24 pairs in batches of 4: 6 steps an epoch, 10 steps cross an epoch boundary;
+20 pairs (or prompts) with 2 micro-batches a step: 3 steps an epoch, the last of a single micro-batch.
 """
 
 import lightning as L
@@ -14,12 +16,13 @@ from dpo_lightning import DPOModule
 from dpo_lightning.data.loaders import EvalSampler
 
 
-def fit(tiny_llama, root, max_steps, ckpt_path=None, callbacks=(), dataset=None):
+def fit(tiny_llama, root, max_steps, ckpt_path=None, callbacks=(), dataset=None, n=24, **trainer):
     L.seed_everything(0)
     record = RecordBatches()
     model = DPOModule(tiny_llama, learning_rate=1e-2, warmup_steps=3)
-    data = data_module(24, eval_n=0, dataset=dataset)
-    quiet_trainer(root, max_steps=max_steps, callbacks=[record, *callbacks]).fit(model, data, ckpt_path=ckpt_path)
+    data = data_module(n, eval_n=0, dataset=dataset)
+    quiet_trainer(root, max_steps=max_steps, callbacks=[record, *callbacks], **trainer).fit(model, data,
+                                                                                          ckpt_path=ckpt_path)
     return model, record.batches
 
 
@@ -38,6 +41,64 @@ def test_resumed_mid_epoch_run_sees_each_batch_once_and_reaches_the_same_weights
     other["chosen"][5] += " changed"
     with pytest.raises(ValueError, match="the checkpoint was trained on other data: its train split had 24 pairs"):
         fit(tiny_llama, tmp_path / "third", 10, ckpt_path=tmp_path / "ckpt" / "epoch=0-step=4.ckpt", dataset=other)
+
+
+def test_a_checkpoint_at_an_epochs_last_batch_resumes_with_the_next_epoch(tiny_llama, tmp_path):
+    # 20 pairs in batches of 4, two micro-batches a step: 5 batches an epoch, the last a step of its own, so the
+    # step-3 checkpoint is saved at epoch 0's last batch. Lightning resumes it at epoch 1, which must be epoch 1's
+    # order from its start (the saved position was epoch 0's end), not an empty epoch and then epoch 2.
+    straight, seen_straight = fit(tiny_llama, tmp_path / "straight", 5, n=20, accumulate_grad_batches=2)
+    every_3 = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=3, save_top_k=-1)
+    _, seen_before = fit(tiny_llama, tmp_path / "first", 3, callbacks=[every_3], n=20, accumulate_grad_batches=2)
+    resumed, seen_after = fit(tiny_llama, tmp_path / "second", 5, ckpt_path=tmp_path / "ckpt" / "epoch=0-step=3.ckpt",
+                              n=20, accumulate_grad_batches=2)
+    assert len(seen_before) == 5 and sorted(sum(seen_before, [])) == list(range(20))  # the checkpoint ends epoch 0
+    assert seen_before + seen_after == seen_straight
+    for name, weight in straight.policy.state_dict().items():
+        torch.testing.assert_close(resumed.policy.state_dict()[name], weight)
+
+
+def length_reward(prompts: list[str], completions: list[str]) -> list[float]:
+    return [float(len(c)) for c in completions]
+
+
+class StepMetrics(L.Callback):
+    """The logged loss and mean reward of each optimizer step, by step."""
+
+    def __init__(self):
+        self.logged = {}
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        if (batch_idx + 1) % trainer.accumulate_grad_batches == 0 or trainer.is_last_batch:
+            self.logged[trainer.global_step - 1] = {name: float(trainer.callback_metrics[name])
+                                                    for name in ("train/loss", "train/objective/scores")}
+
+
+def fit_online(tiny_llama, root, max_steps, ckpt_path=None, callbacks=()):
+    # 20 prompts in batches of 4, 2 micro-batches a step, 3 completions each: 5 batches an epoch, 3 steps.
+    L.seed_everything(0)
+    record, metrics = RecordBatches(), StepMetrics()
+    model = DPOModule(tiny_llama, learning_rate=1e-2, online={"reward_funcs": "test_resume.length_reward",
+                                                              "num_samples": 3, "max_new_tokens": 6})
+    quiet_trainer(root, max_steps=max_steps, callbacks=[record, metrics, *callbacks], accumulate_grad_batches=2,
+                  log_every_n_steps=1).fit(model, data_module(20, eval_n=0, max_length=32, max_prompt_length=16),
+                                           ckpt_path=ckpt_path)
+    return model, record.batches, metrics.logged
+
+
+@pytest.mark.parametrize("at", [2, 3], ids=["mid-epoch", "epoch-end"])
+def test_online_resume_with_accumulation_samples_trains_and_logs_as_the_unbroken_run(tiny_llama, tmp_path, at):
+    straight, seen_straight, logged_straight = fit_online(tiny_llama, tmp_path / "straight", 5)
+    every = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=at, save_top_k=-1)
+    _, seen_before, _ = fit_online(tiny_llama, tmp_path / "first", at, callbacks=[every])
+    resumed, seen_after, logged_after = fit_online(tiny_llama, tmp_path / "second", 5,
+                                                   ckpt_path=tmp_path / "ckpt" / f"epoch=0-step={at}.ckpt")
+    assert seen_before + seen_after == seen_straight
+    assert sorted(logged_after) == list(range(at, 5))
+    for step, values in logged_after.items():  # the same completions, scores and loss, step by step
+        assert values == pytest.approx(logged_straight[step], rel=1e-6, abs=1e-7), step
+    for name, weight in straight.policy.state_dict().items():
+        torch.testing.assert_close(resumed.policy.state_dict()[name], weight)
 
 
 @pytest.mark.parametrize("n_pairs, world_size", [(7, 3), (8, 2), (5, 5), (9, 4)])

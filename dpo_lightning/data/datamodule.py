@@ -4,6 +4,11 @@
 `prepare_rows` over it (rules 1 to 3, cached by `datasets` under a name that changes with the rules' code),
 counts and drops unusable rows (summary.py) and batches the rest in the layout `layouts.choose_layout` picks
 (batches.py's `collate_pairs`, rule 4, or packing.py's `collate_shared`).
+
+Online DPO trains on prompts alone: the module being fit says so (its `train_kind`, "prompts"), the data module
+records it once (`train_kind`) and every reader asks that: which columns are read (sources.py), how the rows are
+prepared (prompts.py) and batched (`collate_prompts`). The pairs the policy then writes come back through
+`pair_batch` (rule 3 and the layout). Validation reads preference pairs in either case.
 """
 
 import hashlib
@@ -24,8 +29,8 @@ from dpo_lightning.data.formats import FORMATS, PRESETS, detect_format
 from dpo_lightning.data.layouts import Layout, choose_layout
 from dpo_lightning.data.loaders import EvalSampler, ResumableLoader
 from dpo_lightning.data.prompts import collate_prompts, prepare_prompts, prompt_format
-from dpo_lightning.data.rules import PREPARED, adds_bos, drop_error, prepare_rows
-from dpo_lightning.data.sources import (FIELDS, PROMPT_ONLY, STAGE_NAMES, DatasetSource, load_rows, resolve_transform,
+from dpo_lightning.data.rules import PREPARED, adds_bos, drop_error, prepare_rows, truncate
+from dpo_lightning.data.sources import (STAGE_NAMES, DatasetSource, RowKind, load_rows, resolve_transform,
                                         single_split)
 from dpo_lightning.data.summary import fingerprint, format_summary, summarize
 from dpo_lightning.utils.tokenizers import load_tokenizer, tokenizer_source, with_pad_token
@@ -154,6 +159,7 @@ class PreferenceDataModule(L.LightningDataModule):
         self.summary: dict[str, dict[str, Any]] = {}
         self._fingerprints: dict[str, str | None] = {}
         self.layout: Layout = self._choose_layout()[0]  # without a model to check: refined in `setup`
+        self.train_kind: RowKind = "pairs"  # what the training split holds, as the module being fit asks (`_build`)
 
     def prepare_data(self) -> None:
         # Runs on one process per node: downloads and tokenizes file-backed sources into the `datasets`
@@ -182,8 +188,13 @@ class PreferenceDataModule(L.LightningDataModule):
         columns = {"prompt": hp.prompt_column, "chosen": hp.chosen_column, "rejected": hp.rejected_column}
         load = partial(load_rows, name=hp.dataset_config, data_dir=hp.data_dir, columns=columns,
                        transform=resolve_transform(self.transform), chat=bool(tokenizer.chat_template))
-        online = getattr(self.trainer and self.trainer.lightning_module, "online", None) is not None
-        train, schema = load(self.dataset, hp.split, streaming=hp.streaming, fields=PROMPT_ONLY if online else FIELDS)
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        self.train_kind = getattr(module, "train_kind", "pairs")
+        if self.train_kind == "prompts" and hp.eval_fraction > 0:
+            raise ValueError(f"--data.eval_fraction {hp.eval_fraction} would hold out prompts, but validation reads "
+                             "preference pairs, also when training online: give them with --data.eval_dataset (or "
+                             "--data.eval_split), or set eval_fraction 0")
+        train, schema = load(self.dataset, hp.split, streaming=hp.streaming, kind=self.train_kind)
         val, val_schema = None, schema
         if self.eval_dataset is not None:
             val, val_schema = load(self.eval_dataset, hp.eval_split or hp.split, stage="val")
@@ -215,11 +226,11 @@ class PreferenceDataModule(L.LightningDataModule):
     def _prepare_split(self, rows: Dataset | IterableDataset, stage: str, tokenizer: PreTrainedTokenizerBase,
                        schema: str, report: bool = True) -> Dataset | IterableDataset:
         hp = self.hparams
-        if "chosen" in (rows.column_names or list(next(iter(rows)))):
+        if stage == "train" and self.train_kind == "prompts":  # online training's prompts
+            fmt, schema, prepare = prompt_format(rows, tokenizer, stage), "prompts", prepare_prompts
+        else:
             rows, fmt, schema = detect_format(rows, hp.dataset_format, stage, tokenizer, schema)
             prepare = prepare_rows
-        else:  # online training's prompts
-            fmt, schema, prepare = prompt_format(rows, tokenizer, stage), "prompts", prepare_prompts
         prepared = _map(rows, prepare, f"preparing {STAGE_NAMES[stage]} rows ({fmt})", batched=True,
                         with_indices=True, remove_columns=rows.column_names or list(next(iter(rows))),
                         features=PREPARED, num_proc=hp.dataset_num_proc, fn_kwargs=dict(
@@ -292,8 +303,9 @@ class PreferenceDataModule(L.LightningDataModule):
                 lines.append(f"{side:>9}: [{'|'.join(prompt)}] {'|'.join(tokens)}")
         return "\n".join(lines)
 
-    def _loader(self, data: Dataset | IterableDataset, batch_size: int, shuffle: bool) -> DataLoader:
-        kwargs = {"num_workers": self.hparams.num_workers, "collate_fn": self.collate}
+    def _loader(self, data: Dataset | IterableDataset, batch_size: int, shuffle: bool,
+                collate: Callable[[list[dict]], dict] | None = None) -> DataLoader:
+        kwargs = {"num_workers": self.hparams.num_workers, "collate_fn": collate or self.collate}
         if isinstance(data, IterableDataset):
             return DataLoader(data.shuffle(seed=self.hparams.seed, buffer_size=10_000), batch_size=batch_size, **kwargs)
         if shuffle and self.trainer is not None:
@@ -301,12 +313,26 @@ class PreferenceDataModule(L.LightningDataModule):
         return DataLoader(data, batch_size=batch_size, shuffle=shuffle, **kwargs)
 
     def collate(self, rows: list[dict]) -> dict[str, torch.Tensor]:
-        if not rows[0]["chosen_input_ids"]:  # prompts alone: online training samples the pairs (online/sampler.py)
-            return collate_prompts(rows)
+        """Prepared pairs as a batch, in the layout chosen at setup (`layouts.py`)."""
         return self.layout.collate(rows, self.tokenizer.pad_token_id)
 
+    def pair_batch(self, pairs: list[dict]) -> dict[str, torch.Tensor]:
+        """Pairs made during training (online DPO: the policy's completions of this module's prompts) as a batch:
+        rule 3 cuts each to `max_length` (the prompts are cut already, so only the responses, each keeping a
+        token), then `collate`.
+
+        Args:
+            pairs: each `prompt_input_ids`, `chosen_input_ids`, `rejected_input_ids` (the ids as sampled, the stop
+                token included) and `row_id` (the prompt's).
+        """
+        hp, bos = self.hparams, adds_bos(self.tokenizer)
+        return self.collate([{**truncate(pair["prompt_input_ids"], pair["chosen_input_ids"], pair["rejected_input_ids"],
+                                         hp.max_length, hp.max_prompt_length, hp.truncation_mode, bos),
+                              "row_id": pair["row_id"]} for pair in pairs])
+
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_data, self.hparams.batch_size, shuffle=True)
+        collate = collate_prompts if self.train_kind == "prompts" else None  # online: the policy writes the pairs
+        return self._loader(self.train_data, self.hparams.batch_size, shuffle=True, collate=collate)
 
     def val_dataloader(self) -> DataLoader | list:
         if self.val_data is None:

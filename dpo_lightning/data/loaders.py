@@ -58,10 +58,10 @@ class ResumableLoader(DataLoader):
 
     def position(self) -> tuple[int, int]:
         """(epoch, pairs of its global order already trained on) for the iteration that is starting."""
-        if self.restored is not None:
-            position, self.restored = self.restored, None
-            return position
-        return self.trainer.current_epoch, 0
+        restored, self.restored, epoch = self.restored, None, self.trainer.current_epoch
+        # A checkpoint saved at an epoch's last batch resumes at the next epoch (Lightning counts that one done):
+        # the saved position belongs to the finished epoch, not to this one.
+        return restored if restored is not None and restored[0] == epoch else (epoch, 0)
 
     def state_dict(self) -> dict[str, int]:
         batches = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed

@@ -1,14 +1,15 @@
-"""Online DPO's data: prompt-only rows (rules 1-2 for prompts), and their batches.
+"""Online DPO's data: prompt-only rows (rules 1-3 for prompts), and their batches.
 
 Online training reads a `prompt` column (text, or messages rendered with the chat template) and nothing else; the
-policy writes the responses during training (`online/sampler.py`), and rule 3 cuts each pair once it exists.
+policy writes the responses during training (`online/sampler.py`); rule 3 cuts a long prompt before that, and each
+pair's responses once it exists (`PreferenceDataModule.pair_batch`).
 """
 
 import torch
 from datasets import Dataset, IterableDataset, LargeList, List
 from transformers import PreTrainedTokenizerBase
 
-from dpo_lightning.data.rules import encode, with_bos
+from dpo_lightning.data.rules import cut_prompt, encode, with_bos
 from dpo_lightning.data.sources import STAGE_NAMES
 
 
@@ -24,10 +25,18 @@ def prompt_format(rows: Dataset | IterableDataset, tokenizer: PreTrainedTokenize
 
 
 def prepare_prompts(batch: dict[str, list], indices: list[int], dataset_format: str,
-                    tokenizer: PreTrainedTokenizerBase, bos_token_id: int | None, **unused) -> dict[str, list]:
-    """Rules 1-2 for prompt-only rows (a batched `datasets.map` function, as `rules.prepare_rows`), as `PREPARED`
+                    tokenizer: PreTrainedTokenizerBase, bos_token_id: int | None, max_prompt_length: int,
+                    truncation_mode: str, **unused) -> dict[str, list]:
+    """Rules 1-3 for prompt-only rows (a batched `datasets.map` function, as `rules.prepare_rows`), as `PREPARED`
     rows with no responses: a conversation rendered with `add_generation_prompt=True`, one BOS, no special
-    tokens. A missing, non-text or empty prompt is dropped and counted. Rule 3 applies once the pair exists."""
+    tokens. A missing, non-text or empty prompt is dropped and counted.
+
+    Rule 3 cuts a prompt longer than `max_prompt_length` here, before the policy completes it (counted as
+    truncated): the pair then trains on the very prompt its completions were sampled from, and rule 3 on the
+    pair (`PreferenceDataModule.pair_batch`) only cuts its responses, each of which keeps at least
+    `max_length - max_prompt_length` tokens (rule 3 on preference rows keeps such a prompt whole where the pair
+    fits; an online response is not written yet).
+    """
     prompts, reasons = [], []
     for prompt, issue in zip(batch["prompt"], batch.get("source_issue") or [""] * len(indices)):
         ok = isinstance(prompt, list if dataset_format == "conversational" else str)
@@ -40,9 +49,10 @@ def prepare_prompts(batch: dict[str, list], indices: list[int], dataset_format: 
     reasons = [reason or ("" if p else "empty prompt") for reason, p in zip(reasons, ids)]
     ids = [p if not reason else [] for p, reason in zip(ids, reasons)]
     n = len(indices)
-    return {"row_id": indices, "drop_reason": reasons, "prompt_input_ids": ids, "chosen_input_ids": [[]] * n,
-            "rejected_input_ids": [[]] * n, "length": [len(p) for p in ids], "truncated": [False] * n,
-            "chosen_longer": [False] * n}
+    return {"row_id": indices, "drop_reason": reasons,
+            "prompt_input_ids": [cut_prompt(p, max_prompt_length, truncation_mode, bos_token_id) for p in ids],
+            "chosen_input_ids": [[]] * n, "rejected_input_ids": [[]] * n, "length": [len(p) for p in ids],
+            "truncated": [len(p) > max_prompt_length for p in ids], "chosen_longer": [False] * n}
 
 
 def collate_prompts(rows: list[dict]) -> dict:

@@ -227,13 +227,22 @@ def truncate(prompt: list[int], chosen: list[int], rejected: list[int], max_leng
     """
     length = len(prompt) + max(len(chosen), len(rejected))
     stats = {"length": length, "truncated": length > max_length, "chosen_longer": len(chosen) > len(rejected)}
-    if length > max_length and len(prompt) > max_prompt_length:
-        head = prompt[:1] if bos_token_id is not None and prompt[:1] == [bos_token_id] else []  # BOS stays in front
-        body, keep = prompt[len(head):], max_prompt_length - len(head)
-        prompt = head + (body[len(body) - keep:] if truncation_mode == "keep_end" else body[:keep])
+    if length > max_length:
+        prompt = cut_prompt(prompt, max_prompt_length, truncation_mode, bos_token_id)
     room = max_length - len(prompt)
     return {"prompt_input_ids": prompt, "chosen_input_ids": chosen[:room], "rejected_input_ids": rejected[:room],
             **stats}
+
+
+def cut_prompt(prompt: list[int], max_prompt_length: int, truncation_mode: str,
+               bos_token_id: int | None = None) -> list[int]:
+    """Rule 3's prompt cut: a prompt longer than `max_prompt_length` keeps that many tokens, BOS kept in front, its
+    end (`keep_end`) or its start (`keep_start`); a shorter one stays whole."""
+    if len(prompt) <= max_prompt_length:
+        return prompt
+    head = prompt[:1] if bos_token_id is not None and prompt[:1] == [bos_token_id] else []  # BOS stays in front
+    body, keep = prompt[len(head):], max_prompt_length - len(head)
+    return head + (body[len(body) - keep:] if truncation_mode == "keep_end" else body[:keep])
 
 
 # --- Drop reasons: what `strict=True` raises and docs/data.md's bad-input table lists. ---

@@ -30,7 +30,7 @@ import os
 import warnings
 from collections import Counter
 from collections.abc import Mapping
-from typing import Any, Callable, Iterator, Union
+from typing import Any, Callable, Iterator, Literal, Union
 
 import datasets
 import pyarrow.parquet as pq
@@ -40,7 +40,10 @@ from dpo_lightning.data.schemas import Schema, detect_schema
 
 FIELDS = ("prompt", "chosen", "rejected")
 FIELD_NAMES = {field: field for field in FIELDS}  # a schema's rows hold the fields under their own names
-PROMPT_ONLY = ("prompt",)  # online training's data: the policy writes the responses (online/sampler.py)
+# What a split's rows hold, decided once by the data module (`PreferenceDataModule.train_kind`) and read by every
+# reader below: preference pairs, or prompts alone (online training's split: the policy writes the responses).
+RowKind = Literal["pairs", "prompts"]
+FIELDS_OF: dict[str, tuple[str, ...]] = {"pairs": FIELDS, "prompts": ("prompt",)}
 # A dataset given as: a hub name, a local file, folder, glob or list of files, an in-memory dict of
 # columns or list of rows, or a `datasets` object.
 DatasetSource = Union[str, dict, list, Dataset, DatasetDict]
@@ -53,7 +56,7 @@ _SAMPLE = 100  # rows that decide a column's kind
 def load_rows(source: DatasetSource, split: str = "train", name: str | None = None, data_dir: str | None = None,
               streaming: bool = False, columns: dict[str, str] | None = None, stage: str = "train",
               transform: Callable[[dict], dict | None] | None = None, chat: bool = True,
-              fields: tuple[str, ...] = FIELDS) -> tuple[Dataset | IterableDataset, str]:
+              kind: RowKind = "pairs") -> tuple[Dataset | IterableDataset, str]:
     """One split of preference rows from any supported source, with canonical field names, and its schema.
 
     Local data files (.json, .jsonl, .parquet, .csv, optionally .gz; one path, a glob, or a list of paths)
@@ -67,13 +70,13 @@ def load_rows(source: DatasetSource, split: str = "train", name: str | None = No
         stage: "train" or "val", named in error messages.
         transform: a function of one raw row (a dict) returning the row to use, or None to drop it.
         chat: whether the tokenizer has a chat template (a schema may build messages for it).
-        fields: the fields to read: `FIELDS`, or `PROMPT_ONLY` (online training: other columns unread, no schema).
+        kind: what the rows hold: "pairs", or "prompts" (online training: other columns unread, no schema).
 
     Returns:
         The rows, and the name of the public schema their columns matched ("" if none).
     """
-    columns = {field: (columns or {}).get(field, field) for field in fields}
-    plan = dict(columns=columns, label=STAGE_NAMES.get(stage, stage), transform=transform, chat=chat)
+    columns = {field: (columns or {}).get(field, field) for field in FIELDS_OF[kind]}
+    plan = dict(columns=columns, label=STAGE_NAMES.get(stage, stage), transform=transform, chat=chat, kind=kind)
     if isinstance(source, dict) and not isinstance(source, DatasetDict):
         source = _columns_to_rows(source, plan["label"])
     if isinstance(source, list) and not _are_paths(source):
@@ -252,7 +255,7 @@ def _from_arrow(rows: Dataset | IterableDataset, plan: dict) -> tuple[Dataset | 
     sample = list(rows.take(_SAMPLE))
     if plan["transform"] is None and _schema(set(names), plan) is None:
         _planned(sample, plan)  # the column checks and warnings
-        return _canonical(rows, plan["columns"], plan["label"]), ""
+        return _canonical(rows, plan), ""
     args, schema = _planned(sample, plan)
     mapped = rows.map(_canonical_row, fn_kwargs=args, remove_columns=names, features=args["features"],
                       **({} if isinstance(rows, IterableDataset) else {"desc": f"reading {schema or 'rows'}"}))
@@ -260,7 +263,7 @@ def _from_arrow(rows: Dataset | IterableDataset, plan: dict) -> tuple[Dataset | 
 
 
 def _schema(names: set[str], plan: dict) -> Schema | None:
-    if tuple(plan["columns"]) == PROMPT_ONLY:  # a preference set's own prompt column serves as it is
+    if plan["kind"] == "prompts":  # a preference set's own prompt column serves as it is
         return None
     return detect_schema(names, plan["columns"], plan["label"])
 
@@ -276,19 +279,19 @@ def _planned(sample: list, plan: dict) -> tuple[dict, str]:
     names = {name for row in raw if isinstance(row, dict) for name in row}
     schema = _schema(names, plan) if names else None
     if schema is None and names:
-        require(names, plan["columns"], plan["label"])
+        require(names, plan["columns"], plan["label"], plan["kind"])
         _warn_unused_text(raw, names, plan)
     mapped = [schema.to_row(row, plan["chat"]) if schema and isinstance(row, dict) else row for row in raw]
     columns = FIELD_NAMES if schema else plan["columns"]
     args = dict(columns=plan["columns"], transform=transform, chat=plan["chat"], schema=schema,
-                features=_features(mapped, columns))
+                features=_features(mapped, columns, plan["kind"]))
     return args, schema.name if schema else ""
 
 
 def _warn_unused_text(rows: list, names: set[str], plan: dict) -> None:
     """Text columns beside a missing prompt: the prompt will come from chosen/rejected, perhaps wrongly."""
     columns = plan["columns"]
-    if tuple(columns) == PROMPT_ONLY:
+    if plan["kind"] == "prompts":
         return
     unused = sorted(name for name in names - set(columns.values()) - {"source_issue"}
                     if any(isinstance(row, dict) and isinstance(row.get(name), str) for row in rows))
@@ -300,10 +303,10 @@ def _warn_unused_text(rows: list, names: set[str], plan: dict) -> None:
                       stacklevel=2)
 
 
-def require(names, columns: dict[str, str], label: str) -> None:
+def require(names, columns: dict[str, str], label: str, kind: RowKind = "pairs") -> None:
     """Raise unless the source has the columns the fields map to: chosen and rejected, and a mapped prompt
-    (for `PROMPT_ONLY` fields: the prompt)."""
-    if tuple(columns) == PROMPT_ONLY:
+    (for prompts alone: the prompt)."""
+    if kind == "prompts":
         if columns["prompt"] not in names:
             raise ValueError(f"{label} data has columns {sorted(names)}; online training reads prompts from a "
                              f"{columns['prompt']!r} column: map yours with --data.prompt_column")
@@ -319,7 +322,7 @@ def require(names, columns: dict[str, str], label: str) -> None:
                          "into one with --data.transform")
 
 
-def _features(sample: list, columns: dict[str, str]) -> Features:
+def _features(sample: list, columns: dict[str, str], kind: RowKind) -> Features:
     """Each field present in `sample`: text, or messages where most of its values are lists."""
     rows = [row for row in sample if isinstance(row, dict)]
     features = {}
@@ -327,7 +330,7 @@ def _features(sample: list, columns: dict[str, str]) -> Features:
         kinds = Counter(type(row[column]) is list for row in rows if row.get(column) is not None)
         if any(column in row for row in rows):
             features[field] = _MESSAGES if kinds[True] > kinds[False] else Value("string")
-    needed = PROMPT_ONLY if tuple(columns) == PROMPT_ONLY else ("chosen", "rejected")
+    needed = FIELDS_OF[kind] if kind == "prompts" else ("chosen", "rejected")
     if not set(needed) <= set(features):  # rows to drop only (a schema's issues, "not a dict")
         features = {**{field: Value("string") for field in needed}, **features}
     return Features({**features, "source_issue": Value("string")})
@@ -369,12 +372,13 @@ def _canonical_row(row: Any, columns: dict[str, str], transform: Callable | None
     return {**out, "source_issue": issue}
 
 
-def _canonical(rows: Dataset | IterableDataset, columns: dict[str, str], label: str) -> Dataset | IterableDataset:
+def _canonical(rows: Dataset | IterableDataset, plan: dict) -> Dataset | IterableDataset:
     """Only the field columns, under their canonical names; a column of another type is an error."""
+    columns, label = plan["columns"], plan["label"]
     names = rows.column_names or list(next(iter(rows)))  # a stream may not know its columns yet
     if isinstance(rows, Dataset) and not len(rows):
         raise ValueError(f"the {label} dataset is empty: no rows")
-    require(names, columns, label)
+    require(names, columns, label, plan["kind"])
     keep = {column: field for field, column in columns.items() if column in names}
     if "source_issue" in names:
         keep["source_issue"] = "source_issue"

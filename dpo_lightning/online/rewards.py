@@ -9,13 +9,20 @@ one float per completion. A config names each one in `reward_funcs` (TRL's name)
 
 and several with `reward_weights` (TRL's name, default 1 each) score their weighted sum (`Rewards`).
 
+A reward is the user's code, so `Rewards` checks every call before anything trains on it: one that raises, or
+returns anything but one finite number per completion (a list, an array or a tensor of them; strings, None, NaN
+or a wrong count are not), stops the run with our `RewardError`, naming the entry of `reward_funcs`, the
+setting, the step, and the reward's own message.
+
 The quickstart's sort task has verifiable rewards: `sort_exact` (1 if the completion is the prompt's letters
 sorted, else 0: the solve rate) and `sort_closeness` (graded: the share of the answer's positions right).
 """
 
 import importlib
+import math
+import numbers
 import os
-from typing import Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from torch import Tensor
@@ -58,7 +65,11 @@ class RewardModel:
         return scores
 
 
-def load_reward(spec: str | RewardFunc) -> RewardFunc:
+class RewardError(ValueError):
+    """A reward failed: it raised, or returned something other than one finite number per completion."""
+
+
+def load_reward(spec: str | RewardFunc, setting: str = "reward_funcs") -> RewardFunc:
     """One reward from its config entry: a callable as it is, a folder as a `RewardModel`, else an import path."""
     if callable(spec):
         return spec
@@ -66,15 +77,42 @@ def load_reward(spec: str | RewardFunc) -> RewardFunc:
         return RewardModel(spec)
     module_name, sep, name = spec.partition(":") if ":" in spec else spec.rpartition(".")
     if not sep or not module_name:
-        raise ValueError(f"reward {spec!r}: neither a folder nor an import path 'package.module.function'")
+        raise ValueError(f"{setting}: reward {spec!r} is neither a folder nor an import path "
+                         "'package.module.function'")
     try:
         reward = getattr(importlib.import_module(module_name), name)
     except (ImportError, AttributeError) as error:
-        raise ValueError(f"reward {spec!r}: cannot import {name!r} from {module_name!r} ({error}); give an import "
-                         "path on the Python path (e.g. my_rewards.score) or a reward model's folder") from None
+        raise ValueError(f"{setting}: reward {spec!r}: cannot import {name!r} from {module_name!r} ({error}); give an "
+                         "import path on the Python path (e.g. my_rewards.score, with its folder on PYTHONPATH) or a "
+                         "reward model's folder") from None
     if not callable(reward):
-        raise ValueError(f"reward {spec!r} is a {type(reward).__name__}, not a function of (prompts, completions)")
+        raise ValueError(f"{setting}: reward {spec!r} is a {type(reward).__name__}, not a function of "
+                         "(prompts, completions)")
     return reward
+
+
+def read_scores(scores: Any, completions: list[str]) -> tuple[list[float], str | None]:
+    """A reward's return value as one float per completion, and what is wrong with it (None: nothing).
+
+    It must hold one finite number per completion: a list or tuple, a numpy array, or a tensor of any shape and
+    dtype with that many elements, or any other iterable of numbers.
+    """
+    if isinstance(scores, Tensor):
+        scores = scores.detach().cpu()
+    if hasattr(scores, "reshape") and hasattr(scores, "tolist"):  # a tensor or an array, of any shape
+        values = scores.reshape(-1).tolist()
+    elif isinstance(scores, Iterable) and not isinstance(scores, (str, bytes, dict)):
+        values = list(scores)
+    else:
+        return [], f"returned a {type(scores).__name__}, not one number per completion"
+    if len(values) != len(completions):
+        return [], f"returned {len(values)} scores for {len(completions)} completions"
+    for i, value in enumerate(values):
+        if not isinstance(value, numbers.Real):
+            return [], f"returned {value!r} ({type(value).__name__}) for completion {i}, not a number"
+        if not math.isfinite(value):
+            return [], f"returned {value} for completion {i} ({completions[i]!r}), not a finite number"
+    return [float(value) for value in values], None
 
 
 class Rewards:
@@ -96,7 +134,9 @@ class Rewards:
             raise ValueError(f"{setting}: {len(specs)} rewards but {len(self.weights)} reward_weights; give one "
                              "weight per reward")
         self.setting = setting
-        self.funcs = [load_reward(spec) for spec in specs]
+        self.funcs = [load_reward(spec, setting) for spec in specs]
+        # Each entry as the config names it, for errors.
+        self.names = [spec if isinstance(spec, str) else getattr(spec, "__name__", repr(spec)) for spec in specs]
 
     def to(self, device: torch.device) -> "Rewards":
         for func in self.funcs:
@@ -104,18 +144,27 @@ class Rewards:
                 func.to(device)
         return self
 
-    def __call__(self, prompts: list[str], completions: list[str]) -> Tensor:
-        """The weighted sum of every reward per completion, (N,) float32 on the CPU."""
-        total = torch.zeros(len(completions))
-        for func, weight in zip(self.funcs, self.weights):
-            scores = torch.as_tensor(list(func(prompts, completions)), dtype=torch.float32).flatten()
-            name = getattr(func, "__name__", repr(func))
-            if len(scores) != len(completions) or not torch.isfinite(scores).all():
-                raise ValueError(f"{self.setting}: reward {name} returned {len(scores)} scores for "
-                                 f"{len(completions)} completions (or a non-finite one): return one finite float "
-                                 "per completion")
-            total += weight * scores
-        return total
+    def __call__(self, prompts: list[str], completions: list[str], where: str = "when called") -> Tensor:
+        """The weighted sum of every reward per completion, (N,) float32 on the CPU.
+
+        Raises `RewardError` naming the entry, the setting and `where` (e.g. "at training step 3") when a reward
+        raises or returns anything but one finite number per completion.
+        """
+        total = torch.zeros(len(completions), dtype=torch.float64)
+        for func, weight, name in zip(self.funcs, self.weights, self.names):
+            entry = f"{self.setting} entry {name!r}"
+            try:
+                scores = func(prompts, completions)
+            except Exception as error:
+                raise RewardError(f"{entry} raised {where}: {type(error).__name__}: {error}. Nothing was trained "
+                                  "on these completions; fix the reward or remove it from the list") from error
+            values, problem = read_scores(scores, completions)
+            if problem:
+                raise RewardError(f"{entry} {problem} {where}. Nothing was trained on these completions; a reward "
+                                  "takes the prompts and completions (two lists of text) and returns one finite "
+                                  "float per completion")
+            total += weight * torch.tensor(values, dtype=torch.float64)
+        return total.float()
 
 
 # --- The quickstart's sort task: its text format (the quickstart's assets are written in it) and its rewards. ---

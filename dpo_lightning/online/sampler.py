@@ -1,95 +1,62 @@
 """Online DPO: the policy writes each training batch's pairs, a reward ranks them (Guo et al. 2024, arXiv:2402.04792).
 
-`DPOModule(online={...})` (`model.online` in YAML) turns it on; the data then gives prompts only (a `prompt`
-column of text or messages; a preference set's other columns are not read). For each training batch:
+`DPOModule(online=OnlineConfig(...))` (`model.online` in YAML; a dict of the same keys from Python) trains through
+`Online`, whose front door is `pairs`: one training micro-batch of prompts in (`data/prompts.py`), a `Sampled` out:
+the pairs as a training batch, or an explicit "no pair" where every prompt tied, and the sampling's metrics.
 
 1. Sample. The current policy completes each prompt `num_samples` times (no grad, eval mode, the KV cache,
-   one left-padded batch), with TRL's generation settings (`max_new_tokens`, `temperature`, `top_p`,
-   `top_k`). The sampling seed is drawn from (seed, step, micro-batch, rank) inside `torch.random.fork_rng`,
-   so the same run samples the same completions and training's own random state is left as it was.
-   Under DDP each rank completes its own prompts.
-2. Score. The reward (`rewards.Rewards`: `reward_funcs`, `reward_weights`) scores each completion's text;
+   one left-padded batch: `utils/generation.py`, as every generation in the package), with TRL's generation
+   settings (`max_new_tokens`, `temperature`, `top_p`, `top_k`). Each completion draws from its own random
+   stream, seeded from (seed, step, prompt's row, sample) (`utils.generation.KeyedSampling`): it is the same
+   whatever else is in the batch, on whichever rank and however many, so the same run, one resumed from any
+   step's checkpoint (on any number of ranks), or one with other batch sizes per rank samples the same
+   completions, and training's own random state is left as it was. Each rank completes its own prompts: under
+   DDP with its replica, under FSDP2 with the whole weights gathered for the sampling (`unsharded`), then it
+   trains sharded.
+2. Score. The reward (`rewards.Rewards`: `reward_funcs`, `reward_weights`) scores each completion's text,
+   checked before anything trains on it (`rewards.RewardError` names the entry, the setting and the step);
    with `missing_eos_penalty` (TRL's) a completion cut at `max_new_tokens` loses that much.
 3. Pair. Each prompt's highest-scoring completion is chosen, its lowest rejected (`pick_pairs`); a prompt
    whose completions all score the same is a tie: skipped, and counted (`objective/ties`).
-4. Tokenize and train. Each pair keeps the token ids the policy sampled, so its log-probs are those of what
-   was sampled: rule 2 holds by construction (the prompt's ids as the data module made them, the response
-   generated after them, ending with the stop token the model emitted: EOS, or a chat template's end of
-   turn; a completion cut at `max_new_tokens` has none), and rule 3 cuts the pair to fit (`rules.truncate`).
-   Decoding and re-encoding instead would change the ids wherever decode is not encode's inverse. Then the
-   data module's collator, and the loss, reference and metrics, unchanged.
+4. Batch. Each pair keeps the token ids the policy sampled, so its log-probs are those of what was sampled
+   (the prompt's ids as the data module made them, cut to `max_prompt_length` there; the response generated
+   after them, ending with the stop token the model emitted: EOS, or a chat template's end of turn; a completion
+   cut at `max_new_tokens` has none). Decoding and re-encoding would change the ids wherever decode is not
+   encode's inverse. The data module's `pair_batch` cuts each pair to `max_length` (rule 3: the responses only,
+   each keeps a token) and batches it in its layout; loss, reference and metrics are the offline ones.
 
-The reference is the starting weights; `ref_model_sync_steps: N` copies the policy into it every N optimizer
-steps (iterative DPO; TRL's `ref_model_sync_steps` with `ref_model_mixup_alpha` 1), and checkpoints then
-carry it. With LoRA the reference is the adapter switched off, as offline.
+What it needs from the run is handed to it once, before training (`bind`): the tokenizer, the data module's
+`pair_batch`, and the reference's refresh (`training/reference.py`). As a callback (`DPOModule.configure_callbacks`
+adds it) it marks each optimizer step's start: the step the seeds are drawn from, the reference
+refreshed every `ref_model_sync_steps` optimizer steps (iterative DPO; TRL's `ref_model_sync_steps` with
+`ref_model_mixup_alpha` 1), and the step's time spent sampling, scoring and pairing.
 
-Metrics, per optimizer step under `train/` (TRL's names where TRL has them): `objective/scores` (mean reward
-of all samples), `objective/scores_margin` (chosen - rejected), `objective/scores_chosen`,
-`objective/scores_rejected`, `objective/ties` (share of prompts skipped), `completions/mean_length` (tokens,
-stop token included), `val/contain_eos_token` (share of completions that stopped), `time/generate_share`
-(share of the optimizer step's wall time spent sampling, scoring and pairing).
-
-`GreedyReward`, a callback, scores the policy's greedy completions of the validation prompts with a reward
-at every validation: `val/reward/greedy` (the quickstart's solve rate).
+Metrics, per optimizer step under `train/` (TRL's names where TRL has them), each exact over micro-batches and
+ranks, and logged only where defined: `objective/scores` (mean reward of all samples), `objective/ties` (share
+of prompts skipped), `completions/mean_length` (tokens, stop token included), `val/contain_eos_token` (share of
+completions that stopped), `time/generate_share` (share of the optimizer step's wall time spent sampling,
+scoring and pairing); over the pairs, so not at a step where every prompt tied: `objective/scores_margin`
+(chosen - rejected), `objective/scores_chosen`, `objective/scores_rejected`.
 """
 
+import functools
 import hashlib
 import os
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
+from typing import Callable
 
 import lightning as L
 import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
-from torch import Tensor
-from torchmetrics import MeanMetric
+from torch import Tensor, nn
+from transformers import PreTrainedTokenizerBase
 
-from dpo_lightning.data.rules import adds_bos, truncate
-from dpo_lightning.online.rewards import Rewards
-from dpo_lightning.utils.generation import complete, generation_config, seeded, sharded, split_completion, stop_ids, texts
+from dpo_lightning.online.config import OnlineConfig
+from dpo_lightning.online.rewards import RewardError, Rewards
+from dpo_lightning.utils.generation import (complete, generation_config, sampling, sharded, split_completion,
+                                            stop_ids, texts, unsharded)
 from dpo_lightning.utils.steps import ends_optimizer_step
-
-METRICS = ("objective/scores", "objective/scores_margin", "objective/scores_chosen", "objective/scores_rejected",
-           "objective/ties", "completions/mean_length", "val/contain_eos_token")
-
-
-@dataclass
-class OnlineConfig:
-    """`model.online`'s keys (see docs/online.md). TRL's names where TRL has one.
-
-    Args:
-        reward_funcs: the reward: an import path, a reward model's folder, or a list of them (`rewards.py`).
-        reward_weights: one weight per reward; default 1 each.
-        num_samples: completions per prompt (at least 2); the best and the worst form the pair.
-        max_new_tokens: tokens generated per completion at most.
-        temperature: sampling temperature.
-        top_p: nucleus sampling threshold; 1.0 samples from the whole distribution.
-        top_k: sample among the k likeliest tokens only; 0 for no limit.
-        missing_eos_penalty: subtracted from the score of a completion cut at `max_new_tokens`.
-        ref_model_sync_steps: copy the policy into the reference every N optimizer steps (iterative DPO).
-        seed: the sampling seed's base. Default: the run's `seed_everything` seed, else 0.
-    """
-
-    reward_funcs: str | list[str]
-    reward_weights: list[float] | None = None
-    num_samples: int = 2
-    max_new_tokens: int = 64
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    missing_eos_penalty: float | None = None
-    ref_model_sync_steps: int | None = None
-    seed: int | None = None
-
-    def __post_init__(self):
-        checks = {"num_samples": self.num_samples >= 2, "max_new_tokens": self.max_new_tokens >= 1,
-                  "temperature": self.temperature > 0, "top_p": 0 < self.top_p <= 1, "top_k": self.top_k >= 0,
-                  "ref_model_sync_steps": self.ref_model_sync_steps is None or self.ref_model_sync_steps >= 1}
-        for key, ok in checks.items():
-            if not ok:
-                raise ValueError(f"--model.online.{key} = {getattr(self, key)} is out of range: num_samples >= 2, "
-                                 "max_new_tokens >= 1, temperature > 0, 0 < top_p <= 1, top_k >= 0, "
-                                 "ref_model_sync_steps >= 1 (or null)")
 
 
 def pick_pairs(scores: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -109,119 +76,146 @@ def pick_pairs(scores: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def sampling_seed(*parts: int) -> int:
-    """A 63-bit seed drawn from the parts (seed, step, micro-batch, rank): neighbouring steps are unrelated."""
+    """A 63-bit seed drawn from the parts (seed, step, row, sample): neighbouring steps and rows are unrelated."""
     return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "big") >> 1
 
 
-class Online(L.Callback):
-    """Online DPO's sampling, scoring and pairing for a `DPOModule` (see the module docstring), and its hooks.
+@dataclass
+class Sampled:
+    """What one micro-batch of prompts became (`Online.pairs`).
 
-    The module calls `pairs` at the start of each training step; as a callback (the module's
-    `configure_callbacks` adds it) it syncs the reference and logs the generation time's share.
+    Attributes:
+        batch: the pairs as a training batch, in the data module's layout, on the policy's device. Where every
+            prompt tied (`has_pairs` False) it is a stand-in: one completion against itself, for the forward and
+            backward that every rank runs together (DDP's gradient all-reduce, FSDP's gathers), trained with
+            weight 0 and logged nowhere.
+        has_pairs: whether any prompt gave a pair.
+        metrics: name (`Online.METRICS`) -> this micro-batch's values, each (k,), to average with weight 1 each; the
+            pairs' metrics are empty where there is no pair.
     """
 
-    def __init__(self, config: dict, module: L.LightningModule):
-        unknown = set(config) - {f.name for f in fields(OnlineConfig)}
-        if unknown:
-            raise ValueError(f"--model.online: unknown key(s) {sorted(unknown)}; the keys are "
-                             f"{[f.name for f in fields(OnlineConfig)]}")
-        self.config = OnlineConfig(**config)
-        hp = module.hparams
-        if hp.precompute_ref_log_probs:
+    batch: dict[str, Tensor]
+    has_pairs: bool
+    metrics: dict[str, Tensor]
+
+
+class Online(L.Callback):
+    """Online DPO's sampling, scoring and pairing (the module docstring): `pairs`, for a `DPOModule`.
+
+    Args:
+        config: the settings (or a dict of them).
+        precomputed: whether the run precomputes the reference's log-probs (`precompute_ref_log_probs`): refused.
+        refreshable: whether the reference has weights of its own to refresh (`Reference.refreshable`).
+    """
+
+    # The metrics `pairs` returns, averaged per optimizer step by the module (the module docstring says which).
+    METRICS = ("objective/scores", "objective/scores_margin", "objective/scores_chosen", "objective/scores_rejected",
+               "objective/ties", "completions/mean_length", "val/contain_eos_token")
+
+    def __init__(self, config: OnlineConfig | dict, precomputed: bool = False, refreshable: bool = True):
+        config = OnlineConfig.of(config)
+        if precomputed:
             raise ValueError("--model.precompute_ref_log_probs cannot precompute online pairs (the policy writes "
                              "new ones every step): set it false with --model.online")
-        if self.config.ref_model_sync_steps and module.ref.model is None:
+        if config.ref_model_sync_steps and not refreshable:
             raise ValueError("--model.online.ref_model_sync_steps needs a reference model of its own (full "
                              "fine-tuning with a reference loss); with LoRA the reference is the adapter switched "
                              "off, which cannot be synced: remove ref_model_sync_steps")
-        self.rewards = Rewards(self.config.reward_funcs, self.config.reward_weights, "--model.online.reward_funcs")
-        module.train_metrics.update({name: MeanMetric(sync_on_compute=False) for name in METRICS})
-        self._synced_at, self._step_start, self._generating = 0, 0.0, 0.0
+        self.config = config
+        self.rewards = Rewards(config.reward_funcs, config.reward_weights, "--model.online.reward_funcs")
+        self._tokenizer: PreTrainedTokenizerBase | None = None
+        self._pair_batch: Callable[[list[dict]], dict[str, Tensor]] | None = None
+        self._refresh_reference: Callable[[], None] | None = None
+        self._step: int | None = None  # the optimizer step of the batch at hand
+        self._sum_over_ranks: Callable[[Tensor], Tensor] = lambda tensor: tensor
+        self._step_start, self._generating = 0.0, 0.0
+
+    def bind(self, datamodule: L.LightningDataModule, refresh_reference: Callable[[], None]) -> None:
+        """Hand over what sampling needs from the run, once before training: the data module's tokenizer and
+        `pair_batch` (rule 3 and its layout), and the call that copies the policy into the reference."""
+        if not callable(getattr(datamodule, "pair_batch", None)):
+            raise ValueError("online DPO (--model.online) reads its prompts through a PreferenceDataModule and "
+                             f"batches the pairs it samples with it; got {type(datamodule).__name__}: pass "
+                             "trainer.fit(model, datamodule=PreferenceDataModule(...))")
+        self._tokenizer, self._pair_batch = datamodule.tokenizer, datamodule.pair_batch
+        self._refresh_reference = refresh_reference
 
     def syncs_reference(self) -> bool:
-        """Whether the reference moves with training (then checkpoints must carry its weights)."""
+        """Whether the reference moves with training (`ref_model_sync_steps`)."""
         return bool(self.config.ref_model_sync_steps)
 
-    def on_train_batch_start(self, trainer: L.Trainer, module: L.LightningModule, batch, batch_idx: int) -> None:
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        refusal = sharded(trainer, "--model.online", every_rank=True)
+        if refusal and stage == "fit":
+            raise ValueError(refusal)
+        self._sum_over_ranks = functools.partial(trainer.strategy.reduce, reduce_op="sum")
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
+        self._step = trainer.global_step
         if batch_idx % trainer.accumulate_grad_batches:
             return  # not the first micro-batch of an optimizer step
         self._step_start, self._generating = time.perf_counter(), 0.0
         every, step = self.config.ref_model_sync_steps, trainer.global_step
         # At the step's start, not the previous step's end: a checkpoint saved at that end resumes here alike.
-        if every and step and step % every == 0 and step != self._synced_at:
-            module.ref.model.load_state_dict(module.policy.state_dict())
-            self._synced_at = step
+        if every and step and step % every == 0:
+            self._refresh_reference()
 
-    def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, outputs, batch,
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch,
                            batch_idx: int) -> None:
         if ends_optimizer_step(trainer, batch_idx):
             share = self._generating / max(time.perf_counter() - self._step_start, 1e-9)
-            module.log("train/time/generate_share", share, on_step=True, on_epoch=False)
+            pl_module.log("train/time/generate_share", share, on_step=True, on_epoch=False)
 
-    def pairs(self, module: L.LightningModule, batch: dict, batch_idx: int) -> dict[str, Tensor]:
-        """The training batch of pairs for a batch of prompts (`collate_prompts`): sampled, scored, paired;
-        `batch` itself becomes it.
-
-        If every prompt of this rank ties, the batch holds one pair of a completion against itself and
-        `no_pairs`: its DPO margin is 0 whatever the weights, and the module trains on none of it.
-        """
-        start, trainer = time.perf_counter(), module.trainer
-        datamodule, cfg = trainer.datamodule, self.config
-        tokenizer, prompts, n = datamodule.tokenizer, batch["prompt_input_ids"], self.config.num_samples
-        refusal = sharded(trainer, "--model.online")
-        if refusal:
-            raise ValueError(f"{refusal}, which is not written yet; use DDP")
-        stops = stop_ids(module.policy, tokenizer)
-        repeated = [p for p in prompts for _ in range(n)]
-        seed = sampling_seed(self._seed(), trainer.global_step, batch_idx % trainer.accumulate_grad_batches,
-                             trainer.global_rank)
-        with seeded(seed, module.device):
-            config = generation_config(tokenizer, stops, cfg.max_new_tokens, do_sample=True,
-                                       temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k)
-            completions = complete(module.policy, repeated, config, module.device)
-        prompt_texts, completion_texts = texts(tokenizer, repeated, completions, stops)
+    def pairs(self, policy: nn.Module, prompts: dict) -> Sampled:
+        """The pairs of one training micro-batch of prompts (`data.prompts.collate_prompts`: `prompt_input_ids`,
+        `row_ids`): sampled, scored, paired and batched (the module docstring's steps 1 to 4)."""
+        if self._pair_batch is None or self._step is None:
+            raise RuntimeError("Online.pairs runs inside Trainer.fit, after `bind` and the callback's "
+                               "on_train_batch_start (DPOModule does both)")
+        start, cfg, tokenizer, step = time.perf_counter(), self.config, self._tokenizer, self._step
+        device, n, row_ids = next(policy.parameters()).device, cfg.num_samples, prompts["row_ids"].tolist()
+        stops = stop_ids(policy, tokenizer)
+        repeated = [p for p in prompts["prompt_input_ids"] for _ in range(n)]
+        keys = [sampling_seed(self._seed(), step, row, sample) for row in row_ids for sample in range(n)]
+        with unsharded(policy):  # greedy over keyed noise: a sample (`KeyedSampling`)
+            completions = complete(policy, repeated, generation_config(tokenizer, stops, cfg.max_new_tokens), device,
+                                   sampling(keys, device, cfg.temperature, cfg.top_p, cfg.top_k))
         finished = torch.tensor([split_completion(c, stops)[1] is not None for c in completions])
-        scores = self.rewards.to(module.device)(prompt_texts, completion_texts)
+        scores = self._scores(tokenizer, repeated, completions, stops, device)
         if cfg.missing_eos_penalty is not None:
             scores = scores - cfg.missing_eos_penalty * (~finished).float()
-        chosen, rejected, untied = pick_pairs(scores.view(len(prompts), n))
-        keep = untied.nonzero().flatten().tolist() or [0]
-        rows = [self._pair_row(datamodule, tokenizer, prompts[i], completions[i * n + chosen[i]],
-                               completions[i * n + (rejected[i] if untied[i] else chosen[i])],
-                               int(batch["row_ids"][i])) for i in keep]
-        pairs = datamodule.collate(rows)
-        if not untied.any():
-            pairs["no_pairs"] = True
-        self._update_metrics(module, scores.view(len(prompts), n), chosen, rejected, untied, completions, finished)
-        batch.clear()  # in place, so that callbacks after the step (training/throughput.py) see what trained
-        batch.update(move_data_to_device(pairs, module.device))
+        scores = scores.view(-1, n)  # (P, n)
+        chosen, rejected, untied = pick_pairs(scores)
+        kept, best_at, worst_at = untied.nonzero().flatten().tolist(), chosen.tolist(), rejected.tolist()
+        rows = [{"prompt_input_ids": repeated[i * n], "chosen_input_ids": completions[i * n + best_at[i]],
+                 "rejected_input_ids": completions[i * n + worst_at[i]], "row_id": row_ids[i]} for i in kept]
+        if not rows:  # the stand-in: a completion against itself (`Sampled.batch`)
+            rows = [{"prompt_input_ids": repeated[0], "chosen_input_ids": completions[0],
+                     "rejected_input_ids": completions[0], "row_id": row_ids[0]}]
+        index = torch.arange(len(scores))
+        best, worst = scores[index, chosen][untied], scores[index, rejected][untied]
+        metrics = {"objective/scores": scores.flatten(), "objective/scores_margin": best - worst,
+                   "objective/scores_chosen": best, "objective/scores_rejected": worst,
+                   "objective/ties": (~untied).float(),
+                   "completions/mean_length": torch.tensor([float(len(c)) for c in completions]),
+                   "val/contain_eos_token": finished.float()}
+        batch = move_data_to_device(self._pair_batch(rows), device)
         self._generating += time.perf_counter() - start
-        return batch
+        return Sampled(batch, bool(kept), metrics)
+
+    def _scores(self, tokenizer: PreTrainedTokenizerBase, prompts: list[list[int]], completions: list[list[int]],
+                stops: list[int], device: torch.device) -> Tensor:
+        """The rewards of the completions (N,), or on every rank together the error of a reward that failed on one:
+        a rank that raised alone would leave the others waiting in the step's collectives."""
+        where, error = f"at training step {self._step}", None
+        try:
+            scores = self.rewards.to(device)(*texts(tokenizer, prompts, completions, stops), where)
+        except RewardError as failure:
+            error = failure
+        if self._sum_over_ranks(torch.tensor(float(error is not None), device=device)).item():
+            raise error or RewardError(f"{self.rewards.setting}: a reward failed on another rank {where}; that "
+                                       "rank's error names it. Nothing was trained on these completions")
+        return scores
 
     def _seed(self) -> int:
         return self.config.seed if self.config.seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
-
-    @staticmethod
-    def _pair_row(datamodule, tokenizer, prompt: list[int], chosen: list[int], rejected: list[int],
-                  row_id: int) -> dict:
-        """Rule 3 on one pair of completions, as sampled (ids, stop token included), cut to fit."""
-        hp = datamodule.hparams
-        row = truncate(prompt, chosen, rejected, hp.max_length, hp.max_prompt_length, hp.truncation_mode,
-                       adds_bos(tokenizer))
-        return {**row, "row_id": row_id}
-
-    @staticmethod
-    def _update_metrics(module, scores: Tensor, chosen: Tensor, rejected: Tensor, untied: Tensor,
-                        completions: list[list[int]], finished: Tensor) -> None:
-        rows = torch.arange(len(scores))
-        best, worst = scores[rows, chosen][untied], scores[rows, rejected][untied]
-        values = {"objective/scores": scores.flatten(), "objective/scores_margin": best - worst,
-                  "objective/scores_chosen": best, "objective/scores_rejected": worst,
-                  "objective/ties": (~untied).float(),
-                  "completions/mean_length": torch.tensor([float(len(c)) for c in completions]),
-                  "val/contain_eos_token": finished.float()}
-        for name, value in values.items():
-            if value.numel():
-                module.train_metrics[name].update(value.to(module.device))
-
-

@@ -8,8 +8,10 @@ accumulation (training metrics are reduced per optimizer step). `loss` is the lo
 (unweighted) mean is logged as `loss/<loss_type>`.
 """
 
+import warnings
 from typing import Callable
 
+import lightning as L
 import torch
 from torch import Tensor, nn
 from torchmetrics import MeanMetric, Metric
@@ -75,9 +77,28 @@ class TotalLoss(Metric):
         return total_loss(self.pair_loss, self.pairs, self.chosen_nll, self.chosen_tokens, self.rpo_alpha).float()
 
 
-def make_metrics(loss_types: list[str], rpo_alpha: float | None, sync_on_compute: bool = True) -> nn.ModuleDict:
-    """One stage's metrics; `nll_loss` where the loss has an NLL term (rpo_alpha or sft). Slashes are fine in
-    ModuleDict keys (dots are not).
+class StepLogs(L.Callback):
+    """Each optimizer step's log holds what that step logged, and nothing from an earlier step.
+
+    Lightning keeps the last value of every name logged with `on_step=True` for the rest of the epoch, and sends it
+    to the loggers again at a later step that does not log the name: a step with nothing defined to log (a skipped
+    step, an online step whose prompts all tied: no loss, no log-prob, no gradient) would show the previous step's
+    values in metrics.csv. At each optimizer step's start those values are set aside (Lightning's `has_reset`,
+    as its own reset does; there is no public way), and a name logged again is logged afresh.
+    `DPOModule.configure_callbacks` adds it to every run.
+    """
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
+        if batch_idx % trainer.accumulate_grad_batches == 0:
+            for result in trainer._results.values():
+                if result.meta.on_step and not result.meta.on_epoch:
+                    result.has_reset = True
+
+
+def make_metrics(loss_types: list[str], rpo_alpha: float | None, sync_on_compute: bool = True,
+                 extra: tuple[str, ...] = ()) -> nn.ModuleDict:
+    """One stage's metrics; `nll_loss` where the loss has an NLL term (rpo_alpha or sft); a mean for each name in
+    `extra` (online DPO's, `update_means`). Slashes are fine in ModuleDict keys (dots are not).
 
     `sync_on_compute=False` for metrics computed at every step: `compute_all` then syncs them at once.
     """
@@ -87,19 +108,35 @@ def make_metrics(loss_types: list[str], rpo_alpha: float | None, sync_on_compute
     metrics = nn.ModuleDict({"loss": TotalLoss(rpo_alpha or 0.0, sync_on_compute=sync_on_compute)})
     metrics.update({name: MeanMetric(sync_on_compute=sync_on_compute) for name in names})
     metrics["rewards/margin_length_corr"] = MarginLengthCorrelation(sync_on_compute=sync_on_compute)
+    metrics.update({name: MeanMetric(sync_on_compute=sync_on_compute) for name in extra})
     return metrics
 
 
 def compute_all(metrics: nn.ModuleDict, all_reduce_sum: Callable[[Tensor], Tensor]) -> dict[str, Tensor]:
-    """Every metric's value over all ranks, with one all-reduce instead of one per metric state.
+    """Every metric's value over all ranks, with one all-reduce instead of one per metric state; a metric no rank
+    updated (an online step whose prompts all tied has no pair: no loss, no log-prob) is left out, not NaN.
 
     Every state here is a sum (`dist_reduce_fx="sum"`), so summing them stacked equals syncing each.
     """
     states = [(metric, name) for metric in metrics.values() for name in metric.metric_state]
-    summed = all_reduce_sum(torch.stack([getattr(metric, name).double() for metric, name in states]))
+    values = [getattr(metric, name).double() for metric, name in states]
+    updated = [torch.tensor(float(metric.update_count > 0), dtype=torch.float64, device=values[0].device)
+               for metric in metrics.values()]
+    summed = all_reduce_sum(torch.stack(values + updated))
     for (metric, name), value in zip(states, summed):
         setattr(metric, name, value.to(getattr(metric, name).dtype))
-    return {name: metric.compute() for name, metric in metrics.items()}
+    with warnings.catch_warnings():  # a rank that had no pair computes the other ranks' sums, set just above
+        warnings.filterwarnings("ignore", message=".*was called before the ``update`` method")
+        return {name: metric.compute() for (name, metric), count in zip(metrics.items(), summed[len(states):])
+                if count}
+
+
+def update_means(metrics: nn.ModuleDict, values: dict[str, Tensor]) -> None:
+    """Add each of `values` (k,) to the mean metric of its name, weight 1 each; an empty one adds nothing."""
+    for name, value in values.items():
+        if value.numel():
+            thaw(metrics[name])
+            metrics[name].update(value.to(metrics[name].device))  # the metric's device, not the value's
 
 
 def update_metrics(metrics: nn.ModuleDict, out: ObjectiveOutput, logps: Tensor, mean_logits: Tensor,

@@ -10,8 +10,8 @@ moves tensors or casts them.
 The hooks come in the order Lightning calls them (setup, training_step, on_before_optimizer_step,
 lr_scheduler_step, on_train_batch_end, validation_step), then the step they share (`_shared_step`:
 log-probs, reference log-probs, loss, metrics) and its helpers. A non-finite loss with
-`nonfinite_loss: skip` marks the optimizer step skipped on every rank, and the hooks after it leave the
-weights, optimizer, schedule and metrics alone (`_finite_on_every_rank`, `on_before_optimizer_step`).
+`nonfinite_loss: skip`, or an online step without a pair on any rank, marks the optimizer step skipped on every
+rank, and the hooks after it leave the weights, optimizer, schedule and metrics alone (`on_before_optimizer_step`).
 """
 
 import functools
@@ -26,17 +26,17 @@ from torchmetrics import MeanMetric
 from transformers import PreTrainedModel
 
 from dpo_lightning.data.layouts import Layout, layout_of
-from dpo_lightning.online.sampler import Online
+from dpo_lightning.online import Online, OnlineConfig
 from dpo_lightning.training import console
 from dpo_lightning.training.checkpoints import (CheckpointValidation, check_reference_source, keep_trainable_weights,
                                                 reconcile_settings)
 from dpo_lightning.training.distributed import fully_shard_models
 from dpo_lightning.training.logps import Scorer, lean_supported
 from dpo_lightning.training.losses import LOSSES
-from dpo_lightning.training.metrics import compute_all, make_metrics, update_metrics
+from dpo_lightning.training.metrics import StepLogs, compute_all, make_metrics, update_means, update_metrics
 from dpo_lightning.training.models import build_models, quantized_base
 from dpo_lightning.training.objective import Objective, ObjectiveOutput, migrate_state_dict
-from dpo_lightning.training.optim import grad_norm, lr_factor, make_optimizer, param_groups
+from dpo_lightning.training.optim import grad_norm, optimizers
 from dpo_lightning.training.preflight import check_run
 from dpo_lightning.training.reference import Reference
 from dpo_lightning.training.throughput import Throughput
@@ -128,7 +128,7 @@ class DPOModule(L.LightningModule):
         quantization_config: `transformers.BitsAndBytesConfig`'s arguments as a dict, instead of
             `load_in_4bit`'s defaults, e.g. {bnb_4bit_quant_type: fp4, bnb_4bit_use_double_quant: true}.
         online: train online: the policy samples each batch's pairs from the data's prompts and a reward
-            ranks them (`online.OnlineConfig` lists the keys: reward_funcs, num_samples, ...).
+            ranks them (`online.OnlineConfig`: reward_funcs, num_samples, ...; from Python, a dict of its keys too).
     """
 
     def __init__(
@@ -179,9 +179,10 @@ class DPOModule(L.LightningModule):
         load_in_4bit: bool = False,
         quantization_config: dict | None = None,
         # Online DPO.
-        online: dict | None = None,
+        online: OnlineConfig | None = None,
     ):
         super().__init__()
+        online = OnlineConfig.plain(online)  # checked (a dict from Python alike); plain data in checkpoints
         loss_types = [loss_type] if isinstance(loss_type, str) else list(loss_type)
         options = {name: value for name, value in locals().items() if name in LOSS_OPTIONS and value is not None}
         # The losses, their weights and options, length normalisation, the RPO term and bco_pair's running mean.
@@ -217,12 +218,14 @@ class DPOModule(L.LightningModule):
             for model in (self.policy, self.reference):
                 if model is not None:
                     base_causal_lm(model).base_model.compile(dynamic=True)  # in place: same parameter names
-        self.train_metrics = make_metrics(loss_types, rpo_alpha, sync_on_compute=False)
+        # Online DPO: its component samples each batch's pairs; the data module reads prompts alone for it.
+        self.online = Online(online, precompute_ref_log_probs, self.ref.refreshable) if online else None
+        self.train_kind = "prompts" if online else "pairs"  # `data.sources.RowKind`
+        self.train_metrics = make_metrics(loss_types, rpo_alpha, False, Online.METRICS if online else ())
         self.val_metrics = make_metrics(loss_types, rpo_alpha)
         # The likelihood displacement warning's measure: log ref - log pi of the chosen responses, per response.
         self.chosen_logp_drop = MeanMetric(sync_on_compute=False)
-        self.online = Online(online, self) if online is not None else None  # adds its train metrics
-        self._skip_step = False  # a non-finite loss in this optimizer step, with nonfinite_loss: skip
+        self._skip_step = False  # this optimizer step: a non-finite loss (nonfinite_loss: skip), or no pair (online)
         self._displacement_warned = False
 
     @property
@@ -237,6 +240,8 @@ class DPOModule(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         check_run(self.trainer, self, stage)  # tokenizer vs embedding, writable folders, named checkpoint errors
+        if self.online is not None and stage == "fit":  # what sampling needs from the run, handed over once
+            self.online.bind(self.trainer.datamodule, functools.partial(self.ref.refresh, self.policy))
 
     def layout_unsupported(self, layout: Layout) -> str | None:
         """Why the policy or the reference would not give the padded layout's outputs on `layout`, or None.
@@ -256,13 +261,15 @@ class DPOModule(L.LightningModule):
             # can add back the frozen weights `on_save_checkpoint` leaves out: it must load them non-strictly.
             self.strict_loading = False
 
-    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        if self.online is not None:  # this batch's prompts -> sampled, scored pairs
-            batch = self.online.pairs(self, batch, batch_idx)
-        loss = self._shared_step(batch, "train")
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor | dict]:
+        sampled = self.online.pairs(self.policy, batch) if self.online is not None else None  # prompts -> pairs
+        if sampled is not None:  # its pairs (where every prompt tied, a stand-in that trains with weight 0)
+            batch = sampled.batch
+            update_means(self.train_metrics, sampled.metrics)
+        loss = self._shared_step(batch, "train", sampled is None or sampled.has_pairs)
         if ends_optimizer_step(self.trainer, batch_idx):  # log once per optimizer step, over all its micro-batches
             self._log_train_step()
-        return loss
+        return {"loss": loss, "batch": batch}  # the batch that trained, for the callbacks (throughput.py)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         if self._skip_step:
@@ -290,14 +297,14 @@ class DPOModule(L.LightningModule):
             self.log(f"val/{name}", metric, on_epoch=True, prog_bar=name in PROGRESS_BAR)
         return loss
 
-    def _shared_step(self, batch: dict[str, Tensor], stage: str) -> Tensor:
+    def _shared_step(self, batch: dict[str, Tensor], stage: str, trains: bool = True) -> Tensor:
         policy_logps, mean_logits, n_tokens = self.scorer(self.policy, batch)  # each (2B,), chosen first
         ref_logps = self.ref.logps(self.policy, batch, stage)  # (2B,), no grad; None for reference-free losses
         # Training batches join bco_pair's running mean, summed over ranks (`Objective`).
         out = self.objective(policy_logps, ref_logps, n_tokens, self._sum_over_ranks if stage == "train" else None)
         if stage == "train" and not self._finite_on_every_rank(out.loss, batch):
             return out.loss  # its optimizer step is skipped: see on_before_optimizer_step
-        if "no_pairs" in batch:  # online, every prompt tied: a zero gradient, where other ranks train
+        if not trains:  # online, every prompt tied: a stand-in's zero gradient, where other ranks train
             return out.loss * 0
         self._update_metrics(stage, batch, out, policy_logps, ref_logps, mean_logits, n_tokens)
         return out.loss
@@ -342,6 +349,7 @@ class DPOModule(L.LightningModule):
         watch = threshold is not None and self.needs_reference and not self._displacement_warned
         metrics = {**self.train_metrics, **({"chosen_logp_drop": self.chosen_logp_drop} if watch else {})}
         values = {} if self._skip_step else compute_all(metrics, reduce)
+        self._skip_step = self._skip_step or "loss" not in values  # no pair on any rank (online, all tied): no step
         for metric in (*self.train_metrics.values(), self.chosen_logp_drop):
             metric.reset()
         drop = values.pop("chosen_logp_drop", None)
@@ -364,25 +372,17 @@ class DPOModule(L.LightningModule):
             self.ref.precompute(self.trainer, self.policy, ["val"])
 
     def configure_optimizers(self):
-        """The optimizer over the trainable parameters (`optim.py`) and its schedule, stepped every optimizer step."""
-        hp = self.hparams
-        optimizer = make_optimizer(hp.optimizer, param_groups(self.policy.parameters(), hp.learning_rate,
-                                                              hp.weight_decay))
-        total = self.trainer.estimated_stepping_batches if hp.lr_scheduler_type != "constant" else 0
-        schedule = functools.partial(lr_factor, warmup_steps=hp.warmup_steps, total_steps=total,
-                                     kind=hp.lr_scheduler_type)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        """The optimizer over the trainable parameters and its schedule, stepped every optimizer step (`optim.py`)."""
+        return optimizers(self.hparams, self.policy.parameters(), self.trainer)
 
     def configure_callbacks(self) -> list[L.Callback]:
         # Tokens per second and padding in every run's logs (throughput.py); one in the Trainer's list is replaced.
         # So are Lightning's default bar and summary, by ours (console.py): the same console from Python and the CLI.
-        online = [self.online] if self.online is not None else []
-        return [Throughput(), CheckpointValidation(), *console.replacements(self.trainer.callbacks), *online]
+        return [Throughput(), CheckpointValidation(), StepLogs(), *console.replacements(self.trainer.callbacks),
+                *([self.online] if self.online is not None else [])]  # online: marks each step's start
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        synced = self.online is not None and self.online.syncs_reference()  # a synced reference is kept
-        keep_trainable_weights(checkpoint, self.policy, keep_reference=synced)
+        keep_trainable_weights(checkpoint, self.policy, self.online is not None and self.online.syncs_reference())
         # A fully fine-tuned policy no longer holds its starting weights: the reference is found from here.
         checkpoint["reference"] = self.ref.checkpoint_state()
 

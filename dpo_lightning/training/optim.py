@@ -50,6 +50,17 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int | float, kind: str)
     return 1.0 - progress if kind == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def optimizers(hparams, params: Iterable[nn.Parameter], trainer) -> dict:
+    """`DPOModule.configure_optimizers`' answer: the optimizer over the trainable `params` in their decay groups,
+    and its schedule (`lr_factor` over the run's optimizer steps), stepped every optimizer step."""
+    optimizer = make_optimizer(hparams.optimizer, param_groups(params, hparams.learning_rate, hparams.weight_decay))
+    total = trainer.estimated_stepping_batches if hparams.lr_scheduler_type != "constant" else 0
+    schedule = functools.partial(lr_factor, warmup_steps=hparams.warmup_steps, total_steps=total,
+                                 kind=hparams.lr_scheduler_type)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
 def grad_norm(parameters: Iterable[nn.Parameter], sharded_root: nn.Module | None = None) -> Tensor | None:
     """The L2 norm of the whole gradient of `parameters`, in float32; None where they hold none (DeepSpeed keeps
     its own). Called before the optimizer step: after AMP's unscaling, before clipping.

@@ -19,6 +19,9 @@ it has (set at fit start, saved in checkpoints), and from then on the starting w
 their path, or the run stops and says what to give instead. Nothing is inferred from how the module was
 built (a `ckpt_path`, say): `load_from_checkpoint` then `Trainer.validate` must not score trained weights.
 
+A held reference model can be refreshed to the policy's current weights (`refresh`: online DPO's
+`ref_model_sync_steps`, whose checkpoints then carry the reference's weights: its source no longer holds them).
+
 The reference computes its log-probs with the scorer it is handed at construction (`logps.Scorer`, the policy's
 own log-prob path); the tables, their cache files and their names are refcache.py's.
 """
@@ -119,6 +122,21 @@ class Reference(nn.Module):
         return (self.needed and self.ref_source is None and not self.held
                 and (isinstance(policy, PeftModel) or not self.policy_trained))
 
+    @property
+    def refreshable(self) -> bool:
+        """Whether `refresh` can copy a policy into this reference: a held model of its own (not an adapter
+        switched off, nor precomputed tables)."""
+        return self.model is not None
+
+    @torch.no_grad()
+    def refresh(self, policy: nn.Module) -> None:
+        """Make the policy's current weights the reference's (iterative DPO). Under FSDP2 both are sharded alike
+        (`distributed.fully_shard_models`), so each rank copies its own shards."""
+        if not self.refreshable:
+            raise RuntimeError("this reference has no weights of its own to refresh (LoRA's adapter switched off, "
+                               "or precomputed log-probs)")
+        self.model.load_state_dict(policy.state_dict())
+
     def logps(self, policy: nn.Module, batch: dict[str, Tensor], stage: str) -> Tensor | None:
         """The batch's summed reference log-probs (2B,), chosen rows then rejected: looked up, or computed
         without grad; None when the loss takes no reference."""
@@ -204,5 +222,3 @@ class Reference(nn.Module):
         state = checkpoint.get("reference") or {"fingerprint": checkpoint.get("reference_fingerprint"),
                                                 "policy_trained": checkpoint.get("global_step", 0) > 0}
         self.fingerprint, self.policy_trained = state["fingerprint"], state["policy_trained"]
-
-

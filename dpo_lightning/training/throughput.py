@@ -90,7 +90,7 @@ class Throughput(L.Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch,
                            batch_idx: int) -> None:
-        counts = count_tokens(batch)  # at the end: online training turns a batch of prompts into pairs in place
+        counts = count_tokens(outputs["batch"])  # what trained: online, the pairs sampled from the prompts
         self._window = counts if self._window is None else self._window + counts
         if not ends_optimizer_step(trainer, batch_idx):
             return
