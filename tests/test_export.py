@@ -8,6 +8,8 @@ Tiny models from conftest.py, saved to temp folders; no network.
 
 import csv
 import json
+import re
+import warnings
 
 import lightning as L
 import pytest
@@ -158,3 +160,27 @@ def test_adapter_only_export_of_a_full_fine_tune_is_refused(tiny_llama, tmp_path
     with pytest.raises(ValueError, match="full fine-tune, not a LoRA adapter; export it without --adapter_only"):
         main(["export", "--ckpt_path", str(checkpoint), "--output_dir", str(tmp_path / "hf"), "--adapter_only"])
     assert not (tmp_path / "hf").exists()
+
+
+def test_export_and_load_from_checkpoint_warn_of_no_resume_and_a_resumed_fit_names_only_settings(tiny_llama, tmp_path,
+                                                                                                  monkeypatch):
+    # Nothing resumes in an export or a load: they warned "resuming from a checkpoint trained with other settings:
+    # _instantiator ...", naming LightningCLI's bookkeeping key.
+    monkeypatch.chdir(tmp_path)
+    fit_from_the_cli(tiny_llama, tmp_path)
+    checkpoint = next(tmp_path.rglob("checkpoints/*.ckpt"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        main(["export", "--ckpt_path", str(checkpoint), "--output_dir", str(tmp_path / "hf")])
+        DPOModule.load_from_checkpoint(checkpoint)
+        DPOModule.load_from_checkpoint(checkpoint, beta=0.3)  # other settings, still no run to resume
+    assert [str(w.message) for w in caught if "resuming" in str(w.message)] == []
+
+    with warnings.catch_warnings(record=True) as caught:  # a fit that resumes with another beta says so
+        warnings.simplefilter("always")
+        cli = fit_from_the_cli(tiny_llama, tmp_path, "--model.beta=0.2", "--trainer.max_steps=5",
+                               f"--ckpt_path={checkpoint}")
+    # The command line's beta trains (LightningCLI put the checkpoint's hyperparameters over it, silently).
+    assert cli.model.hparams.beta == 0.2 and cli.model.objective.beta == 0.2 and cli.trainer.global_step == 5
+    (message,) = [str(w.message) for w in caught if "resuming" in str(w.message)]
+    assert re.search(r"other settings: (.*?)\. The run's", message).group(1) == "beta 0.1 -> 0.2"

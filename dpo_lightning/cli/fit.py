@@ -20,6 +20,13 @@ class DPOLightningCLI(LightningCLI):
         # split (--data.eval_dataset), a test set included.
         return {name: keys for name, keys in LightningCLI.subcommands().items() if name in ("fit", "validate")}
 
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI puts a checkpoint's hyperparameters over the command line's and the config's: `fit --ckpt_path
+        # X --model.learning_rate 1e-5` would resume at the old rate, silently. A resumed fit trains with the run's
+        # settings and says which changed (`training.checkpoints.reconcile_settings`); `validate` keeps Lightning's.
+        if self.config.get("subcommand") != "fit":
+            super()._parse_ckpt_path()
+
     def before_instantiate_classes(self) -> None:
         # Data files under dpo_lightning/ found from any directory; models and tokenizers are found where they
         # are loaded (`locate.model_source`).

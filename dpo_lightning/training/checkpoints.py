@@ -78,8 +78,9 @@ def reconcile_settings(checkpoint: dict, current: dict) -> str | None:
     rates scaled by new / old, keeping the schedule's position. Returns the message to show, or None.
     """
     saved = checkpoint.get("hyper_parameters") or {}
+    # Keys starting with "_" are bookkeeping, not settings: LightningCLI's `_instantiator`, for one.
     changed = {name: (saved.get(name), current.get(name)) for name in sorted(set(saved) | set(current))
-               if saved.get(name) != current.get(name)}
+               if saved.get(name) != current.get(name) and not name.startswith("_")}
     if not changed:
         return None
     if "learning_rate" in changed and None not in changed["learning_rate"]:

@@ -390,7 +390,7 @@ class DPOModule(L.LightningModule):
         check_reference_source(checkpoint, self.hparams)
         migrate_state_dict(checkpoint.get("state_dict", {}))
         changed = reconcile_settings(checkpoint, dict(self.hparams))  # says what changed; the run's values win
-        if changed:
+        if changed and self._trainer is not None and self.trainer.state.fn == "fit":  # a load or export resumes nothing
             rank_zero_warn(changed)
         # Lightning loads state dicts strictly; hand it the frozen weights this module already rebuilt.
         # (ModelParallelStrategy has loaded and removed the state dict already: see configure_model.)
