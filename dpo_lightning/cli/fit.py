@@ -8,11 +8,10 @@ from lightning.pytorch.cli import LightningCLI
 
 from dpo_lightning.data import PreferenceDataModule
 from dpo_lightning.training.module import DPOModule
-from dpo_lightning.utils.locate import resolve_data_paths
 
 
 class DPOLightningCLI(LightningCLI):
-    """LightningCLI with the shipped assets found from any directory, and only the subcommands that work."""
+    """LightningCLI with only the subcommands that work, and a resumed fit that trains with the run's settings."""
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
@@ -26,11 +25,6 @@ class DPOLightningCLI(LightningCLI):
         # settings and says which changed (`training.checkpoints.reconcile_settings`); `validate` keeps Lightning's.
         if self.config.get("subcommand") != "fit":
             super()._parse_ckpt_path()
-
-    def before_instantiate_classes(self) -> None:
-        # Data files under dpo_lightning/ found from any directory; models and tokenizers are found where they
-        # are loaded (`locate.model_source`).
-        resolve_data_paths((self.config[self.subcommand] if self.subcommand else self.config).data)
 
 
 def make_cli(args: list[str] | None = None) -> LightningCLI:

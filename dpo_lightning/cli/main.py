@@ -17,6 +17,8 @@ transformers (seconds on every call otherwise).
 import argparse
 import sys
 
+from dpo_lightning.utils.locate import NotFoundError
+
 USAGE = """usage: dpo-lightning SUBCOMMAND [options]
 
 DPO fine-tuning of Hugging Face causal LMs with PyTorch Lightning.
@@ -111,7 +113,6 @@ def inspect_data_main(argv: list[str]) -> None:
     import yaml
 
     from dpo_lightning.data import PreferenceDataModule
-    from dpo_lightning.utils.locate import resolve_data_paths
     from dpo_lightning.utils.tokenizers import tokenizer_source
 
     with open(args.config) as f:
@@ -119,7 +120,6 @@ def inspect_data_main(argv: list[str]) -> None:
     data_args = dict(config.get("data", {}))
     # As in training, the tokenizer defaults to the model's; the model itself is not loaded.
     data_args["tokenizer"] = tokenizer_source(data_args.get("tokenizer"), config.get("model", {}).get("model_name_or_path"))
-    resolve_data_paths(data_args)
     data = PreferenceDataModule(**data_args)
     print(data.inspect(n_rows=args.rows))
     if data.val_data is not None:
@@ -132,6 +132,13 @@ TOOLS = {"export": export_main, "plot": plot_main, "from-trl": from_trl_main, "i
 def main(argv: list[str] | None = None) -> None:
     # The console script passes main()'s return value to sys.exit: it must be None for exit code 0.
     argv = sys.argv[1:] if argv is None else argv
+    try:
+        run(argv)
+    except NotFoundError as error:  # a path in a config or flag that is not there: the message is the whole answer
+        sys.exit(f"dpo-lightning: {error}")
+
+
+def run(argv: list[str]) -> None:
     if argv and argv[0] in TOOLS:
         TOOLS[argv[0]](argv[1:])
         return

@@ -33,6 +33,7 @@ from dpo_lightning.data.rules import PREPARED, adds_bos, drop_error, prepare_row
 from dpo_lightning.data.sources import (STAGE_NAMES, DatasetSource, RowKind, load_rows, resolve_transform,
                                         single_split)
 from dpo_lightning.data.summary import fingerprint, format_summary, summarize
+from dpo_lightning.utils.locate import located_data
 from dpo_lightning.utils.tokenizers import load_tokenizer, tokenizer_source, with_pad_token
 
 # The code that turns rows into prepared rows: part of every map's cache name (`_map`).
@@ -153,6 +154,8 @@ class PreferenceDataModule(L.LightningDataModule):
         if isinstance(dataset, str) and dataset in PRESETS:
             dataset, preset_format = PRESETS[dataset]
             self.hparams.dataset_format = preset_format if dataset_format == "auto" else dataset_format
+        located_data(dataset, "--data.dataset")  # a path that is not there fails now, before a model loads
+        located_data(eval_dataset, "--data.eval_dataset")
         self.dataset, self.eval_dataset, self.tokenizer, self.transform = dataset, eval_dataset, tokenizer, transform
         self.train_data: Dataset | IterableDataset | None = None
         self.val_data: Dataset | None = None

@@ -37,6 +37,7 @@ import pyarrow.parquet as pq
 from datasets import Dataset, DatasetDict, Features, IterableDataset, LargeList, List, Value, load_dataset
 
 from dpo_lightning.data.schemas import Schema, detect_schema
+from dpo_lightning.utils.locate import local, located_data
 
 FIELDS = ("prompt", "chosen", "rejected")
 FIELD_NAMES = {field: field for field in FIELDS}  # a schema's rows hold the fields under their own names
@@ -59,6 +60,7 @@ def load_rows(source: DatasetSource, split: str = "train", name: str | None = No
               kind: RowKind = "pairs") -> tuple[Dataset | IterableDataset, str]:
     """One split of preference rows from any supported source, with canonical field names, and its schema.
 
+    Paths are found as `utils.locate` says (here, else shipped with the package; one not found stops here).
     Local data files (.json, .jsonl, .parquet, .csv, optionally .gz; one path, a glob, or a list of paths)
     are read as a single split; any other string goes to `datasets.load_dataset(source, name,
     data_dir=..., split=...)`, which reads a hub dataset or a local folder of split files alike. Each raw
@@ -76,6 +78,7 @@ def load_rows(source: DatasetSource, split: str = "train", name: str | None = No
         The rows, and the name of the public schema their columns matched ("" if none).
     """
     columns = {field: (columns or {}).get(field, field) for field in FIELDS_OF[kind]}
+    source = located_data(source, "--data.eval_dataset" if stage == "val" else "--data.dataset")  # or not found
     plan = dict(columns=columns, label=STAGE_NAMES.get(stage, stage), transform=transform, chat=chat, kind=kind)
     if isinstance(source, dict) and not isinstance(source, DatasetDict):
         source = _columns_to_rows(source, plan["label"])
@@ -100,7 +103,7 @@ def single_split(source: DatasetSource) -> bool:
     """Whether `source` holds one split only (rows, a `Dataset`, local data files): it has no `eval_split`."""
     if isinstance(source, (dict, list, Dataset)) and not isinstance(source, DatasetDict):
         return True
-    return isinstance(source, str) and (glob.has_magic(source) or os.path.isfile(source))
+    return isinstance(source, str) and (glob.has_magic(source) or os.path.isfile(local(source)))
 
 
 def resolve_transform(transform: str | Callable | None) -> Callable | None:
@@ -145,9 +148,7 @@ def _data_files(source: str | list[str]) -> list[str] | None:
     if isinstance(source, list):
         files = source
     elif glob.has_magic(source):
-        files = sorted(glob.glob(source))
-        if not files:
-            raise FileNotFoundError(f"no data files match {source!r}: check the pattern")
+        files = sorted(glob.glob(source))  # one at least: `located_data` found it
     elif os.path.isfile(source):
         files = [source]
     else:

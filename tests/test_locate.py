@@ -1,0 +1,121 @@
+"""Paths named in a config (utils/locate.py): a path that is not there fails at once with our message, never
+through the hub; a `dpo_lightning/...` path is found in the installed package from any directory, from Python and
+the command line alike.
+
+The hub is made unreachable in every test here (offline mode, and a socket that records and refuses any
+connection): a name sent to the hub would show up as a recorded call. Tiny data and models from conftest.py.
+"""
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import huggingface_hub
+import pytest
+from conftest import ascii_tokenizer
+
+from dpo_lightning import DPOModule, PreferenceDataModule
+from dpo_lightning.cli.main import main
+from dpo_lightning.utils.locate import PACKAGE, located
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = PACKAGE / "assets" / "sort-tiny"
+
+
+@pytest.fixture
+def no_hub(monkeypatch, tmp_path):
+    """An empty working directory and an unreachable hub; yields the list of attempted connections (host, port)."""
+    monkeypatch.chdir(tmp_path)
+    calls = []
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+    def connect(self, address):
+        calls.append(address)
+        raise OSError("no network in this test")
+
+    monkeypatch.setattr(socket.socket, "connect", connect)
+    for name in ("hf_hub_download", "snapshot_download"):  # a call the offline mode would answer from a cache
+        monkeypatch.setattr(huggingface_hub, name, lambda *a, _name=name, **k: calls.append(_name))
+    yield calls
+    assert calls == [], "a local path was sent to the hub"
+
+
+def lines(path: Path) -> int:
+    return sum(1 for line in path.read_text().splitlines() if line.strip())
+
+
+PATHS = ["data/mytrain.jsonl", "./mytrain.jsonl", "../elsewhere/mytrain.jsonl", "/nowhere/mytrain.jsonl",
+         "~/nowhere-dpo-lightning/mytrain.jsonl", "data/2024/train", "data/*.jsonl", "mytrain.parquet"]
+
+
+@pytest.mark.parametrize("name", PATHS)
+def test_a_data_path_that_is_not_there_fails_at_construction_naming_it_and_the_working_directory(name, no_hub,
+                                                                                                 tmp_path):
+    with pytest.raises(FileNotFoundError) as error:
+        PreferenceDataModule(dataset=name, tokenizer=ascii_tokenizer())
+    message = str(error.value)
+    assert message.startswith(f"not found: {name} (working directory {tmp_path})")
+    assert "--data.dataset" in message and "'dpo_lightning/assets/sort-tiny/train.jsonl'" in message  # instead
+
+
+def test_an_eval_path_that_is_not_there_is_named_as_the_eval_dataset(no_hub, tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"not found: \./val\.jsonl .*--data\.eval_dataset"):
+        PreferenceDataModule(dataset=str(SHIPPED / "train.jsonl"), eval_dataset="./val.jsonl",
+                             tokenizer=ascii_tokenizer())
+
+
+def test_a_typo_names_the_closest_file_in_its_folder(no_hub, tmp_path):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "my_train.jsonl").write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n')
+    with pytest.raises(FileNotFoundError, match=r"did you mean data/my_train\.jsonl\?"):
+        PreferenceDataModule(dataset="data/mytrain.jsonl", tokenizer=ascii_tokenizer())
+
+
+@pytest.mark.parametrize("name", ["models/my-model", "./my-model", "runs/v0/hf_model", "~/nowhere-dpo-lightning/m"])
+def test_a_model_or_tokenizer_path_that_is_not_there_fails_without_the_hub(name, no_hub, tmp_path):
+    (tmp_path / "models").mkdir()  # `models/my-model` could be a hub id; with a folder `models` here it is a path
+    with pytest.raises(FileNotFoundError) as error:
+        DPOModule(name)
+    assert str(error.value).startswith(f"not found: {name} (working directory {tmp_path})")
+    assert "the model" in str(error.value) and "'gpt2'" in str(error.value)
+    data = PreferenceDataModule(dataset=str(SHIPPED / "train.jsonl"), tokenizer=name)
+    with pytest.raises(FileNotFoundError, match=f"not found: {name} .*the tokenizer"):
+        data.setup("fit")
+
+
+@pytest.mark.parametrize("name", ["gpt2", "org/name", "EleutherAI/gpt-neo-1.3B", "Anthropic/hh-rlhf"])
+def test_a_hub_id_is_passed_on_as_it_is(name, no_hub):
+    assert located(name, "--data.dataset", "data") == name and located(name, "the model") == name
+
+
+def test_shipped_data_paths_and_globs_are_found_from_any_directory_in_python(no_hub, tmp_path):
+    # From Python, outside the repository: the CLI's pre-pass found these, a data module built in Python did not.
+    data = PreferenceDataModule(dataset="dpo_lightning/assets/sort-tiny/train.jsonl",
+                                eval_dataset="dpo_lightning/assets/sort-tiny/*.jsonl", tokenizer=ascii_tokenizer(),
+                                max_length=64, max_prompt_length=32)
+    data.setup("fit")
+    assert data.summary["train"]["rows"] == lines(SHIPPED / "train.jsonl")
+    assert data.summary["val"]["rows"] == lines(SHIPPED / "train.jsonl") + lines(SHIPPED / "val.jsonl")
+    listed = PreferenceDataModule(dataset=["dpo_lightning/assets/sort-tiny/val.jsonl"], tokenizer=ascii_tokenizer(),
+                                  max_length=64, max_prompt_length=32)
+    listed.setup("fit")
+    assert listed.summary["train"]["rows"] == lines(SHIPPED / "val.jsonl")
+
+
+def test_the_command_line_says_not_found_in_one_line_from_another_directory(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-m", "dpo_lightning.cli", "fit", "--config",
+                           str(ROOT / "configs" / "quickstart.yaml"), "--data.dataset", "data/mytrain.jsonl"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    assert "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith(
+        f"dpo-lightning: not found: data/mytrain.jsonl (working directory {tmp_path})")
+
+
+def test_inspect_data_takes_the_shipped_paths_from_another_directory(no_hub, tmp_path, capsys):
+    main(["inspect-data", "--config", str(ROOT / "configs" / "quickstart.yaml"), "--rows", "0"])
+    assert f"train: {lines(SHIPPED / 'train.jsonl')} rows" in capsys.readouterr().out
