@@ -49,6 +49,24 @@ def test_a_bad_flag_value_fails_before_any_loading(capsys):
     assert "loss_type" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("typo, where", [(["--model.betta", "0.2"], "flag"), ({"data": {"max_lenght": 12}}, "yaml"),
+                                         (["--trainr.max_steps=3"], "section")])
+def test_a_typo_in_a_key_is_one_line_naming_it_its_section_and_the_closest_key(typo, where, tmp_path, capsys):
+    args = ["fit", "--config", str(ROOT / "configs" / "quickstart.yaml")]
+    if where == "yaml":  # a second config file, as a user layers one over a shipped config
+        (tmp_path / "mine.yaml").write_text(yaml.safe_dump(typo))
+        typo = ["--config", str(tmp_path / "mine.yaml")]
+    with pytest.raises(SystemExit) as exit_:
+        cli_main(args + typo)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    expected = {"flag": "unknown key 'betta' in the model section (--model.betta); did you mean 'beta' (--model.beta)?",
+                "yaml": "unknown key 'max_lenght' in the data section (--data.max_lenght); did you mean 'max_length' "
+                        "(--data.max_length)?",
+                "section": "unknown key 'trainr.max_steps' (--trainr.max_steps); did you mean --trainer.max_steps?"}
+    assert err == [f"error: {expected[where]} `dpo-lightning fit --help` lists every key"]  # no usage above it
+
+
 def test_console_script_exits_zero_after_a_run(tmp_path):
     # The installed `dpo-lightning` wraps main() in sys.exit(): any return value but None would exit 1.
     script = Path(sys.executable).parent / "dpo-lightning"

@@ -4,10 +4,45 @@ Imported only for these two subcommands (main.py dispatches): building the parse
 transformers and Lightning, seconds the tools and `--help` do without.
 """
 
-from lightning.pytorch.cli import LightningCLI
+import difflib
+import re
+import sys
+from typing import NoReturn
+
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from dpo_lightning.data import PreferenceDataModule
 from dpo_lightning.training.module import DPOModule
+
+# jsonargparse's messages for a key it does not know, on the command line and in a config file.
+UNKNOWN_KEY = re.compile(r"unrecognized arguments: --([^\s=]+)|does not accept option '([^']+)'")
+
+
+class Parser(LightningArgumentParser):
+    """LightningCLI's parser, whose answer to an unknown key (`--model.betta 0.2`, a YAML `max_lenght`) is one line
+    naming it, its section and the closest valid key, instead of the whole usage (113 lines) above one line."""
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        parser = getattr(ex, "subcommand_parser", None) or self  # a config file's key is checked by the main parser
+        found = UNKNOWN_KEY.search(message)
+        if found and self.exit_on_error:  # (jsonargparse turns exit_on_error off to try a value against each type)
+            sys.stderr.write(f"error: {unknown_key(found.group(1) or found.group(2), parser)}\n")
+            self.exit(2)
+        super().error(message, ex)
+
+
+def unknown_key(key: str, parser: LightningArgumentParser) -> str:
+    """The message for an unknown `key` ("model.betta"): its section, and the closest key of that section."""
+    keys = [a.dest for a in parser._actions if not a.dest.endswith(".help") and a.dest not in ("help", "config")]
+    section, _, name = key.rpartition(".")
+    in_section = [k[len(section) + 1:] for k in keys if k.startswith(f"{section}.")]
+    command = f"`{parser.prog.replace(' [options]', '')} --help` lists every key"
+    if not in_section:  # no such section (`--trainr.max_steps`): the closest whole key
+        close = difflib.get_close_matches(key, keys, n=1)
+        return f"unknown key {key!r} (--{key}){f'; did you mean --{close[0]}?' if close else '.'} {command}"
+    close = difflib.get_close_matches(name, in_section, n=1)
+    hint = f"; did you mean {close[0]!r} (--{section}.{close[0]})?" if close else "."
+    return f"unknown key {name!r} in the {section} section (--{key}){hint} {command}"
 
 
 class DPOLightningCLI(LightningCLI):
@@ -30,7 +65,7 @@ class DPOLightningCLI(LightningCLI):
 def make_cli(args: list[str] | None = None) -> LightningCLI:
     """Parse `args` (default: the command line), run the subcommand, return the CLI (its model, data, trainer)."""
     return DPOLightningCLI(
-        DPOModule, PreferenceDataModule, args=args,
+        DPOModule, PreferenceDataModule, args=args, parser_class=Parser, parser_kwargs={"prog": "dpo-lightning"},
         seed_everything_default=42,
         # Lightning's default logger is TensorBoard, which is not a dependency; CSV needs nothing.
         trainer_defaults={"logger": {"class_path": "lightning.pytorch.loggers.CSVLogger",
