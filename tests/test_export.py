@@ -7,9 +7,15 @@ Tiny models from conftest.py, saved to temp folders; no network.
 """
 
 import csv
+import hashlib
 import json
+import multiprocessing
+import os
 import re
+import signal
+import time
 import warnings
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -19,7 +25,7 @@ from datasets import Dataset
 from huggingface_hub import ModelCard
 from peft import AutoPeftModelForCausalLM, LoraConfig, get_peft_model
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from dpo_lightning import DPOModule, ExportPretrained, PreferenceDataModule, ValidationSummary
 from dpo_lightning.data.batches import collate_pairs
@@ -184,3 +190,48 @@ def test_export_and_load_from_checkpoint_warn_of_no_resume_and_a_resumed_fit_nam
     assert cli.model.hparams.beta == 0.2 and cli.model.objective.beta == 0.2 and cli.trainer.global_step == 5
     (message,) = [str(w.message) for w in caught if "resuming" in str(w.message)]
     assert re.search(r"other settings: (.*?)\. The run's", message).group(1) == "beta 0.1 -> 0.2"
+
+
+def _export_and_hang_after_the_weights(module: DPOModule, out: str, marker: str) -> None:
+    """Export `module`, stopping for good once the weights are written (the tokenizer's save is next)."""
+    def hang(self, *args, **kwargs):
+        Path(marker).touch()
+        time.sleep(600)
+
+    PreTrainedTokenizerBase.save_pretrained = hang
+    export_pretrained(module, ascii_tokenizer(), out)
+
+
+def contents(folder: Path) -> dict[str, str]:
+    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("earlier", [False, True], ids=["fresh", "over-an-earlier-export"])
+def test_an_export_killed_after_its_weights_leaves_the_earlier_folder_whole_or_none(tiny_gpt2, tmp_path, earlier):
+    # Before: the folder held the new weights and config at once, which from_pretrained loads as a whole model;
+    # over an earlier export, the new weights beside the earlier tokenizer and model card.
+    out, marker = tmp_path / "hf", tmp_path / "weights-written"
+    module = DPOModule(tiny_gpt2)
+    if earlier:
+        export_pretrained(module, ascii_tokenizer(), out)
+    before = contents(out) if earlier else None
+    with torch.no_grad():
+        next(module.policy.parameters()).add_(1.0)  # other weights, so that a mix would show
+    writer = multiprocessing.get_context("fork").Process(target=_export_and_hang_after_the_weights,
+                                                         args=(module, str(out), str(marker)))
+    writer.start()
+    deadline = time.monotonic() + 120
+    while not marker.exists():
+        assert writer.is_alive() and time.monotonic() < deadline
+        time.sleep(0.01)
+    os.kill(writer.pid, signal.SIGKILL)
+    writer.join(timeout=60)
+    assert writer.exitcode == -signal.SIGKILL
+    if earlier:
+        assert contents(out) == before  # the earlier export, byte for byte
+    else:
+        assert not out.exists()
+    export_pretrained(module, ascii_tokenizer(), out)  # the next export replaces it whole
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    torch.testing.assert_close(next(reloaded.parameters()), next(module.policy.parameters()))

@@ -36,6 +36,7 @@ from dpo_lightning.cli.main import cli_main
 from dpo_lightning.online.rewards import RewardError
 from dpo_lightning.training.checkpoints import NamedCheckpointIO
 from dpo_lightning.training.refcache import save_table
+from dpo_lightning.utils.atomic import atomic_path
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -220,6 +221,24 @@ def test_a_checkpoint_save_killed_with_sigkill_leaves_a_loadable_file(tmp_path):
     assert writer.exitcode == -signal.SIGKILL
     checkpoint = torch.load(path, weights_only=True)  # the last whole save, never a part of one
     assert checkpoint["step"] >= 3 and checkpoint["weights"].shape == (2_000_000,)
+
+
+def test_a_folder_written_atomically_replaces_the_earlier_one_whole_and_an_error_leaves_it(tmp_path):
+    out = tmp_path / "export"
+    with atomic_path(out) as partial:
+        os.mkdir(partial)
+        Path(partial, "weights").write_text("old")
+        Path(partial, "stale").write_text("only in the old one")
+    with pytest.raises(RuntimeError), atomic_path(out) as partial:
+        os.mkdir(partial)
+        Path(partial, "weights").write_text("half")
+        raise RuntimeError("the writer failed")
+    assert {p.name: p.read_text() for p in out.iterdir()} == {"weights": "old", "stale": "only in the old one"}
+    with atomic_path(out) as partial:
+        os.mkdir(partial)
+        Path(partial, "weights").write_text("new")
+    assert {p.name: p.read_text() for p in out.iterdir()} == {"weights": "new"}  # nothing of the old one left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]  # no temporary folder beside it
 
 
 # --- resume with other settings ----------------------------------------------------------------------------

@@ -5,7 +5,12 @@ plots the newest that trained (not a later `validate`), and that a panel with a 
 No training, no network.
 """
 
+import multiprocessing
 import os
+import signal
+import time
+
+from matplotlib.figure import Figure
 
 from dpo_lightning.cli.main import main
 from dpo_lightning.tools.plots import plot_metrics, read_metrics
@@ -95,3 +100,31 @@ def test_a_fraction_that_barely_moves_is_drawn_on_its_whole_range(tmp_path):
     ylim = {ax.get_title(): ax.get_ylim() for ax in figure.axes}
     assert ylim["padding fraction"] == (0, 1) and ylim["reward accuracy"] == (0, 1)
     assert ylim["loss"][0] == 0
+
+
+def _plot_and_hang_mid_write(run, out, marker) -> None:
+    """Plot, stopping for good after the PNG's first bytes are written (as a slow disk or a kill would)."""
+    def half_written(self, fname, **kwargs):
+        with open(fname, "wb") as f:
+            f.write(b"\x89PNG")
+        open(marker, "w").close()
+        time.sleep(600)
+
+    Figure.savefig = half_written
+    plot_metrics(run, out)
+
+
+def test_a_plot_killed_mid_write_leaves_the_earlier_png_whole(tmp_path):
+    # Before: the PNG was written in place, so a kill left its first bytes over the earlier picture.
+    run, out, marker = write_run(tmp_path / "run"), tmp_path / "curves.png", tmp_path / "writing"
+    plot_metrics(run, out)
+    earlier = out.read_bytes()
+    writer = multiprocessing.get_context("fork").Process(target=_plot_and_hang_mid_write, args=(run, out, marker))
+    writer.start()
+    deadline = time.monotonic() + 60
+    while not marker.exists():
+        assert writer.is_alive() and time.monotonic() < deadline
+        time.sleep(0.01)
+    os.kill(writer.pid, signal.SIGKILL)
+    writer.join(timeout=60)
+    assert out.read_bytes() == earlier

@@ -14,6 +14,7 @@ the last validation's metrics. `AutoModelForCausalLM.from_pretrained(folder)` lo
 import copy
 import csv
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ from dpo_lightning.callbacks.loggers import log_file
 from dpo_lightning.callbacks.validation import last_validation
 from dpo_lightning.training.models import is_quantized, merged_full_precision
 from dpo_lightning.training.module import DPOModule
+from dpo_lightning.utils.atomic import atomic_path
 from dpo_lightning.utils.hf import base_causal_lm
 from dpo_lightning.utils.locate import is_hub_id
 from dpo_lightning.utils.tokenizers import load_tokenizer, tokenizer_source
@@ -47,7 +49,7 @@ def export_pretrained(module: L.LightningModule, tokenizer: PreTrainedTokenizerB
     Args:
         module: the trained module; its policy may be a `peft.PeftModel`.
         tokenizer: saved next to the weights (None: not saved, the card says so).
-        output_dir: the folder to write (created).
+        output_dir: the folder to write (created; an earlier one there is replaced whole, once the new one is).
         merge_lora: for a LoRA policy, merge the adapter into a copy of the base weights (a plain
             model, no peft needed to load it); False saves the adapter alone (adapter_model.safetensors).
         metrics: the last validation's metrics, `val/...` -> value, for the card.
@@ -66,16 +68,19 @@ def export_pretrained(module: L.LightningModule, tokenizer: PreTrainedTokenizerB
     kwargs = {"selected_adapters": [model.active_adapter]} if adapter_only else {}
     if any(isinstance(p, DTensor) for p in model.parameters()):  # FSDP2's shards: every rank gathers each weight
         kwargs["state_dict"] = {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in model.state_dict().items()}
-    model.save_pretrained(out, is_main_process=is_main_process, **kwargs)
-    if not is_main_process:
+    if not is_main_process:  # it takes part in gathering the weights; rank 0 writes them
+        with tempfile.TemporaryDirectory() as scratch:  # `save_pretrained` creates its folder on every rank
+            model.save_pretrained(scratch, is_main_process=False, **kwargs)
         return out
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out)
-    # Adapter folders too: peft's loader reads it, and without a pad id `generate` has none.
-    generation_config(base_causal_lm(model), tokenizer).save_pretrained(out)
-    card = model_card(module, adapter_only=adapter_only, with_tokenizer=tokenizer is not None, metrics=metrics or {},
-                      steps=steps, validation_step=validation_step, data=data or {})
-    (out / "README.md").write_text(card)
+    with atomic_path(out) as partial:  # a killed export leaves the previous folder whole, or none
+        model.save_pretrained(partial, **kwargs)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(partial)
+        # Adapter folders too: peft's loader reads it, and without a pad id `generate` has none.
+        generation_config(base_causal_lm(model), tokenizer).save_pretrained(partial)
+        card = model_card(module, adapter_only=adapter_only, with_tokenizer=tokenizer is not None,
+                          metrics=metrics or {}, steps=steps, validation_step=validation_step, data=data or {})
+        (Path(partial) / "README.md").write_text(card)
     return out
 
 

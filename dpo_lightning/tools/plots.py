@@ -19,6 +19,8 @@ import csv
 import os
 from pathlib import Path
 
+from dpo_lightning.utils.atomic import atomic_path
+
 # One panel per entry: its title, the metrics drawn in it without the train/ or val/ prefix, and its y range
 # (None: autoscaled; a None bound is matplotlib's choice).
 PANELS = (("loss", ("loss",), (0, None)),
@@ -108,6 +110,6 @@ def plot_metrics(source: str | os.PathLike, out_png: str | os.PathLike | None = 
             ax.legend(fontsize=8)
     fig.suptitle(f"{csv_path.parent.parent.name}/{csv_path.parent.name}")  # e.g. quickstart/version_0
     out = Path(out_png) if out_png is not None else csv_path.with_name("metrics.png")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=dpi)
+    with atomic_path(out) as partial:  # a reader (a notebook, the docs) never sees half a PNG
+        fig.savefig(partial, dpi=dpi, format=out.suffix[1:] or "png")
     return fig
