@@ -114,7 +114,8 @@ def test_from_trl_reads_the_signatures_and_losses_the_imports_have():
     import lightning as L
 
     from dpo_lightning import LOSSES, DPOModule, PreferenceDataModule
-    from dpo_lightning.tools.migrate import PACKAGE, init_arguments, loss_names
+    from dpo_lightning.tools.migrate import PACKAGE, init_arguments, loss_names, loss_options
+    from dpo_lightning.training.losses import LOSS_ARGS
 
     assert init_arguments(PACKAGE / "training" / "module.py", "DPOModule") == set(inspect.signature(DPOModule).parameters)
     assert init_arguments(PACKAGE / "data" / "datamodule.py", "PreferenceDataModule") == set(
@@ -122,6 +123,7 @@ def test_from_trl_reads_the_signatures_and_losses_the_imports_have():
     lightning_trainer = Path(inspect.getfile(L.Trainer))
     assert init_arguments(lightning_trainer, "Trainer") == set(inspect.signature(L.Trainer).parameters)
     assert loss_names() == set(LOSSES)
+    assert loss_options() == {name: set(options) for name, options in LOSS_ARGS.items()}
 
 
 def test_help_lists_fit_and_validate_and_no_subcommand_the_module_cannot_run(capsys):

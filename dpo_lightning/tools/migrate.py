@@ -58,7 +58,9 @@ SAME_AS_OURS = {"adam_beta1": 0.9, "adam_beta2": 0.999, "adam_epsilon": 1e-8, "l
                 "torch_compile": False, "deepspeed": None, "fsdp": None, "neftune_noise_alpha": None,
                 "label_smoothing_factor": 0.0, "use_peft": False, "tools": None, "model_adapter_name": None,
                 "ref_adapter_name": None, "force_use_ref_model": False, "model_init_kwargs": None,
-                "ref_model_init_kwargs": None, "precompute_ref_log_probs": False, "precompute_ref_batch_size": None}
+                "ref_model_init_kwargs": None, "precompute_ref_log_probs": False, "precompute_ref_batch_size": None,
+                "push_to_hub": False, "hub_model_id": None, "hub_strategy": "every_save", "hub_private_repo": None,
+                "hub_always_push": False, "hub_revision": None}
 # Known TRL names with no equivalent here, and why.
 NO_EQUIVALENT = {
     "max_target_length": "TRL 0.2x, encoder-decoder models only; dpo_lightning trains causal LMs",
@@ -74,14 +76,20 @@ NO_EQUIVALENT = {
     "metric_for_best_model": "add a ModelCheckpoint(monitor=...)",
     "data_seed": "seed_everything seeds the data order; data.seed is only the eval_fraction split",
     "tf32": "call torch.set_float32_matmul_precision('high') instead",
+    "push_to_hub": "a run does not push: upload the exported hf_model folder with huggingface_hub.upload_folder",
+    **{key: "see push_to_hub" for key in ("hub_model_id", "hub_strategy", "hub_private_repo", "hub_always_push",
+                                          "hub_revision", "hub_token")},
 }
+# TRL's defaults of the options only some losses take (f_alpha_divergence_coef: 1.0 in 0.2x, 0.5 in 1.x). Such an
+# option, where the chosen loss does not take it, is TRL's default it ignores (same as ours), or a setting that
+# loss cannot honour here (not carried over): never a key that fit would refuse as set for a loss that ignores it.
+TRL_LOSS_DEFAULTS = {"label_smoothing": (0.0,), "f_divergence_type": ("reverse_kl",),
+                     "f_alpha_divergence_coef": (1.0, 0.5), "discopop_tau": (0.05,)}
 # Keys that configure what our data module, Lightning or the export do on their own.
 NOT_NEEDED = {"remove_unused_columns": "the data module keeps only the columns it uses",
               "do_train": "the subcommand (fit) says it", "do_eval": "eval_strategy says it",
               "overwrite_output_dir": "each run writes a new version_N", "logging_strategy": "logging_steps says it",
-              "disable_tqdm": "cosmetic: use trainer.enable_progress_bar", "logging_first_step": "cosmetic",
-              "push_to_hub": "push the exported hf_model folder with huggingface_hub.upload_folder",
-              "hub_model_id": "see push_to_hub"}
+              "disable_tqdm": "cosmetic: use trainer.enable_progress_bar", "logging_first_step": "cosmetic"}
 # What transformers does when these are absent, where it differs from ours.
 TRL_DEFAULTS = {"lr_scheduler_type": "linear", "max_grad_norm": 1.0, "num_train_epochs": 3.0, "eval_strategy": "no"}
 SCHEDULERS = {"linear": "linear", "cosine": "cosine", "constant": "constant", "constant_with_warmup": "constant"}
@@ -150,7 +158,7 @@ def from_trl(args: dict[str, Any] | str | Path) -> Migration:
     if "dataset_name" in args and "dataset_test_split" not in args and args["eval_strategy"] != "no":
         args["dataset_test_split"] = "test"  # the `trl dpo` script's default
         m.defaulted.add("dataset_test_split")
-    handled = _special(args, m)
+    handled = _special(args, m) | _loss_options(args, m)
     for key, value in args.items():
         if key in handled:
             continue
@@ -202,6 +210,22 @@ def _special(args: dict[str, Any], m: Migration) -> set[str]:
             "max_steps", "warmup_steps", "warmup_ratio", "loss_type", "generate_during_eval", "report_to", "run_name",
             "logging_dir", "use_peft", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules",
             "save_strategy", "save_steps"}
+
+
+def _loss_options(args: dict[str, Any], m: Migration) -> set[str]:
+    """The options only some losses take that the chosen losses do not (`TRL_LOSS_DEFAULTS`); the keys consumed."""
+    taken = loss_options()
+    losses = args.get("loss_type", "sigmoid")
+    losses = [losses] if isinstance(losses, str) else list(losses)
+    losses = losses if set(losses) <= set(taken) else ["sigmoid"]  # loss_type not carried: ours, the default
+    ignored = {key for key in TRL_LOSS_DEFAULTS if key in args and not any(key in taken[name] for name in losses)}
+    for key in sorted(ignored):
+        users = sorted(name for name, options in taken.items() if key in options)
+        if args[key] is None or args[key] in TRL_LOSS_DEFAULTS[key]:
+            m.same.append((key, args[key], f"TRL's default, which loss_type {losses} ignores"))
+        else:
+            m.not_carried.append((key, args[key], f"loss_type {losses} does not take it here; {users} do"))
+    return ignored
 
 
 def _optimizer_and_schedule(args: dict[str, Any], m: Migration, max_steps: int) -> None:
@@ -308,10 +332,18 @@ def init_arguments(source: Path, class_name: str) -> set[str]:
 
 def loss_names() -> set[str]:
     """The keys of `training.losses.LOSSES`, a dict literal in training/losses/__init__.py."""
-    for node in ast.parse((PACKAGE / "training" / "losses" / "__init__.py").read_text()).body:
+    return set(loss_options())
+
+
+def loss_options() -> dict[str, set[str]]:
+    """Each loss of `training.losses.LOSSES` -> the keyword options its function takes (`LOSS_ARGS` there)."""
+    folder = PACKAGE / "training" / "losses"
+    functions = {node.name: {a.arg for a in node.args.kwonlyargs} for path in folder.glob("*.py")
+                 for node in ast.walk(ast.parse(path.read_text())) if isinstance(node, ast.FunctionDef)}
+    for node in ast.parse((folder / "__init__.py").read_text()).body:
         targets = [node.target] if isinstance(node, ast.AnnAssign) else getattr(node, "targets", [])
         if any(isinstance(t, ast.Name) and t.id == "LOSSES" for t in targets):
-            return {key.value for key in node.value.keys}
+            return {key.value: functions[value.id] for key, value in zip(node.value.keys, node.value.values)}
     raise LookupError("no LOSSES dict in training/losses/__init__.py")
 
 
