@@ -6,7 +6,10 @@
 precomputes the reference, against the others' padded batches and live reference. The policy and the
 reference are two different tiny models, so every metric is far from its step-0 value.
 
-- Validation metrics equal one process's, although the ranks hold 3, 2 and 2 pairs: no pair counted twice.
+- Validation metrics equal one process's, although the ranks hold 3, 2 and 2 pairs: no pair counted twice. The
+  margin/length correlation over the ranks is the correlation of all 7 pairs (its sums are float64 and summed
+  exactly); between runs, each pair's margin agrees to float32 rounding of its log-probs (the 3-rank run packs its
+  pairs, another attention layout), which 7 pairs' correlation magnifies to a few 1e-6 on some CPUs.
 - Step 1 is skipped on every rank: no weight moves and nothing is logged for it.
 - Steps 0 and 1 hold the same 12 pairs in every run: same weights and training metrics.
 - Step 2 is the last, uneven one: 5 pairs left. One process trains on those 5; with 2 or 3 ranks every
@@ -18,6 +21,7 @@ started it.
 """
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -34,7 +38,17 @@ def run(policy: str, reference: str, devices: int, out: Path, cache: Path | None
     result = json.loads(out.read_text())
     result["rows"] = [json.loads(out.with_suffix(f".rank{r}.json").read_text()) for r in range(devices)]
     result["weights"] = torch.load(out.with_suffix(".pt"), weights_only=True)  # after each optimizer step
+    result["val_pairs"] = {row: values for r in range(devices)  # row id -> (margin, length difference)
+                           for row, values in json.loads(out.with_suffix(f".pairs.rank{r}.json").read_text())}
     return result
+
+
+def pearson(pairs: dict[int, list[float]]) -> float:
+    """The correlation of margin with length difference over `pairs`, two-pass, in Python's float64."""
+    xs, ys = zip(*pairs.values())
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    cov = sum((x - mx) * (y - my) for x, y in zip(xs, ys))
+    return cov / math.sqrt(sum((x - mx) ** 2 for x in xs) * sum((y - my) ** 2 for y in ys))
 
 
 def global_batches(result: dict) -> list[list[int]]:
@@ -63,9 +77,17 @@ def test_ddp_on_uneven_splits_equals_one_process(tiny_llama, other_llama, tmp_pa
 
     # Validation: 7 pairs, exact means over all of them whatever the ranks.
     assert abs(single["val"]["val/rewards/margins"]) > 1e-3 and "val/rewards/margin_length_corr" in single["val"]
+    corr = "val/rewards/margin_length_corr"
+    for n in DEVICES:  # the 7 pairs' correlation, whichever rank held each
+        assert sorted(runs[n]["val_pairs"]) == list(range(7))
+        assert runs[n]["val"][corr] == pytest.approx(pearson(runs[n]["val_pairs"]), rel=1e-6), n
     for n in DEVICES[1:]:
         assert runs[n]["val_pairs_per_rank"] == ([4, 3] if n == 2 else [3, 2, 2])  # the 7 pairs, none twice
-        assert_same(single["val"], runs[n]["val"], 1e-5, f"val, {n} ranks")
+        assert_same({k: v for k, v in single["val"].items() if k != corr},
+                    {k: v for k, v in runs[n]["val"].items() if k != corr}, 1e-5, f"val, {n} ranks")
+        for row, (margin, length_difference) in single["val_pairs"].items():
+            # beta 0.1 x 4 log-probs of about -30, each to float32 rounding (2e-6) and a few ulps of another layout
+            assert runs[n]["val_pairs"][row] == [pytest.approx(margin, abs=1e-5), length_difference], (n, row)
 
     # The same pairs in every global micro-batch but the last; there the ranks repeat the epoch's first pair.
     batches = global_batches(single)
@@ -97,6 +119,7 @@ if __name__ == "__main__":
     from conftest import data_module
     from test_nonfinite import PoisonedStep
 
+    from dpo_lightning.training.metrics import MarginLengthCorrelation
     from dpo_lightning.utils.steps import ends_optimizer_step
 
     class Record(L.Callback):
@@ -126,17 +149,22 @@ if __name__ == "__main__":
     policy, reference, devices, out, cache = sys.argv[1], sys.argv[2], int(sys.argv[3]), Path(sys.argv[4]), sys.argv[5]
     data = data_module(29, eval_n=7, batch_size=6 // devices, eval_batch_size=2, prefix_sharing=bool(cache),
                        packing=bool(cache))
+    margins = []  # each batch's (margins, length differences), as the correlation metric receives them
+    update = MarginLengthCorrelation.update  # (a metric binds its update when built: patched before the model)
+    MarginLengthCorrelation.update = lambda self, x, y: margins.append((x.tolist(), y.tolist())) or update(self, x, y)
     model = Logged(policy, ref_model_name_or_path=reference, learning_rate=1e-3, nonfinite_loss="skip",
                    precompute_ref_log_probs=bool(cache), ref_logps_cache_dir=cache or None)
     record = Record()
     options = {"accelerator": "cpu", "devices": devices, "strategy": "ddp" if devices > 1 else "auto", "logger": False,
                "enable_progress_bar": False, "enable_model_summary": False, "enable_checkpointing": False}
     metrics = L.Trainer(callbacks=[record], **options).validate(model, data, verbose=False)[0]
+    pairs = [(row, [x, y]) for rows, (xs, ys) in zip(record.val_rows, margins) for row, x, y in zip(rows, xs, ys)]
     trainer = L.Trainer(max_steps=3, accumulate_grad_batches=2, num_sanity_val_steps=0, limit_val_batches=0,
                         callbacks=[record], **options)
     val_rows = record.val_rows
     trainer.fit(model, data)
     out.with_suffix(f".rank{trainer.global_rank}.json").write_text(json.dumps(record.rows))
+    out.with_suffix(f".pairs.rank{trainer.global_rank}.json").write_text(json.dumps(pairs))
     gathered = trainer.strategy.all_gather(torch.tensor(len(sum(val_rows, []))))  # each rank's validation pairs
     if trainer.is_global_zero:
         out.write_text(json.dumps({"val": {k: float(v) for k, v in metrics.items() if not k.endswith("pairs_per_row")},
