@@ -3,24 +3,29 @@
 What users read off a run: the samples table lands in the CSV and TensorBoard logs at every validation
 (not the sanity check), the reference columns never change while the policy's do, a LoRA policy's
 reference is its base weights, sampling is seeded without disturbing training's random state, and under
-2-process DDP (gloo) rank 0 generates alone without deadlocking the other rank.
+2-process DDP (gloo) rank 0 generates alone without deadlocking the other rank. The end of a run names
+what it wrote and the commands that come next, and those commands run as printed.
 """
 
 import csv
+import shlex
 import subprocess
 import sys
 from pathlib import Path
 
 import lightning as L
 import torch
+import yaml
 from conftest import ascii_tokenizer, data_module, quiet_trainer, rows
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from peft import LoraConfig, get_peft_model
+from datasets import Dataset
 from transformers import AutoModelForCausalLM
 
 from dpo_lightning import DPOModule, PreferenceDataModule, ValidationSummary
 from dpo_lightning.callbacks import GenerateSamples
+from dpo_lightning.cli.main import cli_main, main
 
 COLUMNS = ["prompt", "chosen", "policy/greedy", "reference/greedy", "policy/sampled", "reference/sampled"]
 
@@ -125,6 +130,54 @@ def test_validation_history_survives_a_checkpoint(tiny_llama, tmp_path):
     assert resumed.history[:3] == first.history  # read back from the checkpoint file, every val/ metric
     assert [row["step"] for row in resumed.history] == [0, 2, 4, 6]
     assert resumed.history[3]["val/loss"] != first.history[2]["val/loss"]  # step 6 is a new validation
+
+
+def test_the_end_of_fit_says_what_the_run_made_and_its_next_commands_run_as_printed(tiny_llama, tmp_path,
+                                                                                    monkeypatch, capsys):
+    # The run ended with the validation table alone: which folder, which checkpoints, what next was left to find.
+    monkeypatch.chdir(tmp_path)
+    Dataset.from_dict(rows(16)).to_json(tmp_path / "train.jsonl")
+    Dataset.from_dict(rows(8)).to_json(tmp_path / "val.jsonl")
+    best = {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+            "init_args": {"monitor": "val/loss", "save_last": True}}
+    config = {"model": {"model_name_or_path": tiny_llama, "learning_rate": 1e-2},
+              "data": {"dataset": "train.jsonl", "eval_dataset": "val.jsonl", "max_length": 48,
+                       "max_prompt_length": 24, "batch_size": 4},
+              "trainer": {"max_steps": 4, "val_check_interval": 2, "check_val_every_n_epoch": None,
+                          "num_sanity_val_steps": -1, "enable_progress_bar": False,
+                          "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger",
+                                     "init_args": {"save_dir": "runs", "name": "run"}},
+                          "callbacks": [{"class_path": "dpo_lightning.ValidationSummary"},
+                                        {"class_path": "dpo_lightning.ExportPretrained"}, best]}}
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
+    cli = cli_main(["fit", "--config", "run.yaml"])
+    out = capsys.readouterr().out
+    report = out[out.index("[dpo_lightning] step 0 -> 4"):].splitlines()
+
+    with open(tmp_path / "runs" / "run" / "version_0" / "metrics.csv") as f:
+        validations = [row for row in csv.DictReader(f) if row["val/loss"]]
+    first, last = validations[0], validations[-1]  # step 0, and after step 4 (logged on row 3)
+    assert report[0] == ("[dpo_lightning] step 0 -> 4: reward accuracy "
+                         f"{float(first['val/rewards/accuracies']):.4f} -> {float(last['val/rewards/accuracies']):.4f}"
+                         f", margin {float(first['val/rewards/margins']):.4f} -> "
+                         f"{float(last['val/rewards/margins']):.4f}")
+    checkpoint = next(c for c in cli.trainer.callbacks if isinstance(c, ModelCheckpoint))
+    best_name = Path(checkpoint.best_model_path).name
+    assert report[1] == "[dpo_lightning] this run wrote, in runs/run/version_0/:"
+    assert [line.split()[0] for line in report[2:6]] == ["metrics.csv", f"checkpoints/{best_name}",
+                                                         "checkpoints/last.ckpt", "hf_model/"]
+    assert f"val/loss {checkpoint.best_model_score:.4f}" in report[3]
+
+    assert report[6] == "[dpo_lightning] next:"
+    commands = [shlex.split(line) for line in report[7:]]
+    assert [c[:2] for c in commands] == [["dpo-lightning", "plot"], ["dpo-lightning", "export"],
+                                         ["dpo-lightning", "validate"]]
+    for command in commands:
+        main(command[1:])
+    assert (tmp_path / "runs" / "run" / "version_0" / "metrics.png").is_file()
+    assert (tmp_path / "my_model" / "model.safetensors").is_file()
+    assert "[dpo_lightning] validation metrics: runs/run/version_1/metrics.csv" in capsys.readouterr().out
+    assert (tmp_path / "runs" / "run" / "version_1" / "metrics.csv").is_file()
 
 
 if __name__ == "__main__":

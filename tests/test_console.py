@@ -56,6 +56,16 @@ def test_first_run_prints_the_validation_table_and_no_broken_looking_line(first_
     assert "step" in first_run and "30/30" in first_run  # the bar counts optimizer steps out of max_steps
 
 
+def test_first_run_ends_with_its_headline_what_it_wrote_and_what_next(first_run):
+    end = first_run[first_run.index("\nvalidation "):]
+    rows = [line.split() for line in end.splitlines()[2:4]]  # the step-0 and step-25 rows: validated every 25
+    assert f"[dpo_lightning] step 0 -> 25: reward accuracy {rows[0][2]} -> {rows[1][2]}, " in end
+    assert f", greedy reward (solve rate) {rows[0][4]} -> {rows[1][4]}\n" in end  # the quickstart's GreedyReward
+    assert "[dpo_lightning] this run wrote, in runs/quickstart/version_0/:" in end
+    assert "\n  hf_model/ " in end and "\n  metrics.csv " in end
+    assert "\n  dpo-lightning plot runs/quickstart/version_0\n" in end
+
+
 def test_first_run_does_not_warn_about_modules_in_eval_mode(first_run):
     assert "module(s) in eval mode" not in first_run
 

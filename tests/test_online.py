@@ -227,7 +227,7 @@ def test_reward_model_scores_prompt_and_completion_and_weights_add_up(reward_mod
     torch.testing.assert_close(combined, torch.tensor([2.0 * 4 + 0.5 * oracle[0], 2.0 * 7 + 0.5 * oracle[1]]))
 
 
-def test_reward_named_in_yaml_trains_through_the_cli(tiny_llama, reward_model, tmp_path):
+def test_reward_named_in_yaml_trains_through_the_cli(tiny_llama, reward_model, tmp_path, caplog):
     from dpo_lightning.cli.main import cli_main
 
     train = tmp_path / "train.jsonl"
@@ -244,6 +244,10 @@ def test_reward_named_in_yaml_trains_through_the_cli(tiny_llama, reward_model, t
     cli = cli_main(["fit", "--config", str(path)])
     assert cli.trainer.global_step == 2 and len(RECORD) == 2
     assert [type(f).__name__ for f in cli.model.online.rewards.funcs] == ["function", "RewardModel"]
+    # The run says it is online, what it samples and what scores it (an offline run's console looked the same).
+    assert ("[dpo_lightning] online DPO: training reads prompts; the policy writes 2 completions per prompt (up to 4 "
+            f"tokens, temperature 1), scored by test_online.mod3_reward + 0 x {reward_model}; the best and the worst "
+            "form its pair") in caplog.messages
     with pytest.raises(ValueError, match="--model.online: unknown key.*'temprature'"):
         DPOModule(tiny_llama, online={**ONLINE, "temprature": 0.5})
     with pytest.raises(ValueError, match="reward 'no_such_module.score': cannot import"):

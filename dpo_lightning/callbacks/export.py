@@ -248,6 +248,7 @@ class ExportPretrained(L.Callback):
 
     def __init__(self, dirpath: str | None = None, merge_lora: bool = True):
         self.dirpath, self.merge_lora = dirpath, merge_lora
+        self.exported: str | None = None  # the folder written at the end of fit (`ValidationSummary` lists it)
 
     def output_folder(self, trainer: L.Trainer) -> tuple[str, str]:
         """Where it writes, and the setting that chose it (checked at setup: `training.preflight`)."""
@@ -266,6 +267,7 @@ class ExportPretrained(L.Callback):
         export_pretrained(pl_module, tokenizer if isinstance(tokenizer, PreTrainedTokenizerBase) else None, path,
                           self.merge_lora, metrics, steps=trainer.global_step, validation_step=step, data=data,
                           is_main_process=trainer.is_global_zero)
+        self.exported = path
         if trainer.is_global_zero:
             log_file(trainer.loggers, Path(path) / "README.md", trainer.global_step)
             print(f"[dpo_lightning] saved the policy, tokenizer and model card to {path}")

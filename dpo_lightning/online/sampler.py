@@ -49,6 +49,7 @@ from typing import Callable
 import lightning as L
 import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
@@ -140,6 +141,17 @@ class Online(L.Callback):
         self._tokenizer, self._pair_batch = datamodule.tokenizer, datamodule.pair_batch
         self._refresh_reference = refresh_reference
 
+    def describe(self) -> str:
+        """What online training does, in one line: what it reads, samples and scores."""
+        c = self.config
+        rewards = " + ".join(name if weight == 1 else f"{weight:g} x {name}"
+                             for name, weight in zip(self.rewards.names, self.rewards.weights))
+        sync = f"; the reference becomes the policy every {c.ref_model_sync_steps} steps" if c.ref_model_sync_steps \
+            else ""
+        return (f"online DPO: training reads prompts; the policy writes {c.num_samples} completions per prompt (up "
+                f"to {c.max_new_tokens} tokens, temperature {c.temperature:g}), scored by {rewards}; the best and "
+                f"the worst form its pair{sync}")
+
     def syncs_reference(self) -> bool:
         """Whether the reference moves with training (`ref_model_sync_steps`)."""
         return bool(self.config.ref_model_sync_steps)
@@ -148,6 +160,8 @@ class Online(L.Callback):
         refusal = sharded(trainer, "--model.online", every_rank=True)
         if refusal and stage == "fit":
             raise ValueError(refusal)
+        if stage == "fit":
+            rank_zero_info(f"[dpo_lightning] {self.describe()}")
         self._sum_over_ranks = functools.partial(trainer.strategy.reduce, reduce_op="sum")
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:

@@ -64,6 +64,16 @@ class StepProgressBar(RichProgressBar):
             self.train_progress_bar_id = self._add_task(trainer.max_steps, "step")
             self._update(self.train_progress_bar_id, trainer.global_step)  # a resumed run starts further on
 
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Stopped here, not at teardown: what the run ends with (the export's line, `ValidationSummary`'s report)
+        # prints below the bar's last state; printed while the bar is live, it would show above it.
+        self._stop_progress()
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)
+        if trainer.state.fn == "validate":  # so for `validate`: its results table and folder print below the bar
+            self._stop_progress()
+
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch,
                            batch_idx: int) -> None:
         if not self._by_steps():
