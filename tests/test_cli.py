@@ -15,7 +15,7 @@ import yaml
 from conftest import rows
 from datasets import Dataset
 
-from dpo_lightning.cli.main import cli_main
+from dpo_lightning.cli.main import cli_main, main
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
@@ -88,6 +88,31 @@ def test_inspect_data_prints_the_summary_and_rows_token_by_token(capsys, caplog,
     assert console.count("2000 rows, 2000 kept") == 1 and console.count("256 rows, 256 kept") == 1
     # The first training pair, prompt masked in brackets; every character is one token of the tokenizer.
     assert "   chosen: [s|o|r|t| |j|m|b|e|:]  |b|e|j|m|<|endoftext|>" in out
+
+
+def test_inspect_data_takes_fits_configs_and_flags_and_warns_of_a_large_cut(tmp_path, capsys, monkeypatch):
+    # It read one YAML with yaml.safe_load: two --config kept the last (then a bare TypeError), flags were refused.
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "short.yaml").write_text(yaml.safe_dump({"data": {"max_prompt_length": 8}}))
+    main(["inspect-data", "--config", str(ROOT / "configs" / "quickstart.yaml"), "--config", "short.yaml",
+          "--data.max_length", "12", "--rows", "1"])
+    out = capsys.readouterr().out
+    assert "train: 2000 rows, 2000 kept, dropped {none}, 2000 truncated to max_length 12" in out
+    assert "12 / 12 / 12 as trained" in out  # every pair cut to max_length, as fit would train it
+    assert "warning: 2000 of 2000 train rows (100%) are cut to max_length 12" in out
+    prompt = out.split("chosen: [")[1].split("]")[0].split("|")
+    assert len(prompt) == 8  # the second config's max_prompt_length, over the first's
+
+
+def test_inspect_data_of_an_online_config_shows_the_prompts_it_trains_on(capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    main(["inspect-data", "--config", "configs/online_quickstart.yaml", "--rows", "1"])
+    out = capsys.readouterr().out
+    train = out[:out.index("\nval: ")]
+    assert "; schema: prompts" in train and "chosen:" not in train and "rejected:" not in train
+    assert "--- row 0: prompt 10 tokens, completed by the policy during training\n   prompt: [s|o|r|t| |j|m|b|e|:]" \
+        in train
+    assert "   chosen: [s|o|r|t|" in out[out.index("\nval: "):]  # validation reads pairs, online too
 
 
 def imported_modules(*args: str) -> set[str]:

@@ -6,6 +6,7 @@ Data files are written to temp folders; nothing touches the network.
 """
 
 import json
+import warnings
 from pathlib import Path
 
 import pytest
@@ -222,6 +223,27 @@ def test_summary_counts_truncation_length_bias_and_percentiles():
     assert summary["truncated"] == 1 and summary["chosen_longer"] == 2
     # numpy's linear percentiles of [5, 6, 18]: p95 at index 1.9 = 6 + 0.9 * 12 = 16.8
     assert summary["length_p50_p95_max"] == [6, 16, 18]
+
+
+@pytest.mark.parametrize("max_length, cut", [(16, 1), (32, 0)])
+def test_truncation_shows_as_trained_lengths_and_a_large_share_cut_warns_at_setup(max_length, cut):
+    # As read: 1 + 4 = 5, 1 + 5 = 6, 14 + 4 = 18. Rule 3 at max_length 16 cuts the third's prompt to
+    # max_prompt_length 8: 8 + 4 = 12 as trained. 1 of 3 rows cut is over the 25% that warns; none cut is silent.
+    # Before: 2,000 of 2,000 rows cut passed without a word, and the lengths shown were those before the cut.
+    data = {"prompt": ["a", "b", "c" * 14], "chosen": [" xy", " xyz", " x"], "rejected": [" x", " w", " vw"]}
+    dm = PreferenceDataModule(dataset=data, tokenizer=ascii_tokenizer(), max_length=max_length, max_prompt_length=8)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        dm.setup("fit")
+    trained = [5, 6, 12] if cut else [5, 6, 18]
+    # numpy's linear percentiles: p95 at index 1.9 = 6 + 0.9 * (last - 6)
+    assert dm.summary["train"]["trained_p50_p95_max"] == [6, int(6 + 0.9 * (trained[2] - 6)), trained[2]]
+    cut_warnings = [str(w.message) for w in caught if "are cut to max_length" in str(w.message)]
+    assert cut_warnings == (["1 of 3 train rows (33%) are cut to max_length 16 (rule 3: the prompt to "
+                             "max_prompt_length first, then the responses lose their ends); as read, the median pair "
+                             "has 6 tokens and the longest 18. Raise --data.max_length (and --data.max_prompt_length) "
+                             "if the cut tokens matter"] if cut else [])
+    assert ("warning: 1 of 3 train rows (33%) are cut" in dm.inspect(n_rows=0)) == bool(cut)  # inspect-data too
 
 
 def test_max_drop_fraction_fails_fast():

@@ -1,14 +1,17 @@
-"""`dpo-lightning fit` and `dpo-lightning validate`: LightningCLI over `DPOModule` and `PreferenceDataModule`.
+"""`dpo-lightning fit` and `dpo-lightning validate`: LightningCLI over `DPOModule` and `PreferenceDataModule`; the
+same parser reads `inspect-data`'s configs and flags (`fit_config`).
 
-Imported only for these two subcommands (main.py dispatches): building the parser imports torch,
-transformers and Lightning, seconds the tools and `--help` do without.
+Imported only for these subcommands (main.py dispatches): building the parser imports torch, transformers and
+Lightning, seconds the tools and `--help` do without.
 """
 
 import difflib
 import re
 import sys
+import warnings
 from typing import NoReturn
 
+from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from dpo_lightning.data import PreferenceDataModule
@@ -62,16 +65,35 @@ class DPOLightningCLI(LightningCLI):
             super()._parse_ckpt_path()
 
 
+class ParsedOnly(DPOLightningCLI):
+    """The `fit` parser's config for a command line, checked as `fit` checks it, nothing instantiated."""
+
+    def instantiate_classes(self) -> None:
+        pass
+
+
+OPTIONS = dict(
+    parser_class=Parser, seed_everything_default=42,
+    # Lightning's default logger is TensorBoard, which is not a dependency; CSV needs nothing.
+    trainer_defaults={"logger": {"class_path": "lightning.pytorch.loggers.CSVLogger",
+                                 "init_args": {"save_dir": "runs"}}},
+    save_config_kwargs={"overwrite": True},
+    # The optimizer is --model.optimizer (a name or class_path + init_args) with --model.learning_rate etc.,
+    # so that configure_optimizers keeps the weight-decay groups; not LightningCLI's top-level --optimizer.
+    auto_configure_optimizers=False,
+)
+
+
 def make_cli(args: list[str] | None = None) -> LightningCLI:
     """Parse `args` (default: the command line), run the subcommand, return the CLI (its model, data, trainer)."""
-    return DPOLightningCLI(
-        DPOModule, PreferenceDataModule, args=args, parser_class=Parser, parser_kwargs={"prog": "dpo-lightning"},
-        seed_everything_default=42,
-        # Lightning's default logger is TensorBoard, which is not a dependency; CSV needs nothing.
-        trainer_defaults={"logger": {"class_path": "lightning.pytorch.loggers.CSVLogger",
-                                     "init_args": {"save_dir": "runs"}}},
-        save_config_kwargs={"overwrite": True},
-        # The optimizer is --model.optimizer (a name or class_path + init_args) with --model.learning_rate etc.,
-        # so that configure_optimizers keeps the weight-decay groups; not LightningCLI's top-level --optimizer.
-        auto_configure_optimizers=False,
-    )
+    return DPOLightningCLI(DPOModule, PreferenceDataModule, args=args, parser_kwargs={"prog": "dpo-lightning"},
+                           **OPTIONS)
+
+
+def fit_config(args: list[str]) -> Namespace:
+    """The config `fit` would run for `args` (config files, in order, then flags; no subcommand), parsed and checked
+    by the same parser, without loading anything: what `inspect-data` reads."""
+    with warnings.catch_warnings():  # args and a command line both given: main.py hands over the command's part
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+        return ParsedOnly(DPOModule, PreferenceDataModule, args=args, run=False,
+                          parser_kwargs={"prog": "dpo-lightning fit"}, **OPTIONS).config

@@ -8,7 +8,7 @@ Four more subcommands work on what a run leaves behind, each a function you can 
     dpo-lightning export --ckpt_path X.ckpt --output_dir DIR   # callbacks.export.export_checkpoint
     dpo-lightning plot LOGDIR [--out PNG]                       # tools.plots.plot_metrics
     dpo-lightning from-trl ARGS.json [--out CONFIG.yaml]         # tools.migrate.from_trl
-    dpo-lightning inspect-data --config X.yaml [--rows N]        # PreferenceDataModule.inspect
+    dpo-lightning inspect-data --config X.yaml [fit's flags] [--rows N]   # PreferenceDataModule.inspect
 
 Each subcommand imports what it needs when it runs: `dpo-lightning --help` imports neither torch nor
 transformers (seconds on every call otherwise).
@@ -105,22 +105,23 @@ def from_trl_main(argv: list[str]) -> None:
 
 def inspect_data_main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="dpo-lightning inspect-data", description=(
-        "Load and tokenize a config's data, print each split's summary (drops by reason, truncation, lengths) "
-        "and a few rows token by token: the masked prompt in brackets, then the trained response tokens."))
-    parser.add_argument("--config", required=True, help="a `dpo-lightning fit` config")
+        "Load and tokenize the data `dpo-lightning fit` would train on, with the same configs and flags (--config "
+        "A.yaml --config B.yaml --data.max_length 256 ...); print each split's summary (drops by reason, truncation, "
+        "lengths) and a few rows token by token: the masked prompt in brackets, then the trained response tokens "
+        "(online runs train on prompts: the prompts alone). The model itself is not loaded."))
     parser.add_argument("--rows", type=int, default=3, help="rows to render per split")
-    args = parser.parse_args(argv)
-    import yaml
-
+    args, fit_args = parser.parse_known_args(argv)
+    from dpo_lightning.cli.fit import fit_config
     from dpo_lightning.data import PreferenceDataModule
+    from dpo_lightning.data.prompts import train_kind
     from dpo_lightning.utils.tokenizers import tokenizer_source
 
-    with open(args.config) as f:
-        config = yaml.safe_load(f)
-    data_args = dict(config.get("data", {}))
-    # As in training, the tokenizer defaults to the model's; the model itself is not loaded.
-    data_args["tokenizer"] = tokenizer_source(data_args.get("tokenizer"), config.get("model", {}).get("model_name_or_path"))
+    config = fit_config(fit_args)
+    data_args = config.data.as_dict()
+    # As in training, the tokenizer defaults to the model's.
+    data_args["tokenizer"] = tokenizer_source(data_args.get("tokenizer"), config.model.model_name_or_path)
     data = PreferenceDataModule(**data_args)
+    data.train_kind = train_kind(config.model.online)  # as the module `fit` builds from this config says
     print(data.inspect(n_rows=args.rows))
     if data.val_data is not None:
         print(data.inspect(n_rows=args.rows, stage="val"))

@@ -32,7 +32,7 @@ from dpo_lightning.data.prompts import collate_prompts, prepare_prompts, prompt_
 from dpo_lightning.data.rules import PREPARED, adds_bos, drop_error, prepare_rows, truncate
 from dpo_lightning.data.sources import (STAGE_NAMES, DatasetSource, RowKind, load_rows, resolve_transform,
                                         single_split)
-from dpo_lightning.data.summary import fingerprint, format_summary, summarize
+from dpo_lightning.data.summary import fingerprint, format_summary, summarize, truncation_warning
 from dpo_lightning.utils.locate import located_data
 from dpo_lightning.utils.tokenizers import load_tokenizer, tokenizer_source, with_pad_token
 
@@ -192,7 +192,8 @@ class PreferenceDataModule(L.LightningDataModule):
         load = partial(load_rows, name=hp.dataset_config, data_dir=hp.data_dir, columns=columns,
                        transform=resolve_transform(self.transform), chat=bool(tokenizer.chat_template))
         module = self.trainer.lightning_module if self.trainer is not None else None
-        self.train_kind = getattr(module, "train_kind", "pairs")
+        if module is not None:  # else as set (`inspect-data` sets it from the config, as the module would)
+            self.train_kind = getattr(module, "train_kind", "pairs")
         if self.train_kind == "prompts" and hp.eval_fraction > 0:
             raise ValueError(f"--data.eval_fraction {hp.eval_fraction} would hold out prompts, but validation reads "
                              "preference pairs, also when training online: give them with --data.eval_dataset (or "
@@ -252,11 +253,17 @@ class PreferenceDataModule(L.LightningDataModule):
             raise drop_error(first["drop_reason"], first["row_id"], stage)
         if report:
             rank_zero_info(f"[dpo_lightning] {STAGE_NAMES[stage]} data: {format_summary(self.summary[stage])}")
+            if (warning := self._truncation_warning(stage)) is not None:
+                rank_zero_warn(warning)
         self._check_drops(stage)
         if self.summary[stage]["dropped"]:
             prepared = prepared.filter(_no_reason, input_columns="drop_reason", batched=True,
                                        desc=f"dropping unusable {STAGE_NAMES[stage]} rows")
         return prepared.remove_columns("drop_reason")
+
+    def _truncation_warning(self, stage: str) -> str | None:
+        prompts = stage == "train" and self.train_kind == "prompts"  # cut to max_prompt_length, not max_length
+        return None if prompts else truncation_warning(self.summary[stage], STAGE_NAMES[stage])
 
     def _check_drops(self, stage: str) -> None:
         summary, hp, label = self.summary[stage], self.hparams, STAGE_NAMES[stage]
@@ -298,8 +305,14 @@ class PreferenceDataModule(L.LightningDataModule):
             self.train_data, self.val_data = self._build(report=False)
         data = self.train_data if stage == "train" else self.val_data
         lines = [f"{stage}: {format_summary(self.summary[stage])}"]
+        lines += [f"warning: {warning}"] if (warning := self._truncation_warning(stage)) else []
+        prompts_only = stage == "train" and self.train_kind == "prompts"  # online: the policy writes the responses
         for i, row in zip(range(n_rows), data):
             prompt = self.tokenizer.convert_ids_to_tokens(row["prompt_input_ids"])
+            if prompts_only:
+                lines.append(f"--- row {i}: prompt {len(prompt)} tokens, completed by the policy during training")
+                lines.append(f"{'prompt':>9}: [{'|'.join(prompt)}]")
+                continue
             lines.append(f"--- row {i}: prompt {len(prompt)} tokens (masked), responses trained")
             for side in ("chosen", "rejected"):
                 tokens = self.tokenizer.convert_ids_to_tokens(row[f"{side}_input_ids"])

@@ -10,7 +10,12 @@ from datasets import Dataset, IterableDataset, LargeList, List
 from transformers import PreTrainedTokenizerBase
 
 from dpo_lightning.data.rules import cut_prompt, encode, with_bos
-from dpo_lightning.data.sources import STAGE_NAMES
+from dpo_lightning.data.sources import STAGE_NAMES, RowKind
+
+
+def train_kind(online: object) -> RowKind:
+    """What a run's training split holds: prompts when it trains online (`DPOModule(online=...)` set), else pairs."""
+    return "prompts" if online else "pairs"
 
 
 def prompt_format(rows: Dataset | IterableDataset, tokenizer: PreTrainedTokenizerBase, stage: str) -> str:

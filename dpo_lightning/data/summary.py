@@ -15,6 +15,7 @@ import pyarrow.compute as pc
 from datasets import Dataset
 
 TOKEN_COLUMNS = ("row_id", "prompt_input_ids", "chosen_input_ids", "rejected_input_ids")
+TRUNCATION_WARNING = 0.25  # the share of a split's rows cut by rule 3 above which setup warns
 
 
 def fingerprint(data: Dataset) -> str:
@@ -35,27 +36,47 @@ def fingerprint(data: Dataset) -> str:
 
 
 def summarize(prepared: Dataset, max_length: int) -> dict[str, Any]:
-    """Rows read, kept, dropped by reason, truncated, length percentiles (before truncation), length bias.
+    """Rows read, kept, dropped by reason, truncated, length percentiles as read (before truncation) and as
+    trained (prompt + the longer response, after rules 1-3), length bias.
 
     Read from the Arrow columns of `prepare_rows`' output, kept and dropped rows alike (a row-by-row
     read of 20,000 rows takes seconds).
     """
-    table = prepared.select_columns(["drop_reason", "length", "truncated", "chosen_longer"]).with_format("arrow")[:]
+    table = prepared.select_columns(["drop_reason", "length", "truncated", "chosen_longer", *TOKEN_COLUMNS[1:]]
+                                    ).with_format("arrow")[:]
     reasons = table.column("drop_reason").to_pylist()
     kept = np.asarray([not reason for reason in reasons], dtype=bool)
-    column = {name: table.column(name).to_numpy(zero_copy_only=False)[kept] for name in table.column_names[1:]}
-    lengths = column["length"] if kept.any() else np.zeros(1)
+    column = {name: table.column(name).to_numpy(zero_copy_only=False)[kept] for name in table.column_names[1:4]}
+    prompt, chosen, rejected = (np.asarray(pc.list_value_length(table.column(name).combine_chunks()).fill_null(0))[kept]
+                                for name in TOKEN_COLUMNS[1:])
     return {"rows": len(reasons), "kept": int(kept.sum()), "dropped": dict(Counter(r for r in reasons if r)),
-            "truncated": int(column["truncated"].sum()),
-            "length_p50_p95_max": [int(np.percentile(lengths, 50)), int(np.percentile(lengths, 95)),
-                                   int(lengths.max())],
+            "truncated": int(column["truncated"].sum()), "length_p50_p95_max": _profile(column["length"]),
+            "trained_p50_p95_max": _profile(prompt + np.maximum(chosen, rejected)),
             "chosen_longer": int(column["chosen_longer"].sum()), "max_length": max_length}
+
+
+def _profile(lengths: np.ndarray) -> list[int]:
+    lengths = lengths if len(lengths) else np.zeros(1)
+    return [int(np.percentile(lengths, 50)), int(np.percentile(lengths, 95)), int(lengths.max())]
+
+
+def truncation_warning(summary: dict[str, Any], label: str) -> str | None:
+    """The warning for a split whose rows rule 3 cuts in a large share (`TRUNCATION_WARNING`), else None."""
+    cut, kept = summary["truncated"], summary["kept"]
+    if not kept or cut <= TRUNCATION_WARNING * kept:
+        return None
+    p50, _, top = summary["length_p50_p95_max"]
+    return (f"{cut} of {kept} {label} rows ({cut / kept:.0%}) are cut to max_length {summary['max_length']} "
+            f"(rule 3: the prompt to max_prompt_length first, then the responses lose their ends); as read, the "
+            f"median pair has {p50} tokens and the longest {top}. Raise --data.max_length (and "
+            "--data.max_prompt_length) if the cut tokens matter")
 
 
 def format_summary(summary: dict[str, Any]) -> str:
     dropped = ", ".join(f"{reason}: {n}" for reason, n in summary["dropped"].items()) or "none"
     p50, p95, top = summary["length_p50_p95_max"]
+    t50, t95, t_top = summary.get("trained_p50_p95_max", summary["length_p50_p95_max"])
     return (f"{summary['rows']} rows, {summary['kept']} kept, dropped {{{dropped}}}, {summary['truncated']} "
-            f"truncated to max_length {summary['max_length']}, tokens p50 {p50} / p95 {p95} / max {top}, "
-            f"chosen longer than rejected in {summary['chosen_longer']}"
+            f"truncated to max_length {summary['max_length']}, tokens p50 {p50} / p95 {p95} / max {top} as read, "
+            f"{t50} / {t95} / {t_top} as trained, chosen longer than rejected in {summary['chosen_longer']}"
             + (f"; schema: {summary['schema']}" if summary.get("schema") else ""))

@@ -26,6 +26,7 @@ from torchmetrics import MeanMetric
 from transformers import PreTrainedModel
 
 from dpo_lightning.data.layouts import Layout, layout_of
+from dpo_lightning.data.prompts import train_kind
 from dpo_lightning.online import Online, OnlineConfig
 from dpo_lightning.training import console
 from dpo_lightning.training.checkpoints import (CheckpointValidation, check_reference_source, keep_trainable_weights,
@@ -218,9 +219,8 @@ class DPOModule(L.LightningModule):
             for model in (self.policy, self.reference):
                 if model is not None:
                     base_causal_lm(model).base_model.compile(dynamic=True)  # in place: same parameter names
-        # Online DPO: its component samples each batch's pairs; the data module reads prompts alone for it.
-        self.online = Online(online, precompute_ref_log_probs, self.ref.refreshable) if online else None
-        self.train_kind = "prompts" if online else "pairs"  # `data.sources.RowKind`
+        self.online = Online(online, precompute_ref_log_probs, self.ref.refreshable) if online else None  # online DPO
+        self.train_kind = train_kind(online)  # online: the data module reads prompts alone
         self.train_metrics = make_metrics(loss_types, rpo_alpha, False, Online.METRICS if online else ())
         self.val_metrics = make_metrics(loss_types, rpo_alpha)
         # The likelihood displacement warning's measure: log ref - log pi of the chosen responses, per response.
