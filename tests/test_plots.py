@@ -92,6 +92,38 @@ def test_plot_adds_the_learning_rate_and_throughput_panels_when_the_log_has_them
         "loss", "reward accuracy", "reward margin (chosen - rejected)", "rewards", "log-probs of the responses"]
 
 
+def test_the_headline_panel_comes_first_and_the_title_says_it(tmp_path):
+    # The quickstart's headline (the greedy solve rate) was in no panel and no title.
+    text = ("epoch,step,train/loss,train/rewards/accuracies,val/rewards/accuracies,val/rewards/margins,val/reward/greedy\n"
+            ",0,,,0.5,0.0,0.035\n0,9,0.69,0.5,,,\n0,19,0.6,0.75,,,\n0,24,,,0.9,0.4,0.77\n")
+    figure = plot_metrics(write_run(tmp_path / "run", text), tmp_path / "curves.png")
+    drawn = panels(figure)
+    assert list(drawn)[0] == "greedy reward (solve rate), val/reward/greedy"
+    assert drawn["greedy reward (solve rate), val/reward/greedy"] == {"val": ([0, 24], [0.035, 0.77])}
+    assert figure.get_suptitle().endswith("/run: greedy reward 0.035 -> 0.77, val accuracy 0.5 -> 0.9")
+
+
+def test_online_runs_get_their_panels(tmp_path):
+    text = with_columns(METRICS_CSV, {"objective/scores_chosen": 0.8, "objective/scores_rejected": 0.2,
+                                      "objective/ties": 0.1, "completions/mean_length": 7.0})
+    drawn = panels(plot_metrics(write_run(tmp_path / "run", text), tmp_path / "curves.png"))
+    assert drawn["online: scores of the sampled pairs"] == {"scores_chosen train": ([9], [0.8]),
+                                                            "scores_rejected train": ([9], [0.2])}
+    assert drawn["online: share of prompts whose samples tied"] == {"train": ([9], [0.1])}
+    assert drawn["online: completion length (tokens)"] == {"train": ([9], [7.0])}
+
+
+def test_a_constant_learning_rate_is_a_line_inside_its_panel_with_short_labels(tmp_path):
+    # After warm-up the rate is constant: it ran along the panel's top edge, under labels like 0.00030.
+    text = "epoch,step,train/loss,train/learning_rate\n" + "".join(f"0,{s},0.6,0.0003\n" for s in range(0, 50, 5))
+    figure = plot_metrics(write_run(tmp_path / "run", text), tmp_path / "curves.png")
+    (ax,) = [ax for ax in figure.axes if ax.get_title() == "learning rate"]
+    bottom, top = ax.get_ylim()
+    assert bottom == 0 and top > 0.0003 * 1.1
+    labels = [label.get_text() for label in ax.get_yticklabels() if label.get_text()]
+    assert labels and max(len(label) for label in labels) <= 4 and ax.yaxis.get_offset_text().get_text() == "1e\u22124"
+
+
 def test_a_fraction_that_barely_moves_is_drawn_on_its_whole_range(tmp_path):
     # Autoscaled, a padding fraction between 0.19 and 0.22 fills the panel and looks like a trend.
     text = "epoch,step,train/loss,train/rewards/accuracies,train/padding_fraction\n"
