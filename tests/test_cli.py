@@ -166,6 +166,19 @@ def test_help_lists_fit_and_validate_and_no_subcommand_the_module_cannot_run(cap
     assert exit_.value.code != 0 and "invalid choice" in capsys.readouterr().err.lower()
 
 
+@pytest.mark.parametrize("name, closest", [("fitt", "fit"), ("inspect", "inspect-data"), ("train", None)])
+def test_an_unknown_subcommand_lists_every_subcommand(name, closest):
+    # LightningCLI answered with its own two: "invalid choice 'fitt' (choose from fit, validate)".
+    from dpo_lightning.cli.main import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main([name, "--config", "configs/quickstart.yaml"])
+    message = str(exit_.value.code)
+    assert message.startswith(f"dpo-lightning: no `{name}` subcommand")
+    assert "fit, validate, export, plot, from-trl, inspect-data" in message
+    assert (f"did you mean `{closest}`?" in message) if closest else "did you mean" not in message
+
+
 def test_validate_of_a_checkpoint_prepares_only_its_split_at_the_checkpoints_step(tiny_llama, tmp_path, capfd,
                                                                                  caplog, monkeypatch):
     # It prepared the train split too, warned that ModelCheckpoint's dirpath changed, and logged step 0.

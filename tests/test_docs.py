@@ -25,6 +25,7 @@ import json
 import re
 import shlex
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -190,3 +191,25 @@ def test_user_facing_pages_tell_no_project_history():
     found = [f"{page.relative_to(ROOT)}:{n}: {line.strip()}" for page in PAGES
              for n, line in enumerate(page.read_text().split("\n"), 1) if history.search(line)]
     assert not found, "\n".join(found)
+
+
+def test_what_the_pages_commands_the_notebooks_and_the_end_of_a_run_write_in_the_repository_is_git_ignored():
+    # A newcomer following the README from the repository root left curves.png, sort-dpo/, mine.yaml, ... as
+    # untracked files in `git status`.
+    if not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    written = {"runs/quickstart/version_0/metrics.csv", "my_model/model.safetensors", "args.json"}  # fit; the end
+    for block in BLOCKS:  # of a run's suggested export; the TRL arguments that from-trl reads (docs/trl.md)
+        written |= {m for m in re.findall(r"--(?:out|output_dir) ([\w./-]+)", block.code) if not m.startswith("/")}
+    written.discard("docs/quickstart_curves.png")  # committed on purpose: the README shows it
+    for notebook in (ROOT / "notebooks").glob("*.ipynb"):  # run from notebooks/, the folder they sit in
+        code = "".join("".join(cell["source"]) for cell in json.loads(notebook.read_text())["cells"])
+        written |= {f"notebooks/{m}" for m in re.findall(
+            r'(?:plot_metrics\([^,]+, |ExportPretrained\(|CSVLogger\(|Path\()"([^"]+)"', code)}
+    assert {"curves.png", "sort-dpo", "mine.yaml", "notebooks/curves.png", "notebooks/hf_model"} <= written
+    # A file below each: ignored when the output itself is, as a file or a folder (`hf_model/` matches folders only).
+    done = subprocess.run(["git", "check-ignore", "--no-index", "--verbose", "--non-matching",
+                           *sorted(f"{path}/a-file" for path in written)], cwd=ROOT, capture_output=True, text=True)
+    not_ignored = [line.split("\t")[1].removesuffix("/a-file") for line in done.stdout.splitlines()
+                   if line.startswith("::")]
+    assert not_ignored == [], f"not git-ignored: {not_ignored}"

@@ -15,6 +15,7 @@ transformers (seconds on every call otherwise).
 """
 
 import argparse
+import difflib
 import sys
 
 from dpo_lightning.utils.locate import NotFoundError
@@ -148,6 +149,11 @@ def run(argv: list[str]) -> None:
         return
     if argv[0] in NOT_SUBCOMMANDS:
         sys.exit(f"dpo-lightning: no `{argv[0]}` subcommand: {NOT_SUBCOMMANDS[argv[0]]}")
+    if argv[0] not in ("fit", "validate") and not argv[0].startswith("-"):  # LightningCLI would list its two only
+        names = ["fit", "validate", *TOOLS]
+        close = difflib.get_close_matches(argv[0], names, n=1)
+        sys.exit(f"dpo-lightning: no `{argv[0]}` subcommand{f'; did you mean `{close[0]}`?' if close else '.'} The "
+                 f"subcommands are {', '.join(names)}; `dpo-lightning --help` says what each does")
     # args=None when they are the command line: LightningCLI warns when given both.
     cli_main(None if argv == sys.argv[1:] else argv)
 
