@@ -86,6 +86,15 @@ def test_a_model_or_tokenizer_path_that_is_not_there_fails_without_the_hub(name,
         data.setup("fit")
 
 
+def test_a_reward_model_folder_that_is_not_there_is_named_as_the_reward_setting(no_hub, tmp_path):
+    from dpo_lightning.online.rewards import load_reward, sort_exact
+
+    with pytest.raises(FileNotFoundError, match=r"^not found: \./models/rm \(working directory .*For "
+                                                r"--model\.online\.reward_funcs, pass a reward model's existing folder"):
+        load_reward("./models/rm", "--model.online.reward_funcs")
+    assert load_reward("dpo_lightning.online.rewards.sort_exact") is sort_exact  # an import path, as before
+
+
 @pytest.mark.parametrize("name", ["gpt2", "org/name", "EleutherAI/gpt-neo-1.3B", "Anthropic/hh-rlhf"])
 def test_a_hub_id_is_passed_on_as_it_is(name, no_hub):
     assert located(name, "--data.dataset", "data") == name and located(name, "the model") == name

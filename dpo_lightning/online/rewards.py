@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+from dpo_lightning.utils.locate import local, located, looks_like_path
 from dpo_lightning.utils.tokenizers import with_pad_token
 
 RewardFunc = Callable[[list[str], list[str]], Sequence[float]]
@@ -73,8 +74,8 @@ def load_reward(spec: str | RewardFunc, setting: str = "reward_funcs") -> Reward
     """One reward from its config entry: a callable as it is, a folder as a `RewardModel`, else an import path."""
     if callable(spec):
         return spec
-    if os.path.isdir(spec):
-        return RewardModel(spec)
+    if looks_like_path(spec) or os.path.isdir(local(spec)):  # a reward model's folder, found as every path is
+        return RewardModel(located(spec, setting, "reward"))
     module_name, sep, name = spec.partition(":") if ":" in spec else spec.rpartition(".")
     if not sep or not module_name:
         raise ValueError(f"{setting}: reward {spec!r} is neither a folder nor an import path "

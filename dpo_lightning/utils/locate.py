@@ -1,8 +1,8 @@
 """Where a model, tokenizer or data file named in a config is: a local path, a shipped asset, or a hub id.
 
 One rule, used by every reader: models and reference models (`training.models.load_causal_lm`), tokenizers
-(`utils.tokenizers.load_tokenizer`) and data files, folders and globs (`data.sources`, from Python, `fit`,
-`validate` and `inspect-data` alike), so that `dpo-lightning fit --config /anywhere/configs/quickstart.yaml`
+(`utils.tokenizers.load_tokenizer`), reward models (`online.rewards.load_reward`) and data files, folders and
+globs (`data.sources`, from Python, `fit`, `validate` and `inspect-data` alike), so that `dpo-lightning fit --config /anywhere/configs/quickstart.yaml`
 runs from any directory and a typo fails at once:
 
 1. A path that exists (relative to the working directory, or absolute; `~` is the home folder) is used as it is;
@@ -35,6 +35,8 @@ INSTEAD = {
     "data": "an existing .json/.jsonl/.parquet/.csv file (optionally .gz), a glob or a folder of them (absolute, or "
             "relative to the working directory), a hub dataset name such as 'org/name', or "
             "'dpo_lightning/assets/sort-tiny/train.jsonl' for the quickstart's shipped data",
+    "reward": "a reward model's existing folder (absolute, or relative to the working directory), or the import path "
+              "of a function, 'package.module.function'",
 }
 
 
@@ -67,7 +69,7 @@ def located(name: str, what: str, kind: str = "model") -> str:
     Args:
         name: as given in a config or call.
         what: the setting or thing that named it, for the message ("--data.dataset", "the tokenizer").
-        kind: "model" (models and tokenizers) or "data": what the message says to pass instead.
+        kind: "model" (models and tokenizers), "data" or "reward": what the message says to pass instead.
     """
     path = local(name)
     if _exists(path) or (is_hub_id(path) and not glob.has_magic(path)):
