@@ -40,7 +40,7 @@ from dpo_lightning.training.optim import grad_norm, lr_factor, make_optimizer, p
 from dpo_lightning.training.preflight import check_run
 from dpo_lightning.training.reference import Reference
 from dpo_lightning.training.throughput import Throughput
-from dpo_lightning.utils.hf import base_causal_lm
+from dpo_lightning.utils.hf import base_causal_lm, decoder
 from dpo_lightning.utils.steps import ends_optimizer_step
 
 LossType = Literal[tuple(LOSSES)]
@@ -216,7 +216,7 @@ class DPOModule(L.LightningModule):
         if torch_compile:  # after the lean check, which would compile for its 8 tokens
             for model in (self.policy, self.reference):
                 if model is not None:
-                    base_causal_lm(model).base_model.compile(dynamic=True)  # in place: same parameter names
+                    decoder(base_causal_lm(model)).compile(dynamic=True)  # in place: same parameter names
         self.train_metrics = make_metrics(loss_types, rpo_alpha, sync_on_compute=False)
         self.val_metrics = make_metrics(loss_types, rpo_alpha)
         # The likelihood displacement warning's measure: log ref - log pi of the chosen responses, per response.
@@ -238,14 +238,13 @@ class DPOModule(L.LightningModule):
     def setup(self, stage: str) -> None:
         check_run(self.trainer, self, stage)  # tokenizer vs embedding, writable folders, named checkpoint errors
 
-    def layout_unsupported(self, layout: Layout) -> str | None:
-        """Why the policy or the reference would not give the padded layout's outputs on `layout`, or None.
-
-        The data module asks at setup, to choose its layout (`layouts.choose_layout`); the scorer asks again for
-        every batch's own layout and model (a reference loaded later, a collator of the user's).
+    def layout_unsupported(self, layout: Layout, batch: dict | None = None) -> str | None:
+        """Why the policy or the reference would not give the padded layout's outputs on `layout` (and on `batch`,
+        one of its batches), or None. The data module asks at setup with a batch of its own rows, to choose its layout
+        (`layouts.choose_layout`); the scorer asks for every batch's layout and model (a reference loaded later).
         """
-        reasons = (self.scorer.unsupported(model, layout) for model in (self.policy, self.reference) if model is not None)
-        return next((reason for reason in reasons if reason), None)
+        models = [model for model in (self.policy, self.reference) if model is not None]
+        return next((reason for model in models if (reason := self.scorer.unsupported(model, layout, batch))), None)
 
     def configure_model(self) -> None:
         # Lightning's ModelParallelStrategy (FSDP2) hands the module a device mesh and leaves the sharding to it
