@@ -118,8 +118,8 @@ class DPOModule(L.LightningModule):
         lora_r: train a new LoRA adapter of this rank (peft) instead of all weights. None: full fine-tuning.
         lora_alpha: LoRA scaling numerator (the update is scaled by alpha / r).
         lora_dropout: dropout on the adapter's input; needs `disable_dropout: false`.
-        lora_target_modules: module names to adapt, e.g. [q_proj, v_proj], or "all-linear". Default:
-            peft's choice for the architecture. Add lm_head to adapt the output head.
+        lora_target_modules: module names to adapt, e.g. [q_proj, v_proj], or "all-linear" (every linear layer but
+            the head and MoE routers). Default: peft's choice, else all-linear. Add lm_head to adapt the output head.
         peft_config: a full peft config as a dict (`peft.get_peft_config`; `peft_type` defaults to LORA),
             instead of the `lora_*` arguments.
         load_in_4bit: QLoRA: load the base in 4-bit (bitsandbytes NF4, bf16 compute) and train a LoRA adapter
