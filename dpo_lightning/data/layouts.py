@@ -65,6 +65,12 @@ class Layout:
         """(rows, positions) True on the batch's real tokens, False on padding."""
         raise NotImplementedError
 
+    def padded_counts(self, batch: dict) -> Tensor:
+        """(rows, positions) how many times the padded layout runs each of the batch's tokens: 0 on padding, 2 on a
+        shared batch's prompts (the weights of a statistic over tokens that must not depend on the layout: the MoE
+        router loss)."""
+        raise NotImplementedError
+
     def statistics(self, batch: dict) -> dict[str, Tensor]:
         """The layout's own per-batch metrics (logged as `<stage>/<name>`)."""
         return {}
@@ -87,6 +93,9 @@ class Padded(Layout):
     def token_mask(self, batch: dict) -> Tensor:
         return batch["attention_mask"].bool()
 
+    def padded_counts(self, batch: dict) -> Tensor:
+        return batch["attention_mask"]
+
 
 class Shared(Layout):
     """Prefix sharing; with `packing`, several pairs per row up to `max_tokens_per_row` tokens (packing.py)."""
@@ -105,6 +114,10 @@ class Shared(Layout):
 
     def token_mask(self, batch: dict) -> Tensor:
         return batch["pair_ids"] >= 0
+
+    def padded_counts(self, batch: dict) -> Tensor:
+        real = batch["pair_ids"] >= 0
+        return real.long() + (real & (batch["branch_ids"] == PROMPT)).long()  # a prompt runs once per response there
 
     def statistics(self, batch: dict) -> dict[str, Tensor]:
         return {"pairs_per_row": batch["pairs_per_row"].float().mean()}  # how densely packing fills the rows

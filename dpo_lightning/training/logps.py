@@ -21,9 +21,10 @@ targets from one place, `shifted_labels`.
   module) is called as a module on checkpointed chunks (`torch.utils.checkpoint`), so it works unchanged.
 
 The lean path assumes logits = transform(head(decoder(x))): `utils.hf.decoder` (transformers' `base_model`, or
-Llama-4's `model`) as the decoder, `get_output_embeddings()` as the head, and one of `logit_transform`'s transforms (Gemma's soft-capping,
-Cohere's scale). `lean_unsupported` checks that on a few tokens for any model, so a model that does
-something else (Granite's `logits_scaling`, a custom head) is caught and uses the naive path.
+Llama-4's `model`) as the decoder, `get_output_embeddings()` as the head, and one of `logit_transform`'s
+transforms (Gemma's soft-capping, Cohere's scale). `lean_unsupported` checks that on a few tokens for any model,
+so a model that does something else (Granite's `logits_scaling`, a custom head) is caught and uses the naive path.
+`scorer.Scorer` picks the path once for a run.
 TRL 1.16's fused head (`trl/kernels/chunked_logprob.py`) is the same idea as a custom autograd.Function on
 the head's weight; it cannot take a LoRA head, and off-GPU it scores every position, not the responses.
 """
@@ -38,49 +39,10 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from dpo_lightning.data.batches import IGNORE_INDEX
-from dpo_lightning.data.layouts import Layout, layout_of, refusal
+from dpo_lightning.data.layouts import layout_of
 from dpo_lightning.utils.hf import agree, base_causal_lm, decoder, evaluating
 
 LogpsOutput = tuple[Tensor, Tensor, Tensor]
-
-
-class Scorer:
-    """The one log-prob path of a run, for the policy and the reference alike: (model, batch) -> `LogpsOutput`.
-
-    Lean (`lean_logps`) or from the full logits (`naive_logps`), chosen once at construction. A batch whose layout
-    a model cannot take is refused with our message (`Layout.unsupported`, asked once per model and layout, on the
-    first batch of it), so a model that ignores the layout's mask never trains on wrong log-probs, a reference
-    loaded later included.
-
-    Args:
-        lean: the lean path; False for the full logits.
-        chunk_size: response tokens per output-head call on the lean path.
-    """
-
-    def __init__(self, lean: bool, chunk_size: int = 256):
-        self.lean, self.chunk_size = lean, chunk_size
-        self._reasons: dict[tuple[int, str], str | None] = {}  # (id(model), layout name) -> why not, or None
-
-    def __call__(self, model: nn.Module, batch: dict[str, Tensor]) -> LogpsOutput:
-        layout = layout_of(batch)
-        reason = self.unsupported(model, layout, batch)
-        if reason:
-            raise refusal(layout, reason)
-        return lean_logps(model, batch, self.chunk_size) if self.lean else naive_logps(model, batch)
-
-    def unsupported(self, model: nn.Module, layout: Layout, batch: dict | None = None) -> str | None:
-        """Why `model` would not give the padded layout's outputs on `layout`, or None: checked once per model and
-        layout, on `batch` too where given (a batch of that layout shaped as training's)."""
-        key = (id(model), layout.name)
-        if key not in self._reasons:
-            self._reasons[key] = layout.unsupported(model, batch)
-        return self._reasons[key]
-
-    def full_logits(self) -> "Scorer":
-        """The same scorer on the full-logits path, for a model the lean path does not fit."""
-        scorer = Scorer(False, self.chunk_size)
-        scorer._reasons = self._reasons
-        return scorer
 
 
 def shifted_labels(labels: Tensor) -> tuple[Tensor, Tensor]:

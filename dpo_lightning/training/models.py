@@ -152,7 +152,8 @@ def linear_targets(model: PreTrainedModel) -> str:
         leaf = name.rsplit(".", 1)[-1]
         usable[leaf] = usable.get(leaf, True) and is_linear and returns.get(name, True)
     refused = NOT_ON_MAMBA if model.config.model_type in MAMBA_FAMILY else set()
-    names = sorted({name.rsplit(".", 1)[-1] for name in returns} & {leaf for leaf, ok in usable.items() if ok} - refused)
+    called = {name.rsplit(".", 1)[-1] for name in returns}
+    names = sorted(called & {leaf for leaf, ok in usable.items() if ok} - refused)
     return rf"{re.escape(prefix)}\.(.*\.)?({'|'.join(names)})"
 
 
