@@ -138,6 +138,24 @@ def oracle_logps(model: torch.nn.Module, rows: list[dict]) -> torch.Tensor:
     return torch.stack(scores)
 
 
+def plain_aux_loss(model: torch.nn.Module, rows: list[dict]) -> torch.Tensor | None:
+    """The model's own router load-balancing loss (its forward's `aux_loss` with `output_router_logits=True`) on
+    the padded batch of `rows`: prompt + chosen rows, then prompt + rejected rows, right-padded with a 0/1 mask."""
+    sequences = [row["prompt_input_ids"] + row[side] for side in ("chosen_input_ids", "rejected_input_ids")
+                 for row in rows]
+    width = max(map(len, sequences))
+    ids = torch.tensor([s + [0] * (width - len(s)) for s in sequences])
+    mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in sequences])
+    return model(input_ids=ids, attention_mask=mask, output_router_logits=True).aux_loss
+
+
+def router_coefficient(model: torch.nn.Module) -> float:
+    """TRL's default `router_aux_loss_coef`: the config's, for a mixture of experts (a config with
+    `output_router_logits`); 0 for any other model."""
+    config = model.config.get_text_config()
+    return getattr(config, "router_aux_loss_coef", 0.0) if hasattr(config, "output_router_logits") else 0.0
+
+
 def dpo_loss(policy: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     """-log sigmoid(beta ((pi_c - ref_c) - (pi_r - ref_r))), averaged over pairs (Rafailov et al. 2023, eq. 7)."""
     (pc, pr), (rc, rr) = policy.chunk(2), reference.chunk(2)
@@ -160,9 +178,11 @@ class Record(L.Callback):
 
 def oracle_training(policy: torch.nn.Module, lora: bool, steps: list[list[dict]]) -> tuple[list, list]:
     """Two SGD steps of DPO on `policy` (a copy), the reference being its starting weights (with LoRA, the
-    adapter off); returns each step's loss and mean chosen log-prob."""
+    adapter off), plus a mixture of experts' router loss where its forward computes one (TRL's default
+    coefficient); returns each step's loss and mean chosen log-prob."""
     policy = copy.deepcopy(policy).eval()  # eval: no dropout, as `disable_dropout` promises in training
     reference = None if lora else copy.deepcopy(policy)
+    coef = router_coefficient(policy)
     optimizer = torch.optim.SGD([p for p in policy.parameters() if p.requires_grad], lr=LR)
     losses, logps = [], []
     for rows in steps:
@@ -174,6 +194,8 @@ def oracle_training(policy: torch.nn.Module, lora: bool, steps: list[list[dict]]
                 reference_logps = oracle_logps(reference, rows)
         policy_logps = oracle_logps(policy, rows)
         loss = dpo_loss(policy_logps, reference_logps)
+        aux = plain_aux_loss(policy, rows) if coef else None
+        loss = loss + coef * aux if aux is not None else loss  # Llama-4's forward computes none
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

@@ -11,6 +11,8 @@
 Tiny models built from configs (conftest.py, test_architectures.py): no network.
 """
 
+import os
+
 import lightning as L
 import pytest
 import torch
@@ -72,7 +74,8 @@ def test_a_shared_batch_from_another_collator_is_checked_as_it_comes(tiny_llama,
         trainer.fit(DPOModule(fails_on_several_rows(tiny_llama)), loader)
 
 
-@pytest.mark.skipif(not torch.__version__.startswith("2.13") or torch.cuda.is_available(),
+@pytest.mark.skipif(not torch.__version__.startswith("2.13") or torch.cuda.is_available()
+                    or "ATEN_CPU_CAPABILITY" in os.environ,  # inductor then compiles for another kernel set
                     reason="reproduces torch 2.13's CPU code generation failure for flex_attention")
 def test_flex_attention_on_cpu_is_kept_padded_naming_the_failure(tiny_llama):
     # The issue's reproduction: the probe's one-row batch runs, training's two-row batch fails in torch's compiler.
@@ -84,6 +87,19 @@ def test_flex_attention_on_cpu_is_kept_padded_naming_the_failure(tiny_llama):
     module = DPOModule(model, lean_logps=False)
     layout, reason = choose_layout("auto", "auto", 64, module.layout_unsupported, sample)
     assert layout.name == "padded" and "a batch of 2 rows" in reason, reason
+
+
+@pytest.mark.parametrize("bf16", ["weights", "autocast"])
+def test_bf16_rounding_on_training_batches_keeps_the_shared_layout(tiny_llama, bf16):
+    # The check compares two layouts' bf16 matmuls of other shapes: their rounding is no reason to fall back.
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.bfloat16 if bf16 == "weights" else None)
+    data = data_module(8, eval_n=0, tokenizer=tiny_llama, max_length=64, max_prompt_length=32)
+    data.setup("fit")
+    module = DPOModule(model)
+    with torch.autocast("cpu", torch.bfloat16, enabled=bf16 == "autocast"):
+        layout, reason = choose_layout("auto", "auto", 64, module.layout_unsupported,
+                                       [data.train_data[i] for i in range(4)])
+    assert layout.name == "shared", reason
 
 
 def alone_logps(model: torch.nn.Module, pairs: list[dict]) -> torch.Tensor:

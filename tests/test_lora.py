@@ -152,7 +152,7 @@ def test_default_and_all_linear_targets_train_models_with_routers_and_mamba_mixe
     # peft's all-linear wrapped PhiMoE's and Llama-4's routers (nn.Linear subclasses whose forward returns a tuple:
     # "'tuple' object has no attribute 'dtype'" inside peft's forward) and Mamba's out_proj (refused by peft); with
     # no targets, peft has no default for these and our own error suggested all-linear.
-    model = DPOModule(tiny_model(name), lora_r=4, lora_target_modules=targets)
+    model = DPOModule(tiny_model(name), lora_r=4, lora_target_modules=targets, router_aux_loss_coef=0.0)
     adapted = {n.split(".lora_A.")[0].rsplit(".", 1)[-1] for n in adapter_weights(model) if ".lora_A." in n}
     assert adapted and untouched not in adapted
     batch = first_batch()

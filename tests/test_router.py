@@ -28,22 +28,11 @@ from dpo_lightning import DPOModule
 from dpo_lightning.data.batches import collate_pairs
 from dpo_lightning.data.packing import collate_shared
 
-from conftest import data_module, quiet_trainer
-from test_architectures import BETA, LR, dpo_loss, oracle_logps, tiny_model
+from conftest import BF16_RTOL, data_module, quiet_trainer
+from test_architectures import BETA, LR, dpo_loss, oracle_logps, plain_aux_loss, tiny_model
 
 MOE = ["mixtral", "qwen2_moe", "olmoe", pytest.param("qwen3_next", marks=pytest.mark.architectures)]
 COEF = 0.5  # large enough that the router term moves the weights well past the comparison's tolerance
-
-
-def plain_aux_loss(model: torch.nn.Module, rows: list[dict]) -> torch.Tensor:
-    """The model's own aux_loss on the padded batch of `rows`: prompt + chosen rows, then prompt + rejected rows,
-    right-padded with a 0/1 attention mask."""
-    sequences = [row["prompt_input_ids"] + row[side] for side in ("chosen_input_ids", "rejected_input_ids")
-                 for row in rows]
-    width = max(map(len, sequences))
-    ids = torch.tensor([s + [0] * (width - len(s)) for s in sequences])
-    mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in sequences])
-    return model(input_ids=ids, attention_mask=mask, output_router_logits=True).aux_loss
 
 
 def pairs(n: int) -> list[dict]:
@@ -69,6 +58,19 @@ def test_the_batch_router_loss_is_the_models_own_in_every_layout(name):
             # At step 0 the policy is its reference: every reward 0, the DPO loss log 2, plus coef x aux.
             loss = module._shared_step(batch, "val")
             torch.testing.assert_close(loss, torch.log(torch.tensor(2.0)) + COEF * expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("bf16", ["weights", "autocast"])
+def test_bf16_router_loss_is_the_models_own_to_bf16_rounding(bf16):
+    model = tiny_model("olmoe").to(torch.bfloat16 if bf16 == "weights" else torch.float32)
+    module = DPOModule(model, router_aux_loss_coef=COEF)  # its check against the model's own loss passes in bf16
+    rows = pairs(3)
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=bf16 == "autocast"):
+        expected = plain_aux_loss(module.policy.eval(), rows).float()
+        aux = module.scorer(module.policy, collate_shared(rows, 0, packing=True, max_tokens_per_row=100),
+                            module.objective.router).aux_loss
+    assert aux.dtype == torch.float32
+    torch.testing.assert_close(aux, expected, rtol=BF16_RTOL, atol=0)
 
 
 def test_the_coefficient_follows_trl(tiny_llama):
