@@ -88,10 +88,13 @@ LINEAR_ATTENTION = dict(head_dim=8, linear_num_key_heads=2, linear_num_value_hea
 NEWER = {
     "qwen3_5": dict(model_type="qwen3_5", text_config=dict(**WIDTH, **LINEAR_ATTENTION, attention_dropout=DROP),
                     vision_config=dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=32)),
-    "gemma4": dict(model_type="gemma4", vision_config=None, audio_config=None, text_config=dict(
-        **WIDTH, head_dim=8, global_head_dim=16, sliding_window=WINDOW, vocab_size_per_layer_input=128,
-        hidden_size_per_layer_input=8, layer_types=["sliding_attention", "full_attention"], pad_token_id=0,
-        attention_dropout=DROP)),
+    # With its vision tower, per-layer inputs and key-value sharing (the last two layers reuse the first two's).
+    "gemma4": dict(model_type="gemma4", audio_config=None, vision_config=dict(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+        head_dim=8, patch_size=4, position_embedding_size=64, pooling_kernel_size=2), text_config=dict(
+        **{**WIDTH, "num_hidden_layers": 4}, head_dim=8, global_head_dim=16, sliding_window=WINDOW,
+        vocab_size_per_layer_input=128, hidden_size_per_layer_input=8, num_kv_shared_layers=2,
+        layer_types=["sliding_attention", "full_attention"] * 2, pad_token_id=0, attention_dropout=DROP)),
     "qwen3_next": dict(model_type="qwen3_next", **WIDTH, **LINEAR_ATTENTION, num_experts=4, num_experts_per_tok=2,
                        moe_intermediate_size=32, shared_expert_intermediate_size=32, attention_dropout=DROP),
     "lfm2": dict(model_type="lfm2", **WIDTH, layer_types=["conv", "full_attention"]),
