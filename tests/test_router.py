@@ -23,12 +23,15 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
+from datasets import Dataset
 
 from dpo_lightning import DPOModule
+from dpo_lightning.cli.main import cli_main
 from dpo_lightning.data.batches import collate_pairs
 from dpo_lightning.data.packing import collate_shared
 
-from conftest import BF16_RTOL, data_module, quiet_trainer
+from conftest import BF16_RTOL, ascii_tokenizer, data_module, quiet_trainer
+from conftest import rows as text_rows
 from test_architectures import BETA, LR, dpo_loss, oracle_logps, plain_aux_loss, tiny_model
 
 MOE = ["mixtral", "qwen2_moe", "olmoe", pytest.param("qwen3_next", marks=pytest.mark.architectures)]
@@ -98,6 +101,27 @@ def test_llama4_whose_forward_computes_no_router_loss(tmp_path):
     with pytest.raises(ValueError, match=r"--model.router_aux_loss_coef 0.01: Llama4ForCausalLM's forward computes "
                                          r"no load-balancing loss .* Set it to 0"):
         DPOModule(tiny_model("llama4_text"), router_aux_loss_coef=0.01)
+
+
+def test_the_cli_trains_with_it_and_a_checkpoint_reloads_it(tmp_path):
+    folder = tmp_path / "olmoe"
+    tiny_model("olmoe").save_pretrained(folder)
+    ascii_tokenizer().save_pretrained(folder)
+    train = tmp_path / "train.jsonl"
+    Dataset.from_dict(text_rows(8)).to_json(train)
+    cli = cli_main(["fit", f"--model.model_name_or_path={folder}", f"--model.router_aux_loss_coef={COEF}",
+                    f"--data.dataset={train}", f"--data.eval_dataset={train}", "--data.max_length=48",
+                    "--data.max_prompt_length=24", "--data.batch_size=4", "--trainer.max_steps=2",
+                    "--trainer.log_every_n_steps=1", f"--trainer.default_root_dir={tmp_path}",
+                    f"--trainer.logger.init_args.save_dir={tmp_path}", "--trainer.enable_progress_bar=false"])
+    header = (Path(cli.trainer.log_dir) / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert {"train/aux_loss", "val/aux_loss"} <= set(header)
+    reloaded = DPOModule.load_from_checkpoint(next(Path(cli.trainer.log_dir).glob("checkpoints/*.ckpt")))
+    assert reloaded.objective.router_aux_loss_coef == COEF
+    rows = pairs(2)
+    with torch.no_grad():
+        aux = reloaded.scorer(reloaded.policy, collate_pairs(rows, 0), reloaded.objective.router).aux_loss
+        torch.testing.assert_close(aux, plain_aux_loss(reloaded.policy.eval(), rows), rtol=1e-5, atol=1e-6)
 
 
 class Steps(L.Callback):
