@@ -26,7 +26,7 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
 from dpo_lightning import DPOModule
 from dpo_lightning.data.layouts import shared_layout_unsupported
@@ -261,6 +261,23 @@ def test_explicit_shared_layouts_are_exact_or_refused(name, mode, tmp_path):
 @pytest.mark.parametrize("name", ARCHITECTURES)
 def test_every_mode_of_every_architecture(name, mode, tmp_path):
     train_and_compare(name, mode, tmp_path)
+
+
+@pytest.mark.architectures
+@pytest.mark.parametrize("name", ["qwen3_5", "gemma4"])
+def test_a_vision_language_checkpoint_trains_as_its_causal_lm(name, tmp_path):
+    # Qwen3.5's and Gemma 4's hub checkpoints are their vision-language models; AutoModelForCausalLM loads them as
+    # the classes the matrix trains (Qwen3.5's text model, Gemma 4's whole model): the same text logits.
+    settings = dict(ARCHITECTURES[name])
+    config = AutoConfig.for_model(settings.pop("model_type"), bos_token_id=1, eos_token_id=2, **settings)
+    torch.manual_seed(0)
+    multimodal = AutoModelForImageTextToText.from_config(config).eval()
+    multimodal.save_pretrained(tmp_path)
+    module = DPOModule(str(tmp_path))
+    assert type(module.policy) is type(tiny_model(name))
+    ids = torch.arange(3, 40)[None]
+    with torch.no_grad():
+        torch.testing.assert_close(module.policy.eval()(input_ids=ids).logits, multimodal(input_ids=ids).logits)
 
 
 @pytest.mark.parametrize("name", ["opt", "falcon", "bloom", "llama", "gpt2"])
