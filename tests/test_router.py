@@ -6,6 +6,7 @@ The oracle is a plain forward of the model with `output_router_logits=True` on t
 - the module's batch value equals the oracle on padded, prefix-shared and packed batches of the same pairs;
 - TRL's semantics: None takes the config's coefficient, 0 turns it off, a coefficient on a dense model or on
   Llama-4 (whose forward computes no aux_loss) is refused by name, and Llama-4's unset one trains without it;
+- gradient checkpointing keeps its gradients; the CLI trains with it and logs `aux_loss`; a checkpoint reloads it;
 - two optimizer steps of two accumulated micro-batches each (SGD) equal the oracle's steps, with each
   micro-batch's loss + coef x aux, and the logged `aux_loss`, `loss` and `val/aux_loss` are the batch means;
 - under DDP (3 gloo ranks, 8 pairs: micro-batches of 2 and 1 pairs, accumulated), the step equals the oracle's
@@ -74,6 +75,20 @@ def test_bf16_router_loss_is_the_models_own_to_bf16_rounding(bf16):
                             module.objective.router).aux_loss
     assert aux.dtype == torch.float32
     torch.testing.assert_close(aux, expected, rtol=BF16_RTOL, atol=0)
+
+
+def test_gradient_checkpointing_keeps_the_router_loss_gradients():
+    # The router logits are read inside checkpointed layers, whose activations backward recomputes.
+    grads = []
+    for checkpointing in (False, True):
+        module = DPOModule(tiny_model("olmoe"), router_aux_loss_coef=COEF, gradient_checkpointing=checkpointing)
+        with torch.no_grad():
+            module.policy.lm_head.weight.mul_(1.5)  # the policy differs from its reference
+        module._shared_step(collate_shared(pairs(3), 0, packing=True, max_tokens_per_row=100), "train").backward()
+        grads.append({n: p.grad for n, p in module.policy.named_parameters()})
+    assert grads[0]["model.layers.0.mlp.gate.weight"].abs().sum() > 0  # the router trains
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, rtol=1e-5, atol=1e-7, msg=name)
 
 
 def test_the_coefficient_follows_trl(tiny_llama):

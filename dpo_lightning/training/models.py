@@ -104,13 +104,13 @@ def lora_config(r: int | None, alpha: float, dropout: float, target_modules: lis
 def add_lora(model: PreTrainedModel, config: PeftConfig) -> PeftModel:
     """Wrap `model` with a new adapter; only the adapter's parameters stay trainable. `all-linear` means
     `linear_targets`, and so does no `target_modules` where peft knows no default for the architecture."""
-    if isinstance(config.target_modules, str) and config.target_modules.lower() == "all-linear":
-        config.target_modules = linear_targets(model)
-    given = config.target_modules  # before peft fills in its defaults
+    given = getattr(config, "target_modules", None)  # before peft fills in its defaults
+    if isinstance(given, str) and given.lower() == "all-linear":
+        given = config.target_modules = linear_targets(model)
     try:
         return get_peft_model(model, config)
     except ValueError:  # peft knows default targets for some architectures only (Phi-3, OLMo 2: none)
-        if given is not None:
+        if given is not None or not hasattr(config, "target_modules"):
             raise
     config.target_modules = linear_targets(model)  # peft checks its targets before it changes the model
     return get_peft_model(model, config)
