@@ -2,7 +2,8 @@
 
 - The check runs on a batch shaped as training's (its rows, lengths and packing), not only on its own one-row
   probe: a model whose attention fails only on two-row batches (as flex_attention's CPU code generation does in
-  torch 2.13) is kept padded, with the reason printed; a batch from another collator is checked as it comes.
+  torch 2.13) is kept padded, with the reason printed; a batch from another collator, or a stream's first batch,
+  is checked as it comes.
 - Llama-4's chunked attention and Gemma 4's sliding window (read from its text config) are in the shared mask:
   log-probs equal each sequence's own forward on prompts longer than a chunk or a window, lean and full logits.
 - Recurrent and convolutional layers (LFM2, Qwen3.5, Mamba) are refused by name, not by a numeric check a random
@@ -16,6 +17,7 @@ import os
 import lightning as L
 import pytest
 import torch
+from datasets import Dataset
 from transformers import AutoModelForCausalLM
 
 from dpo_lightning import DPOModule, PreferenceDataModule
@@ -72,6 +74,17 @@ def test_a_shared_batch_from_another_collator_is_checked_as_it_comes(tiny_llama,
     trainer = L.Trainer(max_steps=1, default_root_dir=tmp_path, logger=False, enable_checkpointing=False)
     with pytest.raises(ValueError, match="--data.prefix_sharing: .* on a batch of 2 rows .* Set --data.prefix_sharing"):
         trainer.fit(DPOModule(fails_on_several_rows(tiny_llama)), loader)
+
+
+def test_a_streamed_datasets_first_batch_is_checked_as_it_comes(tiny_llama, tmp_path):
+    # A stream has no rows to check at setup: its first batch is checked before its forward, and refused by name.
+    train = tmp_path / "train.jsonl"
+    Dataset.from_dict(text_rows(8)).to_json(train)
+    data = PreferenceDataModule(str(train), tokenizer=tiny_llama, batch_size=4, max_length=64, max_prompt_length=32,
+                                streaming=True)
+    trainer = L.Trainer(max_steps=1, default_root_dir=tmp_path, logger=False, enable_checkpointing=False)
+    with pytest.raises(ValueError, match="--data.prefix_sharing: .* on a batch of 2 rows .* Set --data.prefix_sharing"):
+        trainer.fit(DPOModule(fails_on_several_rows(tiny_llama)), data)
 
 
 @pytest.mark.skipif(not torch.__version__.startswith("2.13") or torch.cuda.is_available()

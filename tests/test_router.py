@@ -3,7 +3,8 @@
 The oracle is a plain forward of the model with `output_router_logits=True` on the padded batch of the same pairs
 (chosen rows, then rejected rows, right-padded), its `aux_loss`; the DPO part is each sequence's own forward
 (test_architectures.py). On tiny Mixtral, Qwen2-MoE and OLMoE (plus Qwen3-Next under the `architectures` marker):
-- the module's batch value equals the oracle on padded, prefix-shared and packed batches of the same pairs;
+- the module's batch value equals the oracle on padded, prefix-shared and packed batches of the same pairs (in bf16,
+  weights or autocast, to its rounding);
 - TRL's semantics: None takes the config's coefficient, 0 turns it off, a coefficient on a dense model or on
   Llama-4 (whose forward computes no aux_loss) is refused by name, and Llama-4's unset one trains without it;
 - gradient checkpointing keeps its gradients; the CLI trains with it and logs `aux_loss`; a checkpoint reloads it;

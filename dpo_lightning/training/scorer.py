@@ -42,6 +42,7 @@ class Scorer:
     def __init__(self, lean: bool, chunk_size: int = 256):
         self.lean, self.chunk_size = lean, chunk_size
         self._reasons: dict[tuple[int, str], str | None] = {}  # (id(model), layout name) -> why not, or None
+        self._on_a_batch: set[tuple[int, str]] = set()  # the keys checked on a batch of their layout too
 
     def __call__(self, model: nn.Module, batch: dict[str, Tensor], router: RouterLoss | None = None) -> Scores:
         """`model`'s scores of `batch`; with `router` (the policy's, in training and validation) its router loss."""
@@ -55,14 +56,17 @@ class Scorer:
 
     def unsupported(self, model: nn.Module, layout: Layout, batch: dict | None = None) -> str | None:
         """Why `model` would not give the padded layout's outputs on `layout`, or None: checked once per model and
-        layout, on `batch` too where given (a batch of that layout shaped as training's)."""
+        layout, and once more on the first `batch` of it given (a batch shaped as training's) if the first check
+        had none (the data module's of a stream)."""
         key = (id(model), layout.name)
-        if key not in self._reasons:
+        if key not in self._reasons or (batch is not None and key not in self._on_a_batch):
             self._reasons[key] = layout.unsupported(model, batch)
+            if batch is not None:
+                self._on_a_batch.add(key)
         return self._reasons[key]
 
     def full_logits(self) -> "Scorer":
         """The same scorer on the full-logits path, for a model the lean path does not fit."""
         scorer = Scorer(False, self.chunk_size)
-        scorer._reasons = self._reasons
+        scorer._reasons, scorer._on_a_batch = self._reasons, self._on_a_batch
         return scorer
