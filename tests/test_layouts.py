@@ -98,7 +98,10 @@ def test_flex_attention_on_cpu_is_kept_padded_naming_the_failure(tiny_llama):
     sample = [data.train_data[i] for i in range(4)]
     assert Shared(True, 64).collate(sample, 0)["input_ids"].shape[0] == 2
     module = DPOModule(model, lean_logps=False)
-    layout, reason = choose_layout("auto", "auto", 64, module.layout_unsupported, sample)
+    try:
+        layout, reason = choose_layout("auto", "auto", 64, module.layout_unsupported, sample)
+    finally:  # flex_attention's compiled kernels would otherwise be recompiled for dynamic shapes in later tests
+        torch.compiler.reset()
     assert layout.name == "padded" and "a batch of 2 rows" in reason, reason
 
 
