@@ -175,11 +175,18 @@ class PreferenceDataModule(L.LightningDataModule):
             rank_zero_info(f"[dpo_lightning] batch layout: {self.layout.name} ({reason})")
 
     def _choose_layout(self) -> tuple[Layout, str]:
-        """`layouts.choose_layout` for this module's settings, checked on the models of the module being fit."""
+        """`layouts.choose_layout` for this module's settings, checked on the models of the module being fit and on
+        a batch of the first training pairs, or validation pairs for `validate` (rows, lengths, packing as theirs)."""
         hp = self.hparams
         module = self.trainer.lightning_module if self.trainer is not None else None
+        rows, size = ((self.train_data, hp.batch_size) if self.train_data is not None
+                      else (self.val_data, hp.eval_batch_size or hp.batch_size))
+        rows = rows if isinstance(rows, Dataset) else []  # a stream: the scorer checks its first batch
+        sample = [rows[i] for i in range(min(size, len(rows)))]
         return choose_layout(hp.prefix_sharing, hp.packing, hp.packing_max_tokens or hp.max_length,
-                             getattr(module, "layout_unsupported", None))
+                             getattr(module, "layout_unsupported", None),
+                             sample if sample and sample[0]["chosen_input_ids"] else None,  # not online's prompts
+                             getattr(self.tokenizer, "pad_token_id", None) or 0)
 
     def _build(self, report: bool = True, with_train: bool = True) -> tuple[Dataset | IterableDataset | None,
                                                                            Dataset | None]:

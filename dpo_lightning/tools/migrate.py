@@ -33,6 +33,7 @@ RENAMES = {
     # DPOConfig (1.x and 0.2x), and the `trl dpo` script's ModelConfig / ScriptArguments
     "beta": "model.beta", "loss_weights": "model.loss_weights", "label_smoothing": "model.label_smoothing",
     "rpo_alpha": "model.rpo_alpha", "reference_free": "model.reference_free",
+    "router_aux_loss_coef": "model.router_aux_loss_coef",
     "f_divergence_type": "model.f_divergence_type", "f_alpha_divergence_coef": "model.f_alpha_divergence_coef",
     "discopop_tau": "model.discopop_tau", "disable_dropout": "model.disable_dropout",
     "precompute_ref_log_probs": "model.precompute_ref_log_probs",
