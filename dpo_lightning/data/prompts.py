@@ -8,7 +8,7 @@ import torch
 from datasets import Dataset, IterableDataset, LargeList, List
 from transformers import PreTrainedTokenizerBase
 
-from dpo_lightning.data.rules import encode, with_bos
+from dpo_lightning.data.rules import encode, template_arguments, with_bos
 from dpo_lightning.data.sources import STAGE_NAMES
 
 
@@ -24,17 +24,20 @@ def prompt_format(rows: Dataset | IterableDataset, tokenizer: PreTrainedTokenize
 
 
 def prepare_prompts(batch: dict[str, list], indices: list[int], dataset_format: str,
-                    tokenizer: PreTrainedTokenizerBase, bos_token_id: int | None, **unused) -> dict[str, list]:
+                    tokenizer: PreTrainedTokenizerBase, bos_token_id: int | None,
+                    chat_template_kwargs: dict | None = None, **unused) -> dict[str, list]:
     """Rules 1-2 for prompt-only rows (a batched `datasets.map` function, as `rules.prepare_rows`), as `PREPARED`
     rows with no responses: a conversation rendered with `add_generation_prompt=True`, one BOS, no special
-    tokens. A missing, non-text or empty prompt is dropped and counted. Rule 3 applies once the pair exists."""
+    tokens, the run's `chat_template_kwargs`. A missing, non-text or empty prompt is dropped and counted. Rule 3
+    applies once the pair exists."""
     prompts, reasons = [], []
     for prompt, issue in zip(batch["prompt"], batch.get("source_issue") or [""] * len(indices)):
         ok = isinstance(prompt, list if dataset_format == "conversational" else str)
         reasons.append(issue or ("missing prompt" if prompt is None else "" if ok else
                                  f"not {'messages' if dataset_format == 'conversational' else 'text'} prompt"))
         if ok and dataset_format == "conversational":
-            prompt = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+            prompt = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True,
+                                                   **template_arguments({}, chat_template_kwargs))
         prompts.append(prompt if ok else "")
     ids = [with_bos(p, bos_token_id) for p in encode(tokenizer, prompts)]
     reasons = [reason or ("" if p else "empty prompt") for reason, p in zip(reasons, ids)]
