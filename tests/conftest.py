@@ -1,7 +1,8 @@
 """Shared fixtures: a tokenizer whose ids are ASCII codes (and a chat template modelled on Qwen3's, with its
-rendering written out by hand), tiny models saved to temp folders, and the helpers the module-level tests share: a data module of `rows`, a quiet Trainer, a first batch, the
-response log-probs recomputed from a model's logits (an oracle that calls no package code), and a
-callback recording each training batch's rows and the weights around it.
+rendering written out by hand), tiny models saved to temp folders, and the helpers the module-level tests share:
+a data module of `rows`, a quiet Trainer, a first batch, the response log-probs recomputed from a model's logits
+(an oracle that calls no package code), and a callback recording each training batch's rows and the weights
+around it.
 
 Nothing here touches the network: models are built from a config and saved with `save_pretrained`, then
 loaded by path, the way a user's hub model would be.
@@ -93,7 +94,8 @@ def qwen_text(messages: list[dict], tools: list | None = None, generation: bool 
             for call in m.get("tool_calls") or []:
                 arguments = call["function"]["arguments"]
                 arguments = arguments if isinstance(arguments, str) else json.dumps(arguments)
-                out += f'\n<tool_call>\n{{"name": "{call["function"]["name"]}", "arguments": {arguments}}}\n</tool_call>'
+                name = call["function"]["name"]
+                out += f'\n<tool_call>\n{{"name": "{name}", "arguments": {arguments}}}\n</tool_call>'
             out += "<|im_end|>\n"
         elif m["role"] == "tool":
             out += f"<|im_start|>user\n<tool_response>\n{m['content']}\n</tool_response><|im_end|>\n"

@@ -38,8 +38,8 @@ ARGUMENT_KEYS = ("city", "unit", "day")  # arguments hold a prefix of these, in 
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather",
                                            "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
                                                           "required": ["city"]}}},
-         {"type": "function", "function": {"name": "set_alarm", "description": "Alarm",
-                                           "parameters": {"type": "object", "properties": {"day": {"type": "string"}}}}}]
+         {"type": "function", "function": {"name": "set_alarm", "description": "Alarm", "parameters": {
+             "type": "object", "properties": {"day": {"type": "string"}}}}}]
 
 
 @st.composite

@@ -18,6 +18,7 @@ import gzip
 import json
 import shutil
 import textwrap
+import warnings
 from typing import NamedTuple
 
 import pyarrow as pa
@@ -196,7 +197,8 @@ def helpsteer3(tmp):
              "overall_preference": 0, "individual_preference": judge}]
     path = write_jsonl(tmp / "preference" / "train.jsonl.gz", rows)
     kept = {0: chat_pair(one, "print('x')", "prin('x')"), 1: chat_pair(multi, "Why did the chicken...", "No.")}
-    return path, kept, {"tie overall_preference": 1}, "HelpSteer3 preference (prompt = context, chosen by overall_preference)"
+    return path, kept, {"tie overall_preference": 1}, \
+        "HelpSteer3 preference (prompt = context, chosen by overall_preference)"
 
 
 def openai(tmp):
@@ -242,8 +244,8 @@ def tool_rows() -> list[dict]:
     return [{"prompt": lights, "chosen": [{"role": "assistant", "tool_calls": [
                 call("control_light", room="living room", state="on")]}],
              "rejected": [say("assistant", "I cannot control lights.")], "tools": [LIGHTS, WEATHER]},
-            {"prompt": [say("user", "Weather in Paris?")], "chosen": [{"role": "assistant", "content": "",
-                                                                       "tool_calls": [call("get_weather", city="Paris")]}],
+            {"prompt": [say("user", "Weather in Paris?")],
+             "chosen": [{"role": "assistant", "content": "", "tool_calls": [call("get_weather", city="Paris")]}],
              "rejected": [{"role": "assistant", "tool_calls": [call("control_light", room="Paris", state="on")]}],
              "tools": [LIGHTS, WEATHER]},
             {"prompt": kitchen, "chosen": [say("assistant", "Done: the kitchen lights are on.")],
@@ -278,7 +280,8 @@ def tool_calls_parquet(tmp):
 def openai_tools(tmp):
     """OpenAI preference fine-tuning JSONL with tools: input.tools, a tool call (arguments a JSON string, as the
     API writes them) preferred over a text answer."""
-    rows = [{"input": {"messages": [say("user", "Weather in Boston?")], "tools": [WEATHER], "parallel_tool_calls": False},
+    rows = [{"input": {"messages": [say("user", "Weather in Boston?")], "tools": [WEATHER],
+                       "parallel_tool_calls": False},
              "preferred_output": [{"role": "assistant", "tool_calls": [
                  {"id": "call_1", "type": "function", "function": {"name": "get_weather",
                                                                   "arguments": "{\"city\": \"Boston\"}"}}]}],
@@ -452,8 +455,11 @@ def check(dm: PreferenceDataModule, kept: dict, dropped: dict, schema: str):
 def test_a_public_set_trains_zero_config_with_the_ids_users_expect(replica, tmp_path):
     replica = Replica(*replica(tmp_path))
     dm = replica_module(replica)  # zero-config but for the settings a replica names (PKU's label_column)
-    dm.setup("fit")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        dm.setup("fit")
     check(dm, replica.kept, replica.dropped, replica.schema)
+    assert not [str(w.message) for w in caught if "is not used" in str(w.message)]  # every known column is read
 
 
 def test_orca_without_a_chat_template_joins_system_and_question_as_documented(tmp_path):
@@ -512,8 +518,8 @@ def test_a_public_set_loads_through_the_cli(replica, tmp_path, chat_model, qwen_
 def test_tool_calls_train_through_dpo_lightning_fit(tmp_path, qwen_model):
     replica = Replica(*tool_calls(tmp_path))
     config = config_for(replica, qwen_model, tmp_path / "config.yaml", extra=(
-        "  batch_size: 3\ntrainer:\n  max_steps: 1\n  accelerator: cpu\n  logger: false\n  enable_checkpointing: false\n"
-        f"  enable_progress_bar: false\n  default_root_dir: {tmp_path}\n  callbacks: []\n"))
+        "  batch_size: 3\ntrainer:\n  max_steps: 1\n  accelerator: cpu\n  logger: false\n"
+        f"  enable_checkpointing: false\n  enable_progress_bar: false\n  default_root_dir: {tmp_path}\n  callbacks: []\n"))
     cli = cli_main(["fit", "--config", config])
     assert cli.trainer.global_step == 1
     row = cli.datamodule.train_data[0]  # the tool call is the chosen response

@@ -66,7 +66,7 @@ class Reading:
     left out by the user's own choice (a label other than `--data.label_column`), which warn_ignored spares."""
     schema: str = ""
     ignored: tuple[str, ...] = ()
-    chosen: tuple[str, ...] = ()
+    by_choice: tuple[str, ...] = ()
 
 
 def without_nulls(value: Any) -> Any:
@@ -169,6 +169,6 @@ def warn_ignored(reading: Reading, label: str) -> None:
     """Warn for each ignored column some known schema would use (a system prompt, tools, template arguments, a
     preference label), naming it and what to do; the data summary names every ignored column."""
     for name in reading.ignored:
-        if name in KNOWN and name not in reading.chosen:
+        if name in KNOWN and name not in reading.by_choice:
             what, fix = KNOWN[name]
             warnings.warn(f"{label} data: column {name!r} ({what}) is not used: {fix}", stacklevel=2)

@@ -126,7 +126,8 @@ def template_arguments(row: dict, run: dict | None = None) -> dict:
 
 
 def render_conversation(prompt: list[dict] | None, chosen: list[dict], rejected: list[dict],
-                        tokenizer: PreTrainedTokenizerBase, arguments: dict | None = None) -> tuple[str, str, str] | None:
+                        tokenizer: PreTrainedTokenizerBase,
+                        arguments: dict | None = None) -> tuple[str, str, str] | None:
     """Chat-template texts (prompt, chosen response, rejected response); None if they cannot be split.
 
     Without a `prompt`, every message but the last is the prompt, and must be the same on both sides.

@@ -188,7 +188,8 @@ SCHEMAS = (
 )
 
 
-def detect_schema(names: set[str], columns: dict[str, str], label: str, label_column: str | None = None) -> Schema | None:
+def detect_schema(names: set[str], columns: dict[str, str], label: str,
+                  label_column: str | None = None) -> Schema | None:
     """The public schema `names` (a source's columns) match, following its label, or None for plain columns.
 
     Columns the user mapped (`--data.prompt_column` ...) win over detection, except where they pin chosen and

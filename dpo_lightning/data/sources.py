@@ -38,6 +38,7 @@ import datasets
 import pyarrow.parquet as pq
 from datasets import Dataset, DatasetDict, Features, IterableDataset, LargeList, List, Value, load_dataset
 
+from dpo_lightning.data import rows as row_model, schemas
 from dpo_lightning.data.rows import (FIELD_NAMES, FIELDS, TEMPLATE_COLUMNS, NotJSON, Reading, canonical_row, features,
                                      refuse)
 from dpo_lightning.data.schemas import Schema, detect_schema
@@ -49,6 +50,10 @@ DatasetSource = Union[str, dict, list, Dataset, DatasetDict]
 STAGE_NAMES = {"train": "train", "val": "eval"}  # a split's name in messages, as the user names its argument
 _FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 _SAMPLE = 100  # rows that decide a column's kind
+# The code that reads rows, part of the cache name of rows read from files: `datasets` names a generator's cache
+# by the generator's own code, not by the code it calls, so a new row model would reuse rows read by the old one.
+READING_CODE = hashlib.sha256(b"".join(open(path, "rb").read() for path in (
+    __file__, row_model.__file__, schemas.__file__))).hexdigest()
 
 
 def load_rows(source: DatasetSource, split: str = "train", name: str | None = None, data_dir: str | None = None,
@@ -229,10 +234,10 @@ def _from_files(files: list[str], plan: dict) -> tuple[Dataset, Reading]:
     # Cached by `datasets` under a name made of its arguments, the files' content digest among them:
     # another process (a DDP rank after `prepare_data`) reads the cache instead of the files.
     return Dataset.from_generator(_generate, features=args["features"], gen_kwargs=dict(
-        files=files, digest=_digest(files), label=plan["label"], args=args)), reading
+        files=files, digest=_digest(files), code=READING_CODE, label=plan["label"], args=args)), reading
 
 
-def _generate(files: list[str], digest: str, label: str, args: dict) -> Iterator[dict]:
+def _generate(files: list[str], digest: str, code: str, label: str, args: dict) -> Iterator[dict]:
     for row in _file_rows(files, label):
         yield canonical_row(row, **args)
 
@@ -286,11 +291,12 @@ def _planned(sample: list, plan: dict, names: set[str] | None = None) -> tuple[d
     needed = PROMPT_ONLY if tuple(columns) == PROMPT_ONLY else ("chosen", "rejected")
     args = dict(columns=plan["columns"], transform=transform, chat=plan["chat"], schema=schema,
                 features=features(mapped, columns, needed))
-    reads = schema.reads() if schema else {*plan["columns"].values(), *(TEMPLATE_COLUMNS if needed != PROMPT_ONLY
-                                                                          else ())}
-    chosen = [name for name in schema.labels_in(names) if name != schema.label] if plan["label_column"] else []
+    templates = TEMPLATE_COLUMNS if needed != PROMPT_ONLY else ()  # online prompts render without them
+    reads = schema.reads() if schema else {*plan["columns"].values(), *templates}
+    by_choice = [name for name in schema.labels_in(names) if name != schema.label] if schema and plan["label_column"] \
+        else []
     return args, Reading(schema.describe() if schema else "", tuple(sorted(names - reads - {"source_issue"})),
-                         tuple(chosen))
+                         tuple(by_choice))
 
 
 def _warn_unused_text(rows: list, names: set[str], plan: dict) -> None:
