@@ -11,11 +11,12 @@ call vanished from those kinds (its row dropped as not messages) while parquet a
 
 Arrow-backed kinds (parquet, `Dataset`, streams) store a column of objects with the keys in the order first seen
 in the column, so rows here write an object's keys in one order (a prefix of a fixed list), as a real set does.
-Examples per test: 6 in the suite; set DPO_PROPERTY_EXAMPLES for a longer search. Files go to temp folders;
-no network.
+Examples per test: 6 in the suite; set DPO_PROPERTY_EXAMPLES for a longer search. Last, rows read from files
+are read again when the reading code changes. Files go to temp folders; no network.
 """
 
 import csv
+import functools
 import json
 import os
 import tempfile
@@ -28,7 +29,7 @@ from datasets import Dataset
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dpo_lightning.data import PreferenceDataModule
+from dpo_lightning.data import PreferenceDataModule, sources
 
 SETTINGS = settings(max_examples=int(os.environ.get("DPO_PROPERTY_EXAMPLES", 6)), deadline=None,
                     suppress_health_check=[HealthCheck.too_slow])
@@ -144,3 +145,17 @@ def test_the_same_text_rows_give_the_same_ids_from_every_source_kind_csv_too(row
         for kind in (*KINDS, "csv"):
             (Path(folder) / kind).mkdir()
             assert kept_ids(kind, rows, ascii_tokenizer(), Path(folder) / kind) == expected, kind
+
+
+def test_rows_read_from_a_file_are_read_again_by_new_reading_code(tmp_path, monkeypatch):
+    # `datasets` names a generator's cache by the generator's own code, not by the row model it calls: a new version
+    # of the reading code must not reuse rows the old one read (a tool call cut away, say).
+    path = tmp_path / "rows.jsonl"
+    path.write_text(json.dumps({"prompt": "p", "chosen": " a", "rejected": " b"}) + "\n")
+    assert sources.load_rows(str(path))[0][0]["prompt"] == "p"
+    new_model = functools.partial(lambda row, old, **args: {**old(row, **args), "prompt": "new"},
+                                  old=sources.canonical_row)
+    monkeypatch.setattr(sources, "canonical_row", new_model)
+    assert sources.load_rows(str(path))[0][0]["prompt"] == "p"  # the same reading code: the cache is read
+    monkeypatch.setattr(sources, "READING_CODE", "the next version's")
+    assert sources.load_rows(str(path))[0][0]["prompt"] == "new"
