@@ -58,4 +58,5 @@ def format_summary(summary: dict[str, Any]) -> str:
     return (f"{summary['rows']} rows, {summary['kept']} kept, dropped {{{dropped}}}, {summary['truncated']} "
             f"truncated to max_length {summary['max_length']}, tokens p50 {p50} / p95 {p95} / max {top}, "
             f"chosen longer than rejected in {summary['chosen_longer']}"
-            + (f"; schema: {summary['schema']}" if summary.get("schema") else ""))
+            + (f"; schema: {summary['schema']}" if summary.get("schema") else "")
+            + (f"; ignored columns: {', '.join(summary['ignored'])}" if summary.get("ignored") else ""))
