@@ -31,7 +31,8 @@ from transformers import PreTrainedTokenizerBase
 
 from dpo_lightning.data.rows import TEMPLATE_COLUMNS, Reading
 from dpo_lightning.data.rules import HH_ASSISTANT
-from dpo_lightning.data.sources import FIELDS, STAGE_NAMES
+from dpo_lightning.data.rows import FIELDS
+from dpo_lightning.data.sources import STAGE_NAMES
 
 FORMATS = ("explicit", "hh", "implicit", "conversational")
 TEXT_PROMPT_IGNORED = "whole conversations + text prompt (text prompt ignored)"

@@ -43,7 +43,8 @@ from jinja2 import TemplateError
 from transformers import PreTrainedTokenizerBase
 
 from dpo_lightning.data.rows import is_message
-from dpo_lightning.data.sources import FIELDS, STAGE_NAMES
+from dpo_lightning.data.rows import FIELDS
+from dpo_lightning.data.sources import STAGE_NAMES
 
 HH_ASSISTANT = "\n\nAssistant:"
 ROLES = ("system", "user", "assistant", "tool")

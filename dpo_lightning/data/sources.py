@@ -39,8 +39,8 @@ import pyarrow.parquet as pq
 from datasets import Dataset, DatasetDict, Features, IterableDataset, LargeList, List, Value, load_dataset
 
 from dpo_lightning.data import rows as row_model, schemas
-from dpo_lightning.data.rows import (FIELD_NAMES, FIELDS_OF, TEMPLATE_COLUMNS, NotJSON, Reading, RowKind, canonical_row,
-                                     features, refuse)
+from dpo_lightning.data.rows import (FIELD_NAMES, FIELDS_OF, TEMPLATE_COLUMNS, NotJSON, Reading, RowKind,
+                                     canonical_row, features, refuse)
 from dpo_lightning.data.schemas import Schema, detect_schema
 
 # A dataset given as: a hub name, a local file, folder, glob or list of files, an in-memory dict of

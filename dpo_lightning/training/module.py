@@ -220,7 +220,7 @@ class DPOModule(L.LightningModule):
                     decoder(base_causal_lm(model)).compile(dynamic=True)  # in place: same parameter names
         # Online DPO: its component samples each batch's pairs; the data module reads prompts alone for it.
         self.online = Online(online, precompute_ref_log_probs, self.ref.refreshable) if online else None
-        self.train_kind = "prompts" if online else "pairs"  # `data.sources.RowKind`
+        self.train_kind = "prompts" if online else "pairs"  # `data.rows.RowKind`
         self.train_metrics = make_metrics(self.objective, False, Online.METRICS if online else ())
         self.val_metrics = make_metrics(self.objective)
         # The likelihood displacement warning's measure: log ref - log pi of the chosen responses, per response.
