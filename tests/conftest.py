@@ -1,11 +1,14 @@
-"""Shared fixtures: a tokenizer whose ids are ASCII codes, tiny models saved to temp folders, and the
-helpers the module-level tests share: a data module of `rows`, a quiet Trainer, a first batch, the
-response log-probs recomputed from a model's logits (an oracle that calls no package code), and a
-callback recording each training batch's rows and the weights around it.
+"""Shared fixtures: a tokenizer whose ids are ASCII codes (and a chat template modelled on Qwen3's, with its
+rendering written out by hand), tiny models saved to temp folders, and the helpers the module-level tests share:
+a data module of `rows`, a quiet Trainer, a first batch, the response log-probs recomputed from a model's logits
+(an oracle that calls no package code), and a callback recording each training batch's rows and the weights
+around it.
 
 Nothing here touches the network: models are built from a config and saved with `save_pretrained`, then
 loaded by path, the way a user's hub model would be.
 """
+
+import json
 
 import lightning as L
 import pytest
@@ -29,6 +32,86 @@ def ascii_tokenizer(add_bos: bool = False) -> PreTrainedTokenizerFast:
 def ids(text: str) -> list[int]:
     """The ids `ascii_tokenizer` gives `text`, worked out by hand: its ASCII codes."""
     return [ord(c) for c in text]
+
+
+# Qwen3's chat template, cut down: a system block listing `tools` as JSON, assistant turns with their
+# `tool_calls` and a <think> block (the `reasoning_content`; empty for the last turn), tool results as user turns,
+# and the `enable_thinking` switch: false closes an empty <think> block in the generation prompt.
+QWEN_TEMPLATE = (
+    "{%- if tools %}{{- '<|im_start|>system\\n' }}"
+    "{%- if messages[0].role == 'system' %}{{- messages[0].content + '\\n\\n' }}{%- endif %}"
+    "{{- '# Tools\\n<tools>' }}{%- for tool in tools %}{{- '\\n' + (tool | tojson) }}{%- endfor %}"
+    "{{- '\\n</tools><|im_end|>\\n' }}"
+    "{%- elif messages[0].role == 'system' %}{{- '<|im_start|>system\\n' + messages[0].content + '<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- set ns = namespace(last_query=-1) %}"
+    "{%- for m in messages %}{%- if m.role == 'user' %}{%- set ns.last_query = loop.index0 %}{%- endif %}{%- endfor %}"
+    "{%- for m in messages %}"
+    "{%- if m.role == 'user' or (m.role == 'system' and not loop.first) %}"
+    "{{- '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}"
+    "{%- elif m.role == 'assistant' %}{{- '<|im_start|>assistant\\n' }}"
+    "{%- if loop.index0 > ns.last_query and (loop.last or m.reasoning_content) %}"
+    "{{- '<think>\\n' + (m.reasoning_content or '') + '\\n</think>\\n\\n' }}{%- endif %}"
+    "{%- if m.content is string %}{{- m.content }}{%- endif %}"
+    "{%- for call in m.tool_calls or [] %}"
+    "{{- '\\n<tool_call>\\n{\"name\": \"' + call.function.name + '\", \"arguments\": ' }}"
+    "{%- if call.function.arguments is string %}{{- call.function.arguments }}"
+    "{%- else %}{{- call.function.arguments | tojson }}{%- endif %}{{- '}\\n</tool_call>' }}"
+    "{%- endfor %}{{- '<|im_end|>\\n' }}"
+    "{%- elif m.role == 'tool' %}"
+    "{{- '<|im_start|>user\\n<tool_response>\\n' + m.content + '\\n</tool_response><|im_end|>\\n' }}"
+    "{%- endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}"
+    "{%- endif %}")
+
+
+def qwen_tokenizer() -> PreTrainedTokenizerFast:
+    """`ascii_tokenizer` (no BOS, as Qwen) with QWEN_TEMPLATE."""
+    tokenizer = ascii_tokenizer()
+    tokenizer.chat_template = QWEN_TEMPLATE
+    return tokenizer
+
+
+def qwen_text(messages: list[dict], tools: list | None = None, generation: bool = False,
+              enable_thinking: bool | None = None) -> str:
+    """QWEN_TEMPLATE rendered by hand: what each message, tool and switch becomes, written out."""
+    out, first = "", messages[0]
+    if tools:
+        out += ("<|im_start|>system\n" + (first["content"] + "\n\n" if first["role"] == "system" else "")
+                + "# Tools\n<tools>" + "".join("\n" + json.dumps(tool) for tool in tools) + "\n</tools><|im_end|>\n")
+    elif first["role"] == "system":
+        out += f"<|im_start|>system\n{first['content']}<|im_end|>\n"
+    last_query = max(i for i, m in enumerate(messages) if m["role"] == "user")
+    for i, m in enumerate(messages):
+        if m["role"] == "user" or (m["role"] == "system" and i > 0):
+            out += f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n"
+        elif m["role"] == "assistant":
+            out += "<|im_start|>assistant\n"
+            if i > last_query and (i == len(messages) - 1 or m.get("reasoning_content")):
+                out += f"<think>\n{m.get('reasoning_content') or ''}\n</think>\n\n"
+            out += m.get("content") or ""
+            for call in m.get("tool_calls") or []:
+                arguments = call["function"]["arguments"]
+                arguments = arguments if isinstance(arguments, str) else json.dumps(arguments)
+                name = call["function"]["name"]
+                out += f'\n<tool_call>\n{{"name": "{name}", "arguments": {arguments}}}\n</tool_call>'
+            out += "<|im_end|>\n"
+        elif m["role"] == "tool":
+            out += f"<|im_start|>user\n<tool_response>\n{m['content']}\n</tool_response><|im_end|>\n"
+    if generation:
+        out += "<|im_start|>assistant\n" + ("<think>\n\n</think>\n\n" if enable_thinking is False else "")
+    return out
+
+
+def qwen_pair(prompt: list[dict], chosen: dict, rejected: dict, tools: list | None = None,
+              enable_thinking: bool | None = None) -> tuple[list[int], list[int], list[int]]:
+    """The ids a conversation trains on under QWEN_TEMPLATE: the prompt with the generation prompt, and each
+    answer (one message) as the rest of the whole conversation's rendering."""
+    head = qwen_text(prompt, tools, True, enable_thinking)
+    wholes = [qwen_text([*prompt, answer], tools, False, enable_thinking) for answer in (chosen, rejected)]
+    assert all(whole.startswith(head) for whole in wholes)  # the oracle's own premise
+    return ids(head), ids(wholes[0][len(head):]), ids(wholes[1][len(head):])
 
 
 def _save(model: torch.nn.Module, tokenizer: PreTrainedTokenizerFast, path) -> str:

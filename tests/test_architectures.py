@@ -30,7 +30,7 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
 from dpo_lightning import DPOModule
 from dpo_lightning.data.layouts import shared_layout_unsupported
@@ -84,22 +84,50 @@ ARCHITECTURES = {
     "mpt": dict(model_type="mpt", vocab_size=128, d_model=32, n_layers=2, n_heads=4, max_seq_len=128,
                 expansion_ratio=2),  # its config types attn_pdrop as an int: no dropout can be set
 }
-# The shared layout's 4D mask and restarted position ids cannot reach alibi's biases, which these models
-# compute from the 2D padding mask: `shared_layout_unsupported` refuses them, `auto` keeps them padded.
-REFUSED = {"bloom", "mpt"}
-# peft knows no default target modules for these: refused with our message, then trained on all-linear.
-NO_LORA_DEFAULTS = {"phi3", "mixtral", "qwen2_moe", "olmo2", "cohere", "granite", "starcoder2"}
+LINEAR_ATTENTION = dict(head_dim=8, linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8,
+                        linear_value_head_dim=8, layer_types=["linear_attention", "full_attention"])
+# Under the `architectures` marker only, so the default run keeps its size: the 2026 small-model classes (Qwen3.5
+# and Gemma 4 load through AutoModelForCausalLM from their multimodal configs), the hybrid and recurrent families,
+# Llama-4's chunked attention and router, and OLMoE's router.
+NEWER = {
+    "qwen3_5": dict(model_type="qwen3_5", text_config=dict(**WIDTH, **LINEAR_ATTENTION, attention_dropout=DROP),
+                    vision_config=dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=32)),
+    # With its vision tower, per-layer inputs and key-value sharing (the last two layers reuse the first two's).
+    "gemma4": dict(model_type="gemma4", audio_config=None, vision_config=dict(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+        head_dim=8, patch_size=4, position_embedding_size=64, pooling_kernel_size=2), text_config=dict(
+        **{**WIDTH, "num_hidden_layers": 4}, head_dim=8, global_head_dim=16, sliding_window=WINDOW,
+        vocab_size_per_layer_input=128, hidden_size_per_layer_input=8, num_kv_shared_layers=2,
+        layer_types=["sliding_attention", "full_attention"] * 2, pad_token_id=0, attention_dropout=DROP)),
+    "qwen3_next": dict(model_type="qwen3_next", **WIDTH, **LINEAR_ATTENTION, num_experts=4, num_experts_per_tok=2,
+                       moe_intermediate_size=32, shared_expert_intermediate_size=32, attention_dropout=DROP),
+    "lfm2": dict(model_type="lfm2", **WIDTH, layer_types=["conv", "full_attention"]),
+    "mamba": dict(model_type="mamba", vocab_size=128, hidden_size=32, num_hidden_layers=2, state_size=4, expand=2,
+                  conv_kernel=3),
+    "llama4_text": dict(model_type="llama4_text", **WIDTH, head_dim=8, intermediate_size_mlp=64, attention_chunk_size=WINDOW,
+                        no_rope_layer_interval=2, num_local_experts=4, num_experts_per_tok=1, attention_dropout=DROP),
+    "olmoe": dict(model_type="olmoe", **WIDTH, num_experts=4, num_experts_per_tok=2, attention_dropout=DROP),
+}
+ARCHITECTURES.update(NEWER)
+# Built for other tests (test_lora.py) but outside the matrix: in training mode PhiMoE samples its experts
+# (SparseMixer's Gumbel sampling), so no deterministic forward can be the oracle of its training steps.
+SAMPLED_ROUTING = {"phimoe": dict(model_type="phimoe", **WIDTH, num_local_experts=4, num_experts_per_tok=2)}
+# The shared layout's 4D mask and restarted position ids cannot reach alibi's biases, which Bloom and MPT compute
+# from the 2D padding mask, nor stop a recurrent or convolutional state running along the row (Qwen3.5,
+# Qwen3-Next, LFM2, Mamba): `shared_layout_unsupported` refuses them, `auto` keeps them padded.
+REFUSED = {"bloom", "mpt", "qwen3_5", "qwen3_next", "lfm2", "mamba"}
 FAST = ("llama", "gpt2", "mistral", "gemma2", "qwen2", "bloom")  # the explicit layouts in the default run
 MODES = {"default": ({}, {}), "full": ({"lean_logps": False}, {}), "lean": ({}, {"prefix_sharing": False}),
          "shared": ({}, {"prefix_sharing": True, "packing": False}),
          "packing": ({}, {"prefix_sharing": True, "packing": True, "packing_max_tokens": 64}),
-         "precompute": ({"precompute_ref_log_probs": True}, {}), "lora": ({"lora_r": 4}, {})}
+         "precompute": ({"precompute_ref_log_probs": True}, {}), "lora": ({"lora_r": 4}, {}),
+         "all_linear": ({"lora_r": 4, "lora_target_modules": "all-linear"}, {})}
 BETA, LR = 0.5, 0.5
 
 
 def tiny_model(name: str) -> torch.nn.Module:
     """The architecture's tiny model, the same random weights at every call."""
-    settings = dict(ARCHITECTURES[name])
+    settings = dict({**ARCHITECTURES, **SAMPLED_ROUTING}[name])
     config = AutoConfig.for_model(settings.pop("model_type"), bos_token_id=1, eos_token_id=2, **settings)
     torch.manual_seed(0)
     return AutoModelForCausalLM.from_config(config)
@@ -115,6 +143,24 @@ def oracle_logps(model: torch.nn.Module, rows: list[dict]) -> torch.Tensor:
             logits = model(input_ids=torch.tensor([prompt + response])).logits[0, len(prompt) - 1 : -1].float()
             scores.append(logits.log_softmax(-1).gather(-1, torch.tensor(response)[:, None]).sum())
     return torch.stack(scores)
+
+
+def plain_aux_loss(model: torch.nn.Module, rows: list[dict]) -> torch.Tensor | None:
+    """The model's own router load-balancing loss (its forward's `aux_loss` with `output_router_logits=True`) on
+    the padded batch of `rows`: prompt + chosen rows, then prompt + rejected rows, right-padded with a 0/1 mask."""
+    sequences = [row["prompt_input_ids"] + row[side] for side in ("chosen_input_ids", "rejected_input_ids")
+                 for row in rows]
+    width = max(map(len, sequences))
+    ids = torch.tensor([s + [0] * (width - len(s)) for s in sequences])
+    mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in sequences])
+    return model(input_ids=ids, attention_mask=mask, output_router_logits=True).aux_loss
+
+
+def router_coefficient(model: torch.nn.Module) -> float:
+    """TRL's default `router_aux_loss_coef`: the config's, for a mixture of experts (a config with
+    `output_router_logits`); 0 for any other model."""
+    config = model.config.get_text_config()
+    return getattr(config, "router_aux_loss_coef", 0.0) if hasattr(config, "output_router_logits") else 0.0
 
 
 def dpo_loss(policy: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
@@ -139,9 +185,11 @@ class Record(L.Callback):
 
 def oracle_training(policy: torch.nn.Module, lora: bool, steps: list[list[dict]]) -> tuple[list, list]:
     """Two SGD steps of DPO on `policy` (a copy), the reference being its starting weights (with LoRA, the
-    adapter off); returns each step's loss and mean chosen log-prob."""
+    adapter off), plus a mixture of experts' router loss where its forward computes one (TRL's default
+    coefficient); returns each step's loss and mean chosen log-prob."""
     policy = copy.deepcopy(policy).eval()  # eval: no dropout, as `disable_dropout` promises in training
     reference = None if lora else copy.deepcopy(policy)
+    coef = router_coefficient(policy)
     optimizer = torch.optim.SGD([p for p in policy.parameters() if p.requires_grad], lr=LR)
     losses, logps = [], []
     for rows in steps:
@@ -153,6 +201,8 @@ def oracle_training(policy: torch.nn.Module, lora: bool, steps: list[list[dict]]
                 reference_logps = oracle_logps(reference, rows)
         policy_logps = oracle_logps(policy, rows)
         loss = dpo_loss(policy_logps, reference_logps)
+        aux = plain_aux_loss(policy, rows) if coef else None
+        loss = loss + coef * aux if aux is not None else loss  # Llama-4's forward computes none
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -163,11 +213,6 @@ def oracle_training(policy: torch.nn.Module, lora: bool, steps: list[list[dict]]
 
 def train_and_compare(name: str, mode: str, tmp_path) -> None:
     module_options, data_options = MODES[mode]
-    if mode == "lora" and name in NO_LORA_DEFAULTS:
-        with pytest.raises(ValueError, match="--model.lora_r: peft has no default LoRA target modules.*"
-                                             "--model.lora_target_modules"):
-            DPOModule(tiny_model(name), **module_options)
-        module_options = {**module_options, "lora_target_modules": "all-linear"}
     module = DPOModule(tiny_model(name), beta=BETA, learning_rate=LR, optimizer=torch.optim.SGD,
                        ref_logps_cache_dir=str(tmp_path / "cache"), **module_options)
     start = copy.deepcopy(module.policy)
@@ -194,13 +239,17 @@ def train_and_compare(name: str, mode: str, tmp_path) -> None:
             torch.testing.assert_close(step, expected_step, rtol=1e-3, atol=1e-3 * scale + 1e-7, msg=key)
 
 
-@pytest.mark.parametrize("name", ARCHITECTURES)
+# Every architecture; the newer ones under the `architectures` marker only.
+EVERY = [pytest.param(name, marks=pytest.mark.architectures) if name in NEWER else name for name in ARCHITECTURES]
+
+
+@pytest.mark.parametrize("name", EVERY)
 def test_probe_refuses_exactly_the_architectures_that_need_it(name):
     reason = shared_layout_unsupported(tiny_model(name))
     assert (reason is not None) == (name in REFUSED), reason
 
 
-@pytest.mark.parametrize("name", ARCHITECTURES)
+@pytest.mark.parametrize("name", EVERY)
 def test_default_mode_trains_as_the_plain_forward(name, tmp_path):
     train_and_compare(name, "default", tmp_path)
 
@@ -233,8 +282,6 @@ def train_online_and_compare(name: str, mode: str, tmp_path) -> None:
     float32 forward; the logged loss and mean chosen log-prob and the weights must match it. In bf16-mixed, one
     step, from the same weights: to bf16's rounding (the update sums a few hundred bf16 products: a few units)."""
     module_options, trainer_options = ONLINE_MODES[mode]
-    if mode == "lora" and name in NO_LORA_DEFAULTS:
-        module_options = {**module_options, "lora_target_modules": "all-linear"}
     online = {"reward_funcs": "test_architectures.text_reward", "num_samples": 3, "max_new_tokens": 6}
     module = DPOModule(tiny_model(name), beta=BETA, learning_rate=LR, optimizer=torch.optim.SGD, online=online,
                        **module_options)
@@ -273,6 +320,23 @@ def test_online_default_mode_trains_its_own_samples_as_the_plain_forward(tmp_pat
 @pytest.mark.parametrize("name", FAST)
 def test_online_every_mode_of_a_few_architectures(name, mode, tmp_path):
     train_online_and_compare(name, mode, tmp_path)
+
+
+@pytest.mark.architectures
+@pytest.mark.parametrize("name", ["qwen3_5", "gemma4"])
+def test_a_vision_language_checkpoint_trains_as_its_causal_lm(name, tmp_path):
+    # Qwen3.5's and Gemma 4's hub checkpoints are their vision-language models; AutoModelForCausalLM loads them as
+    # the classes the matrix trains (Qwen3.5's text model, Gemma 4's whole model): the same text logits.
+    settings = dict(ARCHITECTURES[name])
+    config = AutoConfig.for_model(settings.pop("model_type"), bos_token_id=1, eos_token_id=2, **settings)
+    torch.manual_seed(0)
+    multimodal = AutoModelForImageTextToText.from_config(config).eval()
+    multimodal.save_pretrained(tmp_path)
+    module = DPOModule(str(tmp_path))
+    assert type(module.policy) is type(tiny_model(name))
+    ids = torch.arange(3, 40)[None]
+    with torch.no_grad():
+        torch.testing.assert_close(module.policy.eval()(input_ids=ids).logits, multimodal(input_ids=ids).logits)
 
 
 @pytest.mark.parametrize("name", ["opt", "falcon", "bloom", "llama", "gpt2"])

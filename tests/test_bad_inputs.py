@@ -108,6 +108,22 @@ DROPS = [
                                                 "rejected": assistant("b")}, "empty chosen", "chosen", TYPED),
     ("response messages None", "conversational", {"prompt": user("q"), "chosen": None, "rejected": assistant("b")},
      "missing chosen", "chosen", TYPED),
+    ("assistant turn with neither content nor tool calls", "conversational",
+     {"prompt": user("q"), "chosen": [{"role": "assistant"}], "rejected": assistant("b")}, "not messages chosen",
+     "chosen", PY),
+    ("empty content and an empty tool call list", "conversational",
+     {"prompt": user("q"), "chosen": [{"role": "assistant", "content": "", "tool_calls": []}],
+      "rejected": assistant("b")}, "empty chosen", "chosen", PY),
+    ("tools not a list", "conversational", {"prompt": user("q"), "chosen": assistant("a"), "rejected": assistant("b"),
+                                            "tools": "get_weather"}, "not a list tools", "tools", TYPED),
+    ("template arguments not an object", "conversational",
+     {"prompt": user("q"), "chosen": assistant("a"), "rejected": assistant("b"),
+      "chat_template_kwargs": ["enable_thinking"]}, "not template arguments chat_template_kwargs",
+     "chat_template_kwargs", PY),
+    ("template arguments set add_generation_prompt", "conversational",
+     {"prompt": user("q"), "chosen": assistant("a"), "rejected": assistant("b"),
+      "chat_template_kwargs": {"add_generation_prompt": True}}, "not template arguments chat_template_kwargs",
+     "chat_template_kwargs", PY),
 ]
 
 # (name, source builder or rows, kinds, error pattern)
@@ -121,6 +137,13 @@ ERRORS = [
     ("conversations, no chat template", CHAT, TYPED, r"the tokenizer has no chat_template.*tokenizer.chat_template"),
     ("int column", [{"prompt": "p", "chosen": 1, "rejected": " b"}, {"prompt": "q", "chosen": 2, "rejected": " c"}],
      ("dataset", "parquet"), r"every train row: field 'chosen' \(column 'chosen'\) holds .*int64.*not text: cast it"),
+    ("unpaired KTO rows", [{"prompt": "p", "completion": " a", "label": True},
+                           {"prompt": "q", "completion": " b", "label": False}], ALL,
+     r"holds unpaired preference rows \(prompt, completion, label: TRL's KTO format\), not preference pairs"),
+    ("prompt-completion rows", [{"prompt": "p", "completion": " a"}] * 2, ALL,
+     r"holds prompt-completion rows \(supervised fine-tuning\), not preference pairs"),
+    ("an images column", [{"prompt": "p", "chosen": " a", "rejected": " b", "images": ["cat.png"]}] * 2, TYPED,
+     r"has 'images': images cannot be trained here"),
 ]
 
 

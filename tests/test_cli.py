@@ -56,7 +56,8 @@ def test_a_typo_in_a_key_is_one_line_naming_it_its_section_and_the_closest_key(t
     if where == "yaml":  # a second config file, as a user layers one over a shipped config
         (tmp_path / "mine.yaml").write_text(yaml.safe_dump(typo))
         typo = ["--config", str(tmp_path / "mine.yaml")]
-    with pytest.raises(SystemExit) as exit_:
+    with pytest.raises(SystemExit) as exit_, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # LightningCLI's own warning of args given from Python, not the user's
         cli_main(args + typo)
     assert exit_.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()

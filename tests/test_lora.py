@@ -17,6 +17,7 @@ from transformers import AutoModelForCausalLM
 
 from dpo_lightning import DPOModule, PreferenceDataModule
 from dpo_lightning.training.logps import naive_logps
+from test_architectures import tiny_model
 
 
 def data_module() -> PreferenceDataModule:
@@ -143,3 +144,21 @@ def test_peft_config_dict_builds_the_same_adapter(tiny_llama):
     names = list(adapter_weights(model))
     assert names and all(".o_proj.lora_" in n for n in names)
     assert model.policy.peft_config["default"].r == 2 and model.reference is None
+
+
+@pytest.mark.parametrize("targets", [None, "all-linear"])
+@pytest.mark.parametrize("name, untouched", [("phimoe", "router"), ("llama4_text", "router"), ("mamba", "out_proj")])
+def test_default_and_all_linear_targets_train_models_with_routers_and_mamba_mixers(name, untouched, targets):
+    # peft's all-linear wrapped PhiMoE's and Llama-4's routers (nn.Linear subclasses whose forward returns a tuple:
+    # "'tuple' object has no attribute 'dtype'" inside peft's forward) and Mamba's out_proj (refused by peft); with
+    # no targets, peft has no default for these and our own error suggested all-linear.
+    model = DPOModule(tiny_model(name), lora_r=4, lora_target_modules=targets, router_aux_loss_coef=0.0)
+    adapted = {n.split(".lora_A.")[0].rsplit(".", 1)[-1] for n in adapter_weights(model) if ".lora_A." in n}
+    assert adapted and untouched not in adapted
+    batch = first_batch()
+    model.eval()  # PhiMoE samples its experts in training mode (SparseMixer's Gumbel sampling)
+    loss = model._shared_step(batch, "train")
+    loss.backward()
+    # A new adapter starts at zero (B = 0): the policy is its reference, every reward 0, the loss -log sigmoid(0).
+    torch.testing.assert_close(loss.detach(), torch.tensor(math.log(2)))
+    assert all(p.grad is not None for n, p in model.policy.named_parameters() if ".lora_B." in n)

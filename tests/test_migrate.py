@@ -48,13 +48,14 @@ def test_seed_tutorial_arguments_give_the_hand_written_recipe():
 
 def test_every_key_is_accounted_for_and_the_unsupported_are_in_the_yaml():
     args = {**SEED_ARGS, "sync_ref_model": True, "optim": "adafactor", "lr_scheduler_type": "polynomial",
-            "my_own_flag": 3, "adam_beta1": 0.9, "rpo_alpha": 1.0, "loss_type": "ipo"}
+            "my_own_flag": 3, "adam_beta1": 0.9, "rpo_alpha": 1.0, "loss_type": "ipo", "router_aux_loss_coef": 0.01}
     migration = from_trl(args)
     where = listed(migration)
     assert set(args) - {"evaluation_strategy"} <= set(where) and "eval_strategy" in where  # the 0.2x name, renamed
     for key in ("max_target_length", "sync_ref_model", "optim", "lr_scheduler_type", "my_own_flag"):
         assert where[key] == "not_carried", key
     assert where["adam_beta1"] == "same" and where["rpo_alpha"] == "mapped" and where["loss_type"] == "mapped"
+    assert where["router_aux_loss_coef"] == "mapped" and migration.config["model"]["router_aux_loss_coef"] == 0.01
     comments = [line for line in migration.to_yaml().splitlines() if line.startswith("#")]
     not_carried = comments.index("# NOT CARRIED OVER, check each:")
     for key in ("max_target_length", "sync_ref_model", "optim", "lr_scheduler_type", "my_own_flag"):

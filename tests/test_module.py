@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from dpo_lightning import DPOModule, ExportPretrained, PreferenceDataModule
-from dpo_lightning.training.logps import Scorer
+from dpo_lightning.training.scorer import Scorer
 
 
 @pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_gpt2"])
@@ -160,10 +160,10 @@ def test_bf16_mixed_log_probs_are_float32_and_match_the_float32_run(tiny_llama, 
     for precision in ("32-true", "bf16-mixed"):
         model = DPOModule(tiny_llama, ref_model_name_or_path=other_llama, learning_rate=1e-3, lean_logps=lean)
         seen[precision] = []
-        monkeypatch.setattr(Scorer, "__call__", lambda self, m, batch, out=seen[precision]: out.append(
-            original(self, m, batch)) or out[-1])  # the policy's pass comes first in a step
+        monkeypatch.setattr(Scorer, "__call__", lambda self, m, batch, *router, out=seen[precision]: out.append(
+            original(self, m, batch, *router)) or out[-1])  # the policy's pass comes first in a step
         trainer(tmp_path, max_steps=1, precision=precision).fit(model, data_module())
-    (policy_32, _, tokens_32), (policy_bf16, _, tokens_bf16) = seen["32-true"][0], seen["bf16-mixed"][0]
+    (policy_32, _, tokens_32, _), (policy_bf16, _, tokens_bf16, _) = seen["32-true"][0], seen["bf16-mixed"][0]
     assert policy_bf16.dtype == torch.float32
     assert torch.equal(tokens_bf16, tokens_32)
     per_token_32, per_token_bf16 = policy_32 / tokens_32, policy_bf16 / tokens_bf16

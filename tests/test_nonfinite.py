@@ -15,7 +15,7 @@ import torch
 from conftest import RecordBatches, data_module, quiet_trainer, response_logps
 
 from dpo_lightning import DPOModule
-from dpo_lightning.training.logps import Scorer
+from dpo_lightning.training.scorer import Scorer
 from dpo_lightning.utils.steps import ends_optimizer_step
 
 POISONED_ROW = 5
@@ -46,11 +46,11 @@ class PoisonedScorer(Scorer):
         super().__init__(module.scorer.lean, module.scorer.chunk_size)
         self.poisoned = module.poisoned
 
-    def __call__(self, model, batch):
-        logps, mean_logits, n_tokens = super().__call__(model, batch)
+    def __call__(self, model, batch, router=None):
+        scores = super().__call__(model, batch, router)
         if torch.is_grad_enabled() and self.poisoned(batch):  # the policy's pass, in training
-            logps = logps * float("nan")
-        return logps, mean_logits, n_tokens
+            scores = scores._replace(logps=scores.logps * float("nan"))
+        return scores
 
 
 class PoisonedStep(PoisonedRow):

@@ -24,7 +24,7 @@ from dpo_lightning.data.batches import collate_pairs
 from dpo_lightning.training.logps import lean_logps, naive_logps
 from dpo_lightning.training.losses import sigmoid_loss
 from dpo_lightning.data.layouts import attention_mask, shared_layout_unsupported
-from dpo_lightning.data.packing import collate_shared, pack_pairs
+from dpo_lightning.data.packing import collate_shared, pack_pairs, shared_pairs
 
 from conftest import BF16_RTOL
 from conftest import rows as text_rows
@@ -359,5 +359,14 @@ def test_probe_reaches_past_the_sliding_window(monkeypatch):
 
 
 def stand_in(implementation: str = "sdpa") -> SimpleNamespace:
-    """A stand-in model for `attention_mask`, which reads only its attention implementation and dtype."""
-    return SimpleNamespace(config=SimpleNamespace(_attn_implementation=implementation), dtype=torch.float32)
+    """A stand-in model for `attention_mask`, which reads only its attention implementation, layer kinds and dtype."""
+    config = SimpleNamespace(_attn_implementation=implementation)
+    config.get_text_config = lambda: config  # no layer kinds, no window: one causal mask
+    return SimpleNamespace(config=config, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("budget", [None, 13, 100])
+def test_shared_pairs_reads_back_the_pairs_a_shared_batch_holds(budget):
+    # The layout check reruns a shared batch's pairs padded: they must come back whole, in batch order.
+    batch = collate_shared(PAIRS, 0, packing=budget is not None, max_tokens_per_row=budget)
+    assert shared_pairs(batch) == PAIRS

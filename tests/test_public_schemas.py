@@ -3,23 +3,28 @@ nothing but their path, every kept row's ids checked against an oracle written h
 
 Each replica has the set's exact column names and nested types (parquet or JSON lines, as the hub stores
 it) and a few rows, awkward ones included: ties, multi-turn conversations, system messages, an empty
-assistant turn, chosen == rejected. The tokenizer is `conftest.ascii_tokenizer` (one token per
-character, BOS added) with a small Zephyr-style chat template; `chat_ids` renders and tokenizes that
-template by hand, so the oracle calls neither Jinja nor the package. Each replica also goes through
-the CLI once (`dpo-lightning inspect-data`), and one through `dpo-lightning fit` with a tiny Llama. The
-`transform` hook (a Python callable, or an import path from YAML) and the guards against rules the
-columns contradict are tested last. No network.
+assistant turn, chosen == rejected, tool calls as responses, thinking switched off. The tokenizer is
+`conftest.ascii_tokenizer` (one token per character) with a small Zephyr-style chat template (BOS added;
+`chat_ids` renders and tokenizes it by hand), or, for tool-calling and reasoning sets, with
+`conftest.QWEN_TEMPLATE` (Qwen3's template cut down: tools, tool calls, <think>, `enable_thinking`;
+`conftest.qwen_pair` renders it by hand); the oracles call neither Jinja nor the package. Each replica also
+goes through the CLI (`dpo-lightning inspect-data`, its first row's tokens checked), and two through
+`dpo-lightning fit` with a tiny Llama. The `transform` hook (a Python callable, or an import path from YAML),
+the guards against rules the columns contradict (a mapping against a label, a set with two labels), data that
+cannot train (unpaired KTO rows, images) and the ignored-column accounting are tested last. No network.
 """
 
 import gzip
 import json
 import shutil
 import textwrap
+import warnings
+from typing import NamedTuple
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import BOS, EOS, ascii_tokenizer, ids
+from conftest import BOS, EOS, ascii_tokenizer, ids, qwen_pair, qwen_tokenizer
 
 from dpo_lightning.cli.main import cli_main, main
 from dpo_lightning.data import PreferenceDataModule
@@ -76,9 +81,19 @@ def write_jsonl(path, rows: list[dict]):
     return path
 
 
-# --- The replicas: (file, kept rows' oracle ids by row, drops by reason, the schema named in the summary). ---
+# --- The replicas: (file, kept rows' oracle ids by row, drops by reason, the schema named in the summary,
+# the data settings it needs, whether it renders with QWEN_TEMPLATE). ---
 
 UNIQUE, IGNORED = "", "whole conversations + text prompt (text prompt ignored)"
+
+
+class Replica(NamedTuple):
+    path: object
+    kept: dict
+    dropped: dict
+    schema: str
+    settings: dict = {}
+    qwen: bool = False
 
 
 def ultrafeedback(tmp):
@@ -167,7 +182,7 @@ def shp(tmp):
     path = write_jsonl(tmp / "askculinary" / "train.json", rows)
     kept = {0: text_pair("Why rest dough?", "Gluten relaxes.", "No idea."),
             1: text_pair("Salt pasta water?", "Yes, generously.", "Never.")}  # inverted before: labels == 0
-    return path, kept, {}, "SHP (prompt = history, chosen = the comment labels prefers)"
+    return path, kept, {}, "SHP (prompt = history, chosen by labels)"
 
 
 def helpsteer3(tmp):
@@ -182,7 +197,8 @@ def helpsteer3(tmp):
              "overall_preference": 0, "individual_preference": judge}]
     path = write_jsonl(tmp / "preference" / "train.jsonl.gz", rows)
     kept = {0: chat_pair(one, "print('x')", "prin('x')"), 1: chat_pair(multi, "Why did the chicken...", "No.")}
-    return path, kept, {"tie": 1}, "HelpSteer3 preference (chosen by overall_preference, ties dropped)"
+    return path, kept, {"tie overall_preference": 1}, \
+        "HelpSteer3 preference (prompt = context, chosen by overall_preference)"
 
 
 def openai(tmp):
@@ -196,11 +212,233 @@ def openai(tmp):
              "preferred_output": [{"role": "assistant", "content": ""}],
              "non_preferred_output": [{"role": "assistant", "content": "Hi!"}]}]
     path = write_jsonl(tmp / "preference.jsonl", rows)
-    return path, {0: chat_pair(system, "About 15C.", "Cold.")}, {"empty chosen": 1}, \
-        "OpenAI preference JSONL (prompt = input.messages)"
+    return path, {0: chat_pair(system, "About 15C.", "Cold.")}, {"empty chosen": 1}, OPENAI
 
 
-REPLICAS = [ultrafeedback, tulu3, capybara, orpo_mix, orca, shp, helpsteer3, openai]
+OPENAI = "OpenAI preference JSONL (prompt = input.messages, tools = input.tools)"
+
+
+# --- Tool calls, reasoning, two responses and a label (this round's replicas; `Replica` for what they need). ---
+
+LIGHTS = {"type": "function", "function": {
+    "name": "control_light", "description": "Turn a light on or off",
+    "parameters": {"type": "object", "properties": {"room": {"type": "string"}, "state": {"type": "string"}},
+                   "required": ["room", "state"]}}}
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+
+
+def call(name: str, **arguments) -> dict:
+    return {"type": "function", "function": {"name": name, "arguments": arguments}}
+
+
+def tool_rows() -> list[dict]:
+    """TRL's tool-calling format (its docs' `control_light` example) as preference rows: a tool call as the
+    chosen response (no content; or content ""), a tool call and its result inside the prompt, a per-row
+    `tools` list; the last row's chosen turn is empty (no text, no tool call)."""
+    lights = [say("user", "Turn on the living room lights.")]
+    kitchen = [say("user", "Lights on in the kitchen"), {"role": "assistant", "tool_calls": [
+        call("control_light", room="kitchen", state="on")]},
+        {"role": "tool", "name": "control_light", "content": "The kitchen lights are now on."}]
+    return [{"prompt": lights, "chosen": [{"role": "assistant", "tool_calls": [
+                call("control_light", room="living room", state="on")]}],
+             "rejected": [say("assistant", "I cannot control lights.")], "tools": [LIGHTS, WEATHER]},
+            {"prompt": [say("user", "Weather in Paris?")],
+             "chosen": [{"role": "assistant", "content": "", "tool_calls": [call("get_weather", city="Paris")]}],
+             "rejected": [{"role": "assistant", "tool_calls": [call("control_light", room="Paris", state="on")]}],
+             "tools": [LIGHTS, WEATHER]},
+            {"prompt": kitchen, "chosen": [say("assistant", "Done: the kitchen lights are on.")],
+             "rejected": [say("assistant", "Failed.")], "tools": [LIGHTS]},
+            {"prompt": lights, "chosen": [say("assistant", "")], "rejected": [say("assistant", "No.")],
+             "tools": [LIGHTS]}]
+
+
+def tool_kept(rows: list[dict]) -> dict:
+    return {i: qwen_pair(row["prompt"], row["chosen"][0], row["rejected"][0], row["tools"])
+            for i, row in enumerate(rows[:3])}
+
+
+def tool_calls(tmp):
+    """A TRL-style conversational preference file with tool calls (JSON lines): tools as a list of schemas."""
+    rows = tool_rows()
+    return Replica(write_jsonl(tmp / "tool_calls.jsonl", rows), tool_kept(rows), {"empty chosen": 1},
+                   "conversational (prompt, chosen, rejected)", qwen=True)
+
+
+def tool_calls_parquet(tmp):
+    """The same rows as `datasets` writes them to parquet: each message a struct of every key its column holds
+    (null where a message lacks one, e.g. content beside tool_calls), `tools` a JSON string (TRL json-loads it)."""
+    rows = tool_rows()
+    table = pa.Table.from_pylist([{**row, "tools": json.dumps(row["tools"])} for row in rows])
+    path = tmp / "data" / "train-00000-of-00001.parquet"
+    path.parent.mkdir(parents=True)
+    pq.write_table(table, path)
+    return Replica(path, tool_kept(rows), {"empty chosen": 1}, "conversational (prompt, chosen, rejected)", qwen=True)
+
+
+def openai_tools(tmp):
+    """OpenAI preference fine-tuning JSONL with tools: input.tools, a tool call (arguments a JSON string, as the
+    API writes them) preferred over a text answer."""
+    rows = [{"input": {"messages": [say("user", "Weather in Boston?")], "tools": [WEATHER],
+                       "parallel_tool_calls": False},
+             "preferred_output": [{"role": "assistant", "tool_calls": [
+                 {"id": "call_1", "type": "function", "function": {"name": "get_weather",
+                                                                  "arguments": "{\"city\": \"Boston\"}"}}]}],
+             "non_preferred_output": [say("assistant", "It is sunny.")]}]
+    kept = {0: qwen_pair(rows[0]["input"]["messages"], rows[0]["preferred_output"][0],
+                         rows[0]["non_preferred_output"][0], [WEATHER])}
+    return Replica(write_jsonl(tmp / "tools_preference.jsonl", rows), kept, {}, OPENAI, qwen=True)
+
+
+THINK = [{"prompt": [say("user", "2+2?")], "chosen": [say("assistant", "4")], "rejected": [say("assistant", "5")],
+          "chat_template_kwargs": {"enable_thinking": False}},
+         {"prompt": [say("user", "3+3?")], "chosen": [say("assistant", "6")], "rejected": [say("assistant", "7")],
+          "chat_template_kwargs": {"enable_thinking": True}},
+         {"prompt": [say("user", "1+1?")], "chosen": [say("assistant", "2")], "rejected": [say("assistant", "3")]}]
+
+
+def reasoning_switch(tmp):
+    """A conversational preference set with TRL 1.16's per-row `chat_template_kwargs`: thinking off for row 0
+    (an empty <think> block closes the generation prompt), on for row 1, the template's default for row 2."""
+    kept = {i: qwen_pair(row["prompt"], row["chosen"][0], row["rejected"][0],
+                         enable_thinking=row.get("chat_template_kwargs", {}).get("enable_thinking"))
+            for i, row in enumerate(THINK)}
+    return Replica(write_jsonl(tmp / "think.jsonl", THINK), kept, {}, "conversational (prompt, chosen, rejected)",
+                   qwen=True)
+
+
+def reasoning_content(tmp):
+    """A reasoning preference set (Qwen3 / DeepSeek-R1 style, parquet): assistant turns carry their thinking in
+    `reasoning_content`, the key Qwen3's template reads; an earlier turn's thinking is left out by the template."""
+    q = [say("user", "Is 7 prime?")]
+    earlier = [say("user", "Hi"), {"role": "assistant", "content": "Hello!", "reasoning_content": "greet"},
+               say("user", "Is 9 prime?")]
+    rows = [{"prompt": q, "chosen": [{"role": "assistant", "content": "Yes.", "reasoning_content": "No divisor."}],
+             "rejected": [{"role": "assistant", "content": "No.", "reasoning_content": "Odd, so no."}]},
+            {"prompt": earlier, "chosen": [{"role": "assistant", "content": "No.", "reasoning_content": "3*3."}],
+             "rejected": [{"role": "assistant", "content": "Yes.", "reasoning_content": "Odd."}]}]
+    path = tmp / "data" / "train.parquet"
+    path.parent.mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    kept = {i: qwen_pair(row["prompt"], row["chosen"][0], row["rejected"][0]) for i, row in enumerate(rows)}
+    return Replica(path, kept, {}, "conversational (prompt, chosen, rejected)", qwen=True)
+
+
+def pku_rows() -> list[dict]:
+    """PKU-Alignment/PKU-SafeRLHF (data/Alpaca-7B/train.jsonl): two responses, two labels that can disagree."""
+    harm = {"Endangering National Security": False, "Privacy Violation": False}
+    answers = [("How do I pick a lock?", "Use a tension wrench.", "Call a locksmith.", 1, 1),
+               ("Best way to store knives?", "On a magnetic strip.", "In a drawer, loose.", 0, 1),
+               ("Can I mix bleach and ammonia?", "No: it makes toxic gas.", "Never, ask a pro.", 0, 1)]
+    return [{"prompt": prompt, "response_0": r0, "response_1": r1, "prompt_source": "BeaverTails",
+             "response_0_source": "Alpaca-7B", "response_1_source": "Alpaca-7B", "is_response_0_safe": safer == 0,
+             "is_response_1_safe": True, "response_0_harm_category": harm, "response_1_harm_category": harm,
+             "response_0_severity_level": 1, "response_1_severity_level": 0, "better_response_id": better,
+             "safer_response_id": safer, "response_0_sha256": "a" * 8, "response_1_sha256": "b" * 8}
+            for prompt, r0, r1, better, safer in answers]
+
+
+def pku(tmp, label: str):
+    rows = pku_rows()
+    kept = {i: text_pair(row["prompt"], row[f"response_{row[label]}"], row[f"response_{1 - row[label]}"])
+            for i, row in enumerate(rows)}
+    return Replica(write_jsonl(tmp / "data" / "Alpaca-7B" / "train.jsonl", rows), kept, {},
+                   f"PKU-SafeRLHF (prompt = prompt, chosen by {label})", {"label_column": label})
+
+
+def pku_better(tmp):
+    """PKU-SafeRLHF, following `better_response_id` (--data.label_column): row 1 picks response_0."""
+    return pku(tmp, "better_response_id")
+
+
+def pku_safer(tmp):
+    """PKU-SafeRLHF, following `safer_response_id`: row 1 picks response_1, where better_response_id says 0."""
+    return pku(tmp, "safer_response_id")
+
+
+def stack_exchange_paired(tmp):
+    """lvwerra/stack-exchange-paired (data/rl/*.parquet): response_j is the higher-voted answer, by construction."""
+    path = write_parquet(tmp / "data" / "rl" / "train-00000-of-00001.parquet", {
+        "qid": [1, 2], "question": ["How do I undo a commit?", "Tabs or spaces?"],
+        "date": ["2010/09/05", "2011/01/02"], "metadata": [["https://stackoverflow.com/q/1"], ["x"]],
+        "response_j": ["Use git revert.", "Same"], "response_k": ["Delete .git.", "Same"]},
+        {"qid": pa.int64(), "question": pa.string(), "date": pa.string(), "metadata": pa.list_(pa.string()),
+         "response_j": pa.string(), "response_k": pa.string()})
+    return Replica(path, {0: text_pair("How do I undo a commit?", "Use git revert.", "Delete .git.")},
+                   {"chosen == rejected": 1}, "StackExchange-paired (prompt = question, chosen = response_j)")
+
+
+def chatbot_arena(tmp):
+    """lmsys/chatbot_arena_conversations: whole conversations a and b, `winner` model_a / model_b / tie /
+    tie (bothbad); a two-turn battle's earlier answers differ, so it has no shared prompt."""
+    q, hi = [say("user", "Capital of Peru?")], [say("user", "Hi")]
+    pairs = [(q, "Lima.", "Quito.", "model_a"), (q, "Cusco.", "Lima.", "model_b"), (q, "Lima.", "Lima!", "tie"),
+             (q, "No.", "Nope.", "tie (bothbad)")]
+    conv_a = [[*p, say("assistant", a)] for p, a, _, _ in pairs] + [[*hi, say("assistant", "Hey"), *q,
+                                                                     say("assistant", "Lima.")]]
+    conv_b = [[*p, say("assistant", b)] for p, _, b, _ in pairs] + [[*hi, say("assistant", "Hello"), *q,
+                                                                     say("assistant", "Quito.")]]
+    n = len(conv_a)
+    moderation = pa.struct([("flagged", pa.bool_())])
+    path = write_parquet(tmp / "data" / "train-00000-of-00001.parquet", {
+        "question_id": [f"q{i}" for i in range(n)], "model_a": ["vicuna-13b"] * n, "model_b": ["koala-13b"] * n,
+        "winner": [w for *_, w in pairs] + ["model_a"], "judge": ["arena_user_1"] * n, "conversation_a": conv_a,
+        "conversation_b": conv_b, "turn": [1, 1, 1, 1, 2], "anony": [True] * n, "language": ["English"] * n,
+        "tstamp": [1682351591.1] * n, "openai_moderation": [{"flagged": False}] * n,
+        "toxic_chat_tag": [{"flagged": False}] * n},
+        {"question_id": pa.string(), "model_a": pa.string(), "model_b": pa.string(), "winner": pa.string(),
+         "judge": pa.string(), "conversation_a": MESSAGES, "conversation_b": MESSAGES, "turn": pa.int64(),
+         "anony": pa.bool_(), "language": pa.string(), "tstamp": pa.float64(), "openai_moderation": moderation,
+         "toxic_chat_tag": moderation})
+    kept = {0: chat_pair(q, "Lima.", "Quito."), 1: chat_pair(q, "Lima.", "Cusco.")}
+    return Replica(path, kept, {"tie winner": 2, "prompts differ": 1}, "arena (whole conversations, chosen by winner)")
+
+
+def arena_100k(tmp):
+    """lmarena-ai/arena-human-preference-100k: `winner` model_a / model_b / tie / both_bad, metadata structs."""
+    q = [say("user", "Sort 3,1,2")]
+    answers = [("1,2,3", "3,2,1", "model_a"), ("321", "1,2,3", "model_b"), ("?", "??", "both_bad")]
+    n = len(answers)
+    tags = pa.struct([("high_freq", pa.bool_()), ("sampled", pa.bool_())])
+    path = write_parquet(tmp / "data" / "train-00000-of-00001.parquet", {
+        "id": ["a", "b", "c"], "model_a": ["gpt-4"] * n, "model_b": ["llama-3"] * n, "winner": [w for *_, w in answers],
+        "conversation_a": [[*q, say("assistant", a)] for a, _, _ in answers],
+        "conversation_b": [[*q, say("assistant", b)] for _, b, _ in answers], "turn": [1] * n,
+        "anony": [True] * n, "language": ["English"] * n, "tstamp": [1.7e9] * n,
+        "conv_metadata": [{"sum_user_tokens": 5}] * n, "is_code": [False] * n, "is_refusal": [False] * n,
+        "dedup_tag": [{"high_freq": False, "sampled": True}] * n, "category_tag": [{"if": False}] * n},
+        {"id": pa.string(), "model_a": pa.string(), "model_b": pa.string(), "winner": pa.string(),
+         "conversation_a": MESSAGES, "conversation_b": MESSAGES, "turn": pa.int64(), "anony": pa.bool_(),
+         "language": pa.string(), "tstamp": pa.float64(), "conv_metadata": pa.struct([("sum_user_tokens", pa.int64())]),
+         "is_code": pa.bool_(), "is_refusal": pa.bool_(), "dedup_tag": tags,
+         "category_tag": pa.struct([("if", pa.bool_())])})
+    kept = {0: chat_pair(q, "1,2,3", "3,2,1"), 1: chat_pair(q, "1,2,3", "321")}
+    return Replica(path, kept, {"tie winner": 1}, "arena (whole conversations, chosen by winner)")
+
+
+def truthy_dpo(tmp):
+    """jondurbin/truthy-dpo-v0.1: id, source, system, prompt, chosen, rejected, all text; the system prompt is
+    the system message of [system, user: prompt] (none when empty), as for orca_dpo_pairs."""
+    rows = [{"id": "1", "source": "truthfulqa", "system": "You are an unbiased assistant.",
+             "prompt": "Do we use 10% of our brains?", "chosen": "No, we use all of it.", "rejected": "Yes."},
+            {"id": "2", "source": "truthfulqa", "system": "", "prompt": "Are bats blind?",
+             "chosen": "No.", "rejected": "Yes, fully."}]
+    first = [say("system", rows[0]["system"]), say("user", rows[0]["prompt"])]
+    kept = {0: chat_pair(first, "No, we use all of it.", "Yes."),
+            1: chat_pair([say("user", "Are bats blind?")], "No.", "Yes, fully.")}
+    return Replica(write_jsonl(tmp / "truthy_dpo.jsonl", rows), kept, {}, "system + prompt + answers")
+
+
+NEW_REPLICAS = [tool_calls, tool_calls_parquet, openai_tools, reasoning_switch, reasoning_content, pku_better,
+                pku_safer, stack_exchange_paired, chatbot_arena, arena_100k, truthy_dpo]
+REPLICAS = [ultrafeedback, tulu3, capybara, orpo_mix, orca, shp, helpsteer3, openai, *NEW_REPLICAS]
+
+
+def replica_module(replica: Replica, **settings) -> PreferenceDataModule:
+    tokenizer = qwen_tokenizer() if replica.qwen else chat_tokenizer()
+    return PreferenceDataModule(dataset=str(replica.path), tokenizer=tokenizer, max_length=1024,
+                                max_prompt_length=768, **replica.settings, **settings)
 
 
 def check(dm: PreferenceDataModule, kept: dict, dropped: dict, schema: str):
@@ -215,10 +453,13 @@ def check(dm: PreferenceDataModule, kept: dict, dropped: dict, schema: str):
 
 @pytest.mark.parametrize("replica", REPLICAS, ids=[r.__name__ for r in REPLICAS])
 def test_a_public_set_trains_zero_config_with_the_ids_users_expect(replica, tmp_path):
-    path, kept, dropped, schema = replica(tmp_path)
-    dm = PreferenceDataModule(dataset=str(path), tokenizer=chat_tokenizer(), max_length=256, max_prompt_length=128)
-    dm.setup("fit")
-    check(dm, kept, dropped, schema)
+    replica = Replica(*replica(tmp_path))
+    dm = replica_module(replica)  # zero-config but for the settings a replica names (PKU's label_column)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        dm.setup("fit")
+    check(dm, replica.kept, replica.dropped, replica.schema)
+    assert not [str(w.message) for w in caught if "is not used" in str(w.message)]  # every known column is read
 
 
 def test_orca_without_a_chat_template_joins_system_and_question_as_documented(tmp_path):
@@ -240,16 +481,49 @@ def chat_model(tmp_path_factory, tiny_llama):
     return str(path)
 
 
+@pytest.fixture(scope="module")
+def qwen_model(tmp_path_factory, tiny_llama):
+    """`tiny_llama` with QWEN_TEMPLATE in its tokenizer (no BOS)."""
+    path = tmp_path_factory.mktemp("qwen_llama")
+    shutil.copytree(tiny_llama, path, dirs_exist_ok=True)
+    qwen_tokenizer().save_pretrained(path)
+    return str(path)
+
+
+def shown(token_ids: list[int]) -> str:
+    """Token ids as `inspect-data` prints them: each token's text, joined by |."""
+    return "|".join("<s>" if i == BOS else "</s>" if i == EOS else chr(i) for i in token_ids)
+
+
+def config_for(replica: Replica, model: str, path, extra: str = "") -> str:
+    settings = "".join(f"  {key}: {json.dumps(value)}\n" for key, value in replica.settings.items())
+    path.write_text(f"model:\n  model_name_or_path: {model}\ndata:\n  dataset: {replica.path}\n"
+                    f"  max_length: 1024\n  max_prompt_length: 768\n{settings}{extra}")
+    return str(path)
+
+
 @pytest.mark.parametrize("replica", REPLICAS, ids=[r.__name__ for r in REPLICAS])
-def test_a_public_set_loads_through_the_cli(replica, tmp_path, chat_model, capsys):
-    path, kept, dropped, schema = replica(tmp_path)
-    config = tmp_path / "config.yaml"
-    config.write_text(f"model:\n  model_name_or_path: {chat_model}\ndata:\n  dataset: {path}\n"
-                      "  max_length: 256\n  max_prompt_length: 128\n")
-    main(["inspect-data", "--config", str(config), "--rows", "1"])
+def test_a_public_set_loads_through_the_cli(replica, tmp_path, chat_model, qwen_model, capsys):
+    replica = Replica(*replica(tmp_path))
+    config = config_for(replica, qwen_model if replica.qwen else chat_model, tmp_path / "config.yaml")
+    main(["inspect-data", "--config", config, "--rows", "1"])
     out = capsys.readouterr().out
-    assert f"train: {sum(dropped.values()) + len(kept)} rows, {len(kept)} kept" in out
-    assert f"schema: {schema}" in out if schema else "schema: " in out
+    assert f"train: {sum(replica.dropped.values()) + len(replica.kept)} rows, {len(replica.kept)} kept" in out
+    assert f"schema: {replica.schema}" in out if replica.schema else "schema: " in out
+    prompt, chosen, rejected = replica.kept[min(replica.kept)]  # the first kept row, token by token
+    assert f"   chosen: [{shown(prompt)}] {shown(chosen)}\n" in out
+    assert f" rejected: [{shown(prompt)}] {shown(rejected)}\n" in out
+
+
+def test_tool_calls_train_through_dpo_lightning_fit(tmp_path, qwen_model):
+    replica = Replica(*tool_calls(tmp_path))
+    config = config_for(replica, qwen_model, tmp_path / "config.yaml", extra=(
+        "  batch_size: 3\ntrainer:\n  max_steps: 1\n  accelerator: cpu\n  logger: false\n"
+        f"  enable_checkpointing: false\n  enable_progress_bar: false\n  default_root_dir: {tmp_path}\n  callbacks: []\n"))
+    cli = cli_main(["fit", "--config", config])
+    assert cli.trainer.global_step == 1
+    row = cli.datamodule.train_data[0]  # the tool call is the chosen response
+    assert (row["prompt_input_ids"], row["chosen_input_ids"], row["rejected_input_ids"]) == replica.kept[0]
 
 
 def to_pair(row: dict) -> dict | None:
@@ -309,12 +583,157 @@ def test_text_columns_beside_a_missing_prompt_warn(tmp_path):
         dm.setup("fit")
 
 
-def test_shp_columns_mapped_by_hand_are_refused_not_trained_inverted(tmp_path):
-    path, *_ = shp(tmp_path)
-    dm = PreferenceDataModule(dataset=str(path), tokenizer=chat_tokenizer(), prompt_column="history",
-                              chosen_column="human_ref_A", rejected_column="human_ref_B")
-    with pytest.raises(ValueError, match=r"SHP's columns .*inverted pairs on every labels == 0 row"):
+# A mapping that pins chosen/rejected onto the two responses a label picks between, row by row: refused for every
+# such set (before, only SHP's was; PKU-SafeRLHF mapped as the old error message suggested trained inverted).
+PINNED = [(shp, dict(prompt_column="history", chosen_column="human_ref_A", rejected_column="human_ref_B"),
+           r"labels says row by row which of human_ref_A/human_ref_B is preferred"),
+          (pku_better, dict(chosen_column="response_0", rejected_column="response_1"),
+           r"better_response_id and safer_response_id say row by row which of response_0/response_1 is preferred"),
+          (helpsteer3, dict(chosen_column="response1", rejected_column="response2"),
+           r"overall_preference says row by row which of response1/response2 is preferred"),
+          (chatbot_arena, dict(chosen_column="conversation_b", rejected_column="conversation_a"),
+           r"winner says row by row which of conversation_a/conversation_b is preferred")]
+
+
+@pytest.mark.parametrize("replica, mapping, says", PINNED, ids=[case[0].__name__ for case in PINNED])
+def test_a_mapping_against_a_label_is_refused_not_trained_inverted(replica, mapping, says, tmp_path):
+    path = Replica(*replica(tmp_path)).path
+    dm = PreferenceDataModule(dataset=str(path), tokenizer=chat_tokenizer(), **mapping)
+    with pytest.raises(ValueError, match=rf"{says}, so a fixed --data.chosen_column / rejected_column would train "
+                                         r"inverted pairs .*Remove the column mapping"):
         dm.setup("fit")
+
+
+def test_pku_mapping_names_both_labels_and_the_setting(tmp_path):
+    dm = PreferenceDataModule(dataset=str(pku_better(tmp_path).path), tokenizer=chat_tokenizer(),
+                              chosen_column="response_0", rejected_column="response_1")
+    with pytest.raises(ValueError, match=r"set --data.label_column to better_response_id or safer_response_id$"):
+        dm.setup("fit")
+
+
+def test_a_set_with_two_labels_is_refused_until_one_is_picked(tmp_path):
+    dm = PreferenceDataModule(dataset=str(pku_better(tmp_path).path), tokenizer=chat_tokenizer())
+    with pytest.raises(ValueError, match=r"PKU-SafeRLHF's two labels \['better_response_id', 'safer_response_id'\].*"
+                                         r"set --data.label_column to the one to train on"):
+        dm.setup("fit")
+
+
+@pytest.mark.parametrize("replica, label, says", [
+    (pku_better, "is_response_0_safe", r"label columns are \['better_response_id', 'safer_response_id'\]"),
+    (ultrafeedback, "score_chosen", r"is no known set of two responses and a label: remove the setting")])
+def test_a_label_column_that_is_no_label_is_named(replica, label, says, tmp_path):
+    path = Replica(*replica(tmp_path)).path
+    dm = PreferenceDataModule(dataset=str(path), tokenizer=chat_tokenizer(), label_column=label)
+    with pytest.raises(ValueError, match=rf"--data.label_column '{label}': .*{says}"):
+        dm.setup("fit")
+
+
+# --- Data that cannot train, refused by what it is. ---
+
+def test_unpaired_kto_rows_are_refused_by_what_they_are(tmp_path):
+    """trl-lib/kto-mix-14k: prompt and completion messages, a bool label (desirable or not): no pairs."""
+    rows = [{"prompt": [say("user", "Hi")], "completion": [say("assistant", "Hello")], "label": True},
+            {"prompt": [say("user", "Hi")], "completion": [say("assistant", "Go away")], "label": False}]
+    dm = PreferenceDataModule(dataset=str(write_jsonl(tmp_path / "kto.jsonl", rows)), tokenizer=chat_tokenizer())
+    with pytest.raises(ValueError, match=r"train data holds unpaired preference rows \(prompt, completion, label: "
+                                         r"TRL's KTO format\), not preference pairs.*--data.transform"):
+        dm.setup("fit")
+
+
+def test_images_are_refused_by_what_they_are(tmp_path):
+    """HuggingFaceH4/rlaif-v_formatted: chosen, rejected, images (as `datasets` stores an Image list), prompt."""
+    image = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    path = write_parquet(tmp_path / "data" / "train-00000-of-00001.parquet", {
+        "chosen": [[say("assistant", "A cat.")]], "rejected": [[say("assistant", "A dog.")]],
+        "images": [[{"bytes": b"\x89PNG", "path": None}]], "prompt": [[say("user", "What is shown?")]]},
+        {"chosen": MESSAGES, "rejected": MESSAGES, "images": pa.list_(image), "prompt": MESSAGES})
+    dm = PreferenceDataModule(dataset=str(path), tokenizer=chat_tokenizer())
+    with pytest.raises(ValueError, match=r"train data has 'images': images cannot be trained here .*--data.transform"):
+        dm.setup("fit")
+
+
+# --- Nothing dropped silently: every unread column named in the summary; a known one warned about. ---
+
+def test_the_summary_names_every_column_that_does_not_reach_the_tokens(tmp_path):
+    dm = replica_module(Replica(*ultrafeedback(tmp_path)))
+    dm.setup("fit")
+    assert dm.summary["train"]["ignored"] == ["messages", "prompt", "prompt_id", "score_chosen", "score_rejected"]
+    assert dm.inspect(0).endswith("; ignored columns: messages, prompt, prompt_id, score_chosen, score_rejected")
+
+
+@pytest.mark.parametrize("rows, settings, column, says", [
+    ([{"system": "Be terse.", "question": f"Q{i}", "chosen": f" a{i}", "rejected": f" b{i}"} for i in range(2)],
+     dict(prompt_column="question"), "system", r"a system prompt\) is not used: put it into the prompt"),
+    ([{"prompt": f"Q{i}", "chosen": f" a{i}", "rejected": f" b{i}", "tools": [WEATHER]} for i in range(2)], {},
+     "tools", r"the tools a chat template lists\) is not used: it is read only for conversations"),
+    ([{"prompt": f"Q{i}", "chosen": f" a{i}", "rejected": f" b{i}", "chat_template_kwargs": {"enable_thinking": False}}
+      for i in range(2)], {}, "chat_template_kwargs", r"the chat template's arguments\) is not used"),
+    ([{"prompt": f"Q{i}", "good": f" a{i}", "bad": f" b{i}", "preference": 1} for i in range(2)],
+     dict(chosen_column="good", rejected_column="bad"), "preference", r"a preference label\) is not used: chosen and "
+                                                                      r"rejected are used as they stand"),
+], ids=["system", "tools", "chat_template_kwargs", "label"])
+def test_an_ignored_column_some_schema_would_use_warns(rows, settings, column, says):
+    dm = PreferenceDataModule(dataset=rows, tokenizer=chat_tokenizer(), max_length=64, max_prompt_length=32, **settings)
+    with pytest.warns(UserWarning, match=rf"train data: column '{column}' \({says}"):
+        dm.setup("fit")
+    assert column in dm.summary["train"]["ignored"]
+
+
+def test_the_label_not_picked_is_named_but_not_warned_about(tmp_path, recwarn):
+    dm = replica_module(Replica(*pku_better(tmp_path)))
+    dm.setup("fit")
+    assert "safer_response_id" in dm.summary["train"]["ignored"]
+    assert not [w for w in recwarn if "safer_response_id" in str(w.message)]
+
+
+# --- Template arguments: the run's, a row's own (which win), and what they may not set. ---
+
+def test_run_wide_chat_template_kwargs_apply_and_a_rows_own_win(tmp_path):
+    replica = Replica(*reasoning_switch(tmp_path))
+    dm = replica_module(replica, chat_template_kwargs={"enable_thinking": False})
+    dm.setup("fit")
+    off = {i: qwen_pair(row["prompt"], row["chosen"][0], row["rejected"][0],
+                        enable_thinking=row.get("chat_template_kwargs", {}).get("enable_thinking", False))
+           for i, row in enumerate(THINK)}
+    assert off[2] != replica.kept[2]  # row 2 has none of its own: the run's switch turns thinking off
+    check(dm, off, {}, "conversational (prompt, chosen, rejected)")
+
+
+def test_run_wide_chat_template_kwargs_through_the_cli(tmp_path, qwen_model, capsys):
+    replica = Replica(*reasoning_switch(tmp_path))
+    rows = [{key: value for key, value in row.items() if key != "chat_template_kwargs"} for row in THINK]
+    replica = replica._replace(path=write_jsonl(tmp_path / "plain.jsonl", rows),
+                               settings={"chat_template_kwargs": {"enable_thinking": False}})
+    main(["inspect-data", "--config", config_for(replica, qwen_model, tmp_path / "config.yaml"), "--rows", "1"])
+    prompt, chosen, _ = qwen_pair(THINK[0]["prompt"], THINK[0]["chosen"][0], THINK[0]["rejected"][0],
+                                  enable_thinking=False)
+    assert f"   chosen: [{shown(prompt)}] {shown(chosen)}\n" in capsys.readouterr().out
+
+
+def test_template_arguments_may_not_set_what_the_rules_set(tmp_path):
+    with pytest.raises(ValueError, match=r"--data.chat_template_kwargs .* sets \['add_generation_prompt'\], which the "
+                                         r"data rules set themselves"):
+        PreferenceDataModule(dataset=THINK, tokenizer=qwen_tokenizer(), chat_template_kwargs={
+            "add_generation_prompt": True})
+
+
+def test_run_wide_chat_template_kwargs_beside_text_rows_warn():
+    rows = [{"prompt": f"Q{i}", "chosen": f" a{i}", "rejected": f" b{i}"} for i in range(2)]
+    dm = PreferenceDataModule(dataset=rows, tokenizer=chat_tokenizer(), max_length=64, max_prompt_length=32,
+                              chat_template_kwargs={"enable_thinking": False})
+    with pytest.warns(UserWarning, match=r"--data.chat_template_kwargs is not used: the train rows are text"):
+        dm.setup("fit")
+
+
+def test_a_row_the_chat_template_refuses_is_a_counted_drop():
+    tokenizer = qwen_tokenizer()  # a template that checks its input, as Mistral's and Gemma's do
+    tokenizer.chat_template = ("{%- if messages[-1].role == 'tool' %}{{ raise_exception('no answer to the tool') }}"
+                               "{%- endif %}" + tokenizer.chat_template)
+    rows = [*THINK[1:], {"prompt": [say("user", "x"), {"role": "tool", "content": "r"}],
+                         "chosen": [say("assistant", "a")], "rejected": [say("assistant", "b")]}]
+    dm = PreferenceDataModule(dataset=rows, tokenizer=tokenizer, max_length=512, max_prompt_length=256)
+    dm.setup("fit")
+    assert dm.summary["train"]["dropped"] == {"chat template error": 1} and dm.summary["train"]["kept"] == 2
 
 
 def test_text_prompt_beside_answer_only_messages_is_not_silently_ignored():
@@ -327,7 +746,8 @@ def test_text_prompt_beside_answer_only_messages_is_not_silently_ignored():
 def test_a_schema_drop_under_strict_names_the_row_the_column_and_the_fix(tmp_path):
     path, *_ = helpsteer3(tmp_path)
     dm = PreferenceDataModule(dataset=str(path), tokenizer=chat_tokenizer(), strict=True)
-    with pytest.raises(ValueError, match=r"^train row 2: field 'overall_preference': tie; nothing: a tie"):
+    with pytest.raises(ValueError, match=r"^train row 2: field 'overall_preference': tie overall_preference; nothing: "
+                                         r"a tie"):
         dm.setup("fit")
     dm = PreferenceDataModule(dataset=ODD_ROWS, tokenizer=chat_tokenizer(), transform=to_pair, strict=True)
     with pytest.raises(ValueError, match=r"^train row 1: dropped by transform; nothing, if --data.transform"):
@@ -342,4 +762,4 @@ def test_shp_labels_other_than_0_or_1_are_counted_drops(tmp_path):
     dm = PreferenceDataModule(dataset=str(path), tokenizer=chat_tokenizer(), max_length=256, max_prompt_length=128)
     dm.setup("fit")
     check(dm, {0: text_pair("Why rest dough?", "Gluten relaxes.", "No idea.")}, {"not 0 or 1 labels": 1},
-          "SHP (prompt = history, chosen = the comment labels prefers)")
+          "SHP (prompt = history, chosen by labels)")

@@ -12,6 +12,7 @@ prepared (prompts.py) and batched (`collate_prompts`). The pairs the policy then
 """
 
 import hashlib
+from dataclasses import replace
 from functools import partial
 from typing import Any, Callable, Literal
 
@@ -24,21 +25,22 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
-from dpo_lightning.data import formats, prompts, rules, schemas, sources
+from dpo_lightning.data import formats, prompts, rows, rules, schemas, sources
 from dpo_lightning.data.formats import FORMATS, PRESETS, detect_format
 from dpo_lightning.data.layouts import Layout, choose_layout
 from dpo_lightning.data.loaders import EvalSampler, ResumableLoader
 from dpo_lightning.data.prompts import collate_prompts, prepare_prompts, prompt_format
+from dpo_lightning.data.rows import RESERVED, Reading, RowKind, warn_ignored
 from dpo_lightning.data.rules import PREPARED, adds_bos, drop_error, prepare_rows, truncate
-from dpo_lightning.data.sources import (STAGE_NAMES, DatasetSource, RowKind, load_rows, resolve_transform,
+from dpo_lightning.data.sources import (STAGE_NAMES, DatasetSource, load_rows, resolve_transform,
                                         single_split)
-from dpo_lightning.data.summary import fingerprint, format_summary, summarize, truncation_warning
+from dpo_lightning.data.summary import fingerprint, format_summary, render, summarize, truncation_warning
 from dpo_lightning.utils.locate import located_data
 from dpo_lightning.utils.tokenizers import load_tokenizer, tokenizer_source, with_pad_token
 
 # The code that turns rows into prepared rows: part of every map's cache name (`_map`).
 DATA_CODE = hashlib.sha256(b"".join(open(module.__file__, "rb").read()
-                                    for module in (rules, formats, schemas, sources, prompts))).hexdigest()
+                                    for module in (rows, rules, formats, schemas, sources, prompts))).hexdigest()
 
 
 def _check_arguments(hp: dict[str, Any]) -> None:
@@ -63,6 +65,10 @@ def _check_arguments(hp: dict[str, Any]) -> None:
     if hp.packing_max_tokens is not None and (hp.packing is False or hp.packing_max_tokens <= 0):
         raise ValueError(f"--data.packing_max_tokens {hp.packing_max_tokens} needs --data.packing true (or auto) "
                          "and a value > 0")
+    if set(hp.chat_template_kwargs or {}) & RESERVED:
+        raise ValueError(f"--data.chat_template_kwargs {dict(hp.chat_template_kwargs)} sets "
+                         f"{sorted(set(hp.chat_template_kwargs) & RESERVED)}, which the data rules set themselves: "
+                         "give only the chat template's own variables, e.g. {enable_thinking: false}")
     if hp.dataset_num_proc is not None and hp.dataset_num_proc < 1:
         raise ValueError(f"--data.dataset_num_proc must be >= 1 (or null for one process), got {hp.dataset_num_proc}")
 
@@ -82,6 +88,10 @@ class PreferenceDataModule(L.LightningDataModule):
         prompt_column: the column holding the prompt, when it is not called "prompt".
         chosen_column: the column holding the preferred response, when it is not called "chosen".
         rejected_column: the column holding the dispreferred response, when it is not called "rejected".
+        label_column: for a set of two responses and a label saying which is preferred (schemas.py), the label to
+            follow where it has two: PKU-SafeRLHF's `better_response_id` or `safer_response_id`.
+        chat_template_kwargs: the chat template's own arguments for every row, e.g. `{"enable_thinking": false}`
+            (TRL's name); a row's own `chat_template_kwargs` column wins over it, key by key.
         dataset_config: the hub dataset's configuration name (`name` of `datasets.load_dataset`).
         data_dir: the hub dataset's sub-folder (`data_dir` of `datasets.load_dataset`), e.g. "harmless-base".
         split: split of `dataset` to train on.
@@ -125,6 +135,8 @@ class PreferenceDataModule(L.LightningDataModule):
         prompt_column: str = "prompt",
         chosen_column: str = "chosen",
         rejected_column: str = "rejected",
+        label_column: str | None = None,
+        chat_template_kwargs: dict[str, Any] | None = None,
         dataset_config: str | None = None,
         data_dir: str | None = None,
         split: str = "train",
@@ -178,11 +190,18 @@ class PreferenceDataModule(L.LightningDataModule):
             rank_zero_info(f"[dpo_lightning] batch layout: {self.layout.name} ({reason})")
 
     def _choose_layout(self) -> tuple[Layout, str]:
-        """`layouts.choose_layout` for this module's settings, checked on the models of the module being fit."""
+        """`layouts.choose_layout` for this module's settings, checked on the models of the module being fit and on
+        a batch of the first training pairs, or validation pairs for `validate` (rows, lengths, packing as theirs)."""
         hp = self.hparams
         module = self.trainer.lightning_module if self.trainer is not None else None
+        rows, size = ((self.train_data, hp.batch_size) if self.train_data is not None
+                      else (self.val_data, hp.eval_batch_size or hp.batch_size))
+        rows = rows if isinstance(rows, Dataset) else []  # a stream: the scorer checks its first batch
+        sample = [rows[i] for i in range(min(size, len(rows)))]
         return choose_layout(hp.prefix_sharing, hp.packing, hp.packing_max_tokens or hp.max_length,
-                             getattr(module, "layout_unsupported", None))
+                             getattr(module, "layout_unsupported", None),
+                             sample if sample and sample[0]["chosen_input_ids"] else None,  # not online's prompts
+                             getattr(self.tokenizer, "pad_token_id", None) or 0)
 
     def _build(self, report: bool = True, with_train: bool = True) -> tuple[Dataset | IterableDataset | None,
                                                                            Dataset | None]:
@@ -190,7 +209,8 @@ class PreferenceDataModule(L.LightningDataModule):
         tokenizer = self._resolve_tokenizer()
         columns = {"prompt": hp.prompt_column, "chosen": hp.chosen_column, "rejected": hp.rejected_column}
         load = partial(load_rows, name=hp.dataset_config, data_dir=hp.data_dir, columns=columns,
-                       transform=resolve_transform(self.transform), chat=bool(tokenizer.chat_template))
+                       transform=resolve_transform(self.transform), chat=bool(tokenizer.chat_template),
+                       label_column=hp.label_column)
         module = self.trainer.lightning_module if self.trainer is not None else None
         if module is not None:  # else as set (`inspect-data` sets it from the config, as the module would)
             self.train_kind = getattr(module, "train_kind", "pairs")
@@ -198,17 +218,17 @@ class PreferenceDataModule(L.LightningDataModule):
             raise ValueError(f"--data.eval_fraction {hp.eval_fraction} would hold out prompts, but validation reads "
                              "preference pairs, also when training online: give them with --data.eval_dataset (or "
                              "--data.eval_split), or set eval_fraction 0")
-        train, schema = load(self.dataset, hp.split, streaming=hp.streaming, kind=self.train_kind)
-        val, val_schema = None, schema
+        train, reading = load(self.dataset, hp.split, streaming=hp.streaming, kind=self.train_kind)
+        val, val_reading = None, reading
         if self.eval_dataset is not None:
-            val, val_schema = load(self.eval_dataset, hp.eval_split or hp.split, stage="val")
+            val, val_reading = load(self.eval_dataset, hp.eval_split or hp.split, stage="val")
         elif hp.eval_split is not None:
             if single_split(self.dataset):  # a file has no other split: it would validate on the train rows
                 raise ValueError(f"--data.eval_split {hp.eval_split!r}: the dataset is one split (a local file, "
                                  "list or Dataset), so validation would run on the training rows. Give eval rows "
                                  "with --data.eval_dataset, hold some out with --data.eval_fraction, or point "
                                  f"--data.dataset at a folder or hub dataset with a {hp.eval_split!r} split")
-            val, val_schema = load(self.dataset, hp.eval_split, stage="val")
+            val, val_reading = load(self.dataset, hp.eval_split, stage="val")
         elif hp.eval_fraction > 0:
             parts = train.train_test_split(test_size=hp.eval_fraction, seed=hp.seed)
             train, val = parts["train"], parts["test"]
@@ -217,8 +237,8 @@ class PreferenceDataModule(L.LightningDataModule):
                            "metric and generates no samples. Name held-out pairs with eval_dataset "
                            "(--data.eval_dataset) or eval_split (--data.eval_split), or hold out a share of "
                            "the training rows with eval_fraction, e.g. 0.1 (--data.eval_fraction)")
-        train = self._prepare_split(train, "train", tokenizer, schema, report) if with_train else None
-        val = self._prepare_split(val, "val", tokenizer, val_schema, report) if val is not None else None
+        train = self._prepare_split(train, "train", tokenizer, reading, report) if with_train else None
+        val = self._prepare_split(val, "val", tokenizer, val_reading, report) if val is not None else None
         return train, val
 
     def _resolve_tokenizer(self) -> PreTrainedTokenizerBase:
@@ -228,42 +248,44 @@ class PreferenceDataModule(L.LightningDataModule):
         return with_pad_token(self.tokenizer)
 
     def _prepare_split(self, rows: Dataset | IterableDataset, stage: str, tokenizer: PreTrainedTokenizerBase,
-                       schema: str, report: bool = True) -> Dataset | IterableDataset:
-        hp = self.hparams
-        if stage == "train" and self.train_kind == "prompts":  # online training's prompts
-            fmt, schema, prepare = prompt_format(rows, tokenizer, stage), "prompts", prepare_prompts
+                       reading: Reading, report: bool = True) -> Dataset | IterableDataset:
+        hp, prompts = self.hparams, stage == "train" and self.train_kind == "prompts"  # online training's prompts
+        if prompts:
+            fmt, reading, prepare = prompt_format(rows, tokenizer, stage), replace(reading, schema="prompts"), \
+                prepare_prompts
         else:
-            rows, fmt, schema = detect_format(rows, hp.dataset_format, stage, tokenizer, schema)
+            rows, fmt, reading = detect_format(rows, hp.dataset_format, stage, tokenizer, reading, hp.prompt_column)
             prepare = prepare_rows
+        warn_ignored(reading, STAGE_NAMES[stage])
+        if hp.chat_template_kwargs and fmt != "conversational":
+            rank_zero_warn(f"--data.chat_template_kwargs is not used: the {STAGE_NAMES[stage]} rows are text ({fmt}), "
+                           "tokenized as they are; only conversations are rendered by a chat template")
         prepared = _map(rows, prepare, f"preparing {STAGE_NAMES[stage]} rows ({fmt})", batched=True,
                         with_indices=True, remove_columns=rows.column_names or list(next(iter(rows))),
                         features=PREPARED, num_proc=hp.dataset_num_proc, fn_kwargs=dict(
                             dataset_format=fmt, tokenizer=tokenizer, bos_token_id=adds_bos(tokenizer),
                             max_length=hp.max_length, max_prompt_length=hp.max_prompt_length,
-                            truncation_mode=hp.truncation_mode))
+                            truncation_mode=hp.truncation_mode, chat_template_kwargs=hp.chat_template_kwargs))
         if isinstance(prepared, IterableDataset):  # a stream: no counts, rows are checked as they come
             prepared = prepared.filter(_keep_row, input_columns=["drop_reason", "row_id"],
                                        fn_kwargs=dict(strict=hp.strict, stage=stage)).remove_columns("drop_reason")
             if self.trainer is not None and self.trainer.world_size > 1:
                 prepared = split_dataset_by_node(prepared, self.trainer.global_rank, self.trainer.world_size)
             return prepared
-        self.summary[stage] = {**summarize(prepared, hp.max_length), "schema": schema}
+        self.summary[stage] = {**summarize(prepared, hp.max_length), "schema": reading.schema,
+                               "ignored": list(reading.ignored), "prompts": prompts}
         if hp.strict and self.summary[stage]["dropped"]:  # the first bad row, by its position in the split
             first = prepared.filter(bool, input_columns="drop_reason")[0]
             raise drop_error(first["drop_reason"], first["row_id"], stage)
         if report:
             rank_zero_info(f"[dpo_lightning] {STAGE_NAMES[stage]} data: {format_summary(self.summary[stage])}")
-            if (warning := self._truncation_warning(stage)) is not None:
+            if (warning := truncation_warning(self.summary[stage], STAGE_NAMES[stage])) is not None:
                 rank_zero_warn(warning)
         self._check_drops(stage)
         if self.summary[stage]["dropped"]:
             prepared = prepared.filter(_no_reason, input_columns="drop_reason", batched=True,
                                        desc=f"dropping unusable {STAGE_NAMES[stage]} rows")
         return prepared.remove_columns("drop_reason")
-
-    def _truncation_warning(self, stage: str) -> str | None:
-        prompts = stage == "train" and self.train_kind == "prompts"  # cut to max_prompt_length, not max_length
-        return None if prompts else truncation_warning(self.summary[stage], STAGE_NAMES[stage])
 
     def _check_drops(self, stage: str) -> None:
         summary, hp, label = self.summary[stage], self.hparams, STAGE_NAMES[stage]
@@ -304,20 +326,7 @@ class PreferenceDataModule(L.LightningDataModule):
         if self.train_data is None:  # not `setup`, which would print the summary line this output opens with
             self.train_data, self.val_data = self._build(report=False)
         data = self.train_data if stage == "train" else self.val_data
-        lines = [f"{stage}: {format_summary(self.summary[stage])}"]
-        lines += [f"warning: {warning}"] if (warning := self._truncation_warning(stage)) else []
-        prompts_only = stage == "train" and self.train_kind == "prompts"  # online: the policy writes the responses
-        for i, row in zip(range(n_rows), data):
-            prompt = self.tokenizer.convert_ids_to_tokens(row["prompt_input_ids"])
-            if prompts_only:
-                lines.append(f"--- row {i}: prompt {len(prompt)} tokens, completed by the policy during training")
-                lines.append(f"{'prompt':>9}: [{'|'.join(prompt)}]")
-                continue
-            lines.append(f"--- row {i}: prompt {len(prompt)} tokens (masked), responses trained")
-            for side in ("chosen", "rejected"):
-                tokens = self.tokenizer.convert_ids_to_tokens(row[f"{side}_input_ids"])
-                lines.append(f"{side:>9}: [{'|'.join(prompt)}] {'|'.join(tokens)}")
-        return "\n".join(lines)
+        return render(self.summary[stage], stage, [row for _, row in zip(range(n_rows), data)], self.tokenizer)
 
     def _loader(self, data: Dataset | IterableDataset, batch_size: int, shuffle: bool,
                 collate: Callable[[list[dict]], dict] | None = None) -> DataLoader:

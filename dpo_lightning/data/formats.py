@@ -18,15 +18,21 @@ by `dataset_format`). rules.py splits each format's rows into (prompt, chosen, r
   Whole conversations beside a text `prompt` column (UltraFeedback, Tulu 3, Capybara, the ORPO mix: the
   text repeats the user turn) are read as whole conversations, the text prompt ignored, as TRL does.
 
-Public datasets whose columns name another layout (OpenAI, HelpSteer3, SHP, orca_dpo_pairs) are mapped
-onto these fields while reading (schemas.py); every split's summary line names the schema it was read as.
+Public datasets whose columns name another layout (OpenAI, HelpSteer3, SHP, PKU-SafeRLHF, arena, ...) are
+mapped onto these fields while reading (schemas.py); every split's summary line names the schema it was read as,
+and the columns nothing reads: the text prompt beside whole conversations, and `tools` / `chat_template_kwargs`
+beside rows that are not conversations (a chat template renders them; text is tokenized as it is).
 """
+
+from dataclasses import replace
 
 from datasets import Dataset, IterableDataset, LargeList, List
 from transformers import PreTrainedTokenizerBase
 
+from dpo_lightning.data.rows import TEMPLATE_COLUMNS, Reading
 from dpo_lightning.data.rules import HH_ASSISTANT
-from dpo_lightning.data.sources import FIELDS, STAGE_NAMES
+from dpo_lightning.data.rows import FIELDS
+from dpo_lightning.data.sources import STAGE_NAMES
 
 FORMATS = ("explicit", "hh", "implicit", "conversational")
 TEXT_PROMPT_IGNORED = "whole conversations + text prompt (text prompt ignored)"
@@ -40,12 +46,16 @@ def _kind(feature) -> str | None:
 
 def detect_format(rows: Dataset | IterableDataset, dataset_format: str = "auto", stage: str = "train",
                   tokenizer: PreTrainedTokenizerBase | None = None,
-                  schema: str = "") -> tuple[Dataset | IterableDataset, str, str]:
+                  reading: Reading = Reading(), prompt_column: str = "prompt") -> tuple[Dataset | IterableDataset,
+                                                                                        str, Reading]:
     """The format of `rows` (columns from `sources.load_rows`): `dataset_format`, checked, or detected.
 
     Returns the rows (without a text prompt that whole conversations make redundant), the format, and
-    the schema for the summary line: `schema` (a public schema's name) or the format and its columns.
+    `reading` completed: its schema for the summary line (a public schema's name, or the format and its
+    columns) and the columns this format leaves unread (the text prompt, under `prompt_column`; template
+    arguments beside text).
     """
+    schema, ignored = reading.schema, set(reading.ignored)
     label = STAGE_NAMES.get(stage, stage)
     sample = list(rows.take(100)) if isinstance(rows, IterableDataset) else rows.select(range(min(100, len(rows))))
     if not sample:
@@ -57,6 +67,7 @@ def detect_format(rows: Dataset | IterableDataset, dataset_format: str = "auto",
     if kinds.get("prompt") == "text" and kinds.get("chosen") == "messages" and _whole_conversations(sample):
         # UltraFeedback, Tulu 3, Capybara, ORPO mix: the text prompt repeats the conversations' user turn.
         rows, schema = rows.remove_columns("prompt"), schema or TEXT_PROMPT_IGNORED
+        ignored.add(prompt_column)
         columns.discard("prompt")
         kinds.pop("prompt")
     if {"chosen", "rejected"} - columns:
@@ -85,7 +96,10 @@ def detect_format(rows: Dataset | IterableDataset, dataset_format: str = "auto",
     if fmt == "conversational" and (tokenizer is None or not tokenizer.chat_template):
         raise ValueError(f"{label} data holds conversations but the tokenizer has no chat_template: use a chat "
                          "model's tokenizer, or set tokenizer.chat_template (a Jinja template) before training")
-    return rows, fmt, schema or f"{fmt} ({', '.join(field for field in FIELDS if field in columns)})"
+    if fmt != "conversational":
+        ignored.update(set(TEMPLATE_COLUMNS) & columns)
+    schema = schema or f"{fmt} ({', '.join(field for field in FIELDS if field in columns)})"
+    return rows, fmt, replace(reading, schema=schema, ignored=tuple(sorted(ignored)))
 
 
 def _whole_conversations(sample) -> bool:

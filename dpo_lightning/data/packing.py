@@ -111,6 +111,22 @@ def collate_shared(rows: list[dict], pad_token_id: int, packing: bool = False,
     return batch
 
 
+def shared_pairs(batch: dict[str, Tensor]) -> list[dict[str, list[int]]]:
+    """The tokenized pairs of a shared batch, in batch order (`collate_shared`'s rows, without their `row_id`).
+
+    Example:
+        the batch of `collate_shared`'s example -> [{"prompt_input_ids": [5, 6], "chosen_input_ids": [7, 2],
+        "rejected_input_ids": [8, 9, 2]}]
+    """
+    pairs = []
+    for pair in range(len(batch["labels"]) // 2):
+        where = batch["pair_ids"] == pair  # one stretch of one row, so the flattened tokens keep their order
+        tokens, branches = batch["input_ids"][where].tolist(), batch["branch_ids"][where].tolist()
+        pairs.append({f"{name}_input_ids": [t for t, b in zip(tokens, branches) if b == branch]
+                      for name, branch in (("prompt", PROMPT), ("chosen", CHOSEN), ("rejected", REJECTED))})
+    return pairs
+
+
 def _place_pair(batch: dict[str, Tensor], row: dict, pair: int, r: int, column: int) -> tuple[Response, Response]:
     """Write one pair into row r from `column`; return its chosen and rejected responses."""
     prompt, chosen, rejected = row["prompt_input_ids"], row["chosen_input_ids"], row["rejected_input_ids"]

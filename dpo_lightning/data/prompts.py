@@ -9,8 +9,9 @@ import torch
 from datasets import Dataset, IterableDataset, LargeList, List
 from transformers import PreTrainedTokenizerBase
 
-from dpo_lightning.data.rules import cut_prompt, encode, with_bos
-from dpo_lightning.data.sources import STAGE_NAMES, RowKind
+from dpo_lightning.data.rows import RowKind
+from dpo_lightning.data.rules import cut_prompt, encode, template_arguments, with_bos
+from dpo_lightning.data.sources import STAGE_NAMES
 
 
 def train_kind(online: object) -> RowKind:
@@ -31,10 +32,10 @@ def prompt_format(rows: Dataset | IterableDataset, tokenizer: PreTrainedTokenize
 
 def prepare_prompts(batch: dict[str, list], indices: list[int], dataset_format: str,
                     tokenizer: PreTrainedTokenizerBase, bos_token_id: int | None, max_prompt_length: int,
-                    truncation_mode: str, **unused) -> dict[str, list]:
+                    truncation_mode: str, chat_template_kwargs: dict | None = None, **unused) -> dict[str, list]:
     """Rules 1-3 for prompt-only rows (a batched `datasets.map` function, as `rules.prepare_rows`), as `PREPARED`
-    rows with no responses: a conversation rendered with `add_generation_prompt=True`, one BOS, no special
-    tokens. A missing, non-text or empty prompt is dropped and counted.
+    rows with no responses: a conversation rendered with `add_generation_prompt=True` and the run's
+    `chat_template_kwargs`, one BOS, no special tokens. A missing, non-text or empty prompt is dropped and counted.
 
     Rule 3 cuts a prompt longer than `max_prompt_length` here, before the policy completes it (counted as
     truncated): the pair then trains on the very prompt its completions were sampled from, and rule 3 on the
@@ -48,7 +49,8 @@ def prepare_prompts(batch: dict[str, list], indices: list[int], dataset_format: 
         reasons.append(issue or ("missing prompt" if prompt is None else "" if ok else
                                  f"not {'messages' if dataset_format == 'conversational' else 'text'} prompt"))
         if ok and dataset_format == "conversational":
-            prompt = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+            prompt = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True,
+                                                   **template_arguments({}, chat_template_kwargs))
         prompts.append(prompt if ok else "")
     ids = [with_bos(p, bos_token_id) for p in encode(tokenizer, prompts)]
     reasons = [reason or ("" if p else "empty prompt") for reason, p in zip(reasons, ids)]

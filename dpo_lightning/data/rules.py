@@ -6,7 +6,10 @@ The file reads top to bottom: `prepare_rows`, then each rule's helpers, then the
 
 1. Prompt. Each row becomes prompt, chosen and rejected strings as its format says (detected by formats.py:
    explicit, HH dialogues, implicit shared prefix, chat-template conversations). A row whose two sides
-   do not share a prompt is dropped and counted, never sliced into a corrupt response.
+   do not share a prompt is dropped and counted, never sliced into a corrupt response. Conversations are
+   rendered with the row's `tools` and template arguments as TRL passes them (`template_arguments`); a
+   response may be a tool call (an assistant message with `tool_calls` and no content), its rendering
+   the response.
 2. Tokenize prompt, chosen and rejected separately with `add_special_tokens=False`, so the prompt ids
    are identical in both sequences and no token merges across the prompt/response boundary. Text fields
    are text: a special token's text inside one ("</s>" quoted in a response) stays text, never the
@@ -36,9 +39,12 @@ import os
 from typing import Any
 
 from datasets import Features, List, Value
+from jinja2 import TemplateError
 from transformers import PreTrainedTokenizerBase
 
-from dpo_lightning.data.sources import FIELDS, STAGE_NAMES
+from dpo_lightning.data.rows import is_message
+from dpo_lightning.data.rows import FIELDS
+from dpo_lightning.data.sources import STAGE_NAMES
 
 HH_ASSISTANT = "\n\nAssistant:"
 ROLES = ("system", "user", "assistant", "tool")
@@ -49,14 +55,16 @@ PREPARED = Features({"row_id": Value("int64"), "drop_reason": Value("string"),
 
 def prepare_rows(batch: dict[str, list], indices: list[int], dataset_format: str, tokenizer: PreTrainedTokenizerBase,
                  bos_token_id: int | None, max_length: int, max_prompt_length: int,
-                 truncation_mode: str) -> dict[str, list]:
+                 truncation_mode: str, chat_template_kwargs: dict | None = None) -> dict[str, list]:
     """Rules 1 to 3 for a batch of rows (a batched `datasets.map` function).
 
     Returns a `PREPARED` row for every input row: its `row_id` (its position in its split; batches carry
     it, so error messages and cached reference log-probs name rows by it), its `drop_reason` ("" if kept;
     a dropped row's ids are empty) and `truncate`'s fields. Each field is tokenized in one batched call.
+    `chat_template_kwargs`: the run's template arguments (a row's own win).
     """
-    checked = [to_strings(dict(zip(batch, values)), index, dataset_format, tokenizer)
+    checked = [to_strings(dict(zip(batch, values)), index, dataset_format, tokenizer,
+                          chat_template_kwargs=chat_template_kwargs)
                for index, values in zip(indices, zip(*batch.values()))]
     as_text = dataset_format != "conversational"  # text fields are text; a template's markers are tokens
     ids = [encode(tokenizer, [row[field] for row in checked], as_text) for field in FIELDS]
@@ -109,11 +117,22 @@ def split_shared_prefix(chosen: str, rejected: str) -> tuple[str, str, str] | No
     return chosen[:cut], chosen[cut:], rejected[cut:]
 
 
+def template_arguments(row: dict, run: dict | None = None) -> dict:
+    """`apply_chat_template`'s further arguments for a row, as TRL's DPOTrainer passes them: the row's `tools`, then
+    its `chat_template_kwargs`; before both, the run's `chat_template_kwargs` (a row's own win). An empty tools
+    list is no tools, as TRL's `apply_chat_template` has it: Llama 3's template renders a tool preamble for `[]`.
+    """
+    return {**(run or {}), **({"tools": row["tools"]} if row.get("tools") else {}),
+            **(row.get("chat_template_kwargs") or {})}
+
+
 def render_conversation(prompt: list[dict] | None, chosen: list[dict], rejected: list[dict],
-                        tokenizer: PreTrainedTokenizerBase) -> tuple[str, str, str] | None:
+                        tokenizer: PreTrainedTokenizerBase,
+                        arguments: dict | None = None) -> tuple[str, str, str] | None:
     """Chat-template texts (prompt, chosen response, rejected response); None if they cannot be split.
 
     Without a `prompt`, every message but the last is the prompt, and must be the same on both sides.
+    `arguments`: `template_arguments`, passed to every rendering.
     """
     if prompt is None:
         if not chosen or chosen[:-1] != rejected[:-1]:
@@ -121,10 +140,11 @@ def render_conversation(prompt: list[dict] | None, chosen: list[dict], rejected:
         prompt, chosen, rejected = chosen[:-1], chosen[-1:], rejected[-1:]
     if not prompt:
         return None
-    prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    arguments = arguments or {}
+    prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True, **arguments)
     responses = []
     for answer in (chosen, rejected):
-        whole = tokenizer.apply_chat_template(prompt + answer, tokenize=False)
+        whole = tokenizer.apply_chat_template(prompt + answer, tokenize=False, **arguments)
         if not whole.startswith(prompt_text):  # the template renders the prompt differently once answered
             return None
         responses.append(whole[len(prompt_text):])
@@ -132,18 +152,19 @@ def render_conversation(prompt: list[dict] | None, chosen: list[dict], rejected:
 
 
 def to_strings(row: dict, index: int, dataset_format: str, tokenizer: PreTrainedTokenizerBase | None = None,
-               strict: bool = False, stage: str = "train") -> dict[str, Any]:
+               strict: bool = False, stage: str = "train", chat_template_kwargs: dict | None = None) -> dict[str, Any]:
     """Rule 1 and the row checks: `prompt`, `chosen`, `rejected` strings and a `drop_reason` ("" if kept).
 
     With `strict=True` a row that would be dropped raises `drop_error` instead.
     """
-    out = _split_and_check(row, dataset_format, tokenizer)
+    out = _split_and_check(row, dataset_format, tokenizer, chat_template_kwargs)
     if strict and out["drop_reason"]:
         raise drop_error(out["drop_reason"], index, stage)
     return out
 
 
-def _split_and_check(row: dict, dataset_format: str, tokenizer: PreTrainedTokenizerBase | None) -> dict[str, Any]:
+def _split_and_check(row: dict, dataset_format: str, tokenizer: PreTrainedTokenizerBase | None,
+                     chat_template_kwargs: dict | None = None) -> dict[str, Any]:
     empty = {field: "" for field in FIELDS}
     if row.get("source_issue"):
         return {**empty, "drop_reason": row["source_issue"]}
@@ -155,7 +176,7 @@ def _split_and_check(row: dict, dataset_format: str, tokenizer: PreTrainedTokeni
     for field in ("chosen", "rejected"):
         if dataset_format == "hh" and HH_ASSISTANT not in row[field]:
             return {**empty, "drop_reason": f"no assistant turn {field}"}
-        if dataset_format == "conversational" and not (row[field] and row[field][-1]["content"].strip()):
+        if dataset_format == "conversational" and not (row[field] and _answers(row[field][-1])):
             return {**empty, "drop_reason": f"empty {field}"}  # the template would render an empty turn
     if dataset_format == "explicit":
         parts = row["prompt"], row["chosen"], row["rejected"]
@@ -164,7 +185,11 @@ def _split_and_check(row: dict, dataset_format: str, tokenizer: PreTrainedTokeni
     elif dataset_format == "implicit":
         parts = split_shared_prefix(row["chosen"], row["rejected"])
     else:
-        parts = render_conversation(row.get("prompt"), row["chosen"], row["rejected"], tokenizer)
+        try:
+            parts = render_conversation(row.get("prompt"), row["chosen"], row["rejected"], tokenizer,
+                                        template_arguments(row, chat_template_kwargs))
+        except TemplateError:  # the template's own check (`raise_exception`): roles out of order, a tool unknown
+            return {**empty, "drop_reason": "chat template error"}
     if parts is None:
         return {**empty, "drop_reason": "no shared prompt" if dataset_format == "implicit" else "prompts differ"}
     out = dict(zip(FIELDS, parts))
@@ -180,10 +205,14 @@ def _field_problem(value: Any, dataset_format: str) -> str:
         return "missing"
     if dataset_format != "conversational":
         return "" if isinstance(value, str) else "not text"
-    if not isinstance(value, list) or not all(isinstance(m, dict) and isinstance(m.get("content"), str)
-                                              for m in value):
+    if not isinstance(value, list) or not all(map(is_message, value)):
         return "not messages"
     return "" if all(m.get("role") in ROLES for m in value) else "unknown role"
+
+
+def _answers(message: dict) -> bool:
+    """Whether a response's last message says something: text, or a tool call (TRL's tool-call format)."""
+    return bool((message.get("content") or "").strip() or message.get("tool_calls"))
 
 
 # --- Rule 2: each string's token ids, one BOS in front of the prompt, EOS after each response. ---
@@ -251,7 +280,14 @@ def cut_prompt(prompt: list[int], max_prompt_length: int, truncation_mode: str,
 FIXES = {
     "missing": "fill the field or filter the row out",
     "not text": "give the field as text (a JSON string, not a number or object), or filter the row out",
-    "not messages": "give the field as a list of {'role': ..., 'content': ...} messages with text content",
+    "not messages": "give the field as a list of {'role': ..., 'content': ...} messages with text content (or, "
+                    "for a tool call, 'tool_calls' and no content)",
+    "not a list": "give tools as a list of function schemas ({'type': 'function', 'function': {...}}) or a JSON "
+                  "string of one",
+    "not template arguments": "give chat_template_kwargs as an object of the chat template's own variables, e.g. "
+                              "{'enable_thinking': false} (not tokenize, add_generation_prompt, ...)",
+    "chat template error": "the tokenizer's chat template refused the row's messages (apply_chat_template on them "
+                           "shows its message): fix the row, or filter it out",
     "unknown role": f"use the roles {', '.join(ROLES)} (map ShareGPT-style 'human'/'gpt' roles first)",
     "empty": "remove the row: an empty answer teaches nothing",
     "empty prompt": "give the row a prompt: without BOS no position predicts the first response token",
@@ -262,14 +298,16 @@ FIXES = {
     "not a dict": "give each row as a JSON object / dict {'prompt': ..., 'chosen': ..., 'rejected': ...}",
     "not valid JSON": "fix or remove the line (one JSON object per line)",
     "dropped by transform": "nothing, if --data.transform means to drop it; else make it return the row",
-    "tie": "nothing: a tie (overall_preference 0) carries no preference",
-    "not 0 or 1": "give labels as 1 (human_ref_A preferred) or 0 (human_ref_B preferred)",
+    "tie": "nothing: a tie carries no preference",
+    "not 0 or 1": "give the label as 0 or 1, saying which response is preferred (the schema table in docs/data.md "
+                  "says which is which)",
     "not a number": "give overall_preference as an integer from -3 to 3 (negative: response1 preferred)",
+    "unknown value": "give winner as model_a, model_b, or a tie (tie, tie (bothbad), both_bad)",
 }
 # reasons that name no field of their own -> the field the error names (None: the whole row)
 _ROW_REASONS = {"chosen == rejected": "rejected", "prompts differ": "rejected", "no shared prompt": "rejected",
                 "empty prompt": "prompt", "not a dict": None, "not valid JSON": None, "dropped by transform": None,
-                "tie": "overall_preference"}
+                "chat template error": None}
 
 
 def drop_error(reason: str, index: int, stage: str = "train") -> ValueError:

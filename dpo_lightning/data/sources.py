@@ -1,10 +1,11 @@
-"""Reading preference rows from the sources users bring, into `prompt`/`chosen`/`rejected` columns.
+"""Reading preference rows from the sources users bring, into the row model (rows.py).
 
-Every source comes out as a `datasets.Dataset` (or `IterableDataset` when streaming) with only the
-fields it has, under their canonical names (`prompt_column` etc. renamed), each holding text or, for
-conversations, lists of `{"role", "content"}` messages. What cannot be read that way is refused here,
-by our own code, naming the dataset (train/eval), the row, the field and the fix, before `datasets`,
-pyarrow or pandas can fail on it deep inside:
+Every source comes out as a `datasets.Dataset` (or `IterableDataset` when streaming) in the one row model: the
+fields it has under their canonical names (`prompt_column` etc. renamed), each text or a list of messages that
+keep every key they have, and the `tools` / `chat_template_kwargs` columns where present. Each reader hands its
+rows to `rows.canonical_row`, so the same rows give the same row model from every source kind. What cannot be
+read that way is refused here, by our own code, naming the dataset (train/eval), the row, the field and the fix,
+before `datasets`, pyarrow or pandas can fail on it deep inside:
 
 - A list of rows, a dict of columns and .json/.jsonl/.csv files are read in Python, so a value of the
   wrong kind (a number, an object) in a text field is kept as a row to drop, `source_issue = "not text
@@ -14,10 +15,13 @@ pyarrow or pandas can fail on it deep inside:
 - Files are read as UTF-8 with an optional byte-order mark, and every cache of rows read from files is
   keyed by the files' content, never by path and modification time.
 - .parquet files and `datasets` objects keep their types; a field column that holds neither text nor
-  messages is an error naming the column.
+  messages is an error naming the column. Text columns are renamed in Arrow; messages and template
+  arguments are mapped row by row into the row model.
 - A `transform` maps each raw row first (None: a counted drop, `dropped by transform`); columns that
   match a public schema (schemas.py) are mapped by it, else by `prompt_column` etc.
-- An empty source, rows that are not dicts, invalid JSON, columns of unequal length: errors.
+- An empty source, invalid JSON, columns of unequal length, images, rows of another kind than pairs: errors.
+- Every column no rule reads is recorded (`rows.Reading`), for the data summary and its warnings; a source's
+  columns are those of its first 100 rows (`datasets` objects and parquet: all its columns).
 """
 
 import csv
@@ -28,37 +32,36 @@ import importlib
 import json
 import os
 import warnings
-from collections import Counter
-from collections.abc import Mapping
-from typing import Any, Callable, Iterator, Literal, Union
+from typing import Any, Callable, Iterator, Union
 
 import datasets
 import pyarrow.parquet as pq
 from datasets import Dataset, DatasetDict, Features, IterableDataset, LargeList, List, Value, load_dataset
 
+from dpo_lightning.data import rows as row_model, schemas
+from dpo_lightning.data.rows import (FIELD_NAMES, FIELDS_OF, TEMPLATE_COLUMNS, NotJSON, Reading, RowKind,
+                                     canonical_row, features, refuse)
 from dpo_lightning.data.schemas import Schema, detect_schema
 from dpo_lightning.utils.locate import local, located_data
 
-FIELDS = ("prompt", "chosen", "rejected")
-FIELD_NAMES = {field: field for field in FIELDS}  # a schema's rows hold the fields under their own names
-# What a split's rows hold, decided once by the data module (`PreferenceDataModule.train_kind`) and read by every
-# reader below: preference pairs, or prompts alone (online training's split: the policy writes the responses).
-RowKind = Literal["pairs", "prompts"]
-FIELDS_OF: dict[str, tuple[str, ...]] = {"pairs": FIELDS, "prompts": ("prompt",)}
 # A dataset given as: a hub name, a local file, folder, glob or list of files, an in-memory dict of
 # columns or list of rows, or a `datasets` object.
 DatasetSource = Union[str, dict, list, Dataset, DatasetDict]
 STAGE_NAMES = {"train": "train", "val": "eval"}  # a split's name in messages, as the user names its argument
 _FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
-_MESSAGES = List({"role": Value("string"), "content": Value("string")})
 _SAMPLE = 100  # rows that decide a column's kind
+# The code that reads rows, part of the cache name of rows read from files: `datasets` names a generator's cache
+# by the generator's own code, not by the code it calls, so a new row model would reuse rows read by the old one.
+READING_CODE = hashlib.sha256(b"".join(open(path, "rb").read() for path in (
+    __file__, row_model.__file__, schemas.__file__))).hexdigest()
 
 
 def load_rows(source: DatasetSource, split: str = "train", name: str | None = None, data_dir: str | None = None,
               streaming: bool = False, columns: dict[str, str] | None = None, stage: str = "train",
               transform: Callable[[dict], dict | None] | None = None, chat: bool = True,
-              kind: RowKind = "pairs") -> tuple[Dataset | IterableDataset, str]:
-    """One split of preference rows from any supported source, with canonical field names, and its schema.
+              kind: RowKind = "pairs", label_column: str | None = None) -> tuple[Dataset | IterableDataset,
+                                                                                          Reading]:
+    """One split of preference rows from any supported source, in the row model (rows.py), and what reading found.
 
     Paths are found as `utils.locate` says (here, else shipped with the package; one not found stops here).
     Local data files (.json, .jsonl, .parquet, .csv, optionally .gz; one path, a glob, or a list of paths)
@@ -73,13 +76,15 @@ def load_rows(source: DatasetSource, split: str = "train", name: str | None = No
         transform: a function of one raw row (a dict) returning the row to use, or None to drop it.
         chat: whether the tokenizer has a chat template (a schema may build messages for it).
         kind: what the rows hold: "pairs", or "prompts" (online training: other columns unread, no schema).
+        label_column: the label a schema of two responses follows, where its set has two (schemas.py).
 
     Returns:
-        The rows, and the name of the public schema their columns matched ("" if none).
+        The rows, and the `Reading`: the public schema their columns matched ("" if none), the columns unread.
     """
     columns = {field: (columns or {}).get(field, field) for field in FIELDS_OF[kind]}
     source = located_data(source, "--data.eval_dataset" if stage == "val" else "--data.dataset")  # or not found
-    plan = dict(columns=columns, label=STAGE_NAMES.get(stage, stage), transform=transform, chat=chat, kind=kind)
+    plan = dict(columns=columns, label=STAGE_NAMES.get(stage, stage), transform=transform, chat=chat, kind=kind,
+                label_column=label_column)
     if isinstance(source, dict) and not isinstance(source, DatasetDict):
         source = _columns_to_rows(source, plan["label"])
     if isinstance(source, list) and not _are_paths(source):
@@ -196,10 +201,6 @@ def _load_files(files: list[str], label: str, streaming: bool) -> Dataset | Iter
     return load_dataset(builder, data_files=files, split="train", cache_dir=cache_dir)
 
 
-class _NotJSON:
-    """A JSON-lines line that does not parse: a row to drop as `not valid JSON`."""
-
-
 def _file_rows(files: list[str], label: str) -> Iterator[Any]:
     """Each row of the files, in order: JSON lines, .json files holding a list of rows, or CSV rows (every
     cell text, an empty cell None)."""
@@ -220,73 +221,82 @@ def _file_rows(files: list[str], label: str) -> Iterator[Any]:
                 try:
                     yield json.loads(line)
                 except json.JSONDecodeError:
-                    yield _NotJSON()
+                    yield NotJSON()
 
 
-def _from_files(files: list[str], plan: dict) -> tuple[Dataset, str]:
+def _from_files(files: list[str], plan: dict) -> tuple[Dataset, Reading]:
     for path in files[1:]:  # a whole .json file that does not parse: raised here, not inside `datasets`
         next(_file_rows([path], plan["label"]), None)
     sample = [row for _, row in zip(range(_SAMPLE), _file_rows(files, plan["label"]))]
     if not sample:
         raise ValueError(f"the {plan['label']} dataset is empty: no rows in {files}")
-    args, schema = _planned(sample, plan)
+    args, reading = _planned(sample, plan)
     # Cached by `datasets` under a name made of its arguments, the files' content digest among them:
     # another process (a DDP rank after `prepare_data`) reads the cache instead of the files.
     return Dataset.from_generator(_generate, features=args["features"], gen_kwargs=dict(
-        files=files, digest=_digest(files), label=plan["label"], args=args)), schema
+        files=files, digest=_digest(files), code=READING_CODE, label=plan["label"], args=args)), reading
 
 
-def _generate(files: list[str], digest: str, label: str, args: dict) -> Iterator[dict]:
+def _generate(files: list[str], digest: str, code: str, label: str, args: dict) -> Iterator[dict]:
     for row in _file_rows(files, label):
-        yield _canonical_row(row, **args)
+        yield canonical_row(row, **args)
 
 
-def _from_python(rows: list, plan: dict) -> tuple[Dataset, str]:
+def _from_python(rows: list, plan: dict) -> tuple[Dataset, Reading]:
     if not rows:
         raise ValueError(f"the {plan['label']} dataset is empty: no rows")
-    args, schema = _planned(rows[:_SAMPLE], plan)
-    return Dataset.from_list([_canonical_row(row, **args) for row in rows], features=args["features"]), schema
+    args, reading = _planned(rows[:_SAMPLE], plan)
+    return Dataset.from_list([canonical_row(row, **args) for row in rows], features=args["features"]), reading
 
 
-def _from_arrow(rows: Dataset | IterableDataset, plan: dict) -> tuple[Dataset | IterableDataset, str]:
-    """Typed rows: renamed and type-checked in Arrow, or mapped row by row where a transform or schema applies."""
+def _from_arrow(rows: Dataset | IterableDataset, plan: dict) -> tuple[Dataset | IterableDataset, Reading]:
+    """Typed rows: text columns renamed and type-checked in Arrow; messages, template arguments, a transform or
+    a schema mapped row by row into the row model."""
     names = rows.column_names or list(next(iter(rows)))  # a stream may not know its columns yet
     if isinstance(rows, Dataset) and not len(rows):
         raise ValueError(f"the {plan['label']} dataset is empty: no rows")
-    sample = list(rows.take(_SAMPLE))
-    if plan["transform"] is None and _schema(set(names), plan) is None:
-        _planned(sample, plan)  # the column checks and warnings
-        return _canonical(rows, plan), ""
-    args, schema = _planned(sample, plan)
-    mapped = rows.map(_canonical_row, fn_kwargs=args, remove_columns=names, features=args["features"],
-                      **({} if isinstance(rows, IterableDataset) else {"desc": f"reading {schema or 'rows'}"}))
-    return mapped, schema
+    args, reading = _planned(list(rows.take(_SAMPLE)), plan, set(names))
+    if plan["transform"] is None and args["schema"] is None and _text_only(rows, plan["columns"], plan["label"]):
+        return _canonical(rows, plan["columns"]), reading
+    mapped = rows.map(canonical_row, fn_kwargs=args, remove_columns=names, features=args["features"],
+                      **({} if isinstance(rows, IterableDataset) else {"desc": f"reading {reading.schema or 'rows'}"}))
+    return mapped, reading
 
 
 def _schema(names: set[str], plan: dict) -> Schema | None:
     if plan["kind"] == "prompts":  # a preference set's own prompt column serves as it is
         return None
-    return detect_schema(names, plan["columns"], plan["label"])
+    return detect_schema(names, plan["columns"], plan["label"], plan["label_column"])
 
 
-def _planned(sample: list, plan: dict) -> tuple[dict, str]:
-    """`_canonical_row`'s arguments from a sample of raw rows (the schema their columns match, the fields'
-    features) and the schema's name.
+def _planned(sample: list, plan: dict, names: set[str] | None = None) -> tuple[dict, Reading]:
+    """`canonical_row`'s arguments from a sample of raw rows (the schema their columns match, the row model's
+    features) and the `Reading`: the schema's name, the columns nothing reads.
 
-    Raises the missing-column error; warns when text columns stand beside a missing prompt.
+    Raises for a missing column and for data that cannot train; warns when text columns stand beside a missing
+    prompt. `names`: the source's columns where it knows them all (else those of the sample's rows).
     """
     transform = plan["transform"]
     raw = [transform(row) if transform is not None and isinstance(row, dict) else row for row in sample]
-    names = {name for row in raw if isinstance(row, dict) for name in row}
+    if transform is not None or names is None:
+        names = {name for row in raw if isinstance(row, dict) for name in row}
     schema = _schema(names, plan) if names else None
+    refuse(names, raw, plan["label"], pairs=schema is not None or plan["kind"] == "prompts" or
+           {plan["columns"]["chosen"], plan["columns"]["rejected"]} <= names)
     if schema is None and names:
         require(names, plan["columns"], plan["label"], plan["kind"])
         _warn_unused_text(raw, names, plan)
-    mapped = [schema.to_row(row, plan["chat"]) if schema and isinstance(row, dict) else row for row in raw]
-    columns = FIELD_NAMES if schema else plan["columns"]
+    mapped = [schema.map(row, plan["chat"]) if schema and isinstance(row, dict) else row for row in raw]
+    columns = {field: (FIELD_NAMES if schema else plan["columns"])[field] for field in plan["columns"]}
+    needed = FIELDS_OF["prompts"] if plan["kind"] == "prompts" else ("chosen", "rejected")
     args = dict(columns=plan["columns"], transform=transform, chat=plan["chat"], schema=schema,
-                features=_features(mapped, columns, plan["kind"]))
-    return args, schema.name if schema else ""
+                features=features(mapped, columns, needed))
+    templates = TEMPLATE_COLUMNS if plan["kind"] == "pairs" else ()  # online prompts render without them
+    reads = schema.reads() if schema else {*plan["columns"].values(), *templates}
+    by_choice = [name for name in schema.labels_in(names) if name != schema.label] if schema and plan["label_column"] \
+        else []
+    return args, Reading(schema.describe() if schema else "", tuple(sorted(names - reads - {"source_issue"})),
+                         tuple(by_choice))
 
 
 def _warn_unused_text(rows: list, names: set[str], plan: dict) -> None:
@@ -323,71 +333,29 @@ def require(names, columns: dict[str, str], label: str, kind: RowKind = "pairs")
                          "into one with --data.transform")
 
 
-def _features(sample: list, columns: dict[str, str], kind: RowKind) -> Features:
-    """Each field present in `sample`: text, or messages where most of its values are lists."""
-    rows = [row for row in sample if isinstance(row, dict)]
-    features = {}
+def _text_only(rows: Dataset | IterableDataset, columns: dict[str, str], label: str) -> bool:
+    """Whether the mapped columns are all text and no template arguments stand beside them, so that renaming them
+    in Arrow gives the row model; raises for a field column that holds neither text nor messages."""
+    if rows.features is None:  # a stream that does not know its types: mapped row by row
+        return False
+    kinds = {}
     for field, column in columns.items():
-        kinds = Counter(type(row[column]) is list for row in rows if row.get(column) is not None)
-        if any(column in row for row in rows):
-            features[field] = _MESSAGES if kinds[True] > kinds[False] else Value("string")
-    needed = FIELDS_OF[kind] if kind == "prompts" else ("chosen", "rejected")
-    if not set(needed) <= set(features):  # rows to drop only (a schema's issues, "not a dict")
-        features = {**{field: Value("string") for field in needed}, **features}
-    return Features({**features, "source_issue": Value("string")})
-
-
-def _canonical_row(row: Any, columns: dict[str, str], transform: Callable | None, chat: bool,
-                   schema: Schema | None, features: Features) -> dict:
-    """One raw row -> the fields, each of its column's kind or None with `source_issue` saying why."""
-    empty = {field: None for field in features}
-    if isinstance(row, Mapping):  # `datasets` hands a mapped function a lazy row: the transform gets a dict
-        row = dict(row)
-    if transform is not None and isinstance(row, dict):
-        row = transform(row)
-        if row is None:
-            return {**empty, "source_issue": "dropped by transform"}
-    if not isinstance(row, dict):  # counted, not raised: `datasets` would wrap an error raised in here
-        return {**empty, "source_issue": "not valid JSON" if isinstance(row, _NotJSON) else "not a dict"}
-    issue = ""
-    if schema is not None:
-        row, columns = schema.to_row(row, chat), FIELD_NAMES
-        issue = row.get("source_issue", "")
-    out = {}
-    for field in features:
-        if field == "source_issue":
+        feature = rows.features.get(column)
+        if feature is None:
             continue
-        value = row.get(columns[field])
-        if features[field] == _MESSAGES:
-            ok = isinstance(value, list) and all(
-                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-                for m in value)
-            value, problem = ([{"role": m["role"], "content": m["content"]} for m in value], "") if ok else \
-                (None, "not messages")
-        else:
-            value, problem = (value, "") if isinstance(value, str) else (None, "not text")
-        if row.get(columns[field]) is None:
-            problem = ""  # a missing value is the row checks' "missing", not a reading problem
-        issue = issue or (f"{problem} {field}" if problem else "")
-        out[field] = value
-    return {**out, "source_issue": issue}
+        kinds[field] = "text" if isinstance(feature, Value) and feature.dtype in ("string", "large_string", "null") \
+            else "messages" if isinstance(feature, (List, LargeList)) else None
+        if kinds[field] is None:
+            raise ValueError(f"every {label} row: field {field!r} "
+                             f"(column {column!r}) holds {feature}, not text: cast it, e.g. dataset.cast_column("
+                             f"{column!r}, Value('string')), or fix the source")
+    return set(kinds.values()) <= {"text"} and not set(TEMPLATE_COLUMNS) & set(rows.features)
 
 
-def _canonical(rows: Dataset | IterableDataset, plan: dict) -> Dataset | IterableDataset:
-    """Only the field columns, under their canonical names; a column of another type is an error."""
-    columns, label = plan["columns"], plan["label"]
-    names = rows.column_names or list(next(iter(rows)))  # a stream may not know its columns yet
-    if isinstance(rows, Dataset) and not len(rows):
-        raise ValueError(f"the {label} dataset is empty: no rows")
-    require(names, columns, label, plan["kind"])
+def _canonical(rows: Dataset | IterableDataset, columns: dict[str, str]) -> Dataset | IterableDataset:
+    """Only the field columns, under their canonical names."""
+    names = rows.column_names or list(next(iter(rows)))
     keep = {column: field for field, column in columns.items() if column in names}
     if "source_issue" in names:
         keep["source_issue"] = "source_issue"
-    rows = rows.select_columns(list(keep)).rename_columns({c: f for c, f in keep.items() if c != f})
-    for field, feature in (rows.features or {}).items():
-        text = isinstance(feature, Value) and feature.dtype in ("string", "large_string", "null")
-        if field != "source_issue" and not text and not isinstance(feature, (List, LargeList)):
-            raise ValueError(f"every {label} row: field {field!r} (column {columns[field]!r}) holds {feature}, not "
-                             f"text: cast it, e.g. dataset.cast_column({columns[field]!r}, Value('string')), or fix "
-                             "the source")
-    return rows
+    return rows.select_columns(list(keep)).rename_columns({c: f for c, f in keep.items() if c != f})

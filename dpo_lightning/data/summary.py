@@ -13,6 +13,9 @@ from typing import Any
 import numpy as np
 import pyarrow.compute as pc
 from datasets import Dataset
+from transformers import PreTrainedTokenizerBase
+
+from dpo_lightning.data.sources import STAGE_NAMES
 
 TOKEN_COLUMNS = ("row_id", "prompt_input_ids", "chosen_input_ids", "rejected_input_ids")
 TRUNCATION_WARNING = 0.25  # the share of a split's rows cut by rule 3 above which setup warns
@@ -61,9 +64,10 @@ def _profile(lengths: np.ndarray) -> list[int]:
 
 
 def truncation_warning(summary: dict[str, Any], label: str) -> str | None:
-    """The warning for a split whose rows rule 3 cuts in a large share (`TRUNCATION_WARNING`), else None."""
+    """The warning for a split of pairs whose rows rule 3 cuts in a large share (`TRUNCATION_WARNING`), else None
+    (online prompts are cut to max_prompt_length before sampling, and counted)."""
     cut, kept = summary["truncated"], summary["kept"]
-    if not kept or cut <= TRUNCATION_WARNING * kept:
+    if not kept or cut <= TRUNCATION_WARNING * kept or summary.get("prompts"):
         return None
     p50, _, top = summary["length_p50_p95_max"]
     return (f"{cut} of {kept} {label} rows ({cut / kept:.0%}) are cut to max_length {summary['max_length']} "
@@ -79,4 +83,23 @@ def format_summary(summary: dict[str, Any]) -> str:
     return (f"{summary['rows']} rows, {summary['kept']} kept, dropped {{{dropped}}}, {summary['truncated']} "
             f"truncated to max_length {summary['max_length']}, tokens p50 {p50} / p95 {p95} / max {top} as read, "
             f"{t50} / {t95} / {t_top} as trained, chosen longer than rejected in {summary['chosen_longer']}"
-            + (f"; schema: {summary['schema']}" if summary.get("schema") else ""))
+            + (f"; schema: {summary['schema']}" if summary.get("schema") else "")
+            + (f"; ignored columns: {', '.join(summary['ignored'])}" if summary.get("ignored") else ""))
+
+
+def render(summary: dict[str, Any], stage: str, rows: list[dict], tokenizer: PreTrainedTokenizerBase) -> str:
+    """A prepared split's summary, its truncation warning and `rows` token by token: the `[masked]` prompt, then the
+    trained tokens (an online run's prompts alone: the policy writes their responses)."""
+    lines = [f"{stage}: {format_summary(summary)}"]
+    lines += [f"warning: {warning}"] if (warning := truncation_warning(summary, STAGE_NAMES[stage])) else []
+    for i, row in enumerate(rows):
+        prompt = tokenizer.convert_ids_to_tokens(row["prompt_input_ids"])
+        if summary.get("prompts"):
+            lines += [f"--- row {i}: prompt {len(prompt)} tokens, completed by the policy during training",
+                      f"{'prompt':>9}: [{'|'.join(prompt)}]"]
+            continue
+        lines.append(f"--- row {i}: prompt {len(prompt)} tokens (masked), responses trained")
+        for side in ("chosen", "rejected"):
+            tokens = tokenizer.convert_ids_to_tokens(row[f"{side}_input_ids"])
+            lines.append(f"{side:>9}: [{'|'.join(prompt)}] {'|'.join(tokens)}")
+    return "\n".join(lines)

@@ -33,6 +33,7 @@ RENAMES = {
     # DPOConfig (1.x and 0.2x), and the `trl dpo` script's ModelConfig / ScriptArguments
     "beta": "model.beta", "loss_weights": "model.loss_weights", "label_smoothing": "model.label_smoothing",
     "rpo_alpha": "model.rpo_alpha", "reference_free": "model.reference_free",
+    "router_aux_loss_coef": "model.router_aux_loss_coef",
     "f_divergence_type": "model.f_divergence_type", "f_alpha_divergence_coef": "model.f_alpha_divergence_coef",
     "discopop_tau": "model.discopop_tau", "disable_dropout": "model.disable_dropout",
     "precompute_ref_log_probs": "model.precompute_ref_log_probs",
@@ -69,7 +70,8 @@ NO_EQUIVALENT = {
     "ref_model_mixup_alpha": "TR-DPO reference syncing is not implemented",
     "ref_model_sync_steps": "TR-DPO reference syncing is not implemented",
     "use_weighting": "WPO weighting is not implemented", "ld_alpha": "LD-DPO is not implemented",
-    "padding_free": "set data.prefix_sharing and data.packing true: no padding inside rows, each prompt run once", "tools": "tool-calling chat templates: not supported",
+    "padding_free": "set data.prefix_sharing and data.packing true: no padding inside rows, each prompt run once",
+    "tools": "set data.chat_template_kwargs: {tools: [...]} for every row (a tools column sets them per row)",
     "is_encoder_decoder": "encoder-decoder models are not supported",
     "save_total_limit": "Lightning keeps top-k checkpoints only by a monitored metric; set a ModelCheckpoint",
     "load_best_model_at_end": "add a ModelCheckpoint(monitor=...) and load its best_model_path",

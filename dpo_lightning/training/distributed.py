@@ -29,7 +29,7 @@ from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 from transformers import PreTrainedModel
 
-from dpo_lightning.utils.hf import base_causal_lm
+from dpo_lightning.utils.hf import base_causal_lm, decoder as decoder_of
 
 
 def decoder_layer_classes(model: nn.Module) -> set[type[nn.Module]]:
@@ -93,7 +93,7 @@ def fully_shard_models(module: nn.Module, mesh: DeviceMesh) -> None:
         lm = base_causal_lm(model) if model is not None else None
         if lm is None or isinstance(lm, FSDPModule):
             continue
-        decoder, head = lm.base_model, lm.get_output_embeddings()
+        decoder, head = decoder_of(lm), lm.get_output_embeddings()
         tied = head.weight is decoder.get_input_embeddings().weight
         if tied and module.uses_lean_logps:
             raise ValueError(f"FSDP2 (ModelParallelStrategy) with {type(lm).__name__}'s output head tied to its "

@@ -5,7 +5,9 @@ over all of its pairs (or tokens), whatever the batch size, the number of DDP ra
 syncs the sums; each validation pair is on one rank only, `resume.EvalSampler`) or the gradient
 accumulation (training metrics are reduced per optimizer step). `loss` is the loss as trained
 (`objective.total_loss` over the split's or step's sums); when it has several terms, each loss type's own
-(unweighted) mean is logged as `loss/<loss_type>`.
+(unweighted) mean is logged as `loss/<loss_type>`. A mixture-of-experts policy's router load-balancing loss
+(router.py) is a statistic of a whole batch, not a sum over pairs: `aux_loss` is the mean of the batches' values
+(TRL's `aux_loss`), and so is its term in `loss`.
 """
 
 import warnings
@@ -16,7 +18,7 @@ import torch
 from torch import Tensor, nn
 from torchmetrics import MeanMetric, Metric
 
-from dpo_lightning.training.objective import ObjectiveOutput, total_loss
+from dpo_lightning.training.objective import Objective, ObjectiveOutput, total_loss
 
 PAIR_METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
                 "logps/chosen", "logps/rejected", "lengths/chosen", "lengths/rejected")
@@ -54,27 +56,33 @@ class MarginLengthCorrelation(Metric):
 
 
 class TotalLoss(Metric):
-    """The loss as trained over a split or a step: the mean pair loss + rpo_alpha x the chosen responses' NLL per token.
+    """The loss as trained over a split or a step: the mean pair loss + rpo_alpha x the chosen responses' NLL per token
+    + router_aux_loss_coef x the batches' mean router loss.
 
     The RPO term is token-weighted (a cross-entropy over all chosen tokens, as TRL's `rpo_alpha`), the
     pair term a mean over pairs, so neither is a mean of batch values: both are kept as sums.
     """
 
-    def __init__(self, rpo_alpha: float = 0.0, **kwargs):
+    def __init__(self, rpo_alpha: float = 0.0, router_aux_loss_coef: float = 0.0, **kwargs):
         super().__init__(**kwargs)
-        self.rpo_alpha = rpo_alpha
-        for name in ("pair_loss", "pairs", "chosen_nll", "chosen_tokens"):
+        self.rpo_alpha, self.router_aux_loss_coef = rpo_alpha, router_aux_loss_coef
+        for name in ("pair_loss", "pairs", "chosen_nll", "chosen_tokens", "aux_loss", "batches"):
             self.add_state(name, default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
 
-    def update(self, pair_losses: Tensor, chosen_nll: Tensor, chosen_tokens: Tensor) -> None:
-        """pair_losses (B,); chosen_nll (B,) each chosen response's summed NLL over its chosen_tokens (B,) tokens."""
+    def update(self, pair_losses: Tensor, chosen_nll: Tensor, chosen_tokens: Tensor, aux_loss: Tensor | None = None):
+        """pair_losses (B,); chosen_nll (B,) each chosen response's summed NLL over its chosen_tokens (B,) tokens;
+        aux_loss the batch's router loss."""
         self.pair_loss += pair_losses.double().sum()
         self.pairs += pair_losses.numel()
         self.chosen_nll += chosen_nll.double().sum()
         self.chosen_tokens += chosen_tokens.double().sum()
+        if aux_loss is not None:
+            self.aux_loss += aux_loss.double()
+            self.batches += 1
 
     def compute(self) -> Tensor:
-        return total_loss(self.pair_loss, self.pairs, self.chosen_nll, self.chosen_tokens, self.rpo_alpha).float()
+        return total_loss(self.pair_loss, self.pairs, self.chosen_nll, self.chosen_tokens, self.rpo_alpha,
+                          self.aux_loss / self.batches.clamp(min=1), self.router_aux_loss_coef).float()
 
 
 class StepLogs(L.Callback):
@@ -95,17 +103,19 @@ class StepLogs(L.Callback):
                     result.has_reset = True
 
 
-def make_metrics(loss_types: list[str], rpo_alpha: float | None, sync_on_compute: bool = True,
-                 extra: tuple[str, ...] = ()) -> nn.ModuleDict:
-    """One stage's metrics; `nll_loss` where the loss has an NLL term (rpo_alpha or sft); a mean for each name in
-    `extra` (online DPO's, `update_means`). Slashes are fine in ModuleDict keys (dots are not).
+def make_metrics(objective: Objective, sync_on_compute: bool = True, extra: tuple[str, ...] = ()) -> nn.ModuleDict:
+    """One stage's metrics for `objective`; `nll_loss` where the loss has an NLL term (rpo_alpha or sft), `aux_loss`
+    where it has a router loss; a mean for each name in `extra` (online DPO's, `update_means`). Slashes are fine in
+    ModuleDict keys (dots are not).
 
     `sync_on_compute=False` for metrics computed at every step: `compute_all` then syncs them at once.
     """
+    loss_types, rpo_alpha, router = list(objective.weights), objective.rpo_alpha, objective.router_aux_loss_coef
     parts = tuple(f"loss/{name}" for name in loss_types) if len(loss_types) > 1 or rpo_alpha else ()
     with_nll = bool(rpo_alpha) or "sft" in loss_types
-    names = PAIR_METRICS[1:] + TOKEN_METRICS[:2] + (("nll_loss",) if with_nll else ()) + parts
-    metrics = nn.ModuleDict({"loss": TotalLoss(rpo_alpha or 0.0, sync_on_compute=sync_on_compute)})
+    names = (PAIR_METRICS[1:] + TOKEN_METRICS[:2] + (("nll_loss",) if with_nll else ()) + parts
+             + (("aux_loss",) if router else ()))
+    metrics = nn.ModuleDict({"loss": TotalLoss(rpo_alpha, router, sync_on_compute=sync_on_compute)})
     metrics.update({name: MeanMetric(sync_on_compute=sync_on_compute) for name in names})
     metrics["rewards/margin_length_corr"] = MarginLengthCorrelation(sync_on_compute=sync_on_compute)
     metrics.update({name: MeanMetric(sync_on_compute=sync_on_compute) for name in extra})
@@ -181,8 +191,9 @@ def batch_values(out: ObjectiveOutput, logps: Tensor, mean_logits: Tensor,
     one = torch.ones_like(chosen_rewards)
     (chosen_logps, rejected_logps), (chosen_logits, rejected_logits) = logps.chunk(2), mean_logits.chunk(2)
     chosen_tokens, rejected_tokens = n_tokens.float().chunk(2)
+    batch_aux = () if out.aux_loss is None else (out.aux_loss,)  # a mixture of experts' router loss
     values = {
-        "loss": (out.pair_losses, -chosen_logps, chosen_tokens),
+        "loss": (out.pair_losses, -chosen_logps, chosen_tokens, *batch_aux),
         "rewards/chosen": (chosen_rewards, one),
         "rewards/rejected": (rejected_rewards, one),
         "rewards/accuracies": (accuracy, one),
@@ -197,5 +208,6 @@ def batch_values(out: ObjectiveOutput, logps: Tensor, mean_logits: Tensor,
         "rewards/margin_length_corr": (margins, chosen_tokens - rejected_tokens),
         "nll_loss": (-chosen_logps / chosen_tokens, chosen_tokens),  # per token, over all chosen tokens
         **{f"loss/{name}": (part, one) for name, part in out.losses.items()},
+        **({"aux_loss": (out.aux_loss, one[0])} if batch_aux else {}),  # one value per batch
     }
     return {name: tuple(arg.detach() for arg in args) for name, args in values.items()}

@@ -16,6 +16,7 @@ Where the reference comes from, by case (`build_models` picks; docs/how_it_works
 
 import copy
 import os
+import re
 from typing import Any, Mapping
 
 import torch
@@ -23,9 +24,10 @@ from peft import (LoraConfig, PeftConfig, PeftModel, get_peft_config, get_peft_m
                   set_peft_model_state_dict)
 from torch import nn
 from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+from transformers.pytorch_utils import Conv1D
 
 from dpo_lightning.utils import quiet
-from dpo_lightning.utils.hf import base_causal_lm
+from dpo_lightning.utils.hf import base_causal_lm, decoder, evaluating
 from dpo_lightning.utils.locate import model_source
 
 quiet.drop_weight_bars()  # transformers' "Loading weights" bar at every load (utils/quiet.py)
@@ -100,15 +102,59 @@ def lora_config(r: int | None, alpha: float, dropout: float, target_modules: lis
 
 
 def add_lora(model: PreTrainedModel, config: PeftConfig) -> PeftModel:
-    """Wrap `model` with a new adapter; only the adapter's parameters stay trainable."""
+    """Wrap `model` with a new adapter; only the adapter's parameters stay trainable. `all-linear` means
+    `linear_targets`, and so does no `target_modules` where peft knows no default for the architecture."""
     given = getattr(config, "target_modules", None)  # before peft fills in its defaults
+    if isinstance(given, str) and given.lower() == "all-linear":
+        given = config.target_modules = linear_targets(model)
     try:
         return get_peft_model(model, config)
-    except ValueError as error:  # peft knows default targets for some architectures only (Phi-3, OLMo 2: none)
-        if given is not None:
+    except ValueError:  # peft knows default targets for some architectures only (Phi-3, OLMo 2: none)
+        if given is not None or not hasattr(config, "target_modules"):
             raise
-        raise ValueError(f"--model.lora_r: peft has no default LoRA target modules for {model.config.model_type!r} "
-                         "models: set --model.lora_target_modules, e.g. all-linear or [q_proj, v_proj]") from error
+    config.target_modules = linear_targets(model)  # peft checks its targets before it changes the model
+    return get_peft_model(model, config)
+
+
+# peft refuses LoRA on these modules of the Mamba family (`peft.tuners.tuners_utils._check_lora_target_modules_mamba`:
+# the fused kernels read their weights directly).
+MAMBA_FAMILY, NOT_ON_MAMBA = {"mamba", "mamba2", "falcon_mamba", "falcon_h1", "nemotron_h"}, {"out_proj", "conv1d"}
+
+
+def linear_targets(model: PreTrainedModel) -> str:
+    """The linear layers LoRA can adapt, as a `target_modules` pattern: the `nn.Linear` and GPT-2 `Conv1D` modules
+    (4-bit ones included) of the text decoder (not a vision or audio tower, not the head) that its forward calls,
+    each returning a tensor. Unlike peft's own `all-linear`, not an MoE router built on nn.Linear whose forward
+    returns a tuple (PhiMoE's, Llama-4's: peft's LoRA layer fails adding to it), not a layer whose weight the
+    forward reads directly, where an adapter would never act (Mamba's `dt_proj`), both seen on a few tokens here,
+    and not what peft refuses for the Mamba family. A name counts only if every module of the decoder so named
+    is such a layer, since peft matches the pattern's names in all of them.
+
+    Example:
+        Llama -> "model\\.(.*\\.)?(down_proj|gate_proj|k_proj|o_proj|q_proj|up_proj|v_proj)"
+    """
+    text = decoder(model)
+    text = text.get_decoder() if hasattr(text, "get_decoder") else text  # Gemma 4's language model
+    prefix = next(name for name, module in model.named_modules() if module is text)
+    linear = {name: isinstance(module, (nn.Linear, Conv1D)) for name, module in text.named_modules()}
+    returns: dict[str, bool] = {}  # called module -> whether it returned a tensor
+    hooks = [module.register_forward_hook(lambda _, args, out, name=name: returns.update({name: torch.is_tensor(out)}))
+             for name, module in text.named_modules() if linear[name]]
+    ids = torch.arange(3, 11, device=next(model.parameters()).device)[None] % model.config.get_text_config().vocab_size
+    try:
+        with evaluating(model), torch.no_grad():
+            model(input_ids=ids, use_cache=False)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    usable: dict[str, bool] = {}
+    for name, is_linear in linear.items():
+        leaf = name.rsplit(".", 1)[-1]
+        usable[leaf] = usable.get(leaf, True) and is_linear and returns.get(name, True)
+    refused = NOT_ON_MAMBA if model.config.model_type in MAMBA_FAMILY else set()
+    called = {name.rsplit(".", 1)[-1] for name in returns}
+    names = sorted(called & {leaf for leaf, ok in usable.items() if ok} - refused)
+    return rf"{re.escape(prefix)}\.(.*\.)?({'|'.join(names)})"
 
 
 def add_reference_adapter(model: PeftModel) -> str:

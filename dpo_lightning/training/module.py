@@ -1,7 +1,7 @@
 """`DPOModule`: a Hugging Face causal LM trained with DPO (or a variant) as a Lightning module.
 
 One training step, `_shared_step`, reads top to bottom: the policy's log-probs over a batch of chosen rows then
-rejected rows (`logps.Scorer`, lean by default: no full-vocabulary logits; any batch layout, `data/layouts.py`),
+rejected rows (`scorer.Scorer`, lean by default: no full-vocabulary logits; any batch layout, `data/layouts.py`),
 the reference's (`reference.Reference`: a frozen copy, the policy with its adapter off, or a precomputed table),
 the objective over the losses named by `loss_type` (`objective.Objective`, pure functions in `losses/`), a finite
 check, and the metrics (`metrics.py`). Devices, precision and distribution are the Trainer's business: nothing here
@@ -32,24 +32,21 @@ from dpo_lightning.training import console
 from dpo_lightning.training.checkpoints import (CheckpointValidation, check_reference_source, keep_trainable_weights,
                                                 reconcile_settings)
 from dpo_lightning.training.distributed import fully_shard_models
-from dpo_lightning.training.logps import Scorer, lean_supported
-from dpo_lightning.training.losses import LOSSES
+from dpo_lightning.training.logps import lean_supported
+from dpo_lightning.training.losses import LOSS_OPTIONS, LOSSES
 from dpo_lightning.training.metrics import StepLogs, compute_all, make_metrics, update_means, update_metrics
 from dpo_lightning.training.models import build_models, quantized_base
 from dpo_lightning.training.objective import Objective, ObjectiveOutput, migrate_state_dict
 from dpo_lightning.training.optim import grad_norm, optimizers
 from dpo_lightning.training.preflight import check_run
 from dpo_lightning.training.reference import Reference
+from dpo_lightning.training.scorer import Scorer
 from dpo_lightning.training.throughput import Throughput
-from dpo_lightning.utils.hf import base_causal_lm
+from dpo_lightning.utils.hf import base_causal_lm, decoder
 from dpo_lightning.utils.steps import ends_optimizer_step
 
 LossType = Literal[tuple(LOSSES)]
 PROGRESS_BAR = ("loss", "rewards/accuracies")
-# Loss options that only some losses take: None means "not set", and a set option that no selected
-# loss declares is an error rather than a silent no-op.
-LOSS_OPTIONS = ("label_smoothing", "simpo_gamma", "dpop_lambda", "rdpo_alpha", "discopop_tau",
-                "f_divergence_type", "f_alpha_divergence_coef")
 
 
 class DPOModule(L.LightningModule):
@@ -70,6 +67,7 @@ class DPOModule(L.LightningModule):
         reference_free: use zero reference log-probs with a reference-based loss; no reference is loaded.
         rpo_alpha: add `rpo_alpha` x the chosen responses' per-token NLL to the loss (RPO, Pang et al.
             2024, arXiv:2404.19733; Llama 3.1's DPO recipe). None: off.
+        router_aux_loss_coef: weight of an MoE policy's router loss, logged as `aux_loss` (None: its config's; 0: off).
         label_smoothing: assumed rate of flipped preference labels (cDPO) for the losses that take it.
         simpo_gamma: SimPO's target reward margin gamma.
         dpop_lambda: DPOP's penalty weight lambda on the chosen log-prob falling below the reference's.
@@ -119,8 +117,8 @@ class DPOModule(L.LightningModule):
         lora_r: train a new LoRA adapter of this rank (peft) instead of all weights. None: full fine-tuning.
         lora_alpha: LoRA scaling numerator (the update is scaled by alpha / r).
         lora_dropout: dropout on the adapter's input; needs `disable_dropout: false`.
-        lora_target_modules: module names to adapt, e.g. [q_proj, v_proj], or "all-linear". Default:
-            peft's choice for the architecture. Add lm_head to adapt the output head.
+        lora_target_modules: module names to adapt, e.g. [q_proj, v_proj], or "all-linear" (every linear layer but
+            the head and MoE routers). Default: peft's choice, else all-linear. Add lm_head to adapt the output head.
         peft_config: a full peft config as a dict (`peft.get_peft_config`; `peft_type` defaults to LORA),
             instead of the `lora_*` arguments.
         load_in_4bit: QLoRA: load the base in 4-bit (bitsandbytes NF4, bf16 compute) and train a LoRA adapter
@@ -143,6 +141,7 @@ class DPOModule(L.LightningModule):
         loss_weights: list[float] | None = None,
         reference_free: bool = False,
         rpo_alpha: float | None = None,
+        router_aux_loss_coef: float | None = None,
         label_smoothing: float | None = None,
         simpo_gamma: float | None = None,
         dpop_lambda: float | None = None,
@@ -206,6 +205,7 @@ class DPOModule(L.LightningModule):
             model_name_or_path = quantized_base(model_name_or_path, self.hparams)
         self.policy, reference, reference_adapter = build_models(
             model_name_or_path, ref_model_name_or_path, self.needs_reference, self.hparams)
+        self.objective.add_router_loss(self.policy, router_aux_loss_coef)  # a mixture of experts' load balancing
         self.uses_lean_logps = lean_logps and lean_supported(self.policy, reference)
         # One log-prob path for policy and reference: (model, batch) -> summed log-probs, mean logits, lengths.
         self.scorer = Scorer(self.uses_lean_logps, logps_chunk_size)
@@ -218,11 +218,11 @@ class DPOModule(L.LightningModule):
         if torch_compile:  # after the lean check, which would compile for its 8 tokens
             for model in (self.policy, self.reference):
                 if model is not None:
-                    base_causal_lm(model).base_model.compile(dynamic=True)  # in place: same parameter names
+                    decoder(base_causal_lm(model)).compile(dynamic=True)  # in place: same parameter names
         self.online = Online(online, precompute_ref_log_probs, self.ref.refreshable) if online else None  # online DPO
         self.train_kind = train_kind(online)  # online: the data module reads prompts alone
-        self.train_metrics = make_metrics(loss_types, rpo_alpha, False, Online.METRICS if online else ())
-        self.val_metrics = make_metrics(loss_types, rpo_alpha)
+        self.train_metrics = make_metrics(self.objective, False, Online.METRICS if online else ())
+        self.val_metrics = make_metrics(self.objective)
         # The likelihood displacement warning's measure: log ref - log pi of the chosen responses, per response.
         self.chosen_logp_drop = MeanMetric(sync_on_compute=False)
         self._skip_step = False  # this optimizer step: a non-finite loss (nonfinite_loss: skip), or no pair (online)
@@ -243,14 +243,13 @@ class DPOModule(L.LightningModule):
         if self.online is not None and stage == "fit":  # what sampling needs from the run, handed over once
             self.online.bind(self.trainer.datamodule, functools.partial(self.ref.refresh, self.policy))
 
-    def layout_unsupported(self, layout: Layout) -> str | None:
-        """Why the policy or the reference would not give the padded layout's outputs on `layout`, or None.
-
-        The data module asks at setup, to choose its layout (`layouts.choose_layout`); the scorer asks again for
-        every batch's own layout and model (a reference loaded later, a collator of the user's).
+    def layout_unsupported(self, layout: Layout, batch: dict | None = None) -> str | None:
+        """Why the policy or the reference would not give the padded layout's outputs on `layout` (and on `batch`,
+        one of its batches), or None. The data module asks at setup with a batch of its own rows, to choose its layout
+        (`layouts.choose_layout`); the scorer asks for every batch's layout and model (a reference loaded later).
         """
-        reasons = (self.scorer.unsupported(model, layout) for model in (self.policy, self.reference) if model is not None)
-        return next((reason for reason in reasons if reason), None)
+        models = [model for model in (self.policy, self.reference) if model is not None]
+        return next((reason for model in models if (reason := self.scorer.unsupported(model, layout, batch))), None)
 
     def configure_model(self) -> None:
         # Lightning's ModelParallelStrategy (FSDP2) hands the module a device mesh and leaves the sharding to it
@@ -298,10 +297,11 @@ class DPOModule(L.LightningModule):
         return loss
 
     def _shared_step(self, batch: dict[str, Tensor], stage: str, trains: bool = True) -> Tensor:
-        policy_logps, mean_logits, n_tokens = self.scorer(self.policy, batch)  # each (2B,), chosen first
+        policy_logps, mean_logits, n_tokens, aux_loss = self.scorer(self.policy, batch, self.objective.router)  # (2B,)
         ref_logps = self.ref.logps(self.policy, batch, stage)  # (2B,), no grad; None for reference-free losses
-        # Training batches join bco_pair's running mean, summed over ranks (`Objective`).
-        out = self.objective(policy_logps, ref_logps, n_tokens, self._sum_over_ranks if stage == "train" else None)
+        # Training batches join bco_pair's running mean, summed over ranks (`Objective`); MoE: the router's loss.
+        out = self.objective(policy_logps, ref_logps, n_tokens, self._sum_over_ranks if stage == "train" else None,
+                             aux_loss)
         if stage == "train" and not self._finite_on_every_rank(out.loss, batch):
             return out.loss  # its optimizer step is skipped: see on_before_optimizer_step
         if not trains:  # online, every prompt tied: a stand-in's zero gradient, where other ranks train

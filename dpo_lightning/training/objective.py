@@ -7,8 +7,9 @@
 3. each loss also gets the batch values its signature declares (`LOSS_ARGS`): the response lengths
    (R-DPO, CPO) and bco_pair's reward shift;
 4. the loss is the mean over pairs of the losses' weighted sum, plus `rpo_alpha` x the chosen responses' NLL
-   per token over the batch (token-weighted, as TRL's `rpo_alpha`): `total_loss`, which the logged `loss`
-   (metrics.py) computes from a whole split's or step's sums too;
+   per token over the batch (token-weighted, as TRL's `rpo_alpha`), plus, for a mixture-of-experts policy,
+   `router_aux_loss_coef` x the batch's router load-balancing loss (router.py, TRL's `aux_loss`): `total_loss`,
+   which the logged `loss` (metrics.py) computes from a whole split's or step's sums too;
 5. the rewards logged as `rewards/*` are those of the first loss type that has rewards (sft has none).
 
 bco_pair's shift is the running mean of the implicit reward beta * log u of every trained sequence so far,
@@ -23,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from dpo_lightning.training.losses import LENGTH_NORMALIZED, LOSS_ARGS, REFERENCE_FREE, REWARDLESS, bind_losses
+from dpo_lightning.training.router import RouterLoss, router_loss
 
 SumOverRanks = Callable[[Tensor], Tensor]
 
@@ -30,13 +32,14 @@ SumOverRanks = Callable[[Tensor], Tensor]
 class ObjectiveOutput(NamedTuple):
     """loss: the scalar to minimise; pair_losses: (B,) each pair's weighted sum of the losses; losses: each loss
     type's per-pair losses (B,), unweighted; chosen_rewards, rejected_rewards: (B,) each, from the first loss type
-    that has rewards."""
+    that has rewards; aux_loss: the batch's router load-balancing loss, unweighted (None without one)."""
 
     loss: Tensor
     pair_losses: Tensor
     losses: dict[str, Tensor]
     chosen_rewards: Tensor
     rejected_rewards: Tensor
+    aux_loss: Tensor | None = None
 
 
 class Objective(nn.Module):
@@ -62,9 +65,18 @@ class Objective(nn.Module):
         self.register_buffer("bco_reward_sum", torch.zeros((), dtype=torch.float64))
         self.register_buffer("bco_reward_count", torch.zeros((), dtype=torch.float64))
         self._pending: Tensor | None = None  # this optimizer step's (reward sum, count), not yet committed
+        self.router: RouterLoss | None = None  # the policy's MoE load-balancing loss (`add_router_loss`)
+
+    def add_router_loss(self, policy: nn.Module, router_aux_loss_coef: float | None) -> None:
+        """Weigh `policy`'s router load-balancing loss into the objective, if it has one (`router.router_loss`)."""
+        self.router = router_loss(policy, router_aux_loss_coef)
+
+    @property
+    def router_aux_loss_coef(self) -> float:
+        return self.router.coef if self.router is not None else 0.0
 
     def forward(self, policy_logps: Tensor, ref_logps: Tensor | None, n_tokens: Tensor,
-                sum_over_ranks: SumOverRanks | None = None) -> ObjectiveOutput:
+                sum_over_ranks: SumOverRanks | None = None, aux_loss: Tensor | None = None) -> ObjectiveOutput:
         """The objective of one batch.
 
         Args:
@@ -73,6 +85,7 @@ class Objective(nn.Module):
             n_tokens: response lengths (2B,).
             sum_over_ranks: given for a training batch: its rewards join bco_pair's running mean (summed
                 over ranks with it), pending until `commit`. None for evaluation: the mean is only read.
+            aux_loss: the batch's router load-balancing loss (`scorer.Scores.aux_loss`), with a `router`.
         """
         ref_logps = torch.zeros_like(policy_logps) if ref_logps is None else ref_logps
         chosen_tokens, rejected_tokens = n_tokens.float().chunk(2)
@@ -87,8 +100,8 @@ class Objective(nn.Module):
             losses[name], *rewards[name] = loss_fn(*policy.chunk(2), *ref.chunk(2), **kwargs)
         pair_losses = sum(self.weights[name] * part for name, part in losses.items())  # (B,)
         loss = total_loss(pair_losses.sum(), len(pair_losses), -policy_logps.chunk(2)[0].sum(), chosen_tokens.sum(),
-                          self.rpo_alpha)
-        return ObjectiveOutput(loss, pair_losses, losses, *rewards[self.reward_source])
+                          self.rpo_alpha, aux_loss, self.router_aux_loss_coef)
+        return ObjectiveOutput(loss, pair_losses, losses, *rewards[self.reward_source], aux_loss)
 
     def _bco_reward_shift(self, policy_logps: Tensor, ref_logps: Tensor,
                           sum_over_ranks: SumOverRanks | None) -> Tensor:
@@ -110,12 +123,16 @@ class Objective(nn.Module):
 
 
 def total_loss(pair_loss_sum: Tensor, pairs: Tensor | int, chosen_nll_sum: Tensor, chosen_tokens: Tensor,
-               rpo_alpha: float) -> Tensor:
+               rpo_alpha: float, aux_loss: Tensor | None = None, router_aux_loss_coef: float = 0.0) -> Tensor:
     """The loss as trained, from sums over pairs and tokens: the mean pair loss, plus `rpo_alpha` x the chosen
-    responses' NLL per token (a cross-entropy over all chosen tokens, TRL's `rpo_alpha`). A batch's loss
-    (`Objective`) and the logged loss of a whole step or split (`metrics.TotalLoss`) are both this."""
+    responses' NLL per token (a cross-entropy over all chosen tokens, TRL's `rpo_alpha`), plus
+    `router_aux_loss_coef` x the router's load-balancing loss (a batch's, or the mean of a step's or split's
+    batches). A batch's loss (`Objective`) and the logged loss of a whole step or split (`metrics.TotalLoss`)
+    are both this."""
     loss = pair_loss_sum / pairs
-    return loss + rpo_alpha * chosen_nll_sum / chosen_tokens if rpo_alpha else loss
+    if rpo_alpha:
+        loss = loss + rpo_alpha * chosen_nll_sum / chosen_tokens
+    return loss + router_aux_loss_coef * aux_loss if router_aux_loss_coef and aux_loss is not None else loss
 
 
 def migrate_state_dict(state_dict: dict) -> None:

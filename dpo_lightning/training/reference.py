@@ -22,7 +22,7 @@ built (a `ckpt_path`, say): `load_from_checkpoint` then `Trainer.validate` must 
 A held reference model can be refreshed to the policy's current weights (`refresh`: online DPO's
 `ref_model_sync_steps`, whose checkpoints then carry the reference's weights: its source no longer holds them).
 
-The reference computes its log-probs with the scorer it is handed at construction (`logps.Scorer`, the policy's
+The reference computes its log-probs with the scorer it is handed at construction (`scorer.Scorer`, the policy's
 own log-prob path); the tables, their cache files and their names are refcache.py's.
 """
 
@@ -37,10 +37,11 @@ from peft import PeftModel
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from dpo_lightning.training.logps import Scorer, lean_unsupported
+from dpo_lightning.training.logps import lean_unsupported
 from dpo_lightning.training.models import POLICY_ADAPTER, load_causal_lm
 from dpo_lightning.training.refcache import (DEFAULT_CACHE_DIR, cache_key, check_splits, files_fingerprint, load_table,
                                              save_table, score_reference, table_rows, weights_fingerprint)
+from dpo_lightning.training.scorer import Scorer
 from dpo_lightning.utils.hf import evaluating
 
 
@@ -75,7 +76,7 @@ class Reference(nn.Module):
         model: the frozen reference model (case 1), or None.
         adapter: the frozen reference adapter's name on the policy (case 3), or None.
         needed: False for reference-free losses: nothing computes a reference (`logps` gives None).
-        score: the log-prob path the policy trains with (`logps.Scorer`), with which the reference is computed.
+        score: the log-prob path the policy trains with (`scorer.Scorer`), with which the reference is computed.
         ref_source: `ref_model_name_or_path`; with precomputation it is loaded only if the cache misses. A model
             object is `model` itself and stays held: nothing could load it again once dropped.
         policy_source: the path the policy's starting weights were loaded from (None for a model object).

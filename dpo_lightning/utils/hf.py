@@ -1,16 +1,30 @@
-"""Hugging Face model helpers every wing uses: the causal LM inside a peft wrapper, eval mode for a block, and how
-closely two computations of the same outputs agree in a dtype."""
+"""Hugging Face model helpers every wing uses: the causal LM inside a peft wrapper, its decoder, eval mode for a
+block, and how closely two computations of the same outputs agree in a dtype."""
 
 import contextlib
 from typing import Iterator
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 
 def base_causal_lm(model: nn.Module) -> nn.Module:
     """The transformers model inside a peft wrapper (its layers carry the adapters), or the model itself."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def decoder(lm: nn.Module) -> nn.Module:
+    """What a transformers causal LM runs before its output head: the module returning `last_hidden_state`.
+
+    transformers' `base_model` (`model.model` for Llama, `model.transformer` for GPT-2, the multimodal `model` of
+    Gemma 4), except where that is the LM itself: Llama-4's causal LM names `language_model` as its prefix but
+    keeps its decoder at `model`. Then the decoder is the LM's one child besides its output head.
+    """
+    if lm.base_model is not lm:
+        return lm.base_model
+    head = lm.get_output_embeddings()
+    children = [child for child in lm.children() if child is not head]
+    return children[0] if len(children) == 1 else lm
 
 
 @contextlib.contextmanager
@@ -35,3 +49,12 @@ def rounding_tolerance(dtype: torch.dtype) -> float:
     """
     return max(1e-3, 2 * torch.finfo(dtype).eps)
 
+
+def agree(actual: Tensor, expected: Tensor, dtype: torch.dtype) -> bool:
+    """Whether two computations of the same outputs agree within `rounding_tolerance(dtype)` of the largest
+    expected value. Never where either holds a NaN or an infinity: a broken kernel's output agrees with nothing
+    (and `torch.allclose` would raise on a NaN tolerance)."""
+    if actual.shape != expected.shape or not (actual.isfinite().all() and expected.isfinite().all()):
+        return False
+    tolerance = rounding_tolerance(dtype)
+    return torch.allclose(actual, expected, rtol=tolerance, atol=tolerance * expected.abs().max().item())

@@ -68,6 +68,11 @@ REFERENCE_FREE = frozenset({"simpo", "orpo", "cpo", "sft"})
 # Losses with no implicit reward (they return zeros): the logged rewards come from another loss of a combination.
 REWARDLESS = frozenset({"sft"})
 
+# Loss options that only some losses take (`DPOModule`'s arguments): None means "not set", and a set option that no
+# selected loss declares is an error rather than a silent no-op (`bind_losses`).
+LOSS_OPTIONS = ("label_smoothing", "simpo_gamma", "dpop_lambda", "rdpo_alpha", "discopop_tau",
+                "f_divergence_type", "f_alpha_divergence_coef")
+
 # The keyword options each loss takes (beta, its config options, the batch's lengths or bco_pair's shift),
 # read once here so that callers bind them at construction instead of inspecting a loss at every step.
 LOSS_ARGS: dict[str, frozenset[str]] = {

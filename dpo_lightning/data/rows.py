@@ -1,0 +1,178 @@
+"""The one row model: what every reader hands on, whatever the source kind, and what reading left out.
+
+A row holds the fields `prompt`, `chosen`, `rejected` (each text, or a list of messages), and where its source has
+them the two columns TRL passes to `apply_chat_template`: `tools` (the tool schemas a chat template lists) and
+`chat_template_kwargs` (the template's own arguments, e.g. `{"enable_thinking": false}`); plus `source_issue`, the
+reason the row is dropped ("" if none). Every reader (sources.py) builds its rows with `canonical_row`, so the same
+rows give the same row model from a list, a dict of columns, .json/.jsonl/.csv, .parquet, a `datasets.Dataset` or
+a stream:
+
+- A message keeps every key it has (`tool_calls`, `tool_call_id`, `name`, `reasoning_content`, ...): messages,
+  `tools` and `chat_template_kwargs` are stored as JSON (`datasets.Json`), so no reader drops or adds a key.
+- A null value is the same as a missing key, at every depth: Arrow (parquet, `datasets`) stores a column of
+  objects with the union of their keys, the missing ones null, and cannot tell the two apart.
+- A message has a text `role`, and a text `content` or, in its place, `tool_calls` (TRL's tool-call format).
+- `tools` is a list, or a JSON string of one (as TRL reads it); `chat_template_kwargs` an object (or its JSON).
+
+`Reading` records what reading a split found: the schema, and the columns nothing reads (named in the data
+summary); `warn_ignored` warns for an ignored column that some known schema would use, and `refuse` names data
+this package cannot train (images, rows that are not preference pairs) by what it is.
+"""
+
+import json
+import warnings
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Callable, Literal
+
+from datasets import Features, Json, List, Value
+
+FIELDS = ("prompt", "chosen", "rejected")
+# What a split's rows hold, decided once by the data module (`PreferenceDataModule.train_kind`) and read by every
+# reader: preference pairs, or prompts alone (online training's split: the policy writes the responses).
+RowKind = Literal["pairs", "prompts"]
+FIELDS_OF: dict[str, tuple[str, ...]] = {"pairs": FIELDS, "prompts": ("prompt",)}
+TEMPLATE_COLUMNS = ("tools", "chat_template_kwargs")  # per-row arguments of apply_chat_template, TRL's names
+FIELD_NAMES = {name: name for name in FIELDS + TEMPLATE_COLUMNS}  # a schema's rows hold them under their own names
+MESSAGES = List(Json())
+# apply_chat_template's arguments the rules set themselves: template arguments may not override them.
+RESERVED = frozenset({"conversation", "tokenize", "add_generation_prompt", "continue_final_message", "return_dict",
+                      "return_tensors"})
+LABELS = ("label", "labels", "winner", "preference", "better_response_id", "safer_response_id",
+          "overall_preference")
+_LABEL_FIX = ("chosen and rejected are used as they stand; if it says row by row which response is preferred, "
+              "build each pair with --data.transform (or remove the column mapping, so that a schema that "
+              "follows the label is detected)")
+_TEMPLATE_FIX = ("it is read only for conversations (prompt, chosen and rejected as messages, rendered by a chat "
+                 "template) in offline training: give the rows as messages, or remove the column")
+# A column some known schema reads -> (what it holds, what to do when this data's layout leaves it out).
+KNOWN = {"system": ("a system prompt", "put it into the prompt as a system message with --data.transform (a "
+                                       "column mapping turns off the schemas that read it)"),
+         "tools": ("the tools a chat template lists", _TEMPLATE_FIX),
+         "chat_template_kwargs": ("the chat template's arguments", _TEMPLATE_FIX),
+         **{name: ("a preference label", _LABEL_FIX) for name in LABELS}}
+# Columns that say a source holds rows of another kind than preference pairs -> what they are.
+NOT_PAIRS = (({"completion", "label"}, "unpaired preference rows (prompt, completion, label: TRL's KTO format)"),
+             ({"completions", "labels"}, "stepwise supervision rows (prompt, completions, labels)"),
+             ({"completion"}, "prompt-completion rows (supervised fine-tuning)"),
+             ({"messages"}, "conversations for supervised fine-tuning (a messages column)"),
+             ({"text"}, "language-modeling rows (a text column)"))
+
+
+class NotJSON:
+    """A JSON-lines line that does not parse: a row to drop as `not valid JSON`."""
+
+
+@dataclass(frozen=True)
+class Reading:
+    """What reading a split found: the schema it was read as, the columns nothing reads, and among them those
+    left out by the user's own choice (a label other than `--data.label_column`), which warn_ignored spares."""
+    schema: str = ""
+    ignored: tuple[str, ...] = ()
+    by_choice: tuple[str, ...] = ()
+
+
+def without_nulls(value: Any) -> Any:
+    """`value` with every null-valued key of every object removed, at every depth (Arrow's fill for a missing key)."""
+    if isinstance(value, dict):
+        return {key: without_nulls(item) for key, item in value.items() if item is not None}
+    if isinstance(value, list):
+        return [without_nulls(item) for item in value]
+    return value
+
+
+def is_message(message: Any) -> bool:
+    """A dict with a text role and a text content, or tool calls and no content (TRL's tool-call format)."""
+    if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+        return False
+    calls = message.get("tool_calls")
+    return isinstance(message.get("content"), str) or (message.get("content") is None and isinstance(calls, list)
+                                                         and bool(calls))
+
+
+def _read(name: str, value: Any, feature) -> tuple[Any, str]:
+    """A field's value in the row model, and "" or the problem that drops its row."""
+    if value is None:
+        return None, ""  # the rules' "missing <field>" where the field is needed
+    if name in TEMPLATE_COLUMNS:
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError:
+                value = None
+        if name == "tools":
+            return (without_nulls(value), "") if isinstance(value, list) else (None, "not a list")
+        ok = isinstance(value, dict) and not RESERVED & set(value)
+        return (without_nulls(value), "") if ok else (None, "not template arguments")
+    if feature == MESSAGES:
+        messages = [without_nulls(m) for m in value] if isinstance(value, list) else None
+        return (messages, "") if messages is not None and all(map(is_message, messages)) else (None, "not messages")
+    return (value, "") if isinstance(value, str) else (None, "not text")
+
+
+def features(sample: list, columns: dict[str, str], needed: tuple[str, ...]) -> Features:
+    """The row model's features for rows like `sample` (raw rows, or a schema's): each field present as text, or
+    messages where most of its values are lists; `tools` and `chat_template_kwargs` where present; `source_issue`."""
+    rows = [row for row in sample if isinstance(row, dict)]
+    out = {}
+    for field, column in columns.items():
+        kinds = Counter(type(row[column]) is list for row in rows if row.get(column) is not None)
+        if any(column in row for row in rows):
+            out[field] = MESSAGES if kinds[True] > kinds[False] else Value("string")
+    if not set(needed) <= set(out):  # rows to drop only (a schema's issues, "not a dict")
+        out = {**{field: Value("string") for field in needed}, **out}
+    out.update({name: Json() for name in TEMPLATE_COLUMNS if any(name in row for row in rows)})
+    return Features({**out, "source_issue": Value("string")})
+
+
+def canonical_row(row: Any, columns: dict[str, str], transform: Callable | None, chat: bool, schema,
+                  features: Features) -> dict:
+    """One raw row -> the row model: each feature's value, or None with `source_issue` saying why."""
+    empty = {name: None for name in features}
+    if isinstance(row, Mapping):  # `datasets` hands a mapped function a lazy row: the transform gets a dict
+        row = dict(row)
+    if transform is not None and isinstance(row, dict):
+        row = transform(row)
+        if row is None:
+            return {**empty, "source_issue": "dropped by transform"}
+    if not isinstance(row, dict):  # counted, not raised: `datasets` would wrap an error raised in here
+        return {**empty, "source_issue": "not valid JSON" if isinstance(row, NotJSON) else "not a dict"}
+    issue = ""
+    if schema is not None:
+        row, columns = schema.map(row, chat), FIELD_NAMES
+        issue = row.get("source_issue", "")
+    out = {}
+    for name, feature in features.items():
+        if name != "source_issue":
+            out[name], problem = _read(name, row.get(columns.get(name, name)), feature)
+            issue = issue or (f"{problem} {name}" if problem else "")
+    return {**out, "source_issue": issue}
+
+
+def refuse(names: set[str], sample: list, label: str, pairs: bool) -> None:
+    """Raise for data this package cannot train, by what it is: images (a column, or image parts in messages),
+    and, where no chosen/rejected pair is found (`pairs` False), rows of another kind than preference pairs."""
+    parts = [part for row in sample if isinstance(row, dict) for field in FIELDS if isinstance(row.get(field), list)
+             for m in row[field] if isinstance(m, dict) and isinstance(m.get("content"), list)
+             for part in m["content"] if isinstance(part, dict) and part.get("type") in ("image", "image_url")]
+    images = sorted({"image", "images"} & names) or (["image parts in messages"] if parts else [])
+    if images:
+        raise ValueError(f"{label} data has {images[0]!r}: images cannot be trained here (the package trains causal "
+                         "LMs on text, without an image processor). To train on the text alone, remove the images "
+                         "with --data.transform")
+    for columns, what in NOT_PAIRS if not pairs else ():
+        if columns <= names:
+            raise ValueError(f"{label} data holds {what}, not preference pairs: DPO trains on a prompt with a chosen "
+                             f"and a rejected response. Its columns are {sorted(names)}: pair them into prompt/chosen/"
+                             "rejected rows with --data.transform, or map yours with --data.prompt_column / "
+                             "chosen_column / rejected_column")
+
+
+def warn_ignored(reading: Reading, label: str) -> None:
+    """Warn for each ignored column some known schema would use (a system prompt, tools, template arguments, a
+    preference label), naming it and what to do; the data summary names every ignored column."""
+    for name in reading.ignored:
+        if name in KNOWN and name not in reading.by_choice:
+            what, fix = KNOWN[name]
+            warnings.warn(f"{label} data: column {name!r} ({what}) is not used: {fix}", stacklevel=2)
