@@ -68,6 +68,21 @@ def test_a_typo_in_a_key_is_one_line_naming_it_its_section_and_the_closest_key(t
     assert err == [f"error: {expected[where]} `dpo-lightning fit --help` lists every key"]  # no usage above it
 
 
+@pytest.mark.parametrize("name, text", [("one.jsonl", '{"prompt": "p", "chosen": " a", "rejected": " b"}\n'),
+                                        ("rows.json", '[{"prompt": "p", "chosen": " a", "rejected": " b"}]')])
+def test_a_data_file_named_on_the_command_line_stays_a_path(name, text, tmp_path, monkeypatch, capsys):
+    # jsonargparse read a one-row .jsonl into a dict (then "a dict of columns needs one list per column") and a
+    # .json array into in-memory rows; rows written inline in a YAML stay rows.
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / name).write_text(text)
+    with pytest.raises(SystemExit) as exit_:
+        cli_main(["fit", "--model.model_name_or_path=m", f"--data.dataset={name}", f"--data.eval_dataset={name}",
+                  "--print_config"])
+    assert exit_.value.code == 0
+    printed = yaml.safe_load(capsys.readouterr().out)["data"]
+    assert printed["dataset"] == printed["eval_dataset"] == name
+
+
 def test_console_script_exits_zero_after_a_run(tmp_path):
     # The installed `dpo-lightning` wraps main() in sys.exit(): any return value but None would exit 1.
     script = Path(sys.executable).parent / "dpo-lightning"

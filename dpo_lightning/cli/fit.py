@@ -57,6 +57,14 @@ class DPOLightningCLI(LightningCLI):
         # split (--data.eval_dataset), a test set included.
         return {name: keys for name, keys in LightningCLI.subcommands().items() if name in ("fit", "validate")}
 
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        # A data file's path stays a path: jsonargparse reads a string naming a file into a dict or list where the
+        # type allows one (DatasetSource does), so `--data.dataset one_row.jsonl` became that row as a dict of
+        # columns, and a .json array in-memory rows. (No public switch: the action's `_enable_path`.)
+        for action in parser._actions:
+            if action.dest in ("data.dataset", "data.eval_dataset") and hasattr(action, "_enable_path"):
+                action._enable_path = False
+
     def _parse_ckpt_path(self) -> None:
         # LightningCLI puts a checkpoint's hyperparameters over the command line's and the config's: `fit --ckpt_path
         # X --model.learning_rate 1e-5` would resume at the old rate, silently. A resumed fit trains with the run's
