@@ -23,7 +23,7 @@ from peft import LoraConfig, get_peft_model
 from datasets import Dataset
 from transformers import AutoModelForCausalLM
 
-from dpo_lightning import DPOModule, PreferenceDataModule, ValidationSummary
+from dpo_lightning import DPOModule, ExportPretrained, PreferenceDataModule, ValidationSummary
 from dpo_lightning.callbacks import GenerateSamples
 from dpo_lightning.cli.main import cli_main, main
 
@@ -111,6 +111,10 @@ def test_under_ddp_rank_zero_generates_alone_without_a_deadlock(tiny_llama, tmp_
     tables = sorted(tmp_path.rglob("samples/*.csv"))
     assert [p.name for p in tables] == ["step_2.csv", "step_4.csv"]
     assert len(read_table(tables[-1])) == 2
+    # The export at fit's end: rank 0 writes it under a temporary name and renames it in; rank 1 takes part in
+    # gathering the weights and leaves nothing beside it.
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "hf").config.num_hidden_layers == 2
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith("hf")] == ["hf"]
 
 
 def test_validation_history_survives_a_checkpoint(tiny_llama, tmp_path):
@@ -184,7 +188,8 @@ if __name__ == "__main__":
     model_path, out = sys.argv[1], Path(sys.argv[2])
     trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=4, val_check_interval=2,
                         check_val_every_n_epoch=None, num_sanity_val_steps=0, logger=CSVLogger(out),
-                        callbacks=[GenerateSamples(num_prompts=2, max_new_tokens=4)], enable_progress_bar=False,
+                        callbacks=[GenerateSamples(num_prompts=2, max_new_tokens=4), ExportPretrained(str(out / "hf"))],
+                        enable_progress_bar=False,
                         enable_model_summary=False)  # checkpointing on: its barrier waits for rank 0's samples
     trainer.fit(DPOModule(model_path, learning_rate=1e-2), sample_data())
 
