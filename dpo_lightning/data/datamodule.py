@@ -25,7 +25,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
-from dpo_lightning.data import formats, prompts, rows, rules, schemas, sources
+from dpo_lightning.data import files, formats, prompts, rows, rules, schemas, sources
 from dpo_lightning.data.formats import FORMATS, PRESETS, detect_format
 from dpo_lightning.data.layouts import Layout, choose_layout
 from dpo_lightning.data.loaders import EvalSampler, ResumableLoader
@@ -39,7 +39,7 @@ from dpo_lightning.utils.tokenizers import load_tokenizer, tokenizer_source, wit
 
 # The code that turns rows into prepared rows: part of every map's cache name (`_map`).
 DATA_CODE = hashlib.sha256(b"".join(open(module.__file__, "rb").read()
-                                    for module in (rows, rules, formats, schemas, sources, prompts))).hexdigest()
+                                    for module in (rows, rules, formats, schemas, files, sources, prompts))).hexdigest()
 
 
 def _check_arguments(hp: dict[str, Any]) -> None:

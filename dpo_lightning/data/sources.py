@@ -12,7 +12,7 @@ before `datasets`, pyarrow or pandas can fail on it deep inside:
   chosen"`, instead of making pyarrow fail on the whole column or `datasets` turn the column into JSON
   (which reads the string "1.5" back as the float 1.5). A text column's kind is its values' majority
   kind. CSV cells are text (a response "42" or "NA" stays the text it is); an empty cell is missing.
-- Files are read as UTF-8 with an optional byte-order mark, and every cache of rows read from files is
+- Files (files.py) are read as UTF-8 with an optional byte-order mark, and every cache of rows read from files is
   keyed by the files' content, never by path and modification time.
 - .parquet files and `datasets` objects keep their types; a field column that holds neither text nor
   messages is an error naming the column. Text columns are renamed in Arrow; messages and template
@@ -24,22 +24,17 @@ before `datasets`, pyarrow or pandas can fail on it deep inside:
   columns are those of its first 100 rows (`datasets` objects and parquet: all its columns).
 """
 
-import csv
 import glob
-import gzip
 import hashlib
 import importlib
-import json
 import os
 import warnings
-from typing import Any, Callable, Iterator, Union
+from typing import Callable, Iterator, Union
 
-import datasets
-import pyarrow.parquet as pq
-from datasets import Dataset, DatasetDict, Features, IterableDataset, LargeList, List, Value, load_dataset
+from datasets import Dataset, DatasetDict, IterableDataset, LargeList, List, Value, load_dataset
 
-from dpo_lightning.data import rows as row_model, schemas
-from dpo_lightning.data.rows import (FIELD_NAMES, FIELDS_OF, TEMPLATE_COLUMNS, NotJSON, Reading, RowKind,
+from dpo_lightning.data import files, rows as row_model, schemas
+from dpo_lightning.data.rows import (FIELD_NAMES, FIELDS_OF, TEMPLATE_COLUMNS, Reading, RowKind,
                                      canonical_row, features, refuse)
 from dpo_lightning.data.schemas import Schema, detect_schema
 
@@ -47,12 +42,11 @@ from dpo_lightning.data.schemas import Schema, detect_schema
 # columns or list of rows, or a `datasets` object.
 DatasetSource = Union[str, dict, list, Dataset, DatasetDict]
 STAGE_NAMES = {"train": "train", "val": "eval"}  # a split's name in messages, as the user names its argument
-_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 _SAMPLE = 100  # rows that decide a column's kind
 # The code that reads rows, part of the cache name of rows read from files: `datasets` names a generator's cache
 # by the generator's own code, not by the code it calls, so a new row model would reuse rows read by the old one.
 READING_CODE = hashlib.sha256(b"".join(open(path, "rb").read() for path in (
-    __file__, row_model.__file__, schemas.__file__))).hexdigest()
+    __file__, files.__file__, row_model.__file__, schemas.__file__))).hexdigest()
 
 
 def load_rows(source: DatasetSource, split: str = "train", name: str | None = None, data_dir: str | None = None,
@@ -93,12 +87,12 @@ def load_rows(source: DatasetSource, split: str = "train", name: str | None = No
         source = source[split]
     if isinstance(source, Dataset):
         return _from_arrow(source, plan)
-    files = _data_files(source)
-    if files is None:
+    paths = files.data_files(source)
+    if paths is None:
         return _from_arrow(load_dataset(source, name, data_dir=data_dir, split=split, streaming=streaming), plan)
-    if _file_builder(files[0]) in ("json", "csv") and not streaming:
-        return _from_files(files, plan)
-    return _from_arrow(_load_files(files, plan["label"], streaming), plan)
+    if files.file_builder(paths[0]) in ("json", "csv") and not streaming:
+        return _from_files(paths, plan)
+    return _from_arrow(files.load_files(paths, plan["label"], streaming), plan)
 
 
 def single_split(source: DatasetSource) -> bool:
@@ -128,7 +122,7 @@ def resolve_transform(transform: str | Callable | None) -> Callable | None:
 
 def _are_paths(items: list) -> bool:
     """Whether a list names data files (all strings that are files, or look like data file names)."""
-    return bool(items) and all(isinstance(item, str) and (os.path.isfile(item) or _file_builder(item))
+    return bool(items) and all(isinstance(item, str) and (os.path.isfile(item) or files.file_builder(item))
                                for item in items)
 
 
@@ -140,104 +134,21 @@ def _columns_to_rows(data: dict, label: str) -> list[dict]:
     return [dict(zip(data, values)) for values in zip(*data.values())]
 
 
-def _file_builder(path: str) -> str | None:
-    stem = path[:-3] if path.endswith(".gz") else path
-    return _FILE_BUILDERS.get(os.path.splitext(stem)[1])
-
-
-def _data_files(source: str | list[str]) -> list[str] | None:
-    """The local data files `source` names, or None for a hub name or folder."""
-    if isinstance(source, list):
-        files = source
-    elif glob.has_magic(source):
-        files = sorted(glob.glob(source))
-        if not files:
-            raise FileNotFoundError(f"no data files match {source!r}: check the pattern")
-    elif os.path.isfile(source):
-        files = [source]
-    else:
-        return None
-    missing = [f for f in files if not os.path.isfile(f)]
-    if missing:
-        raise FileNotFoundError(f"no data file at {missing[0]!r}")
-    builders = {_file_builder(f) for f in files}
-    if None in builders or len(builders) > 1:
-        raise ValueError(f"{source}: files must share one type of {sorted(_FILE_BUILDERS)} (optionally .gz)")
-    return files
-
-
-def _open(path: str):
-    # utf-8-sig: a UTF-8 byte-order mark (Excel's "CSV UTF-8", some Windows tools) is not part of the text.
-    return gzip.open(path, "rt", encoding="utf-8-sig", newline="") if path.endswith(".gz") else \
-        open(path, encoding="utf-8-sig", newline="")
-
-
-def _digest(files: list[str]) -> str:
-    """sha256 of the files' bytes: every cache of rows read from them is keyed by what they hold, not by
-    path and modification time (`cp -p` or `rsync -t` puts an old time back on new rows)."""
-    digest = hashlib.sha256()
-    for path in files:
-        with open(path, "rb") as f:
-            while chunk := f.read(1 << 20):
-                digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _load_files(files: list[str], label: str, streaming: bool) -> Dataset | IterableDataset:
-    """.parquet files (or any files, streamed) through `datasets`' own readers; parquet cached by content."""
-    builder = _file_builder(files[0])
-    if builder == "parquet" and not sum(pq.ParquetFile(f).metadata.num_rows for f in files):
-        raise ValueError(f"the {label} dataset is empty: no rows in {files}")
-    if streaming:
-        kwargs = {}
-        if builder == "csv":  # every cell text, as when read in Python
-            with _open(files[0]) as f:
-                names = next(csv.reader([f.readline()]))
-            kwargs = dict(features=Features({c: Value("string") for c in names}), keep_default_na=False,
-                          na_values=[""], encoding="utf-8-sig")
-        return load_dataset(builder, data_files=files, split="train", streaming=True, **kwargs)
-    cache_dir = os.path.join(datasets.config.HF_DATASETS_CACHE, "dpo_lightning_files", _digest(files)[:32])
-    return load_dataset(builder, data_files=files, split="train", cache_dir=cache_dir)
-
-
-def _file_rows(files: list[str], label: str) -> Iterator[Any]:
-    """Each row of the files, in order: JSON lines, .json files holding a list of rows, or CSV rows (every
-    cell text, an empty cell None)."""
-    for path in files:
-        with _open(path) as f:
-            if _file_builder(path) == "csv":
-                yield from ({k: v or None for k, v in row.items() if k is not None} for row in csv.DictReader(f))
-                continue
-            text = f.read()
-        if path.removesuffix(".gz").endswith(".json") and text.lstrip().startswith("["):
-            try:
-                yield from json.loads(text)
-                continue
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{label} data {path}: not valid JSON ({error}): fix the file") from None
-        for line in text.splitlines():
-            if line.strip():
-                try:
-                    yield json.loads(line)
-                except json.JSONDecodeError:
-                    yield NotJSON()
-
-
-def _from_files(files: list[str], plan: dict) -> tuple[Dataset, Reading]:
-    for path in files[1:]:  # a whole .json file that does not parse: raised here, not inside `datasets`
-        next(_file_rows([path], plan["label"]), None)
-    sample = [row for _, row in zip(range(_SAMPLE), _file_rows(files, plan["label"]))]
+def _from_files(paths: list[str], plan: dict) -> tuple[Dataset, Reading]:
+    for path in paths[1:]:  # a whole .json file that does not parse: raised here, not inside `datasets`
+        next(files.file_rows([path], plan["label"]), None)
+    sample = [row for _, row in zip(range(_SAMPLE), files.file_rows(paths, plan["label"]))]
     if not sample:
-        raise ValueError(f"the {plan['label']} dataset is empty: no rows in {files}")
+        raise ValueError(f"the {plan['label']} dataset is empty: no rows in {paths}")
     args, reading = _planned(sample, plan)
     # Cached by `datasets` under a name made of its arguments, the files' content digest among them:
     # another process (a DDP rank after `prepare_data`) reads the cache instead of the files.
     return Dataset.from_generator(_generate, features=args["features"], gen_kwargs=dict(
-        files=files, digest=_digest(files), code=READING_CODE, label=plan["label"], args=args)), reading
+        paths=paths, digest=files.digest(paths), code=READING_CODE, label=plan["label"], args=args)), reading
 
 
-def _generate(files: list[str], digest: str, code: str, label: str, args: dict) -> Iterator[dict]:
-    for row in _file_rows(files, label):
+def _generate(paths: list[str], digest: str, code: str, label: str, args: dict) -> Iterator[dict]:
+    for row in files.file_rows(paths, label):
         yield canonical_row(row, **args)
 
 
