@@ -1,9 +1,9 @@
 """Local data files: which files a source names, how they are opened, read (JSON lines, .json, CSV) and cached.
 
 Files are read as UTF-8 with an optional byte-order mark; every cache of rows read from files is keyed by the
-files' content (`digest`), never by path and modification time. .parquet files (and streams) go through
-`datasets`' own readers; .json/.jsonl/.csv rows are read here, in Python (`file_rows`), so a value keeps the type
-it is written with.
+files' content (`digest`), never by path and modification time. .parquet files go through `datasets`' own
+reader (their Arrow types kept); .json/.jsonl/.csv rows are read here, in Python (`file_rows`), streamed or not, so
+a value keeps the type it is written with.
 """
 
 import csv
@@ -16,15 +16,16 @@ from typing import Any, Iterator
 
 import datasets
 import pyarrow.parquet as pq
-from datasets import Dataset, Features, IterableDataset, Value, load_dataset
+from datasets import Dataset, IterableDataset, load_dataset
 
-from dpo_lightning.data.rows import NotJSON
+from dpo_lightning.data.rows import NotJSON, columns_to_rows, is_message
 
-FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+# A file's type by its extension, in any case (".JSONL"), optionally gzipped; .ndjson is JSON lines by another name.
+FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".ndjson": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
 def file_builder(path: str) -> str | None:
-    stem = path[:-3] if path.endswith(".gz") else path
+    stem = path.lower().removesuffix(".gz")
     return FILE_BUILDERS.get(os.path.splitext(stem)[1])
 
 
@@ -51,7 +52,7 @@ def data_files(source: str | list[str]) -> list[str] | None:
 
 def open_text(path: str):
     # utf-8-sig: a UTF-8 byte-order mark (Excel's "CSV UTF-8", some Windows tools) is not part of the text.
-    return gzip.open(path, "rt", encoding="utf-8-sig", newline="") if path.endswith(".gz") else \
+    return gzip.open(path, "rt", encoding="utf-8-sig", newline="") if path.lower().endswith(".gz") else \
         open(path, encoding="utf-8-sig", newline="")
 
 
@@ -66,38 +67,44 @@ def digest(files: list[str]) -> str:
     return sha.hexdigest()
 
 
-def load_files(files: list[str], label: str, streaming: bool) -> Dataset | IterableDataset:
-    """.parquet files (or any files, streamed) through `datasets`' own readers; parquet cached by content."""
-    builder = file_builder(files[0])
-    if builder == "parquet" and not sum(pq.ParquetFile(f).metadata.num_rows for f in files):
+def load_parquet(files: list[str], label: str, streaming: bool) -> Dataset | IterableDataset:
+    """.parquet files through `datasets`' own reader, keeping their Arrow types; cached by content."""
+    if not sum(pq.ParquetFile(f).metadata.num_rows for f in files):
         raise ValueError(f"the {label} dataset is empty: no rows in {files}")
     if streaming:
-        kwargs = {}
-        if builder == "csv":  # every cell text, as when read in Python
-            with open_text(files[0]) as f:
-                names = next(csv.reader([f.readline()]))
-            kwargs = dict(features=Features({c: Value("string") for c in names}), keep_default_na=False,
-                          na_values=[""], encoding="utf-8-sig")
-        return load_dataset(builder, data_files=files, split="train", streaming=True, **kwargs)
+        return load_dataset("parquet", data_files=files, split="train", streaming=True)
     cache_dir = os.path.join(datasets.config.HF_DATASETS_CACHE, "dpo_lightning_files", digest(files)[:32])
-    return load_dataset(builder, data_files=files, split="train", cache_dir=cache_dir)
+    return load_dataset("parquet", data_files=files, split="train", cache_dir=cache_dir)
 
 
 def file_rows(files: list[str], label: str) -> Iterator[Any]:
-    """Each row of the files, in order: JSON lines, .json files holding a list of rows, or CSV rows (every
-    cell text, an empty cell None)."""
+    """Each row of the files, in order: CSV rows (every cell text, an empty cell None), or JSON (`json_rows`)."""
     for path in files:
         with open_text(path) as f:
             if file_builder(path) == "csv":
                 yield from ({k: v or None for k, v in row.items() if k is not None} for row in csv.DictReader(f))
                 continue
             text = f.read()
-        if path.removesuffix(".gz").endswith(".json") and text.lstrip().startswith("["):
-            try:
-                yield from json.loads(text)
-                continue
-            except json.JSONDecodeError as error:
+        yield from json_rows(text, path, label)
+
+
+def json_rows(text: str, path: str, label: str) -> Iterator[Any]:
+    """A .json file's rows: a list of rows, a dict of columns (every value a list, none holding a message: a single
+    row of messages is a row), or JSON lines, as many .json files on the hub are (SHP's); a .jsonl file's lines.
+    Python's own parser reads every value as written: an integer of any size stays an integer, a float every digit."""
+    whole = None
+    if path.lower().removesuffix(".gz").endswith(".json") and text.lstrip()[:1] in ("[", "{"):
+        try:
+            whole = json.loads(text)
+        except json.JSONDecodeError as error:
+            if text.lstrip().startswith("["):
                 raise ValueError(f"{label} data {path}: not valid JSON ({error}): fix the file") from None
+    if isinstance(whole, list):
+        yield from whole
+    elif isinstance(whole, dict) and all(isinstance(value, list) and not any(map(is_message, value))
+                                         for value in whole.values()):
+        yield from columns_to_rows(whole, f"the {label} dataset {path}")
+    else:
         for line in text.splitlines():
             if line.strip():
                 try:

@@ -9,6 +9,7 @@ import torch
 from datasets import Dataset, IterableDataset, LargeList, List
 from transformers import PreTrainedTokenizerBase
 
+from dpo_lightning.data.rows import from_storage
 from dpo_lightning.data.rules import cut_prompt, encode, template_arguments, with_bos
 from dpo_lightning.data.sources import STAGE_NAMES
 
@@ -39,6 +40,7 @@ def prepare_prompts(batch: dict[str, list], indices: list[int], dataset_format: 
     """
     prompts, reasons = [], []
     for prompt, issue in zip(batch["prompt"], batch.get("source_issue") or [""] * len(indices)):
+        prompt = from_storage({"prompt": prompt})["prompt"]
         ok = isinstance(prompt, list if dataset_format == "conversational" else str)
         reasons.append(issue or ("missing prompt" if prompt is None else "" if ok else
                                  f"not {'messages' if dataset_format == 'conversational' else 'text'} prompt"))

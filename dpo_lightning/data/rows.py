@@ -7,8 +7,10 @@ reason the row is dropped ("" if none). Every reader (sources.py) builds its row
 rows give the same row model from a list, a dict of columns, .json/.jsonl/.csv, .parquet, a `datasets.Dataset` or
 a stream:
 
-- A message keeps every key it has (`tool_calls`, `tool_call_id`, `name`, `reasoning_content`, ...): messages,
-  `tools` and `chat_template_kwargs` are stored as JSON (`datasets.Json`), so no reader drops or adds a key.
+- A message keeps every key it has (`tool_calls`, `tool_call_id`, `name`, `reasoning_content`, ...) and every value
+  as written: messages (each one), `tools` and `chat_template_kwargs` are stored as JSON text that Python's `json`
+  writes and reads (`from_storage`), so no reader drops or adds a key or changes a number. (`datasets.Json` would
+  write every float with 10 digits, 3.1415926536, and refuse an integer beyond 64 bits.)
 - A null value is the same as a missing key, at every depth: Arrow (parquet, `datasets`) stores a column of
   objects with the union of their keys, the missing ones null, and cannot tell the two apart.
 - A message has a text `role`, and a text `content` or, in its place, `tool_calls` (TRL's tool-call format).
@@ -26,7 +28,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Callable, Literal
 
-from datasets import Features, Json, List, Value
+from datasets import Features, List, Value
 
 FIELDS = ("prompt", "chosen", "rejected")
 # What a split's rows hold, decided once by the data module (`PreferenceDataModule.train_kind`) and read by every
@@ -35,7 +37,7 @@ RowKind = Literal["pairs", "prompts"]
 FIELDS_OF: dict[str, tuple[str, ...]] = {"pairs": FIELDS, "prompts": ("prompt",)}
 TEMPLATE_COLUMNS = ("tools", "chat_template_kwargs")  # per-row arguments of apply_chat_template, TRL's names
 FIELD_NAMES = {name: name for name in FIELDS + TEMPLATE_COLUMNS}  # a schema's rows hold them under their own names
-MESSAGES = List(Json())
+MESSAGES = List(Value("string"))  # a field of messages: each message as its JSON text
 # apply_chat_template's arguments the rules set themselves: template arguments may not override them.
 RESERVED = frozenset({"conversation", "tokenize", "add_generation_prompt", "continue_final_message", "return_dict",
                       "return_tensors"})
@@ -73,6 +75,15 @@ class Reading:
     by_choice: tuple[str, ...] = ()
 
 
+def columns_to_rows(data: dict, what: str) -> list[dict]:
+    """A dict of columns (one list per column, all of one length) as its rows; `what` names it in the error."""
+    lengths = {key: len(value) if isinstance(value, (list, tuple)) else None for key, value in data.items()}
+    if None in lengths.values() or len(set(lengths.values())) > 1:
+        raise ValueError(f"{what}, a dict of columns, needs one list per column, all of one length; got {lengths} "
+                         "(None: not a list)")
+    return [dict(zip(data, values)) for values in zip(*data.values())]
+
+
 def without_nulls(value: Any) -> Any:
     """`value` with every null-valued key of every object removed, at every depth (Arrow's fill for a missing key)."""
     if isinstance(value, dict):
@@ -102,13 +113,31 @@ def _read(name: str, value: Any, feature) -> tuple[Any, str]:
             except json.JSONDecodeError:
                 value = None
         if name == "tools":
-            return (without_nulls(value), "") if isinstance(value, list) else (None, "not a list")
+            return (_json(without_nulls(value)), "") if isinstance(value, list) else (None, "not a list")
         ok = isinstance(value, dict) and not RESERVED & set(value)
-        return (without_nulls(value), "") if ok else (None, "not template arguments")
+        return (_json(without_nulls(value)), "") if ok else (None, "not template arguments")
     if feature == MESSAGES:
         messages = [without_nulls(m) for m in value] if isinstance(value, list) else None
-        return (messages, "") if messages is not None and all(map(is_message, messages)) else (None, "not messages")
+        if messages is None or not all(map(is_message, messages)):
+            return None, "not messages"
+        return [_json(message) for message in messages], ""
     return (value, "") if isinstance(value, str) else (None, "not text")
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False)
+
+
+def from_storage(row: dict) -> dict:
+    """A stored row (`canonical_row`'s) with its JSON text read back: each message of a field, `tools` and
+    `chat_template_kwargs`. Values already read (a dict, a list of dicts) pass as they are."""
+    out = dict(row)
+    for name, value in row.items():
+        if name in FIELDS and isinstance(value, list):
+            out[name] = [json.loads(m) if isinstance(m, str) else m for m in value]
+        elif name in TEMPLATE_COLUMNS and isinstance(value, str):
+            out[name] = json.loads(value)
+    return out
 
 
 def features(sample: list, columns: dict[str, str], needed: tuple[str, ...]) -> Features:
@@ -122,7 +151,7 @@ def features(sample: list, columns: dict[str, str], needed: tuple[str, ...]) -> 
             out[field] = MESSAGES if kinds[True] > kinds[False] else Value("string")
     if not set(needed) <= set(out):  # rows to drop only (a schema's issues, "not a dict")
         out = {**{field: Value("string") for field in needed}, **out}
-    out.update({name: Json() for name in TEMPLATE_COLUMNS if any(name in row for row in rows)})
+    out.update({name: Value("string") for name in TEMPLATE_COLUMNS if any(name in row for row in rows)})
     return Features({**out, "source_issue": Value("string")})
 
 

@@ -42,8 +42,7 @@ from datasets import Features, List, Value
 from jinja2 import TemplateError
 from transformers import PreTrainedTokenizerBase
 
-from dpo_lightning.data.rows import is_message
-from dpo_lightning.data.rows import FIELDS
+from dpo_lightning.data.rows import FIELDS, from_storage, is_message
 from dpo_lightning.data.sources import STAGE_NAMES
 
 HH_ASSISTANT = "\n\nAssistant:"
@@ -168,6 +167,7 @@ def _split_and_check(row: dict, dataset_format: str, tokenizer: PreTrainedTokeni
     empty = {field: "" for field in FIELDS}
     if row.get("source_issue"):
         return {**empty, "drop_reason": row["source_issue"]}
+    row = from_storage(row)
     fields = FIELDS if "prompt" in row and dataset_format in ("explicit", "conversational") else FIELDS[1:]
     for field in fields:
         problem = _field_problem(row.get(field), dataset_format)

@@ -7,7 +7,7 @@ rows to `rows.canonical_row`, so the same rows give the same row model from ever
 read that way is refused here, by our own code, naming the dataset (train/eval), the row, the field and the fix,
 before `datasets`, pyarrow or pandas can fail on it deep inside:
 
-- A list of rows, a dict of columns and .json/.jsonl/.csv files are read in Python, so a value of the
+- A list of rows, a dict of columns and .json/.jsonl/.csv files (streamed too) are read in Python, so a value of the
   wrong kind (a number, an object) in a text field is kept as a row to drop, `source_issue = "not text
   chosen"`, instead of making pyarrow fail on the whole column or `datasets` turn the column into JSON
   (which reads the string "1.5" back as the float 1.5). A text column's kind is its values' majority
@@ -20,8 +20,9 @@ before `datasets`, pyarrow or pandas can fail on it deep inside:
 - A `transform` maps each raw row first (None: a counted drop, `dropped by transform`); columns that
   match a public schema (schemas.py) are mapped by it, else by `prompt_column` etc.
 - An empty source, invalid JSON, columns of unequal length, images, rows of another kind than pairs: errors.
-- Every column no rule reads is recorded (`rows.Reading`), for the data summary and its warnings; a source's
-  columns are those of its first 100 rows (`datasets` objects and parquet: all its columns).
+- Every column no rule reads is recorded (`rows.Reading`), for the data summary and its warnings. A source's
+  columns are all its rows' columns, whatever its kind: Arrow knows them (parquet, `datasets`), a list or a file
+  is surveyed in one pass (`_survey`); with a transform on Arrow rows, the transformed first 100 rows' columns.
 """
 
 import glob
@@ -29,13 +30,13 @@ import hashlib
 import importlib
 import os
 import warnings
-from typing import Callable, Iterator, Union
+from typing import Callable, Iterable, Iterator, Union
 
 from datasets import Dataset, DatasetDict, IterableDataset, LargeList, List, Value, load_dataset
 
 from dpo_lightning.data import files, rows as row_model, schemas
 from dpo_lightning.data.rows import (FIELD_NAMES, FIELDS_OF, TEMPLATE_COLUMNS, Reading, RowKind,
-                                     canonical_row, features, refuse)
+                                     canonical_row, columns_to_rows, features, refuse)
 from dpo_lightning.data.schemas import Schema, detect_schema
 
 # A dataset given as: a hub name, a local file, folder, glob or list of files, an in-memory dict of
@@ -77,7 +78,7 @@ def load_rows(source: DatasetSource, split: str = "train", name: str | None = No
     plan = dict(columns=columns, label=STAGE_NAMES.get(stage, stage), transform=transform, chat=chat, kind=kind,
                 label_column=label_column)
     if isinstance(source, dict) and not isinstance(source, DatasetDict):
-        source = _columns_to_rows(source, plan["label"])
+        source = columns_to_rows(source, f"the {plan['label']} dataset")
     if isinstance(source, list) and not _are_paths(source):
         return _from_python(source, plan)
     if isinstance(source, DatasetDict):
@@ -90,9 +91,9 @@ def load_rows(source: DatasetSource, split: str = "train", name: str | None = No
     paths = files.data_files(source)
     if paths is None:
         return _from_arrow(load_dataset(source, name, data_dir=data_dir, split=split, streaming=streaming), plan)
-    if files.file_builder(paths[0]) in ("json", "csv") and not streaming:
-        return _from_files(paths, plan)
-    return _from_arrow(files.load_files(paths, plan["label"], streaming), plan)
+    if files.file_builder(paths[0]) in ("json", "csv"):
+        return _from_files(paths, plan, streaming)
+    return _from_arrow(files.load_parquet(paths, plan["label"], streaming), plan)
 
 
 def single_split(source: DatasetSource) -> bool:
@@ -126,36 +127,47 @@ def _are_paths(items: list) -> bool:
                                for item in items)
 
 
-def _columns_to_rows(data: dict, label: str) -> list[dict]:
-    lengths = {key: len(value) if isinstance(value, (list, tuple)) else None for key, value in data.items()}
-    if None in lengths.values() or len(set(lengths.values())) > 1:
-        raise ValueError(f"the {label} dataset, a dict of columns, needs one list per column, all of one length; "
-                         f"got {lengths} (None: not a list)")
-    return [dict(zip(data, values)) for values in zip(*data.values())]
-
-
-def _from_files(paths: list[str], plan: dict) -> tuple[Dataset, Reading]:
-    for path in paths[1:]:  # a whole .json file that does not parse: raised here, not inside `datasets`
-        next(files.file_rows([path], plan["label"]), None)
-    sample = [row for _, row in zip(range(_SAMPLE), files.file_rows(paths, plan["label"]))]
+def _survey(rows: Iterable, plan: dict) -> tuple[set[str], list]:
+    """All `rows`' columns (each row through the transform) and the sample that decides their kinds: the first 100
+    rows, and the first row giving a value to each column they leave without one. A pass over every row, so the
+    columns read from a list or a file are all its rows' columns, as Arrow's are (parquet, `Dataset`)."""
+    names, valued, sample, transform = set(), set(), [], plan["transform"]
+    for row in rows:
+        raw = transform(row) if transform is not None and isinstance(row, dict) else row
+        if not isinstance(raw, dict):
+            sample += [row] if len(sample) < _SAMPLE else []
+            continue
+        names.update(raw)
+        given = {name for name, value in raw.items() if value is not None}
+        if len(sample) < _SAMPLE or given - valued:
+            sample.append(row)
+            valued |= given
     if not sample:
-        raise ValueError(f"the {plan['label']} dataset is empty: no rows in {paths}")
-    args, reading = _planned(sample, plan)
+        raise ValueError(f"the {plan['label']} dataset is empty: no rows")
+    return names, sample
+
+
+def _from_files(paths: list[str], plan: dict, streaming: bool) -> tuple[Dataset | IterableDataset, Reading]:
+    """.json/.jsonl/.csv files, read in Python (files.py), streamed or not: a stream reads them as it goes."""
+    names, sample = _survey(files.file_rows(paths, plan["label"]), plan)
+    args, reading = _planned(sample, names, plan)
+    generate = dict(paths=paths, label=plan["label"], args=args)
+    if streaming:
+        return IterableDataset.from_generator(_generate, features=args["features"], gen_kwargs=generate), reading
     # Cached by `datasets` under a name made of its arguments, the files' content digest among them:
     # another process (a DDP rank after `prepare_data`) reads the cache instead of the files.
     return Dataset.from_generator(_generate, features=args["features"], gen_kwargs=dict(
-        paths=paths, digest=files.digest(paths), code=READING_CODE, label=plan["label"], args=args)), reading
+        generate, digest=files.digest(paths), code=READING_CODE)), reading
 
 
-def _generate(paths: list[str], digest: str, code: str, label: str, args: dict) -> Iterator[dict]:
+def _generate(paths: list[str], label: str, args: dict, digest: str = "", code: str = "") -> Iterator[dict]:
     for row in files.file_rows(paths, label):
         yield canonical_row(row, **args)
 
 
 def _from_python(rows: list, plan: dict) -> tuple[Dataset, Reading]:
-    if not rows:
-        raise ValueError(f"the {plan['label']} dataset is empty: no rows")
-    args, reading = _planned(rows[:_SAMPLE], plan)
+    names, sample = _survey(rows, plan)
+    args, reading = _planned(sample, names, plan)
     return Dataset.from_list([canonical_row(row, **args) for row in rows], features=args["features"]), reading
 
 
@@ -165,7 +177,9 @@ def _from_arrow(rows: Dataset | IterableDataset, plan: dict) -> tuple[Dataset | 
     names = rows.column_names or list(next(iter(rows)))  # a stream may not know its columns yet
     if isinstance(rows, Dataset) and not len(rows):
         raise ValueError(f"the {plan['label']} dataset is empty: no rows")
-    args, reading = _planned(list(rows.take(_SAMPLE)), plan, set(names))
+    sample = list(rows.take(_SAMPLE))
+    # With a transform, the columns are the transformed sample's (a pass over every row would be a second read).
+    args, reading = _planned(sample, set(names) if plan["transform"] is None else _survey(sample, plan)[0], plan)
     if plan["transform"] is None and args["schema"] is None and _text_only(rows, plan["columns"], plan["label"]):
         return _canonical(rows, plan["columns"]), reading
     mapped = rows.map(canonical_row, fn_kwargs=args, remove_columns=names, features=args["features"],
@@ -179,17 +193,15 @@ def _schema(names: set[str], plan: dict) -> Schema | None:
     return detect_schema(names, plan["columns"], plan["label"], plan["label_column"])
 
 
-def _planned(sample: list, plan: dict, names: set[str] | None = None) -> tuple[dict, Reading]:
+def _planned(sample: list, names: set[str], plan: dict) -> tuple[dict, Reading]:
     """`canonical_row`'s arguments from a sample of raw rows (the schema their columns match, the row model's
     features) and the `Reading`: the schema's name, the columns nothing reads.
 
     Raises for a missing column and for data that cannot train; warns when text columns stand beside a missing
-    prompt. `names`: the source's columns where it knows them all (else those of the sample's rows).
+    prompt. `names`: the source's columns (after the transform).
     """
     transform = plan["transform"]
     raw = [transform(row) if transform is not None and isinstance(row, dict) else row for row in sample]
-    if transform is not None or names is None:
-        names = {name for row in raw if isinstance(row, dict) for name in row}
     schema = _schema(names, plan) if names else None
     refuse(names, raw, plan["label"], pairs=schema is not None or plan["kind"] == "prompts" or
            {plan["columns"]["chosen"], plan["columns"]["rejected"]} <= names)
