@@ -124,6 +124,23 @@ DROPS = [
      {"prompt": user("q"), "chosen": assistant("a"), "rejected": assistant("b"),
       "chat_template_kwargs": {"add_generation_prompt": True}}, "not template arguments chat_template_kwargs",
      "chat_template_kwargs", PY),
+    # Issue 29's tester: each of these stopped the run with an error from transformers, jinja or json, no row named.
+    *[(f"template arguments set {key}", "conversational",
+       {"prompt": user("q"), "chosen": assistant("a"), "rejected": assistant("b"), "chat_template_kwargs": {key: value}},
+       "not template arguments chat_template_kwargs", "chat_template_kwargs", PY)
+      for key, value in [("messages", []), ("return_assistant_tokens_mask", True), ("chat_template", "x"),
+                         ("tools", [{"type": "function", "function": {"name": "f"}}])]],
+    ("tools a list of names", "conversational", {"prompt": user("q"), "chosen": assistant("a"),
+                                                 "rejected": assistant("b"), "tools": ["get_weather"]},
+     "not tool schemas tools", "tools", TYPED),
+    ("tools [null]", "conversational", {"prompt": user("q"), "chosen": assistant("a"), "rejected": assistant("b"),
+                                        "tools": [None]}, "not tool schemas tools", "tools", TYPED),
+    ("OpenAI's custom tool call", "conversational",
+     {"prompt": user("q"), "chosen": [{"role": "assistant", "tool_calls": [
+         {"id": "c1", "type": "custom", "custom": {"name": "grep", "input": "foo"}}]}], "rejected": assistant("b")},
+     "not tool calls chosen", "chosen", TYPED),
+    ("tool calls [null]", "conversational", {"prompt": user("q"), "chosen": [{"role": "assistant", "tool_calls": [None]}],
+                                             "rejected": assistant("b")}, "not tool calls chosen", "chosen", TYPED),
 ]
 
 # (name, source builder or rows, kinds, error pattern)
@@ -333,3 +350,22 @@ def test_eval_split_on_a_single_split_source_is_refused(kind, tmp_path):
     # Defect 6: `eval_split: test` on one file validated on the training rows, silently.
     with pytest.raises(ValueError, match=r"--data.eval_split 'test': the dataset is one split .*--data.eval_dataset"):
         setup_rows(write(kind, EXPLICIT, tmp_path), eval_split="test")
+
+
+def test_a_template_that_fails_on_a_row_is_a_counted_drop(tmp_path):
+    # A template raising ZeroDivisionError (not jinja's TemplateError) stopped the run from inside jinja.
+    rows = [*CHAT[:2], {"prompt": user("boom"), "chosen": assistant("a"), "rejected": assistant("b")}, CHAT[2]]
+    tokenizer = ascii_tokenizer()
+    tokenizer.chat_template = "{% if messages[0]['content'] == 'boom' %}{{ 1 / 0 }}{% endif %}" + CHAT_TEMPLATE
+    dm = PreferenceDataModule(dataset=rows, tokenizer=tokenizer, max_length=64, max_prompt_length=32)
+    dm.setup("fit")
+    assert dm.summary["train"]["dropped"] == {"chat template error": 1}
+    assert [row["prompt_input_ids"] for row in dm.train_data] == [ids(text[0]) for text in TEXTS["conversational"]]
+
+
+@pytest.mark.parametrize("key, value", [("messages", []), ("return_assistant_tokens_mask", True),
+                                        ("chat_template", "x"), ("tools", [])])
+def test_run_wide_template_arguments_that_apply_chat_template_sets_itself_are_named(key, value):
+    # Run-wide {"messages": []} stopped the run with jinja's "got multiple values for keyword argument 'messages'".
+    with pytest.raises(ValueError, match=rf"--data.chat_template_kwargs .* sets \['{key}'\], which the data rules"):
+        data_module(CHAT, "conversational", chat_template_kwargs={key: value})

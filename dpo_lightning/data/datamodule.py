@@ -66,7 +66,8 @@ def _check_arguments(hp: dict[str, Any]) -> None:
                          "and a value > 0")
     if set(hp.chat_template_kwargs or {}) & RESERVED:
         raise ValueError(f"--data.chat_template_kwargs {dict(hp.chat_template_kwargs)} sets "
-                         f"{sorted(set(hp.chat_template_kwargs) & RESERVED)}, which the data rules set themselves: "
+                         f"{sorted(set(hp.chat_template_kwargs) & RESERVED)}, which the data rules set themselves (tools: a "
+                         "`tools` column gives them, row by row): "
                          "give only the chat template's own variables, e.g. {enable_thinking: false}")
     if hp.dataset_num_proc is not None and hp.dataset_num_proc < 1:
         raise ValueError(f"--data.dataset_num_proc must be >= 1 (or null for one process), got {hp.dataset_num_proc}")

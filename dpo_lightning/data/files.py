@@ -18,7 +18,7 @@ import datasets
 import pyarrow.parquet as pq
 from datasets import Dataset, IterableDataset, load_dataset
 
-from dpo_lightning.data.rows import NotJSON, columns_to_rows, is_message
+from dpo_lightning.data.rows import NotJSON, columns_to_rows, message_problem
 
 # A file's type by its extension, in any case (".JSONL"), optionally gzipped; .ndjson is JSON lines by another name.
 FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".ndjson": "json", ".parquet": "parquet", ".csv": "csv"}
@@ -101,7 +101,7 @@ def json_rows(text: str, path: str, label: str) -> Iterator[Any]:
                 raise ValueError(f"{label} data {path}: not valid JSON ({error}): fix the file") from None
     if isinstance(whole, list):
         yield from whole
-    elif isinstance(whole, dict) and all(isinstance(value, list) and not any(map(is_message, value))
+    elif isinstance(whole, dict) and all(isinstance(value, list) and all(map(message_problem, value))
                                          for value in whole.values()):
         yield from columns_to_rows(whole, f"the {label} dataset {path}")
     else:

@@ -21,6 +21,7 @@ summary); `warn_ignored` warns for an ignored column that some known schema woul
 this package cannot train (images, rows that are not preference pairs) by what it is.
 """
 
+import inspect
 import json
 import warnings
 from collections import Counter
@@ -29,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Literal
 
 from datasets import Features, List, Value
+from transformers import PreTrainedTokenizerBase
 
 FIELDS = ("prompt", "chosen", "rejected")
 # What a split's rows hold, decided once by the data module (`PreferenceDataModule.train_kind`) and read by every
@@ -38,9 +40,11 @@ FIELDS_OF: dict[str, tuple[str, ...]] = {"pairs": FIELDS, "prompts": ("prompt",)
 TEMPLATE_COLUMNS = ("tools", "chat_template_kwargs")  # per-row arguments of apply_chat_template, TRL's names
 FIELD_NAMES = {name: name for name in FIELDS + TEMPLATE_COLUMNS}  # a schema's rows hold them under their own names
 MESSAGES = List(Value("string"))  # a field of messages: each message as its JSON text
-# apply_chat_template's arguments the rules set themselves: template arguments may not override them.
-RESERVED = frozenset({"conversation", "tokenize", "add_generation_prompt", "continue_final_message", "return_dict",
-                      "return_tensors"})
+# What template arguments may not set: apply_chat_template's own parameters (the rules set them, the `tools` column
+# gives the tools: TRL's apply_chat_template fails on a clash too) and `messages`, the conversation as the template
+# sees it; `documents` is a template variable with no column of its own, so it may be given.
+RESERVED = frozenset(inspect.signature(PreTrainedTokenizerBase.apply_chat_template).parameters) - {
+    "self", "kwargs", "documents"} | {"messages"}
 LABELS = ("label", "labels", "winner", "preference", "better_response_id", "safer_response_id",
           "overall_preference")
 _LABEL_FIX = ("chosen and rejected are used as they stand; if it says row by row which response is preferred, "
@@ -93,13 +97,32 @@ def without_nulls(value: Any) -> Any:
     return value
 
 
-def is_message(message: Any) -> bool:
-    """A dict with a text role and a text content, or tool calls and no content (TRL's tool-call format)."""
+def message_problem(message: Any) -> str:
+    """"" for a message a chat template renders: a text role, and a text content or, in its place, tool calls (TRL's
+    tool-call format); else "not messages", or "not tool calls" where its tool calls are not function calls (each
+    {"function": {"name": ...}} or, flat, {"name": ...}, as chat templates read them: not OpenAI's custom calls)."""
     if not isinstance(message, dict) or not isinstance(message.get("role"), str):
-        return False
+        return "not messages"
     calls = message.get("tool_calls")
-    return isinstance(message.get("content"), str) or (message.get("content") is None and isinstance(calls, list)
-                                                         and bool(calls))
+    if calls is not None and not (isinstance(calls, list) and all(map(_is_function_call, calls))):
+        return "not tool calls"
+    return "" if isinstance(message.get("content"), str) or (message.get("content") is None and calls) \
+        else "not messages"
+
+
+def _is_function_call(call: Any) -> bool:
+    function = call.get("function", call) if isinstance(call, dict) else None
+    return isinstance(function, dict) and isinstance(function.get("name"), str)
+
+
+def _text_parts_joined(message: Any) -> Any:
+    """A message whose content is a list of text parts ([{"type": "text", "text": ...}], as arena-human-preference-140k
+    stores it) with the texts joined into its content, as chat templates join them; any other message as it is."""
+    parts = message.get("content") if isinstance(message, dict) else None
+    if not isinstance(parts, list) or not all(isinstance(part, dict) and part.get("type") == "text"
+                                              and isinstance(part.get("text"), str) for part in parts):
+        return message
+    return {**message, "content": "".join(part["text"] for part in parts)}
 
 
 def _read(name: str, value: Any, feature) -> tuple[Any, str]:
@@ -113,14 +136,17 @@ def _read(name: str, value: Any, feature) -> tuple[Any, str]:
             except json.JSONDecodeError:
                 value = None
         if name == "tools":
-            return (_json(without_nulls(value)), "") if isinstance(value, list) else (None, "not a list")
+            problem = "not a list" if not isinstance(value, list) else \
+                "" if all(isinstance(tool, dict) for tool in value) else "not tool schemas"
+            return (None, problem) if problem else (_json(without_nulls(value)), "")
         ok = isinstance(value, dict) and not RESERVED & set(value)
         return (_json(without_nulls(value)), "") if ok else (None, "not template arguments")
     if feature == MESSAGES:
-        messages = [without_nulls(m) for m in value] if isinstance(value, list) else None
-        if messages is None or not all(map(is_message, messages)):
+        if not isinstance(value, list):
             return None, "not messages"
-        return [_json(message) for message in messages], ""
+        messages = [_text_parts_joined(without_nulls(m)) for m in value]
+        problem = next(filter(None, map(message_problem, messages)), "")
+        return (None, problem) if problem else ([_json(message) for message in messages], "")
     return (value, "") if isinstance(value, str) else (None, "not text")
 
 
