@@ -30,7 +30,8 @@ from dpo_lightning.data.formats import FORMATS, PRESETS, detect_format
 from dpo_lightning.data.layouts import Layout, choose_layout
 from dpo_lightning.data.loaders import EvalSampler, ResumableLoader
 from dpo_lightning.data.prompts import collate_prompts, prepare_prompts, prompt_format
-from dpo_lightning.data.rows import RESERVED, Reading, RowKind, warn_ignored
+from dpo_lightning.data.rows import RESERVED, Reading, RowKind
+from dpo_lightning.data.schemas import warn_ignored
 from dpo_lightning.data.rules import PREPARED, adds_bos, drop_error, prepare_rows, truncate
 from dpo_lightning.data.sources import (STAGE_NAMES, DatasetSource, load_rows, resolve_transform,
                                         single_split)

@@ -17,13 +17,12 @@ a stream:
 - `tools` is a list, or a JSON string of one (as TRL reads it); `chat_template_kwargs` an object (or its JSON).
 
 `Reading` records what reading a split found: the schema, and the columns nothing reads (named in the data
-summary); `warn_ignored` warns for an ignored column that some known schema would use, and `refuse` names data
-this package cannot train (images, rows that are not preference pairs) by what it is.
+summary; schemas.py warns for those some known schema would use), and `refuse` names data this package cannot
+train (images, rows that are not preference pairs) by what it is.
 """
 
 import inspect
 import json
-import warnings
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -45,19 +44,6 @@ MESSAGES = List(Value("string"))  # a field of messages: each message as its JSO
 # sees it; `documents` is a template variable with no column of its own, so it may be given.
 RESERVED = frozenset(inspect.signature(PreTrainedTokenizerBase.apply_chat_template).parameters) - {
     "self", "kwargs", "documents"} | {"messages"}
-LABELS = ("label", "labels", "winner", "preference", "better_response_id", "safer_response_id",
-          "overall_preference")
-_LABEL_FIX = ("chosen and rejected are used as they stand; if it says row by row which response is preferred, "
-              "build each pair with --data.transform (or remove the column mapping, so that a schema that "
-              "follows the label is detected)")
-_TEMPLATE_FIX = ("it is read only for conversations (prompt, chosen and rejected as messages, rendered by a chat "
-                 "template) in offline training: give the rows as messages, or remove the column")
-# A column some known schema reads -> (what it holds, what to do when this data's layout leaves it out).
-KNOWN = {"system": ("a system prompt", "put it into the prompt as a system message with --data.transform (a "
-                                       "column mapping turns off the schemas that read it)"),
-         "tools": ("the tools a chat template lists", _TEMPLATE_FIX),
-         "chat_template_kwargs": ("the chat template's arguments", _TEMPLATE_FIX),
-         **{name: ("a preference label", _LABEL_FIX) for name in LABELS}}
 # Columns that say a source holds rows of another kind than preference pairs -> what they are.
 NOT_PAIRS = (({"completion", "label"}, "unpaired preference rows (prompt, completion, label: TRL's KTO format)"),
              ({"completions", "labels"}, "stepwise supervision rows (prompt, completions, labels)"),
@@ -72,11 +58,13 @@ class NotJSON:
 
 @dataclass(frozen=True)
 class Reading:
-    """What reading a split found: the schema it was read as, the columns nothing reads, and among them those
-    left out by the user's own choice (a label other than `--data.label_column`), which warn_ignored spares."""
+    """What reading a split found: the schema it was read as, the columns nothing reads, among them those left out
+    by the user's own choice (a label other than `--data.label_column`), which `schemas.warn_ignored` spares, and
+    whether the user mapped columns (which turns the schemas off)."""
     schema: str = ""
     ignored: tuple[str, ...] = ()
     by_choice: tuple[str, ...] = ()
+    mapped: bool = False
 
 
 def columns_to_rows(data: dict, what: str) -> list[dict]:
@@ -222,12 +210,3 @@ def refuse(names: set[str], sample: list, label: str, pairs: bool) -> None:
                              f"and a rejected response. Its columns are {sorted(names)}: pair them into prompt/chosen/"
                              "rejected rows with --data.transform, or map yours with --data.prompt_column / "
                              "chosen_column / rejected_column")
-
-
-def warn_ignored(reading: Reading, label: str) -> None:
-    """Warn for each ignored column some known schema would use (a system prompt, tools, template arguments, a
-    preference label), naming it and what to do; the data summary names every ignored column."""
-    for name in reading.ignored:
-        if name in KNOWN and name not in reading.by_choice:
-            what, fix = KNOWN[name]
-            warnings.warn(f"{label} data: column {name!r} ({what}) is not used: {fix}", stacklevel=2)

@@ -282,7 +282,8 @@ def cut_prompt(prompt: list[int], max_prompt_length: int, truncation_mode: str,
 # drop reason (without its field) -> what a user can do about it: strict mode's errors, docs/data.md's table.
 FIXES = {
     "missing": "fill the field or filter the row out",
-    "not text": "give the field as text (a JSON string, not a number or object), or filter the row out",
+    "not text": "give the field as text (a JSON string, not a number or object), or filter the row out (ShareGPT's "
+                "{'from', 'value'} messages: map them to {'role', 'content'} with --data.transform)",
     "not messages": "give the field as a list of {'role': ..., 'content': ...} messages with text content (or, "
                     "for a tool call, 'tool_calls' and no content)",
     "not tool calls": "give each tool call as {'type': 'function', 'function': {'name': ..., 'arguments': ...}}, "
@@ -309,10 +310,14 @@ FIXES = {
     "not valid JSON": "fix or remove the line (one JSON object per line)",
     "dropped by transform": "nothing, if --data.transform means to drop it; else make it return the row",
     "tie": "nothing: a tie carries no preference",
-    "not 0 or 1": "give the label as 0 or 1, saying which response is preferred (the schema table in docs/data.md "
-                  "says which is which)",
-    "not a number": "give overall_preference as an integer from -3 to 3 (negative: response1 preferred)",
+    "not 0 or 1": "give the label as 0 or 1 (1.0, true or the text 1 read alike), saying which response is "
+                  "preferred (the schema table in docs/data.md says which is which)",
+    "not an integer": "give the preference as an integer from -3 to 3 (-2.0 or the text -2 read alike; negative: the "
+                      "first response preferred)",
     "unknown value": "give winner as model_a, model_b, or a tie (tie, tie (bothbad), both_bad)",
+    "not one winner": "give exactly one of winner_model_a, winner_model_b and winner_tie as 1, the others 0",
+    "not JSON turns": "give prompt, response_a and response_b as JSON lists of the turns' texts, one answer per prompt "
+                      "turn (as lmsys-arena-human-preference-55k stores them), or filter the row out",
 }
 # reasons that name no field of their own -> the field the error names (None: the whole row)
 _ROW_REASONS = {"chosen == rejected": "rejected", "prompts differ": "rejected", "no shared prompt": "rejected",

@@ -214,11 +214,11 @@ def _planned(sample: list, names: set[str], plan: dict) -> tuple[dict, Reading]:
     args = dict(columns=plan["columns"], transform=transform, chat=plan["chat"], schema=schema,
                 features=features(mapped, columns, needed))
     templates = TEMPLATE_COLUMNS if plan["kind"] == "pairs" else ()  # online prompts render without them
-    reads = schema.reads() if schema else {*plan["columns"].values(), *templates}
-    by_choice = [name for name in schema.labels_in(names) if name != schema.label] if schema and plan["label_column"] \
-        else []
+    reads = schema.reads(names) if schema else {*plan["columns"].values(), *templates}
+    by_choice = schema.label_columns(names)[1] if schema and plan["label_column"] else set()
+    mapped = any(column != field for field, column in plan["columns"].items())
     return args, Reading(schema.describe() if schema else "", tuple(sorted(names - reads - {"source_issue"})),
-                         tuple(by_choice))
+                         tuple(sorted(by_choice)), mapped)
 
 
 def _warn_unused_text(rows: list, names: set[str], plan: dict) -> None:
@@ -250,9 +250,13 @@ def require(names, columns: dict[str, str], label: str, kind: RowKind = "pairs")
             raise ValueError(f"{label} data has no column {column!r} (--data.{field}_column); its columns are "
                              f"{sorted(names)}: set --data.{field}_column to one of them")
     if {columns["chosen"], columns["rejected"]} - set(names):
+        labels = sorted(set(names) & set(schemas.LABELS))
         raise ValueError(f"{label} data has columns {sorted(names)}; expected 'chosen' and 'rejected' (and 'prompt'): "
-                         "map yours with --data.prompt_column / chosen_column / rejected_column, or turn each row "
-                         "into one with --data.transform")
+                         + (f"its columns {labels} look like a preference label saying row by row which response "
+                            "is preferred, which a fixed column mapping would not follow: build each pair from it "
+                            "with --data.transform" if labels else
+                            "map yours with --data.prompt_column / chosen_column / rejected_column, or turn each row "
+                            "into one with --data.transform"))
 
 
 def _text_only(rows: Dataset | IterableDataset, columns: dict[str, str], label: str) -> bool:
