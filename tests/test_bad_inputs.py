@@ -13,6 +13,8 @@ is left out of that case. Files go to temp folders; no network.
 import csv
 import os
 import json
+import subprocess
+import sys
 import traceback
 
 import pytest
@@ -161,6 +163,10 @@ ERRORS = [
      r"holds prompt-completion rows \(supervised fine-tuning\), not preference pairs"),
     ("an images column", [{"prompt": "p", "chosen": " a", "rejected": " b", "images": ["cat.png"]}] * 2, TYPED,
      r"has 'images': images cannot be trained here"),
+    # Told to `cast_column(..., Value('string'))`, which cannot work on a struct.
+    ("ShareGPT responses", [{"prompt": "p", "chosen": {"from": "gpt", "value": "a"},
+                             "rejected": {"from": "gpt", "value": "b"}}] * 2, ("dataset", "parquet"),
+     r"field 'chosen' \(column 'chosen'\) holds ShareGPT-style messages \{'from', 'value'\}.*'role'.*--data.transform"),
 ]
 
 
@@ -369,3 +375,27 @@ def test_run_wide_template_arguments_that_apply_chat_template_sets_itself_are_na
     # Run-wide {"messages": []} stopped the run with jinja's "got multiple values for keyword argument 'messages'".
     with pytest.raises(ValueError, match=rf"--data.chat_template_kwargs .* sets \['{key}'\], which the data rules"):
         data_module(CHAT, "conversational", chat_template_kwargs={key: value})
+
+
+@pytest.mark.parametrize("streaming", [True, False])
+def test_a_stream_with_no_usable_row_stops_with_the_drop_reasons(streaming, tmp_path):
+    # Streamed, every row dropped (chosen == rejected): `fit` spun at full CPU over empty epochs until killed, its one
+    # message Lightning's "Total length of `list` across ranks is zero".
+    rows = [{"prompt": f"p{i}", "chosen": " same", "rejected": " same"} for i in range(20)]
+    dm = data_module(write("jsonl", rows, tmp_path), "explicit", streaming=streaming)
+    with pytest.raises(ValueError, match=r"no usable train rows.*chosen == rejected: 20"):
+        dm.setup("fit")
+
+
+def test_fit_on_a_stream_with_no_usable_row_stops_with_our_error(tiny_llama, tmp_path):
+    # The configuration users have: `dpo-lightning fit --data.streaming true`, in a process of its own (before the
+    # fix it never ended: the timeout fails the test).
+    rows = [{"prompt": f"p{i}", "chosen": " same", "rejected": " same"} for i in range(20)]
+    done = subprocess.run([sys.executable, "-m", "dpo_lightning.cli", "fit", "--model.model_name_or_path", tiny_llama,
+                           "--data.dataset", write("jsonl", rows, tmp_path), "--data.streaming", "true",
+                           "--data.max_length", "64", "--data.max_prompt_length", "32", "--trainer.max_steps", "2",
+                           "--trainer.accelerator", "cpu", "--trainer.logger", "false",
+                           "--trainer.enable_checkpointing", "false", f"--trainer.default_root_dir={tmp_path}"],
+                          capture_output=True, text=True, timeout=240, cwd=tmp_path)
+    assert done.returncode != 0
+    assert "ValueError: no usable train rows in the stream" in done.stderr and "chosen == rejected: 20" in done.stderr

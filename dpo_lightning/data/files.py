@@ -16,7 +16,7 @@ from typing import Any, Iterator
 
 import datasets
 import pyarrow.parquet as pq
-from datasets import Dataset, IterableDataset, load_dataset
+from datasets import Dataset, DatasetDict, IterableDataset, load_dataset, load_dataset_builder
 
 from dpo_lightning.data.rows import NotJSON, columns_to_rows, message_problem
 
@@ -48,6 +48,20 @@ def data_files(source: str | list[str]) -> list[str] | None:
     if None in builders or len(builders) > 1:
         raise ValueError(f"{source}: files must share one type of {sorted(FILE_BUILDERS)} (optionally .gz)")
     return files
+
+
+def saved_dataset(path: str) -> Dataset | DatasetDict | None:
+    """A folder `save_to_disk` wrote (a `DatasetDict`'s, with its own split names, or a `Dataset`'s), read with
+    `load_from_disk`; None for any other folder (`load_dataset` would read its Arrow files as split files)."""
+    marks = ("dataset_dict.json", "state.json")
+    return datasets.load_from_disk(path) if any(os.path.isfile(os.path.join(path, m)) for m in marks) else None
+
+
+def folder_splits(path: str, name: str | None, data_dir: str | None) -> list[str]:
+    """The splits a local folder of data files holds, as `load_dataset` names them from its file names (e.g.
+    data/train_prefs-00000-of-00001.parquet: "train_prefs"), without reading the files."""
+    builder = load_dataset_builder(path, name, data_dir=data_dir)
+    return sorted(builder.config.data_files or builder.info.splits or [])
 
 
 def open_text(path: str):

@@ -285,7 +285,8 @@ FIXES = {
     "not text": "give the field as text (a JSON string, not a number or object), or filter the row out (ShareGPT's "
                 "{'from', 'value'} messages: map them to {'role', 'content'} with --data.transform)",
     "not messages": "give the field as a list of {'role': ..., 'content': ...} messages with text content (or, "
-                    "for a tool call, 'tool_calls' and no content)",
+                    "for a tool call, 'tool_calls' and no content); ShareGPT's {'from', 'value'} messages: map them "
+                    "to {'role', 'content'} with --data.transform",
     "not tool calls": "give each tool call as {'type': 'function', 'function': {'name': ..., 'arguments': ...}}, "
                       "the form chat templates render (not OpenAI's custom tool calls, not null)",
     "not a list": "give tools as a list of function schemas ({'type': 'function', 'function': {...}}) or a JSON "

@@ -22,7 +22,8 @@ before `datasets`, pyarrow or pandas can fail on it deep inside:
 - An empty source, invalid JSON, columns of unequal length, images, rows of another kind than pairs: errors.
 - Every column no rule reads is recorded (`rows.Reading`), for the data summary and its warnings. A source's
   columns are all its rows' columns, whatever its kind: Arrow knows them (parquet, `datasets`), a list or a file
-  is surveyed in one pass (`_survey`); with a transform on Arrow rows, the transformed first 100 rows' columns.
+  is surveyed in one pass (`_survey`); with a transform on Arrow rows, or a hub stream that does not declare its
+  columns, the first 100 rows' columns.
 """
 
 import glob
@@ -81,10 +82,14 @@ def load_rows(source: DatasetSource, split: str = "train", name: str | None = No
         source = columns_to_rows(source, f"the {plan['label']} dataset")
     if isinstance(source, list) and not _are_paths(source):
         return _from_python(source, plan)
+    if isinstance(source, str) and os.path.isdir(source):  # a folder save_to_disk wrote, or one of split files
+        saved = files.saved_dataset(source)
+        if saved is None:
+            _require_split(files.folder_splits(source, name, data_dir), split, stage)
+        else:
+            source = saved
     if isinstance(source, DatasetDict):
-        if split not in source:
-            raise ValueError(f"split {split!r} not in the {plan['label']} dataset; it has {sorted(source)}: "
-                             f"set --data.{'eval_split' if stage == 'val' else 'split'}")
+        _require_split(list(source), split, stage)
         source = source[split]
     if isinstance(source, Dataset):
         return _from_arrow(source, plan)
@@ -96,11 +101,19 @@ def load_rows(source: DatasetSource, split: str = "train", name: str | None = No
     return _from_arrow(files.load_parquet(paths, plan["label"], streaming), plan)
 
 
+def _require_split(splits: list[str], split: str, stage: str) -> None:
+    if split not in splits:
+        raise ValueError(f"split {split!r} not in the {STAGE_NAMES.get(stage, stage)} dataset; it has "
+                         f"{sorted(splits)}: set --data.{'eval_split' if stage == 'val' else 'split'}")
+
+
 def single_split(source: DatasetSource) -> bool:
-    """Whether `source` holds one split only (rows, a `Dataset`, local data files): it has no `eval_split`."""
+    """Whether `source` holds one split only (rows, a `Dataset` or one saved to disk, local data files): it has no
+    `eval_split`."""
     if isinstance(source, (dict, list, Dataset)) and not isinstance(source, DatasetDict):
         return True
-    return isinstance(source, str) and (glob.has_magic(source) or os.path.isfile(source))
+    return isinstance(source, str) and (glob.has_magic(source) or os.path.isfile(source)
+                                        or os.path.isfile(os.path.join(source, "state.json")))
 
 
 def resolve_transform(transform: str | Callable | None) -> Callable | None:
@@ -178,8 +191,10 @@ def _from_arrow(rows: Dataset | IterableDataset, plan: dict) -> tuple[Dataset | 
     if isinstance(rows, Dataset) and not len(rows):
         raise ValueError(f"the {plan['label']} dataset is empty: no rows")
     sample = list(rows.take(_SAMPLE))
-    # With a transform, the columns are the transformed sample's (a pass over every row would be a second read).
-    args, reading = _planned(sample, set(names) if plan["transform"] is None else _survey(sample, plan)[0], plan)
+    # With a transform, or a stream that does not know its columns (a hub's JSON), the columns are those of the
+    # first 100 rows (a pass over every row would be a second read).
+    known = plan["transform"] is None and rows.column_names
+    args, reading = _planned(sample, set(names) if known else _survey(sample, plan)[0], plan)
     if plan["transform"] is None and args["schema"] is None and _text_only(rows, plan["columns"], plan["label"]):
         return _canonical(rows, plan["columns"]), reading
     mapped = rows.map(canonical_row, fn_kwargs=args, remove_columns=names, features=args["features"],
@@ -272,10 +287,19 @@ def _text_only(rows: Dataset | IterableDataset, columns: dict[str, str], label: 
         kinds[field] = "text" if isinstance(feature, Value) and feature.dtype in ("string", "large_string", "null") \
             else "messages" if isinstance(feature, (List, LargeList)) else None
         if kinds[field] is None:
-            raise ValueError(f"every {label} row: field {field!r} "
-                             f"(column {column!r}) holds {feature}, not text: cast it, e.g. dataset.cast_column("
-                             f"{column!r}, Value('string')), or fix the source")
+            raise ValueError(f"every {label} row: field {field!r} (column {column!r}) holds {_what(feature, column)}")
     return set(kinds.values()) <= {"text"} and not set(TEMPLATE_COLUMNS) & set(rows.features)
+
+
+def _what(feature, column: str) -> str:
+    """What a field column of neither text nor messages holds, and the fix: a cast for a value; a transform for
+    objects (a cast to text cannot work on a struct), ShareGPT's messages named as such."""
+    if not isinstance(feature, dict):
+        return f"{feature}, not text: cast it, e.g. dataset.cast_column({column!r}, Value('string')), or fix the source"
+    if {"from", "value"} <= set(feature):
+        return ("ShareGPT-style messages {'from', 'value'}, not text or messages: map each to {'role', 'content'} "
+                "(human: user, gpt: assistant) with --data.transform")
+    return f"objects {feature}, not text or messages: turn them into one or the other with --data.transform"
 
 
 def _canonical(rows: Dataset | IterableDataset, columns: dict[str, str]) -> Dataset | IterableDataset:
