@@ -937,3 +937,13 @@ def test_labels_from_csv_text_are_read(replica, tmp_path):
                               max_prompt_length=768, **given.settings)
     dm.setup("fit")
     check(dm, given.kept, given.dropped, given.schema)
+
+
+def test_image_parts_in_a_renamed_column_are_refused_too(tmp_path):
+    """A vision set's conversations under its own column name (mapped with prompt_column) still hold images."""
+    picture = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is shown?"}]}
+    rows = [{"question": [picture], "chosen": [say("assistant", "A cat.")], "rejected": [say("assistant", "A dog.")]}
+            for _ in range(2)]
+    dm = PreferenceDataModule(dataset=rows, tokenizer=chat_tokenizer(), prompt_column="question")
+    with pytest.raises(ValueError, match=r"train data has 'image parts in messages': images cannot be trained here"):
+        dm.setup("fit")

@@ -13,8 +13,11 @@ a stream:
   write every float with 10 digits, 3.1415926536, and refuse an integer beyond 64 bits.)
 - A null value is the same as a missing key, at every depth: Arrow (parquet, `datasets`) stores a column of
   objects with the union of their keys, the missing ones null, and cannot tell the two apart.
-- A message has a text `role`, and a text `content` or, in its place, `tool_calls` (TRL's tool-call format).
-- `tools` is a list, or a JSON string of one (as TRL reads it); `chat_template_kwargs` an object (or its JSON).
+- A message has a text `role`, and a text `content` (text parts `[{"type": "text", "text": ...}]` joined, as chat
+  templates join them) or, in its place, `tool_calls`, function calls (TRL's tool-call format).
+- `tools` is a list of tool schemas, or a JSON string of one (as TRL reads it); `chat_template_kwargs` an object
+  (or its JSON) that sets none of `apply_chat_template`'s own arguments (`RESERVED`).
+- A .json file or an in-memory dict of columns becomes rows by `columns_to_rows`.
 
 `Reading` records what reading a split found: the schema, and the columns nothing reads (named in the data
 summary; schemas.py warns for those some known schema would use), and `refuse` names data this package cannot
@@ -196,8 +199,8 @@ def canonical_row(row: Any, columns: dict[str, str], transform: Callable | None,
 def refuse(names: set[str], sample: list, label: str, pairs: bool) -> None:
     """Raise for data this package cannot train, by what it is: images (a column, or image parts in messages),
     and, where no chosen/rejected pair is found (`pairs` False), rows of another kind than preference pairs."""
-    parts = [part for row in sample if isinstance(row, dict) for field in FIELDS if isinstance(row.get(field), list)
-             for m in row[field] if isinstance(m, dict) and isinstance(m.get("content"), list)
+    parts = [part for row in sample if isinstance(row, dict) for value in row.values() if isinstance(value, list)
+             for m in value if isinstance(m, dict) and isinstance(m.get("content"), list)
              for part in m["content"] if isinstance(part, dict) and part.get("type") in ("image", "image_url")]
     images = sorted({"image", "images"} & names) or (["image parts in messages"] if parts else [])
     if images:
