@@ -11,11 +11,14 @@ def ends_optimizer_step(trainer: L.Trainer, batch_idx: int) -> bool:
 
 
 def logs_after(trainer: L.Trainer, steps_done: int) -> bool:
-    """Whether Lightning sends the training step's logged values to the loggers at the optimizer step that brings
-    the count of steps to `steps_done`: every `log_every_n_steps` (TRL's `logging_steps`) steps, never at 0.
+    """Whether the training step that brings the count of optimizer steps to `steps_done` logs: every
+    `log_every_n_steps` (TRL's `logging_steps`; Lightning writes the loggers at these steps), and the run's last
+    step, so that `trainer.callback_metrics` holds the last steps' values when `fit` returns. Never at 0.
 
     Inside a training step `steps_done` is `trainer.global_step + 1`; after its optimizer step (on_train_batch_end)
-    `trainer.global_step`. Lightning's own monitors ask the same of a private flag; this is its rule.
+    `trainer.global_step`.
     """
-    every = trainer.log_every_n_steps
-    return bool(every) and steps_done % every == 0
+    every, epochs = trainer.log_every_n_steps, trainer.max_epochs
+    last = steps_done == trainer.max_steps or (trainer.is_last_batch and epochs is not None and epochs > 0
+                                               and trainer.current_epoch + 1 >= epochs)
+    return bool(every) and (steps_done % every == 0 or last)
