@@ -12,8 +12,9 @@ from pathlib import Path
 import torch
 
 
-def run(mode: str, policy: str, reference: str, devices: int, out: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, __file__, mode, policy, reference, str(devices), str(out)],
+def run(mode: str, policy: str, reference: str, devices: int, out: Path, **data) -> subprocess.CompletedProcess:
+    """One run of this file's `__main__`; `data`: PreferenceDataModule settings over its defaults (JSON)."""
+    return subprocess.run([sys.executable, __file__, mode, policy, reference, str(devices), str(out), json.dumps(data)],
                           capture_output=True, text=True, timeout=600, cwd=out.parent)
 
 
@@ -94,7 +95,8 @@ if __name__ == "__main__":
         Path(sys.argv[5])
     online = mode == "online"
     data = PreferenceDataModule(dataset=rows(12), eval_dataset=rows(4) if online else None, tokenizer=ascii_tokenizer(),
-                                max_length=48, max_prompt_length=24, batch_size=4 // devices, eval_fraction=0.0)
+                                max_length=48, max_prompt_length=24, batch_size=4 // devices, eval_fraction=0.0,
+                                **json.loads(sys.argv[6]))
     model = DPOModule(policy, ref_model_name_or_path=reference, learning_rate=1e-3, online={
         "reward_funcs": "test_fsdp2.text_reward", "num_samples": 3, "max_new_tokens": 6,
         "ref_model_sync_steps": 2} if online else None)

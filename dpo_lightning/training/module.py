@@ -7,11 +7,11 @@ the objective over the losses named by `loss_type` (`objective.Objective`, pure 
 check, and the metrics (`metrics.py`). Devices, precision and distribution are the Trainer's business: nothing here
 moves tensors or casts them.
 
-The hooks come in the order Lightning calls them (setup, training_step, on_before_optimizer_step,
-lr_scheduler_step, on_train_batch_end, validation_step), then the step they share (`_shared_step`:
-log-probs, reference log-probs, loss, metrics) and its helpers. A non-finite loss with
-`nonfinite_loss: skip`, or an online step without a pair on any rank, marks the optimizer step skipped on every
-rank, and the hooks after it leave the weights, optimizer, schedule and metrics alone (`on_before_optimizer_step`).
+The hooks come in the order Lightning calls them (setup, training_step, on_before_optimizer_step, lr_scheduler_step,
+on_train_batch_end, validation_step), then the step they share (`_shared_step`: log-probs, reference log-probs, loss,
+metrics) and its helpers. A non-finite loss with `nonfinite_loss: skip`, or an online step without a pair on any
+rank, marks the optimizer step skipped on every rank, and the hooks after it leave the weights, optimizer, schedule
+and metrics alone (`on_before_optimizer_step`).
 """
 
 import functools
@@ -182,7 +182,8 @@ class DPOModule(L.LightningModule):
         online: OnlineConfig | None = None,
     ):
         super().__init__()
-        online = OnlineConfig.plain(online)  # checked (a dict from Python alike); plain data in checkpoints
+        settings = OnlineConfig.of(online) if online is not None else None  # checked (a dict from Python alike)
+        online = OnlineConfig.plain(settings)  # plain data in checkpoints: a function as its import path
         loss_types = [loss_type] if isinstance(loss_type, str) else list(loss_type)
         options = {name: value for name, value in locals().items() if name in LOSS_OPTIONS and value is not None}
         # The losses, their weights and options, length normalisation, the RPO term and bco_pair's running mean.
@@ -219,7 +220,7 @@ class DPOModule(L.LightningModule):
             for model in (self.policy, self.reference):
                 if model is not None:
                     decoder(base_causal_lm(model)).compile(dynamic=True)  # in place: same parameter names
-        self.online = Online(online, precompute_ref_log_probs, self.ref.refreshable) if online else None  # online DPO
+        self.online = settings and Online(settings, precompute_ref_log_probs, self.ref.refresh_refusal(self.policy))
         self.train_kind = train_kind(online)  # online: the data module reads prompts alone
         self.train_metrics = make_metrics(self.objective, False, Online.METRICS if online else ())
         self.val_metrics = make_metrics(self.objective)
@@ -265,7 +266,7 @@ class DPOModule(L.LightningModule):
         if sampled is not None:  # its pairs (where every prompt tied, a stand-in that trains with weight 0)
             batch = sampled.batch
             update_means(self.train_metrics, sampled.metrics)
-        loss = self._shared_step(batch, "train", sampled is None or sampled.has_pairs)
+        loss = self._shared_step(batch, "train", sampled.loss_scale if sampled is not None else 1.0)
         if ends_optimizer_step(self.trainer, batch_idx):  # log once per optimizer step, over all its micro-batches
             self._log_train_step()
         return {"loss": loss, "batch": batch}  # the batch that trained, for the callbacks (throughput.py)
@@ -296,7 +297,7 @@ class DPOModule(L.LightningModule):
             self.log(f"val/{name}", metric, on_epoch=True, prog_bar=name in PROGRESS_BAR)
         return loss
 
-    def _shared_step(self, batch: dict[str, Tensor], stage: str, trains: bool = True) -> Tensor:
+    def _shared_step(self, batch: dict[str, Tensor], stage: str, scale: float = 1.0) -> Tensor:
         policy_logps, mean_logits, n_tokens, aux_loss = self.scorer(self.policy, batch, self.objective.router)  # (2B,)
         ref_logps = self.ref.logps(self.policy, batch, stage)  # (2B,), no grad; None for reference-free losses
         # Training batches join bco_pair's running mean, summed over ranks (`Objective`); MoE: the router's loss.
@@ -304,10 +305,10 @@ class DPOModule(L.LightningModule):
                              aux_loss)
         if stage == "train" and not self._finite_on_every_rank(out.loss, batch):
             return out.loss  # its optimizer step is skipped: see on_before_optimizer_step
-        if not trains:  # online, every prompt tied: a stand-in's zero gradient, where other ranks train
+        if not scale:  # online, every prompt tied: a stand-in's zero gradient, where other ranks train
             return out.loss * 0
         self._update_metrics(stage, batch, out, policy_logps, ref_logps, mean_logits, n_tokens)
-        return out.loss
+        return out.loss * scale  # online: times the pairs, for the step's mean over all of them (`Sampled.loss_scale`)
 
     def _sum_over_ranks(self, tensor: Tensor) -> Tensor:
         return self.trainer.strategy.reduce(tensor, reduce_op="sum") if self._trainer is not None else tensor
