@@ -126,8 +126,7 @@ class DPOModule(L.LightningModule):
             base, and exports merge the adapter into a bf16 copy of the base. `pip install -e .[qlora]`.
         quantization_config: `transformers.BitsAndBytesConfig`'s arguments as a dict, instead of
             `load_in_4bit`'s defaults, e.g. {bnb_4bit_quant_type: fp4, bnb_4bit_use_double_quant: true}.
-        online: train online: the policy samples each batch's pairs from the data's prompts and a reward
-            ranks them (`online.OnlineConfig`: reward_funcs, num_samples, ...; from Python, a dict of its keys too).
+        online: train online, on pairs the policy samples and a reward ranks (`online.OnlineConfig`; or a dict).
     """
 
     def __init__(
