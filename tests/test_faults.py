@@ -447,7 +447,7 @@ def test_prompts_longer_than_max_length_are_cut_before_sampling_so_every_pair_ke
                        max_prompt_length=16, prefix_sharing=False, tokenizer=tokenizer)
     assert steps.data.summary["train"]["truncated"] == 12
     for (seen, _), batch in zip(CALLS, steps.batches):
-        assert set(seen) <= {tokenizer.decode(list(prompt), skip_special_tokens=True) for prompt in cut}
+        assert set(seen) <= set(prompts)  # the reward reads each prompt as written, uncut
         mask, labels = batch["attention_mask"].bool(), batch["labels"]
         for row in range(len(labels)):
             response = labels[row][labels[row] != -100].tolist()

@@ -19,7 +19,7 @@ import lightning as L
 import pytest
 import torch
 import yaml
-from conftest import ascii_tokenizer, data_module, ids, quiet_trainer, rows
+from conftest import ascii_tokenizer, data_module, quiet_trainer, rows
 from datasets import Dataset
 from lightning.pytorch.callbacks import ModelCheckpoint
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForSequenceClassification
@@ -134,7 +134,7 @@ def test_each_pair_is_its_prompts_best_and_worst_sample_and_ties_are_skipped_and
                 labels, ids = batch["labels"][row], batch["input_ids"][row][batch["attention_mask"][row].bool()]
                 response_ids = labels[labels != -100].tolist()
                 prompt_ids = ids[:len(ids) - len(response_ids)].tolist()
-                assert prompt_ids == ids(prompt)  # the reward read the prompt as written: its ids, one per character
+                assert prompt_ids == [ord(c) for c in prompt]  # the reward read the prompt as written: its ids, one per character
                 if 2 in response_ids:
                     assert response_ids.index(2) == len(response_ids) - 1
                 assert tokenizer.decode(response_ids, skip_special_tokens=True) == response
