@@ -13,6 +13,8 @@ is left out of that case. Files go to temp folders; no network.
 import csv
 import os
 import json
+import subprocess
+import sys
 import traceback
 
 import pytest
@@ -124,6 +126,23 @@ DROPS = [
      {"prompt": user("q"), "chosen": assistant("a"), "rejected": assistant("b"),
       "chat_template_kwargs": {"add_generation_prompt": True}}, "not template arguments chat_template_kwargs",
      "chat_template_kwargs", PY),
+    # Issue 29's tester: each of these stopped the run with an error from transformers, jinja or json, no row named.
+    *[(f"template arguments set {key}", "conversational",
+       {"prompt": user("q"), "chosen": assistant("a"), "rejected": assistant("b"), "chat_template_kwargs": {key: value}},
+       "not template arguments chat_template_kwargs", "chat_template_kwargs", PY)
+      for key, value in [("messages", []), ("return_assistant_tokens_mask", True), ("chat_template", "x"),
+                         ("tools", [{"type": "function", "function": {"name": "f"}}])]],
+    ("tools a list of names", "conversational", {"prompt": user("q"), "chosen": assistant("a"),
+                                                 "rejected": assistant("b"), "tools": ["get_weather"]},
+     "not tool schemas tools", "tools", TYPED),
+    ("tools [null]", "conversational", {"prompt": user("q"), "chosen": assistant("a"), "rejected": assistant("b"),
+                                        "tools": [None]}, "not tool schemas tools", "tools", TYPED),
+    ("OpenAI's custom tool call", "conversational",
+     {"prompt": user("q"), "chosen": [{"role": "assistant", "tool_calls": [
+         {"id": "c1", "type": "custom", "custom": {"name": "grep", "input": "foo"}}]}], "rejected": assistant("b")},
+     "not tool calls chosen", "chosen", TYPED),
+    ("tool calls [null]", "conversational", {"prompt": user("q"), "chosen": [{"role": "assistant", "tool_calls": [None]}],
+                                             "rejected": assistant("b")}, "not tool calls chosen", "chosen", TYPED),
 ]
 
 # (name, source builder or rows, kinds, error pattern)
@@ -144,6 +163,10 @@ ERRORS = [
      r"holds prompt-completion rows \(supervised fine-tuning\), not preference pairs"),
     ("an images column", [{"prompt": "p", "chosen": " a", "rejected": " b", "images": ["cat.png"]}] * 2, TYPED,
      r"has 'images': images cannot be trained here"),
+    # Told to `cast_column(..., Value('string'))`, which cannot work on a struct.
+    ("ShareGPT responses", [{"prompt": "p", "chosen": {"from": "gpt", "value": "a"},
+                             "rejected": {"from": "gpt", "value": "b"}}] * 2, ("dataset", "parquet"),
+     r"field 'chosen' \(column 'chosen'\) holds ShareGPT-style messages \{'from', 'value'\}.*'role'.*--data.transform"),
 ]
 
 
@@ -333,3 +356,46 @@ def test_eval_split_on_a_single_split_source_is_refused(kind, tmp_path):
     # Defect 6: `eval_split: test` on one file validated on the training rows, silently.
     with pytest.raises(ValueError, match=r"--data.eval_split 'test': the dataset is one split .*--data.eval_dataset"):
         setup_rows(write(kind, EXPLICIT, tmp_path), eval_split="test")
+
+
+def test_a_template_that_fails_on_a_row_is_a_counted_drop(tmp_path):
+    # A template raising ZeroDivisionError (not jinja's TemplateError) stopped the run from inside jinja.
+    rows = [*CHAT[:2], {"prompt": user("boom"), "chosen": assistant("a"), "rejected": assistant("b")}, CHAT[2]]
+    tokenizer = ascii_tokenizer()
+    tokenizer.chat_template = "{% if messages[0]['content'] == 'boom' %}{{ 1 / 0 }}{% endif %}" + CHAT_TEMPLATE
+    dm = PreferenceDataModule(dataset=rows, tokenizer=tokenizer, max_length=64, max_prompt_length=32)
+    dm.setup("fit")
+    assert dm.summary["train"]["dropped"] == {"chat template error": 1}
+    assert [row["prompt_input_ids"] for row in dm.train_data] == [ids(text[0]) for text in TEXTS["conversational"]]
+
+
+@pytest.mark.parametrize("key, value", [("messages", []), ("return_assistant_tokens_mask", True),
+                                        ("chat_template", "x"), ("tools", [])])
+def test_run_wide_template_arguments_that_apply_chat_template_sets_itself_are_named(key, value):
+    # Run-wide {"messages": []} stopped the run with jinja's "got multiple values for keyword argument 'messages'".
+    with pytest.raises(ValueError, match=rf"--data.chat_template_kwargs .* sets \['{key}'\], which the data rules"):
+        data_module(CHAT, "conversational", chat_template_kwargs={key: value})
+
+
+@pytest.mark.parametrize("streaming", [True, False])
+def test_a_stream_with_no_usable_row_stops_with_the_drop_reasons(streaming, tmp_path):
+    # Streamed, every row dropped (chosen == rejected): `fit` spun at full CPU over empty epochs until killed, its one
+    # message Lightning's "Total length of `list` across ranks is zero".
+    rows = [{"prompt": f"p{i}", "chosen": " same", "rejected": " same"} for i in range(20)]
+    dm = data_module(write("jsonl", rows, tmp_path), "explicit", streaming=streaming)
+    with pytest.raises(ValueError, match=r"no usable train rows.*chosen == rejected: 20"):
+        dm.setup("fit")
+
+
+def test_fit_on_a_stream_with_no_usable_row_stops_with_our_error(tiny_llama, tmp_path):
+    # The configuration users have: `dpo-lightning fit --data.streaming true`, in a process of its own (before the
+    # fix it never ended: the timeout fails the test).
+    rows = [{"prompt": f"p{i}", "chosen": " same", "rejected": " same"} for i in range(20)]
+    done = subprocess.run([sys.executable, "-m", "dpo_lightning.cli", "fit", "--model.model_name_or_path", tiny_llama,
+                           "--data.dataset", write("jsonl", rows, tmp_path), "--data.streaming", "true",
+                           "--data.max_length", "64", "--data.max_prompt_length", "32", "--trainer.max_steps", "2",
+                           "--trainer.accelerator", "cpu", "--trainer.logger", "false",
+                           "--trainer.enable_checkpointing", "false", f"--trainer.default_root_dir={tmp_path}"],
+                          capture_output=True, text=True, timeout=240, cwd=tmp_path)
+    assert done.returncode != 0
+    assert "ValueError: no usable train rows in the stream" in done.stderr and "chosen == rejected: 20" in done.stderr

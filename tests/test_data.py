@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from conftest import BOS, EOS, ascii_tokenizer, ids, rows
-from datasets import Dataset
+from datasets import Dataset, DatasetDict
 
 import dpo_lightning.data.datamodule
 from dpo_lightning.data.batches import collate_pairs
@@ -321,6 +321,50 @@ def test_hub_style_folder_with_splits_loads_by_split(tmp_path):
     assert (len(dm.train_data), len(dm.val_data)) == (6, 2)
     batch = next(iter(dm.train_dataloader()))
     assert batch["input_ids"].shape[0] == 6 and batch["labels"].shape == batch["input_ids"].shape
+
+
+def split_rows(tag: str, n: int) -> list[dict]:
+    return [{"prompt": f"{tag}{i}", "chosen": f" yes{i}", "rejected": f" no{i}"} for i in range(n)]
+
+
+def prompts_of(data) -> list[str]:
+    return ["".join(map(chr, row["prompt_input_ids"])) for row in data]
+
+
+def test_a_dataset_dict_saved_to_disk_is_read_by_its_own_split_names(tmp_path):
+    # Read as a generic data folder: its splits' names were mangled (train_prefs and train_sft merged into "train",
+    # silently), and split="train_prefs" failed inside datasets' arrow_reader.py.
+    DatasetDict({"train_prefs": Dataset.from_list(split_rows("P", 3)), "train_sft": Dataset.from_list(split_rows("S", 5)),
+                 "test_prefs": Dataset.from_list(split_rows("T", 2))}).save_to_disk(tmp_path / "uf")
+    dm = PreferenceDataModule(dataset=str(tmp_path / "uf"), split="train_prefs", eval_split="test_prefs",
+                              tokenizer=ascii_tokenizer(), max_length=64, max_prompt_length=32)
+    dm.prepare_data()
+    dm.setup("fit")
+    assert (sorted(prompts_of(dm.train_data)), prompts_of(dm.val_data)) == (["P0", "P1", "P2"], ["T0", "T1"])
+    with pytest.raises(ValueError, match=r"split 'train' not in the train dataset; it has \['test_prefs', "
+                                         r"'train_prefs', 'train_sft'\]: set --data.split"):
+        PreferenceDataModule(dataset=str(tmp_path / "uf"), tokenizer=ascii_tokenizer()).setup("fit")
+
+
+def test_a_dataset_saved_to_disk_is_read(tmp_path):
+    # Failed with datasets' own "use load_from_disk instead".
+    Dataset.from_list(split_rows("P", 3)).save_to_disk(tmp_path / "one")
+    dm = PreferenceDataModule(dataset=str(tmp_path / "one"), tokenizer=ascii_tokenizer(), max_length=64,
+                              max_prompt_length=32)
+    dm.setup("fit")
+    assert sorted(prompts_of(dm.train_data)) == ["P0", "P1", "P2"]
+
+
+def test_a_folder_of_split_files_without_the_split_names_the_splits_it_has(tmp_path):
+    # A hub-style folder (data/train_prefs-00000-of-00001.parquet) and the default split "train": the error came
+    # from inside datasets' arrow_reader.py.
+    (tmp_path / "hub" / "data").mkdir(parents=True)
+    for split, n in (("train_prefs", 3), ("test_prefs", 2)):
+        Dataset.from_list(split_rows(split[:2], n)).to_parquet(tmp_path / "hub" / "data" / f"{split}-00000-of-00001.parquet")
+    with pytest.raises(ValueError, match=r"split 'train' not in the train dataset; it has \['test_prefs', "
+                                         r"'train_prefs'\]: set --data.split") as error:
+        PreferenceDataModule(dataset=str(tmp_path / "hub"), tokenizer=ascii_tokenizer()).setup("fit")
+    assert "/dpo_lightning/" in error.traceback[-1].path.as_posix()
 
 
 def test_tokenization_is_cached_and_reused_by_a_second_data_module(tmp_path, monkeypatch):

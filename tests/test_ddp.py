@@ -112,6 +112,26 @@ def test_ddp_on_uneven_splits_equals_one_process(tiny_llama, other_llama, tmp_pa
     assert single["train"]["2"]["train/lengths/chosen"] != pytest.approx(runs[2]["train"]["2"]["train/lengths/chosen"])
 
 
+def test_a_data_error_stops_every_rank_with_our_error(tiny_llama, tmp_path):
+    # PKU-SafeRLHF rows without --data.label_column, 2 gloo ranks: rank 0 raised in prepare_data while rank 1 waited
+    # for it at the barrier before setup, and the run ended with rank 1's "Connection closed by peer".
+    rows = [{"prompt": f"Q{i}?", "response_0": " yes", "response_1": " no", "better_response_id": i % 2,
+             "safer_response_id": 1} for i in range(4)]
+    (tmp_path / "pku.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    done = subprocess.run([sys.executable, "-m", "dpo_lightning.cli", "fit", "--model.model_name_or_path", tiny_llama,
+                           "--data.dataset", str(tmp_path / "pku.jsonl"), "--trainer.strategy", "ddp",
+                           "--trainer.devices", "2", "--trainer.accelerator", "cpu", "--trainer.max_steps", "1",
+                           "--trainer.logger", "false", "--trainer.enable_checkpointing", "false",
+                           f"--trainer.default_root_dir={tmp_path}"], capture_output=True, text=True, timeout=600,
+                          cwd=tmp_path)
+    assert done.returncode != 0 and "Connection closed by peer" not in done.stderr, done.stderr[-3000:]
+    error = "ValueError: train data has PKU-SafeRLHF's two labels ['better_response_id', 'safer_response_id']"
+    assert error in done.stderr, done.stderr[-3000:]
+    # Each rank that ends with an error (rank 0 may stop rank 1 first) ends with ours.
+    ends = [line for line in done.stderr.splitlines() if line.startswith("[rank") and "Error: " in line]
+    assert ends and all(error in line for line in ends), ends
+
+
 if __name__ == "__main__":
     import lightning as L
 

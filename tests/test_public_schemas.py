@@ -14,6 +14,7 @@ the guards against rules the columns contradict (a mapping against a label, a se
 cannot train (unpaired KTO rows, images) and the ignored-column accounting are tested last. No network.
 """
 
+import csv
 import gzip
 import json
 import shutil
@@ -21,6 +22,7 @@ import textwrap
 import warnings
 from typing import NamedTuple
 
+import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -58,6 +60,13 @@ def chat_pair(prompt: list[dict], chosen: str, rejected: str) -> tuple[list[int]
     whole conversation's rendering (its text, the end-of-turn </s>, the newline)."""
     head = chat_ids(prompt, generation=True)
     return head, *(chat_ids([*prompt, say("assistant", answer)])[len(head):] for answer in (chosen, rejected))
+
+
+def question_pair(question: str, chosen: str, rejected: str) -> tuple[list[int], list[int], list[int]]:
+    """The oracle for a set's text question and text answers: [user: question] and each answer through the chat
+    template, as for orca_dpo_pairs (before, SHP, PKU-SafeRLHF and StackExchange-paired trained the raw texts glued
+    together, "Why rest dough?Gluten relaxes.", while orca and truthy went through the template)."""
+    return chat_pair([say("user", question)], chosen, rejected)
 
 
 def text_pair(prompt: str, chosen: str, rejected: str) -> tuple[list[int], list[int], list[int]]:
@@ -180,8 +189,8 @@ def shp(tmp):
             {**base, "history": "Salt pasta water?", "human_ref_A": "Never.", "human_ref_B": "Yes, generously.",
              "labels": 0, "score_A": 2, "score_B": 30, "score_ratio": 15.0}]
     path = write_jsonl(tmp / "askculinary" / "train.json", rows)
-    kept = {0: text_pair("Why rest dough?", "Gluten relaxes.", "No idea."),
-            1: text_pair("Salt pasta water?", "Yes, generously.", "Never.")}  # inverted before: labels == 0
+    kept = {0: question_pair("Why rest dough?", "Gluten relaxes.", "No idea."),
+            1: question_pair("Salt pasta water?", "Yes, generously.", "Never.")}  # inverted before: labels == 0
     return path, kept, {}, "SHP (prompt = history, chosen by labels)"
 
 
@@ -341,7 +350,7 @@ def pku_rows() -> list[dict]:
 
 def pku(tmp, label: str):
     rows = pku_rows()
-    kept = {i: text_pair(row["prompt"], row[f"response_{row[label]}"], row[f"response_{1 - row[label]}"])
+    kept = {i: question_pair(row["prompt"], row[f"response_{row[label]}"], row[f"response_{1 - row[label]}"])
             for i, row in enumerate(rows)}
     return Replica(write_jsonl(tmp / "data" / "Alpaca-7B" / "train.jsonl", rows), kept, {},
                    f"PKU-SafeRLHF (prompt = prompt, chosen by {label})", {"label_column": label})
@@ -365,7 +374,7 @@ def stack_exchange_paired(tmp):
         "response_j": ["Use git revert.", "Same"], "response_k": ["Delete .git.", "Same"]},
         {"qid": pa.int64(), "question": pa.string(), "date": pa.string(), "metadata": pa.list_(pa.string()),
          "response_j": pa.string(), "response_k": pa.string()})
-    return Replica(path, {0: text_pair("How do I undo a commit?", "Use git revert.", "Delete .git.")},
+    return Replica(path, {0: question_pair("How do I undo a commit?", "Use git revert.", "Delete .git.")},
                    {"chosen == rejected": 1}, "StackExchange-paired (prompt = question, chosen = response_j)")
 
 
@@ -430,9 +439,73 @@ def truthy_dpo(tmp):
     return Replica(write_jsonl(tmp / "truthy_dpo.jsonl", rows), kept, {}, "system + prompt + answers")
 
 
+# --- Issue 29, the tester's round: sets the detector did not know (each trained inverted under the mapping that
+# the error suggested, or was dropped entirely). ---
+
+def helpsteer2(tmp):
+    """nvidia/HelpSteer2's preference set (preference/preference.jsonl.gz): prompt, response_1, response_2 and
+    preference_strength, -3 (response_1 much better) .. 3 (response_2 much better), with the annotators' reasons."""
+    reason = {"preference_statement": "@Response 1 is better than @Response 2.", "preference_elaboration": "..."}
+    rows = [{"split": "train", "prompt": "Color of the sky?", "response_1": "Blue.", "response_2": "Seven.",
+             "preference_strength": -2, **reason},
+            {"split": "train", "prompt": "2+2?", "response_1": "5", "response_2": "4", "preference_strength": 3,
+             **reason},
+            {"split": "val", "prompt": "Hi", "response_1": "Hey", "response_2": "Hello", "preference_strength": 0,
+             **reason}]
+    kept = {0: question_pair("Color of the sky?", "Blue.", "Seven."), 1: question_pair("2+2?", "4", "5")}
+    return Replica(write_jsonl(tmp / "preference" / "preference.jsonl.gz", rows), kept, {"tie preference_strength": 1},
+                   "HelpSteer2 preference (prompt = prompt, chosen by preference_strength)")
+
+
+ARENA_55K = "winner_model_a/winner_model_b/winner_tie"
+
+
+def lmsys_arena_55k(tmp):
+    """lmsys/lmsys-arena-human-preference-55k (train.csv, as the hub and Kaggle store it): prompt and responses are
+    JSON lists of the turns' texts; three 0/1 winner columns, text in a CSV; a two-turn battle's earlier answers
+    differ, so it has no shared prompt."""
+    battles = [(["What is 2+2?"], ["4"], ["5"], "100"), (["Name a color"], ["Loud"], ["Blue"], "010"),
+               (["Hi"], ["Hey"], ["Hello"], "001"), (["Hi", "Capital of Peru?"], ["Hey", "Lima."], ["Yo", "Quito."],
+                                                    "100")]
+    path = tmp / "train.csv"
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["id", "model_a", "model_b", "prompt", "response_a", "response_b", *ARENA_55K.split("/")])
+        for i, (prompt, a, b, winner) in enumerate(battles):
+            writer.writerow([30192 + i, "gpt-4-1106-preview", "gpt-4-0613", json.dumps(prompt), json.dumps(a),
+                             json.dumps(b), *winner])
+    kept = {0: chat_pair([say("user", "What is 2+2?")], "4", "5"), 1: chat_pair([say("user", "Name a color")], "Blue",
+                                                                                 "Loud")}
+    return Replica(path, kept, {f"tie {ARENA_55K}": 1, "prompts differ": 1},
+                   f"lmsys arena 55k (whole conversations, chosen by {ARENA_55K})")
+
+
+def arena_140k(tmp):
+    """lmarena-ai/arena-human-preference-140k: each message's content a list of parts, {type: text, text, image,
+    mimeType} (before, every row was dropped as `not messages chosen`); the texts are joined, as templates do."""
+    part = pa.struct([("type", pa.string()), ("text", pa.string()), ("image", pa.string()), ("mimeType", pa.string())])
+    message = pa.list_(pa.struct([("role", pa.string()), ("content", pa.list_(part))]))
+
+    def parts(role, *texts):
+        return {"role": role, "content": [{"type": "text", "text": t, "image": None, "mimeType": None} for t in texts]}
+
+    q = parts("user", "Sort ", "3,1,2")
+    path = write_parquet(tmp / "data" / "train-00000-of-00001.parquet", {
+        "id": ["a", "b"], "model_a": ["gemini-2.5-pro"] * 2, "model_b": ["o3"] * 2, "winner": ["model_b", "tie"],
+        "evaluation_order": [1, 1], "conversation_a": [[q, parts("assistant", "3,2,1")], [q, parts("assistant", "?")]],
+        "conversation_b": [[q, parts("assistant", "1,2", ",3")], [q, parts("assistant", "??")]],
+        "language": ["en", "en"], "is_code": [False, False]},
+        {"id": pa.string(), "model_a": pa.string(), "model_b": pa.string(), "winner": pa.string(),
+         "evaluation_order": pa.int64(), "conversation_a": message, "conversation_b": message, "language": pa.string(),
+         "is_code": pa.bool_()})
+    return Replica(path, {0: chat_pair([say("user", "Sort 3,1,2")], "1,2,3", "3,2,1")}, {"tie winner": 1},
+                   "arena (whole conversations, chosen by winner)")
+
+
 NEW_REPLICAS = [tool_calls, tool_calls_parquet, openai_tools, reasoning_switch, reasoning_content, pku_better,
                 pku_safer, stack_exchange_paired, chatbot_arena, arena_100k, truthy_dpo]
-REPLICAS = [ultrafeedback, tulu3, capybara, orpo_mix, orca, shp, helpsteer3, openai, *NEW_REPLICAS]
+REPLICAS = [ultrafeedback, tulu3, capybara, orpo_mix, orca, shp, helpsteer3, openai, *NEW_REPLICAS, helpsteer2,
+            lmsys_arena_55k, arena_140k]
 
 
 def replica_module(replica: Replica, **settings) -> PreferenceDataModule:
@@ -470,6 +543,15 @@ def test_orca_without_a_chat_template_joins_system_and_question_as_documented(tm
     check(dm, {0: text_pair(f"{first['system']}\n\n{first['question']}\n\n", first["chosen"], first["rejected"]),
                1: text_pair(f"{second['question']}\n\n", "cat", "chat")}, {"chosen == rejected": 1},
           "system + question + answers (orca_dpo_pairs)")
+
+
+def test_shp_without_a_chat_template_joins_its_question_as_orca_does(tmp_path):
+    dm = PreferenceDataModule(dataset=str(shp(tmp_path)[0]), tokenizer=chat_tokenizer(template=False),
+                              max_length=256, max_prompt_length=128)
+    dm.setup("fit")
+    check(dm, {0: text_pair("Why rest dough?\n\n", "Gluten relaxes.", "No idea."),
+               1: text_pair("Salt pasta water?\n\n", "Yes, generously.", "Never.")}, {},
+          "SHP (prompt = history, chosen by labels)")
 
 
 @pytest.fixture(scope="module")
@@ -592,7 +674,11 @@ PINNED = [(shp, dict(prompt_column="history", chosen_column="human_ref_A", rejec
           (helpsteer3, dict(chosen_column="response1", rejected_column="response2"),
            r"overall_preference says row by row which of response1/response2 is preferred"),
           (chatbot_arena, dict(chosen_column="conversation_b", rejected_column="conversation_a"),
-           r"winner says row by row which of conversation_a/conversation_b is preferred")]
+           r"winner says row by row which of conversation_a/conversation_b is preferred"),
+          (lmsys_arena_55k, dict(chosen_column="response_a", rejected_column="response_b"),
+           rf"{ARENA_55K} says row by row which of response_a/response_b is preferred"),
+          (helpsteer2, dict(chosen_column="response_1", rejected_column="response_2"),
+           r"preference_strength says row by row which of response_1/response_2 is preferred")]
 
 
 @pytest.mark.parametrize("replica, mapping, says", PINNED, ids=[case[0].__name__ for case in PINNED])
@@ -761,5 +847,103 @@ def test_shp_labels_other_than_0_or_1_are_counted_drops(tmp_path):
     write_jsonl(path, rows)
     dm = PreferenceDataModule(dataset=str(path), tokenizer=chat_tokenizer(), max_length=256, max_prompt_length=128)
     dm.setup("fit")
-    check(dm, {0: text_pair("Why rest dough?", "Gluten relaxes.", "No idea.")}, {"not 0 or 1 labels": 1},
+    check(dm, {0: question_pair("Why rest dough?", "Gluten relaxes.", "No idea.")}, {"not 0 or 1 labels": 1},
           "SHP (prompt = history, chosen by labels)")
+
+
+def test_a_mapping_beside_a_known_sets_label_is_refused_when_no_schema_matches():
+    # HelpSteer2's label beside other columns than its own: no schema matches, yet the mapping pins the responses.
+    rows = [{"question": f"Q{i}", "good": f" a{i}", "bad": f" b{i}", "preference_strength": 2} for i in range(2)]
+    dm = PreferenceDataModule(dataset=rows, tokenizer=chat_tokenizer(), prompt_column="question", chosen_column="good",
+                              rejected_column="bad")
+    with pytest.raises(ValueError, match=r"'preference_strength' \(HelpSteer2 preference label\) beside the pinned "
+                                         r"--data.chosen_column 'good' .*would train inverted pairs"):
+        dm.setup("fit")
+
+
+def test_the_zero_config_error_names_a_label_instead_of_suggesting_a_mapping():
+    rows = [{"prompt": f"Q{i}", "response_a": f" a{i}", "response_b": f" b{i}", "winner": "model_a"} for i in range(2)]
+    dm = PreferenceDataModule(dataset=rows, tokenizer=chat_tokenizer())
+    with pytest.raises(ValueError, match=r"expected 'chosen' and 'rejected'.* \['winner'\] look like a preference "
+                                         r"label.*--data.transform"):
+        dm.setup("fit")
+
+
+@pytest.mark.parametrize("mapping, says", [({}, False), (dict(chosen_column="good", rejected_column="bad"), True)])
+def test_the_label_warning_mentions_the_mapping_only_when_there_is_one(mapping, says):
+    rows = [{"prompt": f"Q{i}", mapping.get("chosen_column", "chosen"): f" a{i}",
+             mapping.get("rejected_column", "rejected"): f" b{i}", "label": 1} for i in range(2)]
+    dm = PreferenceDataModule(dataset=rows, tokenizer=chat_tokenizer(), max_length=64, max_prompt_length=32, **mapping)
+    with pytest.warns(UserWarning, match=r"column 'label' \(a preference label\) is not used") as caught:
+        dm.setup("fit")
+    assert any("remove the column mapping" in str(w.message) for w in caught) == says
+
+
+def test_a_system_prompt_column_beside_text_rows_warns():
+    rows = [{"prompt": f"Q{i}", "chosen": f" a{i}", "rejected": f" b{i}", "system_prompt": "Be terse."} for i in range(2)]
+    dm = PreferenceDataModule(dataset=rows, tokenizer=chat_tokenizer(), max_length=64, max_prompt_length=32)
+    with pytest.warns(UserWarning, match=r"column 'system_prompt' \(a system prompt\) is not used: put it into"):
+        dm.setup("fit")
+
+
+# Labels stored as floats (pandas writes an integer column with a null as float64), bools, or text (CSV): before,
+# HelpSteer3's -2.0 was `not a number`, SHP's and PKU's 1.0 / True `not 0 or 1`, so every row was dropped.
+LABEL_VALUES = [(shp, "labels", {0: 1.0, 1: 0.0}, [0, 1], {}), (shp, "labels", {0: True, 1: False}, [0, 1], {}),
+                (shp, "labels", {0: "1", 1: " 0"}, [0, 1], {}), (shp, "labels", {1: 0.5}, [0], {"not 0 or 1 labels": 1}),
+                (shp, "labels", {1: float("nan")}, [0], {"missing labels": 1}),
+                (helpsteer3, "overall_preference", {0: -2.0, 1: 3.0, 2: 0.0}, [0, 1], {"tie overall_preference": 1}),
+                (helpsteer3, "overall_preference", {2: 1.5}, [0, 1], {"not an integer overall_preference": 1}),
+                (pku_better, "better_response_id", {0: True, 1: False, 2: 0.0}, [0, 1, 2], {})]
+
+
+@pytest.mark.parametrize("replica, column, values, kept, dropped", LABEL_VALUES,
+                         ids=[f"{r.__name__}-{list(v.values())}" for r, _, v, _, _ in LABEL_VALUES])
+def test_labels_stored_as_integral_floats_bools_or_integer_text_are_read(replica, column, values, kept, dropped,
+                                                                           tmp_path):
+    # The same labels written another way keep the replica's own oracle ids; 0.5 and 1.5 are no such label.
+    given = Replica(*replica(tmp_path))
+    opened = gzip.open(given.path, "rt") if str(given.path).endswith(".gz") else open(given.path)
+    with opened as f:
+        rows = [json.loads(line) for line in f]
+    for i, value in values.items():
+        rows[i][column] = value
+    dm = PreferenceDataModule(dataset=rows, tokenizer=chat_tokenizer(), max_length=1024, max_prompt_length=768,
+                              **given.settings)
+    dm.setup("fit")
+    check(dm, {i: given.kept[i] for i in kept}, dropped, given.schema)
+
+
+def test_helpsteer3_through_pandas_with_a_null_label_trains(tmp_path):
+    given = Replica(*helpsteer3(tmp_path))
+    rows = [json.loads(line) for line in gzip.open(given.path, "rt")]
+    rows[2]["overall_preference"] = None  # the column becomes float64: -2.0, 3.0, NaN
+    pd.DataFrame(rows).drop(columns="individual_preference").to_parquet(tmp_path / "hs3.parquet")
+    assert pq.read_table(tmp_path / "hs3.parquet").schema.field("overall_preference").type == pa.float64()
+    dm = PreferenceDataModule(dataset=str(tmp_path / "hs3.parquet"), tokenizer=chat_tokenizer(), max_length=1024,
+                              max_prompt_length=768)
+    dm.setup("fit")
+    check(dm, given.kept, {"missing overall_preference": 1}, given.schema)
+
+
+@pytest.mark.parametrize("replica", [shp, pku_better])
+def test_labels_from_csv_text_are_read(replica, tmp_path):
+    given = Replica(*replica(tmp_path))
+    rows = [json.loads(line) for line in given.path.read_text().splitlines()]
+    with open(tmp_path / "rows.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    dm = PreferenceDataModule(dataset=str(tmp_path / "rows.csv"), tokenizer=chat_tokenizer(), max_length=1024,
+                              max_prompt_length=768, **given.settings)
+    dm.setup("fit")
+    check(dm, given.kept, given.dropped, given.schema)
+
+
+def test_image_parts_in_a_renamed_column_are_refused_too(tmp_path):
+    """A vision set's conversations under its own column name (mapped with prompt_column) still hold images."""
+    picture = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is shown?"}]}
+    rows = [{"question": [picture], "chosen": [say("assistant", "A cat.")], "rejected": [say("assistant", "A dog.")]}
+            for _ in range(2)]
+    dm = PreferenceDataModule(dataset=rows, tokenizer=chat_tokenizer(), prompt_column="question")
+    with pytest.raises(ValueError, match=r"train data has 'image parts in messages': images cannot be trained here"):
+        dm.setup("fit")

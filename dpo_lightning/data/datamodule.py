@@ -25,12 +25,14 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
-from dpo_lightning.data import formats, prompts, rows, rules, schemas, sources
-from dpo_lightning.data.formats import FORMATS, PRESETS, detect_format
+from dpo_lightning.data import files, formats, prompts, rows, rules, schemas, sources
+from dpo_lightning.data.checks import check_arguments, check_drops, check_stream, keep_row
+from dpo_lightning.data.formats import PRESETS, detect_format
 from dpo_lightning.data.layouts import Layout, choose_layout
 from dpo_lightning.data.loaders import EvalSampler, ResumableLoader
 from dpo_lightning.data.prompts import PREPARED_PROMPTS, collate_prompts, prepare_prompts, prompt_format
-from dpo_lightning.data.rows import RESERVED, Reading, RowKind, warn_ignored
+from dpo_lightning.data.rows import Reading, RowKind
+from dpo_lightning.data.schemas import warn_ignored
 from dpo_lightning.data.rules import PREPARED, adds_bos, drop_error, prepare_rows, truncate
 from dpo_lightning.data.sources import (STAGE_NAMES, DatasetSource, load_rows, resolve_transform,
                                         single_split)
@@ -40,37 +42,7 @@ from dpo_lightning.utils.tokenizers import load_tokenizer, tokenizer_source, wit
 
 # The code that turns rows into prepared rows: part of every map's cache name (`_map`).
 DATA_CODE = hashlib.sha256(b"".join(open(module.__file__, "rb").read()
-                                    for module in (rows, rules, formats, schemas, sources, prompts))).hexdigest()
-
-
-def _check_arguments(hp: dict[str, Any]) -> None:
-    """The data module's arguments, checked at construction: each error names the flag and the fix."""
-    if not 0 < hp.max_prompt_length < hp.max_length:
-        raise ValueError(f"--data.max_prompt_length must be in (0, max_length={hp.max_length}) so every "
-                         f"response keeps at least one token, got {hp.max_prompt_length}")
-    if hp.truncation_mode not in ("keep_end", "keep_start"):
-        raise ValueError(f"--data.truncation_mode must be 'keep_end' or 'keep_start', got {hp.truncation_mode!r}")
-    if hp.dataset_format != "auto" and hp.dataset_format not in FORMATS:
-        raise ValueError(f"--data.dataset_format must be 'auto' or one of {FORMATS}, got {hp.dataset_format!r}")
-    if not 0.0 <= hp.eval_fraction < 1.0:
-        raise ValueError(f"--data.eval_fraction must be in [0, 1), got {hp.eval_fraction}")
-    if hp.streaming and hp.eval_fraction:
-        raise ValueError("--data.eval_fraction cannot carve a stream: give eval_dataset or eval_split")
-    for name in ("prefix_sharing", "packing"):
-        if hp[name] not in (True, False, "auto"):
-            raise ValueError(f"--data.{name} must be true, false or auto, got {hp[name]!r}")
-    if hp.packing is True and hp.prefix_sharing is False:
-        raise ValueError("--data.packing packs shared-prefix rows: set --data.prefix_sharing true (or auto) too, "
-                         "or packing false")
-    if hp.packing_max_tokens is not None and (hp.packing is False or hp.packing_max_tokens <= 0):
-        raise ValueError(f"--data.packing_max_tokens {hp.packing_max_tokens} needs --data.packing true (or auto) "
-                         "and a value > 0")
-    if set(hp.chat_template_kwargs or {}) & RESERVED:
-        raise ValueError(f"--data.chat_template_kwargs {dict(hp.chat_template_kwargs)} sets "
-                         f"{sorted(set(hp.chat_template_kwargs) & RESERVED)}, which the data rules set themselves: "
-                         "give only the chat template's own variables, e.g. {enable_thinking: false}")
-    if hp.dataset_num_proc is not None and hp.dataset_num_proc < 1:
-        raise ValueError(f"--data.dataset_num_proc must be >= 1 (or null for one process), got {hp.dataset_num_proc}")
+                                    for module in (rows, rules, formats, schemas, files, sources, prompts))).hexdigest()
 
 
 class PreferenceDataModule(L.LightningDataModule):
@@ -78,8 +50,9 @@ class PreferenceDataModule(L.LightningDataModule):
 
     Args:
         dataset: training rows: a hub dataset name (or "hh" for Anthropic/hh-rlhf), a local file
-            (.json/.jsonl/.parquet/.csv, optionally .gz), a glob or list of files, a folder of split files,
-            an in-memory dict of columns or list of rows, or a `datasets.Dataset`/`DatasetDict`.
+            (.json/.jsonl/.ndjson/.parquet/.csv, optionally .gz), a glob or list of files, a folder of split files
+            or one `save_to_disk` wrote, an in-memory dict of columns or list of rows, or a `datasets.Dataset`/
+            `DatasetDict`.
         eval_dataset: validation rows, in any of the forms of `dataset`. Default: `eval_split` of
             `dataset`, else `eval_fraction` of the training rows, else no validation.
         tokenizer: tokenizer name or path (or object). Default: the model's (`DPOModule.model_name_or_path`).
@@ -162,7 +135,7 @@ class PreferenceDataModule(L.LightningDataModule):
         # A tokenizer name is kept with the hyperparameters (the export finds it there); an object is not.
         objects = ["transform"] + ([] if tokenizer is None or isinstance(tokenizer, str) else ["tokenizer"])
         self.save_hyperparameters(ignore=["dataset", "eval_dataset", *objects])
-        _check_arguments(self.hparams)
+        check_arguments(self.hparams)
         if isinstance(dataset, str) and dataset in PRESETS:
             dataset, preset_format = PRESETS[dataset]
             self.hparams.dataset_format = preset_format if dataset_format == "auto" else dataset_format
@@ -175,14 +148,23 @@ class PreferenceDataModule(L.LightningDataModule):
         self._fingerprints: dict[str, str | None] = {}
         self.layout: Layout = self._choose_layout()[0]  # without a model to check: refined in `setup`
         self.train_kind: RowKind = "pairs"  # what the training split holds, as the module being fit asks (`_build`)
+        self._prepare_error: Exception | None = None  # a data error met by `prepare_data`, for `setup` to raise
 
     def prepare_data(self) -> None:
         # Runs on one process per node: downloads and tokenizes file-backed sources into the `datasets`
         # cache, so that `setup` on every rank reads it (and prints the summary once) instead of tokenizing.
+        # An error in the data is raised in `setup`, which every rank runs: raised here, it would stop this
+        # process alone, the other ranks waiting for it at the barrier before `setup` (gloo: "Connection closed").
         if isinstance(self.dataset, str) or isinstance(self.eval_dataset, str):
-            self._build(report=False, with_train=self.trainer is None or self.trainer.state.fn != "validate")
+            try:
+                self._build(report=False, with_train=self.trainer is None or self.trainer.state.fn != "validate")
+            except Exception as error:  # noqa: BLE001 - raised again, unchanged, by `setup`
+                self._prepare_error = error
 
     def setup(self, stage: str | None = None) -> None:
+        if self._prepare_error is not None:
+            error, self._prepare_error = self._prepare_error, None
+            raise error
         if self.train_data is None:  # `validate` prepares the validation split alone (train_data stays None)
             self.train_data, self.val_data = self._build(with_train=stage != "validate")
         self.layout, reason = self._choose_layout()
@@ -268,7 +250,8 @@ class PreferenceDataModule(L.LightningDataModule):
                             max_length=hp.max_length, max_prompt_length=hp.max_prompt_length,
                             truncation_mode=hp.truncation_mode, chat_template_kwargs=hp.chat_template_kwargs))
         if isinstance(prepared, IterableDataset):  # a stream: no counts, rows are checked as they come
-            prepared = prepared.filter(_keep_row, input_columns=["drop_reason", "row_id"],
+            check_stream(prepared, STAGE_NAMES[stage])
+            prepared = prepared.filter(keep_row, input_columns=["drop_reason", "row_id"],
                                        fn_kwargs=dict(strict=hp.strict, stage=stage)).remove_columns("drop_reason")
             if self.trainer is not None and self.trainer.world_size > 1:
                 prepared = split_dataset_by_node(prepared, self.trainer.global_rank, self.trainer.world_size)
@@ -282,21 +265,11 @@ class PreferenceDataModule(L.LightningDataModule):
             rank_zero_info(f"[dpo_lightning] {STAGE_NAMES[stage]} data: {format_summary(self.summary[stage])}")
             if (warning := truncation_warning(self.summary[stage], STAGE_NAMES[stage])) is not None:
                 rank_zero_warn(warning)
-        self._check_drops(stage)
+        check_drops(self.summary[stage], hp.max_drop_fraction, STAGE_NAMES[stage])
         if self.summary[stage]["dropped"]:
             prepared = prepared.filter(_no_reason, input_columns="drop_reason", batched=True,
                                        desc=f"dropping unusable {STAGE_NAMES[stage]} rows")
         return prepared.remove_columns("drop_reason")
-
-    def _check_drops(self, stage: str) -> None:
-        summary, hp, label = self.summary[stage], self.hparams, STAGE_NAMES[stage]
-        if summary["kept"] == 0:
-            raise ValueError(f"no usable {label} rows left: {format_summary(summary)}. The bad-input table in docs/data.md "
-                             "says what each reason means and how to fix it (strict: true names the first row)")
-        dropped = summary["rows"] - summary["kept"]
-        if hp.max_drop_fraction is not None and dropped > hp.max_drop_fraction * summary["rows"]:
-            raise ValueError(f"{dropped} of {summary['rows']} {label} rows dropped, over max_drop_fraction="
-                             f"{hp.max_drop_fraction}: {summary['dropped']}")
 
     def fingerprint(self, stage: str = "train") -> str | None:
         """`fingerprint` of the split's tokenized rows (None for a stream or a missing split), computed once."""
@@ -388,10 +361,3 @@ def _map(rows: Dataset | IterableDataset, function, desc: str, num_proc: int | N
 
 def _no_reason(reasons: list[str]) -> list[bool]:
     return [not reason for reason in reasons]
-
-
-def _keep_row(reason: str, row_id: int, strict: bool, stage: str) -> bool:
-    """A streamed row's filter: kept without a drop reason; with one, under `strict`, its error."""
-    if reason and strict:
-        raise drop_error(reason, row_id, stage)
-    return not reason

@@ -29,9 +29,8 @@ from dataclasses import replace
 from datasets import Dataset, IterableDataset, LargeList, List
 from transformers import PreTrainedTokenizerBase
 
-from dpo_lightning.data.rows import TEMPLATE_COLUMNS, Reading
+from dpo_lightning.data.rows import FIELDS, TEMPLATE_COLUMNS, Reading, from_storage
 from dpo_lightning.data.rules import HH_ASSISTANT
-from dpo_lightning.data.rows import FIELDS
 from dpo_lightning.data.sources import STAGE_NAMES
 
 FORMATS = ("explicit", "hh", "implicit", "conversational")
@@ -57,7 +56,8 @@ def detect_format(rows: Dataset | IterableDataset, dataset_format: str = "auto",
     """
     schema, ignored = reading.schema, set(reading.ignored)
     label = STAGE_NAMES.get(stage, stage)
-    sample = list(rows.take(100)) if isinstance(rows, IterableDataset) else rows.select(range(min(100, len(rows))))
+    sample = [from_storage(row) for row in (rows.take(100) if isinstance(rows, IterableDataset)
+                                            else rows.select(range(min(100, len(rows)))))]
     if not sample:
         raise ValueError(f"the {label} dataset is empty: no rows")
     columns = set(rows.column_names or sample[0])

@@ -9,7 +9,7 @@ import torch
 from datasets import Dataset, Features, IterableDataset, LargeList, List, Value
 from transformers import PreTrainedTokenizerBase
 
-from dpo_lightning.data.rows import RowKind
+from dpo_lightning.data.rows import RowKind, from_storage
 from dpo_lightning.data.rules import PREPARED, cut_prompt, encode, fields_are_text, template_arguments, with_bos
 from dpo_lightning.data.sources import STAGE_NAMES
 
@@ -51,12 +51,16 @@ def prepare_prompts(batch: dict[str, list], indices: list[int], dataset_format: 
     """
     prompts, reasons = [], []
     for prompt, issue in zip(batch["prompt"], batch.get("source_issue") or [""] * len(indices)):
+        prompt = from_storage({"prompt": prompt})["prompt"]
         ok = isinstance(prompt, list if dataset_format == "conversational" else str)
         reasons.append(issue or ("missing prompt" if prompt is None else "" if ok else
                                  f"not {'messages' if dataset_format == 'conversational' else 'text'} prompt"))
         if ok and dataset_format == "conversational":
-            prompt = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True,
-                                                   **template_arguments({}, chat_template_kwargs))
+            try:
+                prompt = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True,
+                                                       **template_arguments({}, chat_template_kwargs))
+            except Exception:  # noqa: BLE001 - as in rules.py: what the template raises on a row is the row's
+                reasons[-1], prompt = "chat template error", ""
         prompts.append(prompt if ok else "")
     ids = [with_bos(p, bos_token_id) for p in encode(tokenizer, prompts, fields_are_text(dataset_format))]
     reasons = [reason or ("" if p else "empty prompt") for reason, p in zip(reasons, ids)]

@@ -39,11 +39,9 @@ import os
 from typing import Any
 
 from datasets import Features, List, Value
-from jinja2 import TemplateError
 from transformers import PreTrainedTokenizerBase
 
-from dpo_lightning.data.rows import is_message
-from dpo_lightning.data.rows import FIELDS
+from dpo_lightning.data.rows import FIELDS, from_storage, message_problem
 from dpo_lightning.data.sources import STAGE_NAMES
 
 HH_ASSISTANT = "\n\nAssistant:"
@@ -167,6 +165,7 @@ def _split_and_check(row: dict, dataset_format: str, tokenizer: PreTrainedTokeni
     empty = {field: "" for field in FIELDS}
     if row.get("source_issue"):
         return {**empty, "drop_reason": row["source_issue"]}
+    row = from_storage(row)
     fields = FIELDS if "prompt" in row and dataset_format in ("explicit", "conversational") else FIELDS[1:]
     for field in fields:
         problem = _field_problem(row.get(field), dataset_format)
@@ -187,7 +186,8 @@ def _split_and_check(row: dict, dataset_format: str, tokenizer: PreTrainedTokeni
         try:
             parts = render_conversation(row.get("prompt"), row["chosen"], row["rejected"], tokenizer,
                                         template_arguments(row, chat_template_kwargs))
-        except TemplateError:  # the template's own check (`raise_exception`): roles out of order, a tool unknown
+        except Exception:  # noqa: BLE001 - the template is code run on the row: whatever it raises (its own
+            # `raise_exception`: roles out of order; a ZeroDivisionError; a value `tojson` cannot write) is the row's
             return {**empty, "drop_reason": "chat template error"}
     if parts is None:
         return {**empty, "drop_reason": "no shared prompt" if dataset_format == "implicit" else "prompts differ"}
@@ -204,8 +204,11 @@ def _field_problem(value: Any, dataset_format: str) -> str:
         return "missing"
     if dataset_format != "conversational":
         return "" if isinstance(value, str) else "not text"
-    if not isinstance(value, list) or not all(map(is_message, value)):
+    if not isinstance(value, list):
         return "not messages"
+    problem = next(filter(None, map(message_problem, value)), "")
+    if problem:
+        return problem
     return "" if all(m.get("role") in ROLES for m in value) else "unknown role"
 
 
@@ -285,15 +288,24 @@ def cut_prompt(prompt: list[int], max_prompt_length: int, truncation_mode: str,
 # drop reason (without its field) -> what a user can do about it: strict mode's errors, docs/data.md's table.
 FIXES = {
     "missing": "fill the field or filter the row out",
-    "not text": "give the field as text (a JSON string, not a number or object), or filter the row out",
+    "not text": "give the field as text (a JSON string, not a number or object), or filter the row out (ShareGPT's "
+                "{'from', 'value'} messages: map them to {'role', 'content'} with --data.transform)",
     "not messages": "give the field as a list of {'role': ..., 'content': ...} messages with text content (or, "
-                    "for a tool call, 'tool_calls' and no content)",
+                    "for a tool call, 'tool_calls' and no content); ShareGPT's {'from', 'value'} messages: map them "
+                    "to {'role', 'content'} with --data.transform",
+    "not tool calls": "give each tool call as {'type': 'function', 'function': {'name': ..., 'arguments': ...}}, "
+                      "the form chat templates render (not OpenAI's custom tool calls, not null)",
     "not a list": "give tools as a list of function schemas ({'type': 'function', 'function': {...}}) or a JSON "
                   "string of one",
+    "not tool schemas": "give tools as a list of function schemas ({'type': 'function', 'function': {...}}), not "
+                        "names or nulls",
     "not template arguments": "give chat_template_kwargs as an object of the chat template's own variables, e.g. "
-                              "{'enable_thinking': false} (not tokenize, add_generation_prompt, ...)",
-    "chat template error": "the tokenizer's chat template refused the row's messages (apply_chat_template on them "
-                           "shows its message): fix the row, or filter it out",
+                              "{'enable_thinking': false}: not messages, tools (the tools column gives them), "
+                              "chat_template, tokenize, add_generation_prompt or another of apply_chat_template's "
+                              "own arguments",
+    "chat template error": "the tokenizer's chat template refused or failed on the row (apply_chat_template on its "
+                           "messages, tools and template arguments shows the template's message): fix the row, or "
+                           "filter it out",
     "unknown role": f"use the roles {', '.join(ROLES)} (map ShareGPT-style 'human'/'gpt' roles first)",
     "empty": "remove the row: an empty answer teaches nothing",
     "empty prompt": "give the row a prompt: without BOS no position predicts the first response token",
@@ -305,10 +317,14 @@ FIXES = {
     "not valid JSON": "fix or remove the line (one JSON object per line)",
     "dropped by transform": "nothing, if --data.transform means to drop it; else make it return the row",
     "tie": "nothing: a tie carries no preference",
-    "not 0 or 1": "give the label as 0 or 1, saying which response is preferred (the schema table in docs/data.md "
-                  "says which is which)",
-    "not a number": "give overall_preference as an integer from -3 to 3 (negative: response1 preferred)",
+    "not 0 or 1": "give the label as 0 or 1 (1.0, true or the text 1 read alike), saying which response is "
+                  "preferred (the schema table in docs/data.md says which is which)",
+    "not an integer": "give the preference as an integer from -3 to 3 (-2.0 or the text -2 read alike; negative: the "
+                      "first response preferred)",
     "unknown value": "give winner as model_a, model_b, or a tie (tie, tie (bothbad), both_bad)",
+    "not one winner": "give exactly one of winner_model_a, winner_model_b and winner_tie as 1, the others 0",
+    "not JSON turns": "give prompt, response_a and response_b as JSON lists of the turns' texts, one answer per prompt "
+                      "turn (as lmsys-arena-human-preference-55k stores them), or filter the row out",
 }
 # reasons that name no field of their own -> the field the error names (None: the whole row)
 _ROW_REASONS = {"chosen == rejected": "rejected", "prompts differ": "rejected", "no shared prompt": "rejected",

@@ -7,12 +7,12 @@ rows to `rows.canonical_row`, so the same rows give the same row model from ever
 read that way is refused here, by our own code, naming the dataset (train/eval), the row, the field and the fix,
 before `datasets`, pyarrow or pandas can fail on it deep inside:
 
-- A list of rows, a dict of columns and .json/.jsonl/.csv files are read in Python, so a value of the
+- A list of rows, a dict of columns and .json/.jsonl/.csv files (streamed too) are read in Python, so a value of the
   wrong kind (a number, an object) in a text field is kept as a row to drop, `source_issue = "not text
   chosen"`, instead of making pyarrow fail on the whole column or `datasets` turn the column into JSON
   (which reads the string "1.5" back as the float 1.5). A text column's kind is its values' majority
   kind. CSV cells are text (a response "42" or "NA" stays the text it is); an empty cell is missing.
-- Files are read as UTF-8 with an optional byte-order mark, and every cache of rows read from files is
+- Files (files.py) are read as UTF-8 with an optional byte-order mark, and every cache of rows read from files is
   keyed by the files' content, never by path and modification time.
 - .parquet files and `datasets` objects keep their types; a field column that holds neither text nor
   messages is an error naming the column. Text columns are renamed in Arrow; messages and template
@@ -20,27 +20,24 @@ before `datasets`, pyarrow or pandas can fail on it deep inside:
 - A `transform` maps each raw row first (None: a counted drop, `dropped by transform`); columns that
   match a public schema (schemas.py) are mapped by it, else by `prompt_column` etc.
 - An empty source, invalid JSON, columns of unequal length, images, rows of another kind than pairs: errors.
-- Every column no rule reads is recorded (`rows.Reading`), for the data summary and its warnings; a source's
-  columns are those of its first 100 rows (`datasets` objects and parquet: all its columns).
+- Every column no rule reads is recorded (`rows.Reading`), for the data summary and its warnings. A source's
+  columns are all its rows' columns, whatever its kind: Arrow knows them (parquet, `datasets`), a list or a file
+  is surveyed in one pass (`_survey`); with a transform on Arrow rows, or a hub stream that does not declare its
+  columns, the first 100 rows' columns.
 """
 
-import csv
 import glob
-import gzip
 import hashlib
 import importlib
-import json
 import os
 import warnings
-from typing import Any, Callable, Iterator, Union
+from typing import Callable, Iterable, Iterator, Union
 
-import datasets
-import pyarrow.parquet as pq
-from datasets import Dataset, DatasetDict, Features, IterableDataset, LargeList, List, Value, load_dataset
+from datasets import Dataset, DatasetDict, IterableDataset, LargeList, List, Value, load_dataset
 
-from dpo_lightning.data import rows as row_model, schemas
-from dpo_lightning.data.rows import (FIELD_NAMES, FIELDS_OF, TEMPLATE_COLUMNS, NotJSON, Reading, RowKind,
-                                     canonical_row, features, refuse)
+from dpo_lightning.data import files, rows as row_model, schemas
+from dpo_lightning.data.rows import (FIELD_NAMES, FIELDS_OF, TEMPLATE_COLUMNS, Reading, RowKind,
+                                     canonical_row, columns_to_rows, features, refuse)
 from dpo_lightning.data.schemas import Schema, detect_schema
 from dpo_lightning.utils.locate import local, located_data
 
@@ -48,12 +45,11 @@ from dpo_lightning.utils.locate import local, located_data
 # columns or list of rows, or a `datasets` object.
 DatasetSource = Union[str, dict, list, Dataset, DatasetDict]
 STAGE_NAMES = {"train": "train", "val": "eval"}  # a split's name in messages, as the user names its argument
-_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 _SAMPLE = 100  # rows that decide a column's kind
 # The code that reads rows, part of the cache name of rows read from files: `datasets` names a generator's cache
 # by the generator's own code, not by the code it calls, so a new row model would reuse rows read by the old one.
 READING_CODE = hashlib.sha256(b"".join(open(path, "rb").read() for path in (
-    __file__, row_model.__file__, schemas.__file__))).hexdigest()
+    __file__, files.__file__, row_model.__file__, schemas.__file__))).hexdigest()
 
 
 def load_rows(source: DatasetSource, split: str = "train", name: str | None = None, data_dir: str | None = None,
@@ -86,29 +82,41 @@ def load_rows(source: DatasetSource, split: str = "train", name: str | None = No
     plan = dict(columns=columns, label=STAGE_NAMES.get(stage, stage), transform=transform, chat=chat, kind=kind,
                 label_column=label_column)
     if isinstance(source, dict) and not isinstance(source, DatasetDict):
-        source = _columns_to_rows(source, plan["label"])
+        source = columns_to_rows(source, f"the {plan['label']} dataset")
     if isinstance(source, list) and not _are_paths(source):
         return _from_python(source, plan)
+    if isinstance(source, str) and os.path.isdir(source):  # a folder save_to_disk wrote, or one of split files
+        saved = files.saved_dataset(source)
+        if saved is None:
+            _require_split(files.folder_splits(source, name, data_dir), split, stage)
+        else:
+            source = saved
     if isinstance(source, DatasetDict):
-        if split not in source:
-            raise ValueError(f"split {split!r} not in the {plan['label']} dataset; it has {sorted(source)}: "
-                             f"set --data.{'eval_split' if stage == 'val' else 'split'}")
+        _require_split(list(source), split, stage)
         source = source[split]
     if isinstance(source, Dataset):
         return _from_arrow(source, plan)
-    files = _data_files(source)
-    if files is None:
+    paths = files.data_files(source)
+    if paths is None:
         return _from_arrow(load_dataset(source, name, data_dir=data_dir, split=split, streaming=streaming), plan)
-    if _file_builder(files[0]) in ("json", "csv") and not streaming:
-        return _from_files(files, plan)
-    return _from_arrow(_load_files(files, plan["label"], streaming), plan)
+    if files.file_builder(paths[0]) in ("json", "csv"):
+        return _from_files(paths, plan, streaming)
+    return _from_arrow(files.load_parquet(paths, plan["label"], streaming), plan)
+
+
+def _require_split(splits: list[str], split: str, stage: str) -> None:
+    if split not in splits:
+        raise ValueError(f"split {split!r} not in the {STAGE_NAMES.get(stage, stage)} dataset; it has "
+                         f"{sorted(splits)}: set --data.{'eval_split' if stage == 'val' else 'split'}")
 
 
 def single_split(source: DatasetSource) -> bool:
-    """Whether `source` holds one split only (rows, a `Dataset`, local data files): it has no `eval_split`."""
+    """Whether `source` holds one split only (rows, a `Dataset` or one saved to disk, local data files): it has no
+    `eval_split`."""
     if isinstance(source, (dict, list, Dataset)) and not isinstance(source, DatasetDict):
         return True
-    return isinstance(source, str) and (glob.has_magic(source) or os.path.isfile(local(source)))
+    return isinstance(source, str) and (glob.has_magic(source) or os.path.isfile(local(source))
+                                        or os.path.isfile(os.path.join(local(source), "state.json")))
 
 
 def resolve_transform(transform: str | Callable | None) -> Callable | None:
@@ -131,121 +139,51 @@ def resolve_transform(transform: str | Callable | None) -> Callable | None:
 
 def _are_paths(items: list) -> bool:
     """Whether a list names data files (all strings that are files, or look like data file names)."""
-    return bool(items) and all(isinstance(item, str) and (os.path.isfile(item) or _file_builder(item))
+    return bool(items) and all(isinstance(item, str) and (os.path.isfile(item) or files.file_builder(item))
                                for item in items)
 
 
-def _columns_to_rows(data: dict, label: str) -> list[dict]:
-    lengths = {key: len(value) if isinstance(value, (list, tuple)) else None for key, value in data.items()}
-    if None in lengths.values() or len(set(lengths.values())) > 1:
-        raise ValueError(f"the {label} dataset, a dict of columns, needs one list per column, all of one length; "
-                         f"got {lengths} (None: not a list)")
-    return [dict(zip(data, values)) for values in zip(*data.values())]
-
-
-def _file_builder(path: str) -> str | None:
-    stem = path[:-3] if path.endswith(".gz") else path
-    return _FILE_BUILDERS.get(os.path.splitext(stem)[1])
-
-
-def _data_files(source: str | list[str]) -> list[str] | None:
-    """The local data files `source` names, or None for a hub name or folder."""
-    if isinstance(source, list):
-        files = source
-    elif glob.has_magic(source):
-        files = sorted(glob.glob(source))  # one at least: `located_data` found it
-    elif os.path.isfile(source):
-        files = [source]
-    else:
-        return None
-    missing = [f for f in files if not os.path.isfile(f)]
-    if missing:
-        raise FileNotFoundError(f"no data file at {missing[0]!r}")
-    builders = {_file_builder(f) for f in files}
-    if None in builders or len(builders) > 1:
-        raise ValueError(f"{source}: files must share one type of {sorted(_FILE_BUILDERS)} (optionally .gz)")
-    return files
-
-
-def _open(path: str):
-    # utf-8-sig: a UTF-8 byte-order mark (Excel's "CSV UTF-8", some Windows tools) is not part of the text.
-    return gzip.open(path, "rt", encoding="utf-8-sig", newline="") if path.endswith(".gz") else \
-        open(path, encoding="utf-8-sig", newline="")
-
-
-def _digest(files: list[str]) -> str:
-    """sha256 of the files' bytes: every cache of rows read from them is keyed by what they hold, not by
-    path and modification time (`cp -p` or `rsync -t` puts an old time back on new rows)."""
-    digest = hashlib.sha256()
-    for path in files:
-        with open(path, "rb") as f:
-            while chunk := f.read(1 << 20):
-                digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _load_files(files: list[str], label: str, streaming: bool) -> Dataset | IterableDataset:
-    """.parquet files (or any files, streamed) through `datasets`' own readers; parquet cached by content."""
-    builder = _file_builder(files[0])
-    if builder == "parquet" and not sum(pq.ParquetFile(f).metadata.num_rows for f in files):
-        raise ValueError(f"the {label} dataset is empty: no rows in {files}")
-    if streaming:
-        kwargs = {}
-        if builder == "csv":  # every cell text, as when read in Python
-            with _open(files[0]) as f:
-                names = next(csv.reader([f.readline()]))
-            kwargs = dict(features=Features({c: Value("string") for c in names}), keep_default_na=False,
-                          na_values=[""], encoding="utf-8-sig")
-        return load_dataset(builder, data_files=files, split="train", streaming=True, **kwargs)
-    cache_dir = os.path.join(datasets.config.HF_DATASETS_CACHE, "dpo_lightning_files", _digest(files)[:32])
-    return load_dataset(builder, data_files=files, split="train", cache_dir=cache_dir)
-
-
-def _file_rows(files: list[str], label: str) -> Iterator[Any]:
-    """Each row of the files, in order: JSON lines, .json files holding a list of rows, or CSV rows (every
-    cell text, an empty cell None)."""
-    for path in files:
-        with _open(path) as f:
-            if _file_builder(path) == "csv":
-                yield from ({k: v or None for k, v in row.items() if k is not None} for row in csv.DictReader(f))
-                continue
-            text = f.read()
-        if path.removesuffix(".gz").endswith(".json") and text.lstrip().startswith("["):
-            try:
-                yield from json.loads(text)
-                continue
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{label} data {path}: not valid JSON ({error}): fix the file") from None
-        for line in text.splitlines():
-            if line.strip():
-                try:
-                    yield json.loads(line)
-                except json.JSONDecodeError:
-                    yield NotJSON()
-
-
-def _from_files(files: list[str], plan: dict) -> tuple[Dataset, Reading]:
-    for path in files[1:]:  # a whole .json file that does not parse: raised here, not inside `datasets`
-        next(_file_rows([path], plan["label"]), None)
-    sample = [row for _, row in zip(range(_SAMPLE), _file_rows(files, plan["label"]))]
+def _survey(rows: Iterable, plan: dict) -> tuple[set[str], list]:
+    """All `rows`' columns (each row through the transform) and the sample that decides their kinds: the first 100
+    rows, and the first row giving a value to each column they leave without one. A pass over every row, so the
+    columns read from a list or a file are all its rows' columns, as Arrow's are (parquet, `Dataset`)."""
+    names, valued, sample, transform = set(), set(), [], plan["transform"]
+    for row in rows:
+        raw = transform(row) if transform is not None and isinstance(row, dict) else row
+        if not isinstance(raw, dict):
+            sample += [row] if len(sample) < _SAMPLE else []
+            continue
+        names.update(raw)
+        given = {name for name, value in raw.items() if value is not None}
+        if len(sample) < _SAMPLE or given - valued:
+            sample.append(row)
+            valued |= given
     if not sample:
-        raise ValueError(f"the {plan['label']} dataset is empty: no rows in {files}")
-    args, reading = _planned(sample, plan)
+        raise ValueError(f"the {plan['label']} dataset is empty: no rows")
+    return names, sample
+
+
+def _from_files(paths: list[str], plan: dict, streaming: bool) -> tuple[Dataset | IterableDataset, Reading]:
+    """.json/.jsonl/.csv files, read in Python (files.py), streamed or not: a stream reads them as it goes."""
+    names, sample = _survey(files.file_rows(paths, plan["label"]), plan)
+    args, reading = _planned(sample, names, plan)
+    generate = dict(paths=paths, label=plan["label"], args=args)
+    if streaming:
+        return IterableDataset.from_generator(_generate, features=args["features"], gen_kwargs=generate), reading
     # Cached by `datasets` under a name made of its arguments, the files' content digest among them:
     # another process (a DDP rank after `prepare_data`) reads the cache instead of the files.
     return Dataset.from_generator(_generate, features=args["features"], gen_kwargs=dict(
-        files=files, digest=_digest(files), code=READING_CODE, label=plan["label"], args=args)), reading
+        generate, digest=files.digest(paths), code=READING_CODE)), reading
 
 
-def _generate(files: list[str], digest: str, code: str, label: str, args: dict) -> Iterator[dict]:
-    for row in _file_rows(files, label):
+def _generate(paths: list[str], label: str, args: dict, digest: str = "", code: str = "") -> Iterator[dict]:
+    for row in files.file_rows(paths, label):
         yield canonical_row(row, **args)
 
 
 def _from_python(rows: list, plan: dict) -> tuple[Dataset, Reading]:
-    if not rows:
-        raise ValueError(f"the {plan['label']} dataset is empty: no rows")
-    args, reading = _planned(rows[:_SAMPLE], plan)
+    names, sample = _survey(rows, plan)
+    args, reading = _planned(sample, names, plan)
     return Dataset.from_list([canonical_row(row, **args) for row in rows], features=args["features"]), reading
 
 
@@ -255,7 +193,11 @@ def _from_arrow(rows: Dataset | IterableDataset, plan: dict) -> tuple[Dataset | 
     names = rows.column_names or list(next(iter(rows)))  # a stream may not know its columns yet
     if isinstance(rows, Dataset) and not len(rows):
         raise ValueError(f"the {plan['label']} dataset is empty: no rows")
-    args, reading = _planned(list(rows.take(_SAMPLE)), plan, set(names))
+    sample = list(rows.take(_SAMPLE))
+    # With a transform, or a stream that does not know its columns (a hub's JSON), the columns are those of the
+    # first 100 rows (a pass over every row would be a second read).
+    known = plan["transform"] is None and rows.column_names
+    args, reading = _planned(sample, set(names) if known else _survey(sample, plan)[0], plan)
     if plan["transform"] is None and args["schema"] is None and _text_only(rows, plan["columns"], plan["label"]):
         return _canonical(rows, plan["columns"]), reading
     mapped = rows.map(canonical_row, fn_kwargs=args, remove_columns=names, features=args["features"],
@@ -269,17 +211,15 @@ def _schema(names: set[str], plan: dict) -> Schema | None:
     return detect_schema(names, plan["columns"], plan["label"], plan["label_column"])
 
 
-def _planned(sample: list, plan: dict, names: set[str] | None = None) -> tuple[dict, Reading]:
+def _planned(sample: list, names: set[str], plan: dict) -> tuple[dict, Reading]:
     """`canonical_row`'s arguments from a sample of raw rows (the schema their columns match, the row model's
     features) and the `Reading`: the schema's name, the columns nothing reads.
 
     Raises for a missing column and for data that cannot train; warns when text columns stand beside a missing
-    prompt. `names`: the source's columns where it knows them all (else those of the sample's rows).
+    prompt. `names`: the source's columns (after the transform).
     """
     transform = plan["transform"]
     raw = [transform(row) if transform is not None and isinstance(row, dict) else row for row in sample]
-    if transform is not None or names is None:
-        names = {name for row in raw if isinstance(row, dict) for name in row}
     schema = _schema(names, plan) if names else None
     refuse(names, raw, plan["label"], pairs=schema is not None or plan["kind"] == "prompts" or
            {plan["columns"]["chosen"], plan["columns"]["rejected"]} <= names)
@@ -292,11 +232,11 @@ def _planned(sample: list, plan: dict, names: set[str] | None = None) -> tuple[d
     args = dict(columns=plan["columns"], transform=transform, chat=plan["chat"], schema=schema,
                 features=features(mapped, columns, needed))
     templates = TEMPLATE_COLUMNS if plan["kind"] == "pairs" else ()  # online prompts render without them
-    reads = schema.reads() if schema else {*plan["columns"].values(), *templates}
-    by_choice = [name for name in schema.labels_in(names) if name != schema.label] if schema and plan["label_column"] \
-        else []
+    reads = schema.reads(names) if schema else {*plan["columns"].values(), *templates}
+    by_choice = schema.label_columns(names)[1] if schema and plan["label_column"] else set()
+    mapped = any(column != field for field, column in plan["columns"].items())
     return args, Reading(schema.describe() if schema else "", tuple(sorted(names - reads - {"source_issue"})),
-                         tuple(by_choice))
+                         tuple(sorted(by_choice)), mapped)
 
 
 def _warn_unused_text(rows: list, names: set[str], plan: dict) -> None:
@@ -328,9 +268,13 @@ def require(names, columns: dict[str, str], label: str, kind: RowKind = "pairs")
             raise ValueError(f"{label} data has no column {column!r} (--data.{field}_column); its columns are "
                              f"{sorted(names)}: set --data.{field}_column to one of them")
     if {columns["chosen"], columns["rejected"]} - set(names):
+        labels = sorted(set(names) & set(schemas.LABELS))
         raise ValueError(f"{label} data has columns {sorted(names)}; expected 'chosen' and 'rejected' (and 'prompt'): "
-                         "map yours with --data.prompt_column / chosen_column / rejected_column, or turn each row "
-                         "into one with --data.transform")
+                         + (f"its columns {labels} look like a preference label saying row by row which response "
+                            "is preferred, which a fixed column mapping would not follow: build each pair from it "
+                            "with --data.transform" if labels else
+                            "map yours with --data.prompt_column / chosen_column / rejected_column, or turn each row "
+                            "into one with --data.transform"))
 
 
 def _text_only(rows: Dataset | IterableDataset, columns: dict[str, str], label: str) -> bool:
@@ -346,10 +290,19 @@ def _text_only(rows: Dataset | IterableDataset, columns: dict[str, str], label: 
         kinds[field] = "text" if isinstance(feature, Value) and feature.dtype in ("string", "large_string", "null") \
             else "messages" if isinstance(feature, (List, LargeList)) else None
         if kinds[field] is None:
-            raise ValueError(f"every {label} row: field {field!r} "
-                             f"(column {column!r}) holds {feature}, not text: cast it, e.g. dataset.cast_column("
-                             f"{column!r}, Value('string')), or fix the source")
+            raise ValueError(f"every {label} row: field {field!r} (column {column!r}) holds {_what(feature, column)}")
     return set(kinds.values()) <= {"text"} and not set(TEMPLATE_COLUMNS) & set(rows.features)
+
+
+def _what(feature, column: str) -> str:
+    """What a field column of neither text nor messages holds, and the fix: a cast for a value; a transform for
+    objects (a cast to text cannot work on a struct), ShareGPT's messages named as such."""
+    if not isinstance(feature, dict):
+        return f"{feature}, not text: cast it, e.g. dataset.cast_column({column!r}, Value('string')), or fix the source"
+    if {"from", "value"} <= set(feature):
+        return ("ShareGPT-style messages {'from', 'value'}, not text or messages: map each to {'role', 'content'} "
+                "(human: user, gpt: assistant) with --data.transform")
+    return f"objects {feature}, not text or messages: turn them into one or the other with --data.transform"
 
 
 def _canonical(rows: Dataset | IterableDataset, columns: dict[str, str]) -> Dataset | IterableDataset:
