@@ -7,8 +7,12 @@ Tiny Llama and the ASCII tokenizer from conftest.py; no network. Rewards are pla
 by import path (`test_online_settings.<name>`) or passed as objects.
 """
 
+import json
 import math
+import subprocess
 import sys
+import warnings
+from pathlib import Path
 
 import lightning as L
 import numpy as np
@@ -22,6 +26,7 @@ from dpo_lightning.data.prompts import prepare_prompts
 from dpo_lightning.online.rewards import RewardError, Rewards
 from dpo_lightning.online.sampler import pick_pairs
 
+ROOT = Path(__file__).resolve().parents[1]
 ONLINE = {"reward_funcs": "test_online_settings.length_reward", "num_samples": 3, "max_new_tokens": 6}
 SEEN: list[list[str]] = []
 
@@ -34,6 +39,19 @@ def length_reward(prompts: list[str], completions: list[str]) -> list[float]:
 def some_prompts_tie(prompts: list[str], completions: list[str]) -> list[float]:
     """Every completion of a prompt ending in '!' scores 1 (the prompt ties); others score their length."""
     return [1.0 if p.endswith("!") else float(len(c)) for p, c in zip(prompts, completions)]
+
+
+# 8 prompts, 4 of which tie (those ending in '!'): as 2 micro-batches of 4, or on 2 ranks of 4, they hold 1
+# and 3 pairs.
+TYING_PROMPTS = [f"Q{i}: say {'ab' * (i % 3 + 1)}{'!' if i in (0, 2, 4, 5) else '?'}" for i in range(8)]
+
+
+def tying_run(policy: str, batch_size: int) -> tuple[DPOModule, L.LightningDataModule]:
+    """Plain SGD (the weights move by exactly -lr x the gradient) on `TYING_PROMPTS`, ranked by `some_prompts_tie`."""
+    model = DPOModule(policy, learning_rate=0.5, optimizer={"class_path": "torch.optim.SGD"},
+                      online={**ONLINE, "reward_funcs": "test_online_settings.some_prompts_tie"})
+    return model, data_module(dataset={"prompt": TYING_PROMPTS}, eval_n=0, max_length=32, max_prompt_length=16,
+                              batch_size=batch_size, prefix_sharing=False)
 
 
 def test_bad_values_are_refused_by_name_from_python_as_on_the_command_line_and_numpy_integers_are_integers():
@@ -153,7 +171,6 @@ def test_accumulating_two_micro_batches_trains_as_one_batch_of_both_when_their_p
                                                                                                    tmp_path):
     # One optimizer step on 8 prompts, half of which tie (those ending in '!'); plain SGD, so the weights move by
     # exactly -lr x the gradient: the mean over the step's pairs, however the prompts are split into micro-batches.
-    prompts = [f"Q{i}: say {'ab' * (i % 3 + 1)}{'!' if i in (0, 1, 2, 5) else '?'}" for i in range(8)]
     pairs_per_batch, trained = [], []
 
     class Count(L.Callback):
@@ -163,13 +180,65 @@ def test_accumulating_two_micro_batches_trains_as_one_batch_of_both_when_their_p
     for batch_size, accumulate in ((8, 1), (4, 2)):
         L.seed_everything(0)
         pairs_per_batch.append([])
-        model = DPOModule(tiny_llama, learning_rate=0.5, optimizer={"class_path": "torch.optim.SGD"},
-                          online={**ONLINE, "reward_funcs": "test_online_settings.some_prompts_tie"})
-        data = data_module(dataset={"prompt": prompts}, eval_n=0, max_length=32, max_prompt_length=16,
-                           batch_size=batch_size, prefix_sharing=False)
+        model, data = tying_run(tiny_llama, batch_size)
         quiet_trainer(tmp_path, max_steps=1, accumulate_grad_batches=accumulate, callbacks=[Count()],
                       enable_checkpointing=False).fit(model, data)
         trained.append({k: v.clone() for k, v in model.policy.state_dict().items()})
     assert pairs_per_batch[0] == [4] and sorted(pairs_per_batch[1]) == [1, 3]  # uneven: 1 pair beside 3
     for name, weight in trained[0].items():
         torch.testing.assert_close(trained[1][name], weight, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_two_ddp_ranks_with_uneven_pair_counts_train_as_one_process(tiny_llama, tmp_path):
+    # One optimizer step on the 8 prompts: one process with all 8, or 2 gloo ranks with 4 each, whose pair counts
+    # differ (1 and 3). The step's loss is the mean over its 4 pairs, whichever rank holds them.
+    for devices in (1, 2):
+        subprocess.run([sys.executable, __file__, tiny_llama, str(tmp_path / f"{devices}.pt"), str(devices)],
+                       check=True, timeout=600, cwd=tmp_path)
+    single, ranks = (torch.load(tmp_path / f"{n}.pt", weights_only=True) for n in (1, 2))
+    assert single["pairs"] == [4] and sorted(ranks["pairs"]) == [1, 3]
+    start = DPOModule(tiny_llama).policy.state_dict()
+    assert any(not torch.equal(single["weights"][k], start[k]) for k in start)
+    for name, weight in single["weights"].items():
+        torch.testing.assert_close(ranks["weights"][name], weight, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_the_quickstart_resumed_from_the_command_line_with_a_changed_setting_names_that_setting_alone(tmp_path,
+                                                                                                     monkeypatch):
+    from dpo_lightning.cli.main import cli_main
+
+    monkeypatch.chdir(tmp_path)  # the quickstart's logs and export go here
+    quickstart = ["fit", "--config", str(ROOT / "configs" / "online_quickstart.yaml"), "--trainer.limit_val_batches",
+                  "0", "--trainer.num_sanity_val_steps", "0", "--data.batch_size", "4"]
+    cli_main([*quickstart, "--trainer.max_steps", "1", "--trainer.callbacks+=ModelCheckpoint",
+              "--trainer.callbacks.dirpath", "ckpt", "--trainer.callbacks.every_n_train_steps", "1"])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cli = cli_main([*quickstart, "--trainer.max_steps", "2", "--ckpt_path", "ckpt/epoch=0-step=1.ckpt",
+                        "--model.online.max_new_tokens", "8"])
+    assert cli.trainer.global_step == 2 and cli.model.online.config.max_new_tokens == 8
+    said = [str(w.message) for w in caught if "other settings" in str(w.message)]
+    assert len(said) == 1 and "'max_new_tokens': 10" in said[0] and "'max_new_tokens': 8" in said[0], said
+    listed = said[0].split("other settings: ")[1].split(". The run's")[0]
+    assert listed.startswith("online {") and "_instantiator" not in listed and "class_path" not in listed, listed
+
+
+if __name__ == "__main__":
+    policy, out, devices = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
+    pairs = []
+
+    class Pairs(L.Callback):
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            pairs.append(len(outputs["batch"]["row_ids"]))
+
+    L.seed_everything(0)
+    model, data = tying_run(policy, 8 // devices)
+    trainer = quiet_trainer(out.parent, max_steps=1, accelerator="cpu", devices=devices,
+                            strategy="ddp" if devices > 1 else "auto", callbacks=[Pairs()], enable_checkpointing=False)
+    trainer.fit(model, data)
+    everything = [None] * devices
+    if devices > 1:
+        torch.distributed.all_gather_object(everything, pairs)
+    if trainer.is_global_zero:
+        torch.save({"weights": model.policy.state_dict(), "pairs": sum(everything, []) if devices > 1 else pairs},
+                   out)
