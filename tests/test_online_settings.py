@@ -7,7 +7,6 @@ Tiny Llama and the ASCII tokenizer from conftest.py; no network. Rewards are pla
 by import path (`test_online_settings.<name>`) or passed as objects.
 """
 
-import json
 import math
 import subprocess
 import sys
