@@ -125,8 +125,7 @@ class DPOModule(L.LightningModule):
             base, and exports merge the adapter into a bf16 copy of the base. `pip install -e .[qlora]`.
         quantization_config: `transformers.BitsAndBytesConfig`'s arguments as a dict, instead of
             `load_in_4bit`'s defaults, e.g. {bnb_4bit_quant_type: fp4, bnb_4bit_use_double_quant: true}.
-        online: train online: the policy samples each batch's pairs from the data's prompts and a reward
-            ranks them (`online.OnlineConfig`: reward_funcs, num_samples, ...; from Python, a dict of its keys too).
+        online: train online, on pairs the policy samples and a reward ranks (`online.OnlineConfig`; or a dict).
     """
 
     def __init__(
@@ -181,7 +180,8 @@ class DPOModule(L.LightningModule):
         online: OnlineConfig | None = None,
     ):
         super().__init__()
-        online = OnlineConfig.plain(online)  # checked (a dict from Python alike); plain data in checkpoints
+        settings = OnlineConfig.of(online) if online is not None else None  # checked (a dict from Python alike)
+        online = OnlineConfig.plain(settings)  # plain data in checkpoints: a function as its import path
         loss_types = [loss_type] if isinstance(loss_type, str) else list(loss_type)
         options = {name: value for name, value in locals().items() if name in LOSS_OPTIONS and value is not None}
         # The losses, their weights and options, length normalisation, the RPO term and bco_pair's running mean.
@@ -218,7 +218,7 @@ class DPOModule(L.LightningModule):
             for model in (self.policy, self.reference):
                 if model is not None:
                     decoder(base_causal_lm(model)).compile(dynamic=True)  # in place: same parameter names
-        self.online = Online(online, precompute_ref_log_probs, self.ref.refreshable) if online else None  # online DPO
+        self.online = settings and Online(settings, precompute_ref_log_probs, self.ref.refresh_refusal(self.policy))
         self.train_kind = train_kind(online)  # online: the data module reads prompts alone
         self.train_metrics = make_metrics(self.objective, False, (*(Online.METRICS if online else ()), *STATISTICS))
         self.train_window = LogWindow(self.train_metrics)  # the steps since the last log
@@ -264,7 +264,7 @@ class DPOModule(L.LightningModule):
         if sampled is not None:  # its pairs (where every prompt tied, a stand-in that trains with weight 0)
             batch = sampled.batch
             update_means(self.train_metrics, sampled.metrics)
-        loss = self._shared_step(batch, "train", sampled is None or sampled.has_pairs)
+        loss = self._shared_step(batch, "train", sampled.loss_scale if sampled is not None else 1.0)
         if ends_optimizer_step(self.trainer, batch_idx):  # over all its micro-batches
             self._end_train_step()
         return {"loss": loss, "batch": batch}  # the batch that trained, for the callbacks (throughput.py)
@@ -293,7 +293,7 @@ class DPOModule(L.LightningModule):
             self.log(f"val/{name}", metric, on_epoch=True, prog_bar=name in PROGRESS_BAR)
         return loss
 
-    def _shared_step(self, batch: dict[str, Tensor], stage: str, trains: bool = True) -> Tensor:
+    def _shared_step(self, batch: dict[str, Tensor], stage: str, scale: float = 1.0) -> Tensor:
         policy_logps, mean_logits, n_tokens, aux_loss = self.scorer(self.policy, batch, self.objective.router)  # (2B,)
         ref_logps = self.ref.logps(self.policy, batch, stage)  # (2B,), no grad; None for reference-free losses
         # Training batches join bco_pair's running mean, summed over ranks (`Objective`); MoE: the router's loss.
@@ -301,10 +301,10 @@ class DPOModule(L.LightningModule):
                              aux_loss)
         if stage == "train" and not self._finite_on_every_rank(out.loss, batch):
             return out.loss  # its optimizer step is skipped: see on_before_optimizer_step
-        if not trains:  # online, every prompt tied: a stand-in's zero gradient, where other ranks train
+        if not scale:  # online, every prompt tied: a stand-in's zero gradient, where other ranks train
             return out.loss * 0
         self._update_metrics(stage, batch, out, policy_logps, ref_logps, mean_logits, n_tokens)
-        return out.loss
+        return out.loss * scale  # online: times the pairs, for the step's mean over all of them (`Sampled.loss_scale`)
 
     def _sum_over_ranks(self, tensor: Tensor) -> Tensor:
         return self.trainer.strategy.reduce(tensor, reduce_op="sum") if self._trainer is not None else tensor
@@ -344,10 +344,9 @@ class DPOModule(L.LightningModule):
 
     def _end_train_step(self) -> None:
         """Add the step's metrics to those since the last log (`metrics.LogWindow`), logged where Lightning logs."""
-        paired = float(self.train_metrics["loss"].update_count > 0)
         self.train_window.add(self.train_metrics, keep=not self._skip_step)
-        if self.online is not None and not self._skip_step:  # no pair on any rank (every prompt tied): no step
-            self._skip_step = self._sum_over_ranks(torch.tensor(paired, device=self.device)).item() == 0
+        if self.online is not None and not self.online.step_has_pairs:  # every prompt tied on every rank: no step
+            self._skip_step = True
         if self.displacement is not None:
             self.displacement.check(self.global_step, self._sum_over_ranks)
         if not logs_after(self.trainer, self.trainer.global_step + 1):
