@@ -292,7 +292,7 @@ def fit_module(workload: dict, data: dict, batches: list[dict], module_kwargs: d
                        ref_logps_cache_dir=cache_dir, **module_kwargs)
     timer = StepTimer()
     steps = len(data["batches"] if batches is None else batches)
-    trainer = L.Trainer(**{"max_steps": steps, "logger": False, "enable_checkpointing": False,
+    trainer = L.Trainer(**{"max_steps": steps, "logger": False, "log_every_n_steps": 1, "enable_checkpointing": False,
                            "enable_progress_bar": False, "enable_model_summary": False, "num_sanity_val_steps": 0,
                            "limit_val_batches": 0, "devices": 1, **(trainer_kwargs or {})}, callbacks=[timer])
     start_rss = current_rss_gb()
