@@ -101,7 +101,8 @@ if __name__ == "__main__":
     start = {k: v.clone() for k, v in model.policy.state_dict().items()}
     strategy = ModelParallelStrategy(data_parallel_size=devices, tensor_parallel_size=1) if devices > 1 else "auto"
     trainer = L.Trainer(accelerator="cpu", devices=devices, strategy=strategy, max_steps=3, logger=False,
-                        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                        log_every_n_steps=1, enable_progress_bar=False, enable_model_summary=False,
+                        enable_checkpointing=False,
                         num_sanity_val_steps=0, limit_val_batches=None if online else 0,
                         callbacks=[GreedyReward("test_fsdp2.text_reward", max_new_tokens=6)] if online else [])
     trainer.fit(model, data)

@@ -261,7 +261,8 @@ def test_online_settings_are_typed_checked_and_listed_on_the_command_line_and_in
     monkeypatch.chdir(tmp_path)  # the quickstart's logs and export go here
     quickstart = ["fit", "--config", str(ROOT / "configs" / "online_quickstart.yaml")]
     cli = cli_main([*quickstart, "--model.online.max_new_tokens", "8", "--trainer.max_steps", "1",
-                    "--trainer.limit_val_batches", "0", "--trainer.num_sanity_val_steps", "0"])
+                    "--trainer.log_every_n_steps", "1", "--trainer.limit_val_batches", "0",
+                    "--trainer.num_sanity_val_steps", "0"])
     config = cli.model.online.config
     assert isinstance(config, OnlineConfig) and config.max_new_tokens == 8 and config.num_samples == 4
     assert cli.trainer.global_step == 1 and cli.trainer.callback_metrics["train/completions/mean_length"] <= 8
@@ -379,7 +380,7 @@ if __name__ == "__main__":
     model = DPOModule(policy, learning_rate=1e-2, online=online)
     start = {k: v.clone() for k, v in model.policy.state_dict().items()}
     rows_cb = Rows()
-    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=2, logger=False,
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=2, logger=False, log_every_n_steps=1,
                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
                         num_sanity_val_steps=0, callbacks=[rows_cb])
     trainer.fit(model, data_module(16, eval_n=0, batch_size=2, max_length=32, max_prompt_length=16))

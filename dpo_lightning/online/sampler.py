@@ -31,12 +31,12 @@ adds it) it marks each optimizer step's start: the step the seeds are drawn from
 refreshed every `ref_model_sync_steps` optimizer steps (iterative DPO; TRL's `ref_model_sync_steps` with
 `ref_model_mixup_alpha` 1), and the step's time spent sampling, scoring and pairing.
 
-Metrics, per optimizer step under `train/` (TRL's names where TRL has them), each exact over micro-batches and
-ranks, and logged only where defined: `objective/scores` (mean reward of all samples), `objective/ties` (share
-of prompts skipped), `completions/mean_length` (tokens, stop token included), `val/contain_eos_token` (share of
-completions that stopped), `time/generate_share` (share of the optimizer step's wall time spent sampling,
-scoring and pairing); over the pairs, so not at a step where every prompt tied: `objective/scores_margin`
-(chosen - rejected), `objective/scores_chosen`, `objective/scores_rejected`.
+Metrics, under `train/` at each log, over the steps since the last one (TRL's names where TRL has them), each
+exact over micro-batches and ranks, and logged only where defined: `objective/scores` (mean reward of all
+samples), `objective/ties` (share of prompts skipped), `completions/mean_length` (tokens, stop token included),
+`val/contain_eos_token` (share of completions that stopped), `time/generate_share` (share of the wall time since
+the last log spent sampling, scoring and pairing); over the pairs, so not where every prompt tied:
+`objective/scores_margin` (chosen - rejected), `objective/scores_chosen`, `objective/scores_rejected`.
 """
 
 import functools
@@ -57,7 +57,7 @@ from dpo_lightning.online.config import OnlineConfig
 from dpo_lightning.online.rewards import RewardError, Rewards
 from dpo_lightning.utils.generation import (complete, generation_config, sampling, sharded, split_completion,
                                             stop_ids, texts, unsharded)
-from dpo_lightning.utils.steps import ends_optimizer_step
+from dpo_lightning.utils.steps import ends_optimizer_step, logs_after
 
 
 def pick_pairs(scores: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -129,7 +129,7 @@ class Online(L.Callback):
         self._refresh_reference: Callable[[], None] | None = None
         self._step: int | None = None  # the optimizer step of the batch at hand
         self._sum_over_ranks: Callable[[Tensor], Tensor] = lambda tensor: tensor
-        self._step_start, self._generating = 0.0, 0.0
+        self._window_start, self._generating = None, 0.0  # since the last log
 
     def bind(self, datamodule: L.LightningDataModule, refresh_reference: Callable[[], None]) -> None:
         """Hand over what sampling needs from the run, once before training: the data module's tokenizer and
@@ -168,7 +168,8 @@ class Online(L.Callback):
         self._step = trainer.global_step
         if batch_idx % trainer.accumulate_grad_batches:
             return  # not the first micro-batch of an optimizer step
-        self._step_start, self._generating = time.perf_counter(), 0.0
+        if self._window_start is None:
+            self._window_start, self._generating = time.perf_counter(), 0.0
         every, step = self.config.ref_model_sync_steps, trainer.global_step
         # At the step's start, not the previous step's end: a checkpoint saved at that end resumes here alike.
         if every and step and step % every == 0:
@@ -176,8 +177,9 @@ class Online(L.Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch,
                            batch_idx: int) -> None:
-        if ends_optimizer_step(trainer, batch_idx):
-            share = self._generating / max(time.perf_counter() - self._step_start, 1e-9)
+        if ends_optimizer_step(trainer, batch_idx) and logs_after(trainer, trainer.global_step):
+            share = self._generating / max(time.perf_counter() - self._window_start, 1e-9)
+            self._window_start = None
             pl_module.log("train/time/generate_share", share, on_step=True, on_epoch=False)
 
     def pairs(self, policy: nn.Module, prompts: dict) -> Sampled:
