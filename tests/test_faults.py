@@ -29,6 +29,7 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
 
 from dpo_lightning import DPOModule, ExportPretrained, PreferenceDataModule
 from dpo_lightning.callbacks import PreemptionCheckpoint
@@ -170,6 +171,18 @@ def test_an_unwritable_folder_stops_the_run_at_setup_naming_the_setting(tiny_lla
     assert record.batches == []  # nothing trained, nothing scored
     for name, value in model.policy.state_dict().items():
         assert torch.equal(value, before[name])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the claim is about training on CPU")
+def test_flex_attention_training_on_cpu_stops_at_setup_naming_the_setting_and_the_fix(tiny_llama, tmp_path):
+    # torch has no FlexAttention backward on CPU: training died at its first backward with torch's
+    # NotImplementedError, after the layout check had spent its compile.
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, attn_implementation="flex_attention")
+    module, record = DPOModule(model, lean_logps=False), RecordBatches()
+    with pytest.raises(ValueError, match=r"attn_implementation 'flex_attention' cannot train on cpu: .* "
+                                         r"attn_implementation='sdpa' or 'eager'"):
+        quiet_trainer(tmp_path, callbacks=[record]).fit(module, data_module(8, prefix_sharing=False))
+    assert record.batches == []  # no step began
 
 
 def test_a_tokenizer_larger_than_the_embedding_stops_at_setup_naming_both_sizes(tiny_llama, tmp_path):

@@ -18,7 +18,7 @@ import lightning as L
 import pytest
 import torch
 from datasets import Dataset
-from transformers import AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from dpo_lightning import DPOModule, PreferenceDataModule
 from dpo_lightning.data import layouts
@@ -166,11 +166,24 @@ def test_probe_reaches_past_the_attention_chunk(monkeypatch):
     assert "ignores the shared layout's attention mask" in shared_layout_unsupported(model)
 
 
-@pytest.mark.parametrize("name, kinds", [("lfm2", "conv"), ("qwen3_5", "linear_attention"),
-                                         ("mamba", "linear_attention")])
+MAMBA = {"mamba2": dict(model_type="mamba2", vocab_size=128, hidden_size=32, num_hidden_layers=2, num_heads=4,
+                        head_dim=16, state_size=8, n_groups=1, expand=2, conv_kernel=3),
+         "granitemoehybrid": dict(model_type="granitemoehybrid", vocab_size=128, hidden_size=32, intermediate_size=64,
+                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                                  num_experts_per_tok=2, mamba_n_heads=4, mamba_d_head=16, mamba_d_state=8,
+                                  mamba_n_groups=1, layer_types=["mamba", "attention"])}
+
+
+@pytest.mark.parametrize("name, kinds", [("lfm2", "conv"), ("qwen3_5", "linear_attention"), ("mamba", "mamba"),
+                                         ("mamba2", "mamba"), ("granitemoehybrid", "mamba")])
 def test_recurrent_layers_are_refused_by_name(name, kinds):
     # LFM2's short convolutions passed the numeric probe in a random model (5e-5 nats), yet moved its gradients.
-    model = tiny_model(name)
+    # transformers lists the Mamba family's state-space layers as linear_attention: they are named by their kind.
+    if name in MAMBA:
+        settings = dict(MAMBA[name])
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(settings.pop("model_type"), **settings))
+    else:
+        model = tiny_model(name)
     assert shared_layout_unsupported(model) == (
         f"{type(model).__name__} has {kinds} layers, which take no mask the shared layout builds (a recurrent "
         "state or convolution runs along the row, from one response into the next)")

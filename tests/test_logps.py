@@ -129,6 +129,18 @@ def test_a_model_with_an_unmodelled_logit_scale_falls_back_to_naive(tmp_path):
     assert not model.uses_lean_logps
 
 
+def test_a_model_whose_forward_is_not_reproducible_is_named_so_not_as_a_logit_transform(tiny_llama):
+    # flex_attention on CPU (torch 2.13) gives other values on the same 8 tokens at each call: the fallback said the
+    # model has a logit transform. Here an attention output that moves by a fresh random amount at every call.
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    model.model.layers[0].self_attn.register_forward_hook(
+        lambda module, args, output: (output[0] + torch.randn_like(output[0]), *output[1:]))
+    reason = lean_unsupported(model)
+    assert reason.startswith("LlamaForCausalLM gives other logits when run twice on the same 8 tokens "
+                             "(attn_implementation='sdpa' on cpu)"), reason
+    assert "'sdpa' or 'eager'" in reason
+
+
 def test_head_runs_only_on_labelled_positions_in_chunks(tiny_llama):
     # A hooked head is called as a module, chunk by chunk (the linear head's own path: the test below).
     model = AutoModelForCausalLM.from_pretrained(tiny_llama)

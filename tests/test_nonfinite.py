@@ -8,13 +8,14 @@ in test_ddp_matrix.py.
 """
 
 import copy
+import math
 
 import lightning as L
 import pytest
 import torch
-from conftest import RecordBatches, data_module, quiet_trainer, response_logps
+from conftest import RecordBatches, ascii_tokenizer, data_module, quiet_trainer, response_logps, rows
 
-from dpo_lightning import DPOModule
+from dpo_lightning import DPOModule, PreferenceDataModule
 from dpo_lightning.training.scorer import Scorer
 from dpo_lightning.utils.steps import ends_optimizer_step
 
@@ -138,3 +139,30 @@ def test_skipped_step_changes_no_weight_optimizer_state_schedule_or_metric(tiny_
         assert model.objective.bco_reward_count.item() == kept.numel() == 2 * 8
         torch.testing.assert_close(model.objective.bco_reward_sum / model.objective.bco_reward_count, kept.double().mean(),
                                    rtol=1e-4, atol=1e-6)
+
+
+def test_a_nan_validation_pair_stays_in_every_mean_it_enters_and_its_row_is_named(tiny_llama, tmp_path):
+    # Row 5's rejected response holds the only "z" of the split, whose embedding row is NaN: its rejected log-prob,
+    # its loss, its rejected reward and margin are NaN; its chosen response is clean. A validation value is the mean
+    # over every pair of the split, so the first ones must read NaN (torchmetrics' default dropped the NaN and gave
+    # the mean over the other 5 pairs) and the chosen log-prob the mean over all 6 (batches of 4 and 2).
+    dataset = rows(6)
+    dataset["rejected"][5] += "z"
+    assert sum(text.count("z") for column in dataset.values() for text in column) == 1
+    module = DPOModule(tiny_llama)
+    with torch.no_grad():
+        for model in (module.policy, module.reference):
+            model.get_input_embeddings().weight[ord("z")] = float("nan")
+    data = PreferenceDataModule(dataset=dataset, eval_dataset=dataset, tokenizer=ascii_tokenizer(), max_length=48,
+                                max_prompt_length=24, batch_size=6, eval_batch_size=4, prefix_sharing=False)
+    with pytest.warns(UserWarning, match=r"validation: 1 pair\(s\) with a non-finite loss or log-prob, rows \[5\]"):
+        values = quiet_trainer(tmp_path).validate(module, data, verbose=False)[0]
+    data.setup("fit")
+    batch = next(iter(data.train_dataloader()))  # all 6 pairs, padded: the oracle reads each sequence
+    logps, _ = response_logps(module.policy, batch)
+    order = batch["row_ids"].tolist()
+    chosen = logps[:6][torch.tensor([order.index(i) for i in range(6)])]
+    assert torch.isnan(logps[6 + order.index(5)]) and torch.isfinite(chosen).all()
+    for name in ("loss", "logps/rejected", "rewards/rejected", "rewards/margins", "logits/rejected"):
+        assert math.isnan(values[f"val/{name}"]), name
+    assert values["val/logps/chosen"] == pytest.approx(chosen.mean().item(), rel=1e-5)

@@ -17,15 +17,18 @@ DDP runs as a subprocess executing this file, as tests/test_ddp.py does. No netw
 
 import copy
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from datasets import Dataset
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from dpo_lightning import DPOModule
 from dpo_lightning.cli.main import cli_main
@@ -34,7 +37,7 @@ from dpo_lightning.data.packing import collate_shared
 
 from conftest import BF16_RTOL, ascii_tokenizer, data_module, quiet_trainer
 from conftest import rows as text_rows
-from test_architectures import BETA, LR, dpo_loss, oracle_logps, plain_aux_loss, tiny_model
+from test_architectures import ARCHITECTURES, BETA, LR, dpo_loss, oracle_logps, plain_aux_loss, tiny_model
 
 MOE = ["mixtral", "qwen2_moe", "olmoe", pytest.param("qwen3_next", marks=pytest.mark.architectures)]
 COEF = 0.5  # large enough that the router term moves the weights well past the comparison's tolerance
@@ -100,11 +103,32 @@ def test_the_coefficient_follows_trl(tiny_llama):
     off = DPOModule(tiny_model("olmoe"), router_aux_loss_coef=0.0)
     assert off.objective.router is None and "aux_loss" not in off.train_metrics
     assert DPOModule(tiny_llama).objective.router is None  # dense: nothing to add
-    with pytest.raises(ValueError, match=r"--model.router_aux_loss_coef 0.1: LlamaForCausalLM is no mixture-of-"
-                                         r"experts model .* remove the setting"):
+    with pytest.raises(ValueError, match=r"--model.router_aux_loss_coef 0.1: LlamaForCausalLM is not a mixture-of-"
+                                         r"experts model that returns its router logits .* remove the setting"):
         DPOModule(tiny_llama, router_aux_loss_coef=0.1)
-    with pytest.raises(ValueError, match=r"--model.router_aux_loss_coef -1.0: must be >= 0"):
-        DPOModule(tiny_model("olmoe"), router_aux_loss_coef=-1.0)
+
+
+def test_a_coefficient_that_is_not_a_finite_number_is_refused_by_name():
+    # NaN passed the check (NaN < 0 is False), then every batch's loss was NaN and the run blamed the data's rows;
+    # the text "0.01" from a notebook failed inside the check with a bare TypeError. numpy's floats are numbers.
+    moe = tiny_model("olmoe")
+    for bad in (float("nan"), float("inf"), -1.0, "0.01", True):
+        with pytest.raises(ValueError, match=re.escape(f"--model.router_aux_loss_coef {bad!r}: must be a finite "
+                                                       "number >= 0")):
+            DPOModule(moe, router_aux_loss_coef=bad)
+    assert DPOModule(moe, router_aux_loss_coef=np.float32(0.25)).objective.router_aux_loss_coef == 0.25
+
+
+def test_a_moe_whose_config_returns_no_router_logits_is_named_so():
+    # Gemma 4's MoE block routes inside its layers and returns no router logits (no output_router_logits in its
+    # config): it is a mixture of experts, so "is no mixture-of-experts model" named the wrong reason.
+    settings = copy.deepcopy(ARCHITECTURES["gemma4"])
+    settings["text_config"].update(enable_moe_block=True, num_experts=4, top_k_experts=2, moe_intermediate_size=32)
+    config = AutoConfig.for_model(settings.pop("model_type"), **settings)
+    with pytest.raises(ValueError, match=r"--model.router_aux_loss_coef 0.01: Gemma4ForConditionalGeneration is not "
+                                         r"a mixture-of-experts model that returns its router logits \(its config "
+                                         r"has no output_router_logits\)"):
+        DPOModule(AutoModelForCausalLM.from_config(config), router_aux_loss_coef=0.01)
 
 
 def test_llama4_whose_forward_computes_no_router_loss(tmp_path):

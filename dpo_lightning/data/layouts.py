@@ -244,7 +244,7 @@ def shared_layout_unsupported(model: nn.Module, batch: dict | None = None) -> st
 
     The first of three checks that fails gives the reason:
     1. Structure: layers of a kind the mask does not model (LFM2's `conv` layers; the `linear_attention` of
-       Qwen3.5, Qwen3-Next and the Mamba family). Their state runs along the row, from one response into the
+       Qwen3.5 and Qwen3-Next; the Mamba family's `mamba` layers). Their state runs along the row, from one response into the
        next, whatever the mask; in a randomly initialised model its effect can be too small for the numeric
        checks (5e-5 in LFM2's float32 log-probs), so they are refused by name.
     2. A probe batch: two pairs packed into one row, the first with a prompt as long as the model's widest
@@ -271,8 +271,14 @@ def shared_layout_unsupported(model: nn.Module, batch: dict | None = None) -> st
 
 def _layers_unsupported(lm: nn.Module) -> str | None:
     """Check 1 of `shared_layout_unsupported`: layer kinds other than attention (transformers names every recurrent
-    and convolutional kind in `layer_types`: `linear_attention` for the Mamba family too, `conv`, `hybrid`...)."""
-    kinds = sorted(set(getattr(lm.config.get_text_config(), "layer_types", None) or ()) - ATTENTION_KINDS)
+    and convolutional kind in `layer_types`: `linear_attention`, `conv`, `hybrid`...). It names the Mamba family's
+    state-space layers `linear_attention` too; they are called by their kind, `mamba`, here: a model type or config
+    settings (`mamba_d_state`, ...) with "mamba" in the name."""
+    config = lm.config.get_text_config()
+    kinds = set(getattr(config, "layer_types", None) or ()) - ATTENTION_KINDS
+    if "linear_attention" in kinds and any("mamba" in name for name in (config.model_type, *vars(config))):
+        kinds = kinds - {"linear_attention"} | {"mamba"}
+    kinds = sorted(kinds)
     if kinds:
         return (f"{type(lm).__name__} has {'/'.join(kinds)} layers, which take no mask the shared layout builds (a "
                 "recurrent state or convolution runs along the row, from one response into the next)")

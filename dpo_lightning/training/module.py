@@ -35,6 +35,7 @@ from dpo_lightning.training.logps import lean_supported
 from dpo_lightning.training.losses import LOSS_OPTIONS, LOSSES
 from dpo_lightning.training.metrics import Displacement, LogWindow, StepLogs, make_metrics, update_means, update_metrics
 from dpo_lightning.training.models import build_models, quantized_base
+from dpo_lightning.training.nonfinite import NonFiniteRows, finite_on_every_rank
 from dpo_lightning.training.objective import Objective, ObjectiveOutput, migrate_state_dict
 from dpo_lightning.training.optim import grad_norm, optimizers
 from dpo_lightning.training.preflight import check_run
@@ -223,6 +224,7 @@ class DPOModule(L.LightningModule):
         self.train_metrics = make_metrics(self.objective, False, (*(Online.METRICS if online else ()), *STATISTICS))
         self.train_window = LogWindow(self.train_metrics)  # the steps since the last log
         self.val_metrics = make_metrics(self.objective)
+        self.val_nonfinite = NonFiniteRows()  # the validation rows whose loss or log-prob is not finite
         self._skip_step = False  # this optimizer step: a non-finite loss (nonfinite_loss: skip), or no pair (online)
         self.displacement = Displacement(chosen_logp_drop_warning) if (
             chosen_logp_drop_warning is not None and self.needs_reference) else None
@@ -301,6 +303,8 @@ class DPOModule(L.LightningModule):
                              aux_loss)
         if stage == "train" and not self._finite_on_every_rank(out.loss, batch):
             return out.loss  # its optimizer step is skipped: see on_before_optimizer_step
+        if stage == "val":  # its NaN stays in the metrics; the rows are named at the epoch's end
+            self.val_nonfinite.update(out.pair_losses, policy_logps, batch)
         if not scale:  # online, every prompt tied: a stand-in's zero gradient, where other ranks train
             return out.loss * 0
         self._update_metrics(stage, batch, out, policy_logps, ref_logps, mean_logits, n_tokens)
@@ -323,24 +327,9 @@ class DPOModule(L.LightningModule):
 
     def _finite_on_every_rank(self, loss: Tensor, batch: dict[str, Tensor]) -> bool:
         """Whether the loss is finite on every rank; if not, stop naming the step and rows, or mark the step skipped."""
-        bad = (~torch.isfinite(loss.detach())).float()
-        if self._trainer is not None:  # every rank must decide alike, or DDP's gradient all-reduce hangs
-            bad = self.trainer.strategy.reduce(bad, reduce_op="sum")
-        if bad.item() == 0:
-            return True
-        rows = batch["row_ids"].tolist() if "row_ids" in batch else "unknown"
-        where = f"batch {self.trainer.fit_loop.epoch_loop.batch_idx} of epoch {self.current_epoch}" if (
-            self._trainer is not None) else "batch ?"
-        message = (f"non-finite training loss ({loss.item()} on this rank) at step {self.global_step}, {where}, "
-                   f"rows {rows}")
-        if self.hparams.nonfinite_loss == "stop":
-            raise FloatingPointError(f"{message}. The weights were not updated. Check these rows with "
-                                     "`dpo-lightning inspect-data`; try a lower learning rate, bf16 instead of "
-                                     "fp16, or --model.nonfinite_loss skip")
-        if not self._skip_step:
-            rank_zero_warn(f"{message}: this optimizer step is skipped on every rank (--model.nonfinite_loss skip)")
-        self._skip_step = True
-        return False
+        finite = finite_on_every_rank(loss, batch, self._trainer, self.hparams.nonfinite_loss, not self._skip_step)
+        self._skip_step = self._skip_step or not finite
+        return finite
 
     def _end_train_step(self) -> None:
         """Add the step's metrics to those since the last log (`metrics.LogWindow`), logged where Lightning logs."""
@@ -358,6 +347,9 @@ class DPOModule(L.LightningModule):
         if self.hparams.precompute_ref_log_probs:
             self.ref.precompute(self.trainer, self.policy, ["train", "val"])
         self.ref.policy_trained = True  # from the first step on, a fully fine-tuned policy is not its reference
+
+    def on_validation_epoch_end(self) -> None:
+        self.val_nonfinite.warn(self.global_rank, self.trainer.world_size)
 
     def on_validation_start(self) -> None:
         if self.hparams.precompute_ref_log_probs and "val" not in self.ref.tables:  # trainer.validate alone

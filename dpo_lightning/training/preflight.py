@@ -8,17 +8,23 @@ calls `check_run`, which checks, in the order a run would otherwise fail:
 2. every folder the run will write (reference cache, checkpoints, export, preemption checkpoint) can be
    created and written, each error naming the setting that chose the folder;
 3. the checkpoint to resume from, when it cannot be read, is named in the error (`NamedCheckpointIO`);
-   torch's own errors (`PytorchStreamReader failed ...`, a bare `EOFError`) name no file.
+   torch's own errors (`PytorchStreamReader failed ...`, a bare `EOFError`) name no file;
+4. training, the policy's attention kernel against the device: torch's FlexAttention has no backward on CPU or
+   MPS, so a policy loaded with `attn_implementation="flex_attention"` would fail at the first backward with
+   torch's `NotImplementedError` (validation, forward only, runs).
 """
 
 import os
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 
 from dpo_lightning.training.checkpoints import NamedCheckpointIO
 from dpo_lightning.utils.hf import base_causal_lm
+
+NO_FLEX_BACKWARD = ("cpu", "mps")  # torch.nn.attention.flex_attention raises in backward on these devices
 
 
 def check_run(trainer: L.Trainer, module: L.LightningModule, stage: str) -> None:
@@ -30,6 +36,8 @@ def check_run(trainer: L.Trainer, module: L.LightningModule, stage: str) -> None
                 check_vocabulary(tokenizer, model, role)
     for folder, setting in output_folders(trainer, module, stage):
         check_writable(folder, setting)
+    if stage == "fit":
+        check_attention(module.policy, trainer.strategy.root_device)
     if not isinstance(trainer.strategy.checkpoint_io, NamedCheckpointIO):
         trainer.strategy.checkpoint_io = NamedCheckpointIO(trainer.strategy.checkpoint_io)
 
@@ -43,6 +51,19 @@ def check_vocabulary(tokenizer, model: nn.Module, role: str) -> None:
                          f"but the {role}'s input embedding has {rows} rows: every batch holding such a token would "
                          "fail inside the embedding. Use the model's own tokenizer (--data.tokenizer), or grow the "
                          "embedding first (model.resize_token_embeddings(len(tokenizer)), then save_pretrained)")
+
+
+def check_attention(policy: nn.Module, device: torch.device) -> None:
+    """Raise, naming the setting, the device and the fix, where the policy's attention cannot run backward on
+    `device` (`NO_FLEX_BACKWARD`)."""
+    config = base_causal_lm(policy).config
+    implementations = {config._attn_implementation, config.get_text_config()._attn_implementation}
+    if "flex_attention" in implementations and device.type in NO_FLEX_BACKWARD:
+        raise ValueError(f"attn_implementation 'flex_attention' cannot train on {device.type}: torch "
+                         f"{torch.__version__}'s FlexAttention has no backward there (it validates, forward only). "
+                         "Load the policy with attn_implementation='sdpa' or 'eager' (from_pretrained(..., "
+                         "attn_implementation='sdpa'), or model.set_attn_implementation('sdpa') before passing it), "
+                         "or train on a GPU; this is checked before any step")
 
 
 def output_folders(trainer: L.Trainer, module: L.LightningModule, stage: str) -> list[tuple[str, str]]:

@@ -13,9 +13,9 @@ padded layout runs it twice (before each response, with the same router logits, 
 prompt tokens weigh 2 (`Layout.padded_counts`), which gives the padded batch's value exactly, in any layout.
 
 As TRL's DPOTrainer (1.16) adds it: `router_aux_loss_coef` None takes the model config's coefficient (Mixtral's
-0.001, OLMoE's 0.01), 0 turns the loss off, a coefficient on a model that is no mixture of experts (its config
-has no `output_router_logits`) is an error; only the policy's forward computes it, never the reference's; each
-batch adds coef x aux to its loss. That batch term is weighted as the DPO loss is (Lightning divides it by the
+0.001, OLMoE's 0.01), 0 turns the loss off, a coefficient on a model that returns no router logits (its config has
+no `output_router_logits`: no mixture of experts, or one such as Gemma 4's whose router transformers keeps inside)
+is an error; only the policy's forward computes it, never the reference's; each batch adds coef x aux to its loss. That batch term is weighted as the DPO loss is (Lightning divides it by the
 accumulated batches, DDP averages the ranks' gradients): nothing is scaled by the number of ranks. `aux_loss` is
 logged as the mean over the step's (or split's) batches on every rank.
 
@@ -26,6 +26,8 @@ one, returns no `aux_loss` at all.
 """
 
 import contextlib
+import math
+from numbers import Real
 from typing import Iterator
 
 import torch
@@ -101,17 +103,21 @@ def router_loss(model: nn.Module, coef: float | None) -> RouterLoss | None:
     """The policy's `RouterLoss` for `DPOModule(router_aux_loss_coef=coef)`, or None where it adds nothing.
 
     None takes the config's coefficient; a model whose own loss is not this one then trains without it, with a
-    warning (as its own forward would: Llama-4's computes none). A coefficient set on such a model, or on a model
-    that is no mixture of experts, is refused by name.
+    warning (as its own forward would: Llama-4's computes none). A coefficient set on such a model, or on one that
+    returns no router logits, is refused by name, and so is one that is not a finite number >= 0.
     """
     lm = base_causal_lm(model)
+    # numbers.Real takes numpy's floats; a bool is no weight, and NaN would reach the loss and be blamed on the data.
+    if coef is not None and not (isinstance(coef, Real) and not isinstance(coef, bool) and 0 <= coef < math.inf):
+        raise ValueError(f"--model.router_aux_loss_coef {coef!r}: must be a finite number >= 0 (0 turns the "
+                         "router's load-balancing loss off)")
+    coef = None if coef is None else float(coef)
     config, flag = lm.config.get_text_config(), f"--model.router_aux_loss_coef {coef}"
     moe = hasattr(config, "output_router_logits")
-    if coef is not None and coef < 0:
-        raise ValueError(f"{flag}: must be >= 0 (0 turns the router's load-balancing loss off)")
     if coef and not moe:
-        raise ValueError(f"{flag}: {type(lm).__name__} is no mixture-of-experts model (its config has no "
-                         "output_router_logits), so it has no router loss to weight: remove the setting")
+        raise ValueError(f"{flag}: {type(lm).__name__} is not a mixture-of-experts model that returns its router "
+                         "logits (its config has no output_router_logits), so it has no router loss to weight: "
+                         "remove the setting")
     weight = getattr(config, "router_aux_loss_coef", 0.0) if coef is None else coef
     if not moe or not weight:
         return None
