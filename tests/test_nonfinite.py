@@ -163,6 +163,7 @@ def test_a_nan_validation_pair_stays_in_every_mean_it_enters_and_its_row_is_name
     order = batch["row_ids"].tolist()
     chosen = logps[:6][torch.tensor([order.index(i) for i in range(6)])]
     assert torch.isnan(logps[6 + order.index(5)]) and torch.isfinite(chosen).all()
-    for name in ("loss", "logps/rejected", "rewards/rejected", "rewards/margins", "logits/rejected"):
+    for name in ("loss", "logps/rejected", "rewards/rejected", "rewards/margins", "rewards/accuracies",
+                 "logits/rejected"):
         assert math.isnan(values[f"val/{name}"]), name
     assert values["val/logps/chosen"] == pytest.approx(chosen.mean().item(), rel=1e-5)

@@ -256,8 +256,8 @@ def batch_values(out: ObjectiveOutput, logps: Tensor, mean_logits: Tensor,
     chosen_rewards, rejected_rewards = out.chosen_rewards, out.rejected_rewards
     # A tie (policy == reference, as at step 0) counts as half right: the accuracy of a coin flip.
     # TRL counts ties as wrong, which reads 0.0 at step 0 instead of 0.5.
-    accuracy = (chosen_rewards > rejected_rewards).float() + 0.5 * (chosen_rewards == rejected_rewards).float()
     margins = chosen_rewards - rejected_rewards
+    accuracy = (margins > 0).float() + 0.5 * (margins == 0).float() + margins * 0  # a NaN margin: a NaN accuracy
     one = torch.ones_like(chosen_rewards)
     (chosen_logps, rejected_logps), (chosen_logits, rejected_logits) = logps.chunk(2), mean_logits.chunk(2)
     chosen_tokens, rejected_tokens = n_tokens.float().chunk(2)
