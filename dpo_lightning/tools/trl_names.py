@@ -25,9 +25,11 @@ RENAMES = {
     "gradient_checkpointing": "model.gradient_checkpointing",
     "per_device_train_batch_size": "data.batch_size", "per_device_eval_batch_size": "data.eval_batch_size",
     "dataloader_num_workers": "data.num_workers",
-    "gradient_accumulation_steps": "trainer.accumulate_grad_batches", "logging_steps": "trainer.log_every_n_steps",
+    "gradient_accumulation_steps": "trainer.accumulate_grad_batches",
     "max_grad_norm": "trainer.gradient_clip_val", "output_dir": "trainer.default_root_dir", "seed": "seed_everything",
 }
+# TRL 1.x's new names for our losses (TRL 0.x called aot_unpaired aot_pair, as we do).
+LOSS_RENAMES = {"aot_unpaired": "aot_pair"}
 # Values that need no key because they are what we do anyway.
 SAME_AS_OURS = {"adam_beta1": 0.9, "adam_beta2": 0.999, "adam_epsilon": 1e-8, "label_pad_token_id": -100,
                 "is_encoder_decoder": False, "sync_ref_model": False, "use_weighting": False, "padding_free": False,
@@ -38,7 +40,8 @@ SAME_AS_OURS = {"adam_beta1": 0.9, "adam_beta2": 0.999, "adam_epsilon": 1e-8, "l
                 "ref_adapter_name": None, "force_use_ref_model": False, "model_init_kwargs": None,
                 "ref_model_init_kwargs": None, "precompute_ref_log_probs": False, "precompute_ref_batch_size": None,
                 "push_to_hub": False, "hub_model_id": None, "hub_strategy": "every_save", "hub_private_repo": None,
-                "hub_always_push": False, "hub_revision": None}
+                "hub_always_push": False, "hub_revision": None, "lora_target_parameters": None,
+                "lora_modules_to_save": None, "lora_task_type": "CAUSAL_LM", "use_rslora": False, "use_dora": False}
 # Known TRL names with no equivalent here, and why.
 NO_EQUIVALENT = {
     "max_target_length": "TRL 0.2x, encoder-decoder models only; dpo_lightning trains causal LMs",
@@ -55,6 +58,10 @@ NO_EQUIVALENT = {
     "metric_for_best_model": "add a ModelCheckpoint(monitor=...)",
     "data_seed": "seed_everything seeds the data order; data.seed is only the eval_fraction split",
     "tf32": "call torch.set_float32_matmul_precision('high') instead",
+    **{key: f"set model.peft_config: {{{option}: ...}} (peft's LoraConfig)" for key, option in (
+        ("lora_target_parameters", "target_parameters"), ("lora_modules_to_save", "modules_to_save"),
+        ("use_rslora", "use_rslora"), ("use_dora", "use_dora"))},
+    "lora_task_type": "dpo_lightning trains causal LMs (CAUSAL_LM)",
     "push_to_hub": "a run does not push: upload the exported hf_model folder with huggingface_hub.upload_folder",
     **{key: "see push_to_hub" for key in ("hub_model_id", "hub_strategy", "hub_private_repo", "hub_always_push",
                                           "hub_revision", "hub_token")},
@@ -69,8 +76,13 @@ NOT_NEEDED = {"remove_unused_columns": "the data module keeps only the columns i
               "do_train": "the subcommand (fit) says it", "do_eval": "eval_strategy says it",
               "overwrite_output_dir": "each run writes a new version_N", "logging_strategy": "logging_steps says it",
               "disable_tqdm": "cosmetic: use trainer.enable_progress_bar", "logging_first_step": "cosmetic"}
-# What transformers does when these are absent, where it differs from ours.
-TRL_DEFAULTS = {"lr_scheduler_type": "linear", "max_grad_norm": 1.0, "num_train_epochs": 3.0, "eval_strategy": "no"}
+# What TRL does when these are absent, where it differs from ours: transformers' TrainingArguments defaults, and
+# TRL's own over them (logging_steps 10 for 500, gradient checkpointing on; bf16 on unless fp16 is set, and the
+# eval batch of 8 where the train batch is not 8, are decided in `migrate.trl_defaults`).
+TRL_DEFAULTS = {"lr_scheduler_type": "linear", "max_grad_norm": 1.0, "num_train_epochs": 3.0, "eval_strategy": "no",
+                "logging_steps": 10, "gradient_checkpointing": True}
+# The `trl dpo` script's ModelConfig LoRA defaults, used where use_peft is set (ours: alpha 16, dropout 0).
+LORA_DEFAULTS = {"lora_r": 16, "lora_alpha": 32, "lora_dropout": 0.05}
 SCHEDULERS = {"linear": "linear", "cosine": "cosine", "constant": "constant", "constant_with_warmup": "constant"}
 # transformers' `optim` names; the 8-bit ones are bitsandbytes' classes, as transformers uses them (paged
 # AdamW falls back to unpaged on CPU, with bitsandbytes' warning).
