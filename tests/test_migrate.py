@@ -194,3 +194,10 @@ def test_trls_aot_unpaired_is_our_aot_pair():
     assert from_trl({"loss_type": ["sigmoid", "aot_unpaired"]}).config["model"]["loss_type"] == ["sigmoid", "aot_pair"]
     for name in names - {"aot_unpaired"}:
         assert from_trl({"loss_type": name}).config["model"]["loss_type"] == name, name
+
+
+def test_trls_seed_and_data_seed_land_where_they_decide_the_same_things():
+    # TRL: `seed` seeds the run, `data_seed` the data order (default: seed). Here: seed_everything and data.seed.
+    config = from_trl({"seed": 5, "data_seed": 3}).config
+    assert config["seed_everything"] == 5 and config["data"]["seed"] == 3
+    assert "seed" not in from_trl({"seed": 5, "data_seed": None}).config["data"]  # the order follows seed_everything

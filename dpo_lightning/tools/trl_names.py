@@ -26,7 +26,9 @@ RENAMES = {
     "per_device_train_batch_size": "data.batch_size", "per_device_eval_batch_size": "data.eval_batch_size",
     "dataloader_num_workers": "data.num_workers",
     "gradient_accumulation_steps": "trainer.accumulate_grad_batches",
-    "max_grad_norm": "trainer.gradient_clip_val", "output_dir": "trainer.default_root_dir", "seed": "seed_everything",
+    "max_grad_norm": "trainer.gradient_clip_val", "output_dir": "trainer.default_root_dir",
+    # TRL's data_seed defaults to its seed, as our data.seed defaults to seed_everything's (the data order).
+    "seed": "seed_everything", "data_seed": "data.seed",
 }
 # TRL 1.x's new names for our losses (TRL 0.x called aot_unpaired aot_pair, as we do).
 LOSS_RENAMES = {"aot_unpaired": "aot_pair"}
@@ -56,7 +58,6 @@ NO_EQUIVALENT = {
     "save_total_limit": "Lightning keeps top-k checkpoints only by a monitored metric; set a ModelCheckpoint",
     "load_best_model_at_end": "add a ModelCheckpoint(monitor=...) and load its best_model_path",
     "metric_for_best_model": "add a ModelCheckpoint(monitor=...)",
-    "data_seed": "seed_everything seeds the data order; data.seed is only the eval_fraction split",
     "tf32": "call torch.set_float32_matmul_precision('high') instead",
     **{key: f"set model.peft_config: {{{option}: ...}} (peft's LoraConfig)" for key, option in (
         ("lora_target_parameters", "target_parameters"), ("lora_modules_to_save", "modules_to_save"),
