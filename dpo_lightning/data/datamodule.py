@@ -37,7 +37,7 @@ from dpo_lightning.data.rules import PREPARED, adds_bos, drop_error, prepare_row
 from dpo_lightning.data.sources import (STAGE_NAMES, DatasetSource, load_rows, resolve_transform,
                                         single_split)
 from dpo_lightning.data.summary import fingerprint, format_summary, render, summarize, truncation_warning
-from dpo_lightning.utils.locate import located_data
+from dpo_lightning.utils.locate import as_path, located_data
 from dpo_lightning.utils.tokenizers import load_tokenizer, tokenizer_source, with_pad_token
 
 # The code that turns rows into prepared rows: part of every map's cache name (`_map`).
@@ -133,6 +133,7 @@ class PreferenceDataModule(L.LightningDataModule):
         transform: str | Callable[[dict], dict | None] | None = None,
     ):
         super().__init__()
+        dataset, eval_dataset, tokenizer = as_path(dataset), as_path(eval_dataset), as_path(tokenizer)  # a notebook's Path
         # A tokenizer name is kept with the hyperparameters (the export finds it there); an object is not.
         objects = ["transform"] + ([] if tokenizer is None or isinstance(tokenizer, str) else ["tokenizer"])
         self.save_hyperparameters(ignore=["dataset", "eval_dataset", *objects])

@@ -29,7 +29,7 @@ import yaml
 from dpo_lightning.tools.trl_names import (LOGGERS, LORA_DEFAULTS, LOSS_RENAMES, NO_EQUIVALENT, NOT_NEEDED,
                                            OPTIMIZERS, RENAMES, SAME_AS_OURS, SCHEDULERS, TRL_DEFAULTS,
                                            TRL_LOSS_DEFAULTS)
-from dpo_lightning.utils.locate import PACKAGE
+from dpo_lightning.utils.locate import PACKAGE, existing
 
 
 @dataclass
@@ -75,7 +75,7 @@ class Migration:
 def from_trl(args: dict[str, Any] | str | Path) -> Migration:
     """Convert TRL arguments (a dict, or a .json/.yaml file of them) to our config; see the module docstring."""
     if not isinstance(args, dict):
-        text = Path(args).read_text()
+        text = Path(existing(args, "from-trl's ARGS_FILE", "trl")).read_text()
         args = json.loads(text) if str(args).endswith(".json") else yaml.safe_load(text)
     args = {("eval_strategy" if k == "evaluation_strategy" else k): v for k, v in args.items()}  # the 0.2x name
     m = Migration()
