@@ -17,13 +17,18 @@ trained by TRL (its first completion as chosen), and TRL's loss is the mean over
 over the pairs; each shuffles the prompts with its own sampler, and samples with its own random streams.
 
 The columns, per side:
-- s/step: wall seconds of an optimizer step, from the loop's step start to after the optimizer step (ours: a
-  callback's `on_train_batch_start` to `on_train_batch_end`; TRL: `on_step_begin` to `on_step_end`), median over
-  the timed steps (the first `--warmup` of each run are not counted) of every round; "per round" gives each run's.
-- generate share: the share of the step's wall time spent sampling, scoring and pairing. Ours: the package's own
-  `train/time/generate_share` from metrics.csv (`online/sampler.py`: `Online.pairs`, whole). TRL: the time in its
-  `_generate` (prompt tokenizing, `model.generate`, the cut at EOS) and `_calculate_rewards_from_functions` over
-  the same step; its decode and pair indexing (inline in `training_step`, microseconds) are not counted.
+- s/step: wall seconds of a whole iteration of the training loop, from one optimizer step's start to the next's
+  (the last: to the end of training), so that everything a step costs counts alike on both sides: the batch, the
+  step, the logging, the callbacks (ours: a callback's `on_train_batch_start`, then `on_train_end`; TRL:
+  `on_step_begin`, then `on_train_end`); median over the timed steps (the first `--warmup` of each run are not
+  counted) of every round; "per round" gives each run's.
+- Both log every `--log-every` steps (10 by default: TRL's `logging_steps` default and the quickstarts'
+  `log_every_n_steps`; 1 for a log at every step).
+- generate share: the share of the wall time spent sampling, scoring and pairing. Ours: the package's own
+  `train/time/generate_share` from metrics.csv (`online/sampler.py`: `Online.pairs`, whole; one value per log,
+  over the steps since the previous one; the first log's is not counted). TRL: per step, the time in its
+  `_generate` (prompt tokenizing, `model.generate`, the cut at EOS) and `_calculate_rewards_from_functions`; its
+  decode and pair indexing (inline in `training_step`, microseconds) are not counted.
 - solve rate: `sort_exact` of greedy completions (max_new_tokens 10) of the 256 sort-tiny validation prompts,
   by `solve_rate` below for both sides' models in memory, before training (start) and after it (end).
 Each (side, round) runs in a fresh subprocess; the sides alternate: ours, trl, ours, trl, ...
@@ -64,11 +69,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=100, help="optimizer steps per run, warm-up included")
     parser.add_argument("--warmup", type=int, default=5, help="first steps of each run left out of the medians")
     parser.add_argument("--rounds", type=int, default=3, help="runs per side, alternating")
+    parser.add_argument("--log-every", type=int, default=10, help="steps between logs, both sides")
     parser.add_argument("--quick", action="store_true", help="smoke test: 3 steps (1 warm-up), 1 round")
     parser.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)  # internal: one run, prints its result
     args = parser.parse_args(argv)
     if args.quick:
-        args.steps, args.warmup, args.rounds = 3, 1, 1
+        args.steps, args.warmup, args.rounds, args.log_every = 3, 1, 1, 1
     if not 0 <= args.warmup < args.steps:
         parser.error(f"--warmup must be >= 0 and below --steps; got {args.warmup} and {args.steps}")
     return args
@@ -127,13 +133,13 @@ def run_ours(args, out_dir: str, val_prompts: list[str]) -> dict:
 
     class StepTimer(L.Callback):
         def __init__(self):
-            self.times, self.start = [], 0.0
+            self.starts = []  # each step's start, then the end of training
 
         def on_train_batch_start(self, trainer, module, batch, batch_idx):
-            self.start = time.perf_counter()
+            self.starts.append(time.perf_counter())
 
-        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-            self.times.append(time.perf_counter() - self.start)
+        def on_train_end(self, trainer, module):
+            self.starts.append(time.perf_counter())
 
     L.seed_everything(SEED, verbose=False)
     online = OnlineConfig(reward_funcs="dpo_lightning.online.rewards.sort_closeness", num_samples=NUM_SAMPLES,
@@ -143,18 +149,19 @@ def run_ours(args, out_dir: str, val_prompts: list[str]) -> dict:
                                 max_prompt_length=MAX_PROMPT_LENGTH, batch_size=BATCH_PROMPTS, seed=SEED)
     tokenizer, timer = sort_tiny_tokenizer(), StepTimer()
     start_rate = solve_rate(module.policy, tokenizer, val_prompts)
-    # log_every_n_steps 1: every step's generate share in metrics.csv (the quickstart logs every 10th).
     trainer = L.Trainer(accelerator="cpu", devices=1, precision="32-true", max_steps=args.steps,
-                        logger=CSVLogger(out_dir, name="ours"), log_every_n_steps=1, enable_checkpointing=False,
+                        logger=CSVLogger(out_dir, name="ours"), log_every_n_steps=args.log_every,
+                        enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                         limit_val_batches=0, callbacks=[timer])
     trainer.fit(module, datamodule=data)
     with open(os.path.join(trainer.logger.log_dir, "metrics.csv")) as f:
         shares = [float(row["train/time/generate_share"]) for row in csv.DictReader(f)
                   if row.get("train/time/generate_share")]
-    if len(shares) != args.steps:
-        raise RuntimeError(f"metrics.csv holds {len(shares)} generate shares for {args.steps} steps")
-    return {"times": timer.times, "shares": shares, "start_rate": start_rate,
+    if len(shares) != args.steps // args.log_every:
+        raise RuntimeError(f"metrics.csv holds {len(shares)} generate shares for {args.steps} steps logged every "
+                           f"{args.log_every}")
+    return {"times": [b - a for a, b in zip(timer.starts, timer.starts[1:])], "shares": shares[1:] or shares, "start_rate": start_rate,
             "end_rate": solve_rate(module.policy, tokenizer, val_prompts), "model": model_shape(module.policy)}
 
 
@@ -184,18 +191,21 @@ def run_trl(args, out_dir: str, val_prompts: list[str]) -> dict:
         finally:
             steps[-1][1] += time.perf_counter() - start
 
+    starts = []  # each step's start, then the end of training
+
     class Timer(TrainerCallback):
         def on_step_begin(self, *a, **kw):
-            steps.append([time.perf_counter(), 0.0])
+            starts.append(time.perf_counter())
+            steps.append([0.0, 0.0])
 
-        def on_step_end(self, *a, **kw):
-            steps[-1][0] = time.perf_counter() - steps[-1][0]
+        def on_train_end(self, *a, **kw):
+            starts.append(time.perf_counter())
 
     config = OnlineDPOConfig(
         output_dir=out_dir, use_cpu=True, bf16=False, gradient_checkpointing=False, max_grad_norm=0.0, seed=SEED,
         per_device_train_batch_size=BATCH_PROMPTS, gradient_accumulation_steps=1, max_steps=args.steps,
         learning_rate=LEARNING_RATE, beta=BETA, max_new_tokens=MAX_NEW_TOKENS, temperature=TEMPERATURE,
-        max_length=MAX_LENGTH, logging_steps=1, report_to="none", save_strategy="no", disable_tqdm=True)
+        max_length=MAX_LENGTH, logging_steps=args.log_every, report_to="none", save_strategy="no", disable_tqdm=True)
     model = AutoModelForCausalLM.from_pretrained(MODEL, dtype=torch.float32)
     # As ours: AdamW without weight decay (torch's default is 0.01), our warm-up-then-constant factor per step.
     optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE, weight_decay=0.0)
@@ -208,7 +218,8 @@ def run_trl(args, out_dir: str, val_prompts: list[str]) -> dict:
         train_dataset=datasets.Dataset.from_list([{"prompt": p} for p in read_prompts(TRAIN)]),
         optimizers=(optimizer, schedule))
     trainer.train()
-    return {"times": [wall for wall, _ in steps], "shares": [generating / wall for wall, generating in steps],
+    walls = [b - a for a, b in zip(starts, starts[1:])]
+    return {"times": walls, "shares": [generating / wall for wall, (_, generating) in zip(walls, steps)],
             "start_rate": start_rate, "end_rate": solve_rate(trainer.model, tokenizer, val_prompts),
             "model": model_shape(trainer.model)}
 
@@ -251,7 +262,7 @@ def main(argv=None) -> None:
 
 def run_in_subprocess(side: str, args) -> dict:
     command = [sys.executable, os.path.abspath(__file__), "--worker", side, "--steps", str(args.steps),
-               "--warmup", str(args.warmup)]
+               "--warmup", str(args.warmup), "--log-every", str(args.log_every)]
     env = {**os.environ, **QUIET_ENV, "PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))}
     done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
@@ -281,7 +292,7 @@ def report(args, results: dict[str, list[dict]], load_before: tuple, load_after:
              f"temperature {TEMPERATURE}, reward sort_closeness, lr {LEARNING_RATE:g} ({WARMUP_LR_STEPS} warm-up "
              f"steps), beta {BETA}; solve rate: sort_exact, greedy, {len(read_prompts(VAL))} validation prompts",
              f"steps: {args.steps} per run ({args.warmup} warm-up, not in the medians), {args.rounds} round(s), "
-             f"sides alternating, each run in a fresh process",
+             f"sides alternating, each run in a fresh process; both log every {args.log_every} step(s)",
              "",
              "| side | s/step (median) | per round | generate share (median) | solve rate start | "
              "solve rate end (median) | per round |",
@@ -289,7 +300,7 @@ def report(args, results: dict[str, list[dict]], load_before: tuple, load_after:
     summary = {}
     for side, runs in results.items():
         times = [t for run in runs for t in run["times"][args.warmup:]]
-        shares = [s for run in runs for s in run["shares"][args.warmup:]]
+        shares = [s for run in runs for s in run["shares"][args.warmup if side == "trl" else 0:]]  # ours: per log
         summary[side] = {"step": statistics.median(times), "share": statistics.median(shares),
                          "end": statistics.median(run["end_rate"] for run in runs)}
         per_round_times = " / ".join(f"{statistics.median(run['times'][args.warmup:]):.3f}" for run in runs)

@@ -168,9 +168,10 @@ def data_module(n: int = 16, eval_n: int = 4, dataset: dict | None = None, **kwa
 
 
 def quiet_trainer(root, max_steps: int = 4, **kwargs) -> L.Trainer:
-    """A CPU Trainer without logger, progress bar, summary or sanity check, writing under `root`."""
+    """A CPU Trainer without logger, progress bar, summary or sanity check, writing under `root`; the training
+    metrics logged at every step (each step's own values in `callback_metrics`)."""
     options = {"logger": False, "enable_progress_bar": False, "enable_model_summary": False,
-               "num_sanity_val_steps": 0, **kwargs}
+               "num_sanity_val_steps": 0, "log_every_n_steps": 1, **kwargs}
     return L.Trainer(max_steps=max_steps, default_root_dir=root, **options)
 
 

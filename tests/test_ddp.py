@@ -180,6 +180,7 @@ if __name__ == "__main__":
     metrics = L.Trainer(callbacks=[record], **options).validate(model, data, verbose=False)[0]
     pairs = [(row, [x, y]) for rows, (xs, ys) in zip(record.val_rows, margins) for row, x, y in zip(rows, xs, ys)]
     trainer = L.Trainer(max_steps=3, accumulate_grad_batches=2, num_sanity_val_steps=0, limit_val_batches=0,
+                        log_every_n_steps=1,
                         callbacks=[record], **options)
     val_rows = record.val_rows
     trainer.fit(model, data)

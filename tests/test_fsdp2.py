@@ -12,9 +12,13 @@ from pathlib import Path
 import torch
 
 
-def run(mode: str, policy: str, reference: str, devices: int, out: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, __file__, mode, policy, reference, str(devices), str(out)],
-                          capture_output=True, text=True, timeout=600, cwd=out.parent)
+def run(mode: str, policy: str, reference: str, devices: int, out: Path, trainer: dict | None = None,
+        model: dict | None = None, **data) -> subprocess.CompletedProcess:
+    """One run of this file's `__main__`; `trainer`, `model` and `data`: Trainer, DPOModule and PreferenceDataModule
+    settings over its defaults (JSON)."""
+    return subprocess.run([sys.executable, __file__, mode, policy, reference, str(devices), str(out), json.dumps(data),
+                           json.dumps(trainer or {}), json.dumps(model or {})], capture_output=True, text=True,
+                          timeout=600, cwd=out.parent)
 
 
 def test_two_sharded_ranks_train_the_weights_of_one_unsharded_process(tiny_llama, other_llama, tmp_path):
@@ -24,7 +28,7 @@ def test_two_sharded_ranks_train_the_weights_of_one_unsharded_process(tiny_llama
         done = run("train", tiny_llama, other_llama, devices, tmp_path / f"{devices}.json")
         assert done.returncode == 0, done.stderr[-3000:]
     single, sharded = (json.loads((tmp_path / f"{n}.json").read_text()) for n in (1, 2))
-    assert sharded["sharded_units"] == 2 * (2 + 2 + 1)  # policy and reference: 2 layers, decoder, head, root
+    assert sharded["sharded_units"] == 2 * (2 + 2)  # policy and reference: 2 layers, decoder, head
     assert abs(single["train/rewards/margins"]) > 1e-4  # the reference differs: the metrics are not step-0 zeros
     assert single["train/grad_norm"] > 1e-3  # the whole gradient's norm: the shards' parts summed over the ranks
     for name, value in single.items():
@@ -50,11 +54,11 @@ def test_online_two_sharded_ranks_sample_and_train_as_one_unsharded_process(tiny
     # reward of the 4 validation prompts. Each FSDP2 rank completes its own 2 prompts with the whole weights
     # gathered, then trains sharded; a completion's random stream is its own (keyed by row and sample), so the
     # two ranks sample exactly what the one process samples for the same prompts.
-    for devices in (1, 2):
-        done = run("online", tiny_llama, "", devices, tmp_path / f"{devices}.json")
+    for devices in (1, 2):  # validation first, as the CLI's default (FSDP2 then met the decoder alone first)
+        done = run("online", tiny_llama, "", devices, tmp_path / f"{devices}.json", trainer={"num_sanity_val_steps": 2})
         assert done.returncode == 0, done.stderr[-3000:]
     single, sharded = (json.loads((tmp_path / f"{n}.json").read_text()) for n in (1, 2))
-    assert sharded["sharded_units"] == 2 * (2 + 2 + 1)
+    assert sharded["sharded_units"] == 2 * (2 + 2)
     assert single["train/objective/ties"] == 0 and single["val/reward/greedy"] > 0
     # Not packing's rows per rank, the wall-time share, nor the correlation of margins a few 1e-3 wide with the
     # lengths (its float32 rounding is of the order of the tolerance).
@@ -71,6 +75,18 @@ def test_online_two_sharded_ranks_sample_and_train_as_one_unsharded_process(tiny
     for name, weight in references[0].items():  # refreshed to the policy after step 1, on every rank's shards
         torch.testing.assert_close(references[1][name], weight, rtol=1e-4, atol=1e-4, msg=name)
     assert any(not torch.equal(references[0][name], weight) for name, weight in trained_single.items())
+
+
+def test_online_a_tied_head_trains_sharded_on_the_shared_layout_it_chose_before_sharding(tiny_gpt2, tmp_path):
+    # GPT-2's head is tied (full logits, lean_logps false), so its embedding lies in the causal LM's root unit: the
+    # shared layout's check, which calls the decoder alone, met its shards at the first batch (validation's) and
+    # refused the layout that `auto` had chosen before sharding.
+    done = run("online", tiny_gpt2, "", 2, tmp_path / "tied.json", trainer={"num_sanity_val_steps": 2},
+               model={"lean_logps": False})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "batch layout: shared (prefix sharing, packed (--data.prefix_sharing auto" in done.stderr + done.stdout
+    trained, start = (torch.load(tmp_path / name, weights_only=True) for name in ("tied.pt", "tied.start.pt"))
+    assert any(not torch.equal(trained[k], start[k]) for k in start)
 
 
 def test_a_tied_head_with_lean_logps_names_the_fix(tiny_gpt2, tmp_path):
@@ -94,16 +110,18 @@ if __name__ == "__main__":
         Path(sys.argv[5])
     online = mode == "online"
     data = PreferenceDataModule(dataset=rows(12), eval_dataset=rows(4) if online else None, tokenizer=ascii_tokenizer(),
-                                max_length=48, max_prompt_length=24, batch_size=4 // devices, eval_fraction=0.0)
+                                max_length=48, max_prompt_length=24, batch_size=4 // devices, eval_fraction=0.0,
+                                **json.loads(sys.argv[6]))
     model = DPOModule(policy, ref_model_name_or_path=reference, learning_rate=1e-3, online={
         "reward_funcs": "test_fsdp2.text_reward", "num_samples": 3, "max_new_tokens": 6,
-        "ref_model_sync_steps": 2} if online else None)
+        "ref_model_sync_steps": 2} if online else None, **json.loads(sys.argv[8]))
     start = {k: v.clone() for k, v in model.policy.state_dict().items()}
     strategy = ModelParallelStrategy(data_parallel_size=devices, tensor_parallel_size=1) if devices > 1 else "auto"
-    trainer = L.Trainer(accelerator="cpu", devices=devices, strategy=strategy, max_steps=3, logger=False,
+    trainer = L.Trainer(accelerator="cpu", devices=devices, strategy=strategy, logger=False,
                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
-                        num_sanity_val_steps=0, limit_val_batches=None if online else 0,
-                        callbacks=[GreedyReward("test_fsdp2.text_reward", max_new_tokens=6)] if online else [])
+                        callbacks=[GreedyReward("test_fsdp2.text_reward", max_new_tokens=6)] if online else [],
+                        **{"max_steps": 3, "log_every_n_steps": 1, "num_sanity_val_steps": 0, "limit_val_batches": None if online else 0,
+                           **json.loads(sys.argv[7])})
     trainer.fit(model, data)
     weights, reference = ({k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in m.state_dict().items()}
                           for m in (model.policy, model.reference))

@@ -154,3 +154,38 @@ def test_learning_rate_and_gradient_norm_are_logged_each_step_before_clipping(ti
     if precision == "16-mixed":  # about 1.9 as in float32, not 2^16 times that: unscaled
         assert trainer.precision_plugin.scaler.get_scale() == 2 ** 16 and max(seen.norms) < 100
     assert [float(logged[s]["train/grad_norm"]) for s in range(4)] == pytest.approx(seen.norms, rel=1e-5)
+
+
+def test_training_metrics_logged_every_n_steps_are_the_means_over_the_steps_since_the_last_log(tiny_llama, other_llama,
+                                                                                               tmp_path):
+    # TRL's logging_steps: a logged value is the mean over every pair of the steps since the previous log, not the
+    # logging step's alone. Oracle: the same run (same seed, same weights step by step) logging every step; its
+    # per-step values, averaged by hand over each window of 3 steps (8 pairs a step, 2 micro-batches of 4).
+    final = {}
+
+    def rows(every: int) -> list[dict]:
+        L.seed_everything(0)
+        model = DPOModule(tiny_llama, ref_model_name_or_path=other_llama, learning_rate=1e-3)
+        trainer = L.Trainer(max_steps=6, accumulate_grad_batches=2, log_every_n_steps=every,
+                            logger=L.pytorch.loggers.CSVLogger(tmp_path, name=f"every{every}"),
+                            enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                            num_sanity_val_steps=0, limit_val_batches=0)
+        trainer.fit(model, data_module(48, batch_size=4, prefix_sharing=False))
+        final[every] = {name: float(value) for name, value in trainer.callback_metrics.items()}
+        with open(Path(trainer.logger.log_dir) / "metrics.csv") as f:
+            return [row for row in csv.DictReader(f) if row.get("train/loss")]
+
+    each, windows = rows(1), rows(3)
+    assert [int(row["step"]) for row in each] == list(range(6)) and [int(r["step"]) for r in windows] == [2, 5]
+    for window, steps in zip(windows, (each[0:3], each[3:6])):
+        for name in ("train/loss", "train/rewards/accuracies", "train/rewards/margins", "train/logps/chosen"):
+            assert float(window[name]) == pytest.approx(statistics.fmean(float(s[name]) for s in steps),
+                                                        rel=1e-4, abs=1e-6), name
+        # The rate and the gradient norm are the logging step's own, as TRL logs them.
+        for name in ("train/learning_rate", "train/grad_norm"):
+            assert float(window[name]) == pytest.approx(float(steps[-1][name]), rel=1e-5), name
+    # The run's last step logs too, off the interval: when fit returns, callback_metrics hold the mean over the
+    # steps since the last log (steps 5 and 6 with a log every 4 steps), not nothing and not a stale value.
+    rows(4)
+    assert final[4]["train/loss"] == pytest.approx(statistics.fmean(float(s["train/loss"]) for s in each[4:6]),
+                                                   rel=1e-4)

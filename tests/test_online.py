@@ -134,7 +134,7 @@ def test_each_pair_is_its_prompts_best_and_worst_sample_and_ties_are_skipped_and
                 labels, ids = batch["labels"][row], batch["input_ids"][row][batch["attention_mask"][row].bool()]
                 response_ids = labels[labels != -100].tolist()
                 prompt_ids = ids[:len(ids) - len(response_ids)].tolist()
-                assert tokenizer.decode(prompt_ids, skip_special_tokens=True) == prompt
+                assert prompt_ids == [ord(c) for c in prompt]  # the reward read the prompt as written: its ids, one per character
                 if 2 in response_ids:
                     assert response_ids.index(2) == len(response_ids) - 1
                 assert tokenizer.decode(response_ids, skip_special_tokens=True) == response
@@ -222,9 +222,10 @@ def test_reward_model_scores_prompt_and_completion_and_weights_add_up(reward_mod
     with torch.no_grad():  # the oracle: the logit at each text's last token, one unpadded text at a time
         oracle = [model(torch.tensor([[ord(c) for c in p + c_]])).logits[0, 0].item()
                   for p, c_ in zip(prompts, completions)]
-    torch.testing.assert_close(Rewards(reward_model)(prompts, completions), torch.tensor(oracle))
+    torch.testing.assert_close(Rewards(reward_model)(prompts, completions), torch.tensor(oracle, dtype=torch.float64))
     combined = Rewards(["test_online.length_reward", reward_model], [2.0, 0.5])(prompts, completions)
-    torch.testing.assert_close(combined, torch.tensor([2.0 * 4 + 0.5 * oracle[0], 2.0 * 7 + 0.5 * oracle[1]]))
+    torch.testing.assert_close(combined, torch.tensor([2.0 * 4 + 0.5 * oracle[0], 2.0 * 7 + 0.5 * oracle[1]],
+                                                      dtype=torch.float64))
 
 
 def test_reward_named_in_yaml_trains_through_the_cli(tiny_llama, reward_model, tmp_path, caplog):
@@ -250,7 +251,7 @@ def test_reward_named_in_yaml_trains_through_the_cli(tiny_llama, reward_model, t
             "form its pair") in caplog.messages
     with pytest.raises(ValueError, match="--model.online: unknown key.*'temprature'"):
         DPOModule(tiny_llama, online={**ONLINE, "temprature": 0.5})
-    with pytest.raises(ValueError, match="reward 'no_such_module.score': cannot import"):
+    with pytest.raises(ValueError, match="entry 'no_such_module.score': cannot import"):
         DPOModule(tiny_llama, online={**ONLINE, "reward_funcs": "no_such_module.score"})
 
 
@@ -261,7 +262,8 @@ def test_online_settings_are_typed_checked_and_listed_on_the_command_line_and_in
     monkeypatch.chdir(tmp_path)  # the quickstart's logs and export go here
     quickstart = ["fit", "--config", str(ROOT / "configs" / "online_quickstart.yaml")]
     cli = cli_main([*quickstart, "--model.online.max_new_tokens", "8", "--trainer.max_steps", "1",
-                    "--trainer.limit_val_batches", "0", "--trainer.num_sanity_val_steps", "0"])
+                    "--trainer.log_every_n_steps", "1", "--trainer.limit_val_batches", "0",
+                    "--trainer.num_sanity_val_steps", "0"])
     config = cli.model.online.config
     assert isinstance(config, OnlineConfig) and config.max_new_tokens == 8 and config.num_samples == 4
     assert cli.trainer.global_step == 1 and cli.trainer.callback_metrics["train/completions/mean_length"] <= 8
@@ -379,7 +381,7 @@ if __name__ == "__main__":
     model = DPOModule(policy, learning_rate=1e-2, online=online)
     start = {k: v.clone() for k, v in model.policy.state_dict().items()}
     rows_cb = Rows()
-    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=2, logger=False,
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=2, logger=False, log_every_n_steps=1,
                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
                         num_sanity_val_steps=0, callbacks=[rows_cb])
     trainer.fit(model, data_module(16, eval_n=0, batch_size=2, max_length=32, max_prompt_length=16))

@@ -34,7 +34,8 @@ def fit(policy, root, max_steps=3, ckpt_path=None, callbacks=(), data_kwargs=Non
     model = DPOModule(policy, learning_rate=1e-2, **model_kwargs)
     data = PreferenceDataModule(dataset=rows(12), eval_dataset=rows(6), tokenizer=ascii_tokenizer(), max_length=48,
                                 max_prompt_length=24, batch_size=4, eval_batch_size=4, **(data_kwargs or {}))
-    trainer = L.Trainer(max_steps=max_steps, default_root_dir=root, logger=False, enable_progress_bar=False,
+    trainer = L.Trainer(max_steps=max_steps, default_root_dir=root, logger=False, log_every_n_steps=1,
+                        enable_progress_bar=False,
                         enable_model_summary=False, num_sanity_val_steps=0, val_check_interval=max_steps, check_val_every_n_epoch=None,
                         enable_checkpointing=bool(callbacks), callbacks=list(callbacks))
     trainer.fit(model, data, ckpt_path=ckpt_path)

@@ -30,7 +30,7 @@ from dpo_lightning.data.checks import check_arguments, check_drops, check_stream
 from dpo_lightning.data.formats import PRESETS, detect_format
 from dpo_lightning.data.layouts import Layout, choose_layout
 from dpo_lightning.data.loaders import EvalSampler, ResumableLoader, data_seed
-from dpo_lightning.data.prompts import collate_prompts, prepare_prompts, prompt_format
+from dpo_lightning.data.prompts import PREPARED_PROMPTS, collate_prompts, prepare_prompts, prompt_format
 from dpo_lightning.data.rows import Reading, RowKind
 from dpo_lightning.data.schemas import warn_ignored
 from dpo_lightning.data.rules import PREPARED, adds_bos, drop_error, prepare_rows, truncate
@@ -239,16 +239,17 @@ class PreferenceDataModule(L.LightningDataModule):
         if prompts:
             fmt, reading, prepare = prompt_format(rows, tokenizer, stage), replace(reading, schema="prompts"), \
                 prepare_prompts
+            features = PREPARED_PROMPTS
         else:
             rows, fmt, reading = detect_format(rows, hp.dataset_format, stage, tokenizer, reading, hp.prompt_column)
-            prepare = prepare_rows
+            prepare, features = prepare_rows, PREPARED
         warn_ignored(reading, STAGE_NAMES[stage])
         if hp.chat_template_kwargs and fmt != "conversational":
             rank_zero_warn(f"--data.chat_template_kwargs is not used: the {STAGE_NAMES[stage]} rows are text ({fmt}), "
                            "tokenized as they are; only conversations are rendered by a chat template")
         prepared = _map(rows, prepare, f"preparing {STAGE_NAMES[stage]} rows ({fmt})", batched=True,
                         with_indices=True, remove_columns=rows.column_names or list(next(iter(rows))),
-                        features=PREPARED, num_proc=hp.dataset_num_proc, fn_kwargs=dict(
+                        features=features, num_proc=hp.dataset_num_proc, fn_kwargs=dict(
                             dataset_format=fmt, tokenizer=tokenizer, bos_token_id=adds_bos(tokenizer),
                             max_length=hp.max_length, max_prompt_length=hp.max_prompt_length,
                             truncation_mode=hp.truncation_mode, chat_template_kwargs=hp.chat_template_kwargs))

@@ -46,6 +46,10 @@ Switch = bool | Literal["auto"]
 Probe = Callable[["Layout", dict | None], str | None]
 
 
+# Every name a layout's `statistics` may return: training logs each as a mean over the steps since the last log.
+STATISTICS = ("pairs_per_row",)
+
+
 class Layout:
     """A batch layout; subclasses set `name` (the value of `batch["layout"]`) and implement each method."""
 

@@ -64,8 +64,7 @@ def prepare_rows(batch: dict[str, list], indices: list[int], dataset_format: str
     checked = [to_strings(dict(zip(batch, values)), index, dataset_format, tokenizer,
                           chat_template_kwargs=chat_template_kwargs)
                for index, values in zip(indices, zip(*batch.values()))]
-    as_text = dataset_format != "conversational"  # text fields are text; a template's markers are tokens
-    ids = [encode(tokenizer, [row[field] for row in checked], as_text) for field in FIELDS]
+    ids = [encode(tokenizer, [row[field] for row in checked], fields_are_text(dataset_format)) for field in FIELDS]
     eos = [] if dataset_format == "conversational" else [tokenizer.eos_token_id]
     out = {name: [] for name in PREPARED}
     for index, row, prompt, chosen, rejected in zip(indices, checked, *ids):
@@ -227,6 +226,13 @@ def with_bos(ids: list[int], bos_token_id: int | None) -> list[int]:
         with_bos([5, 6], 1) == [1, 5, 6];  with_bos([1, 5], 1) == [1, 5];  with_bos([5], None) == [5]
     """
     return ids if bos_token_id is None or ids[:1] == [bos_token_id] else [bos_token_id, *ids]
+
+
+def fields_are_text(dataset_format: str) -> bool:
+    """Rule 2's as-text rule for rows of `dataset_format`, preference pairs and online prompts alike: a text field is
+    text (its special tokens' text stays text, `encode`'s `as_text`); a conversation's chat template rendering keeps
+    its markers as the special tokens they stand for."""
+    return dataset_format != "conversational"
 
 
 def encode(tokenizer: PreTrainedTokenizerBase, texts: list[str], as_text: bool = False) -> list[list[int]]:

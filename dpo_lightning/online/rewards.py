@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+from dpo_lightning.online.config import PASSED_FROM_PYTHON
 from dpo_lightning.utils.locate import local, located, looks_like_path
 from dpo_lightning.utils.tokenizers import with_pad_token
 
@@ -71,25 +72,50 @@ class RewardError(ValueError):
 
 
 def load_reward(spec: str | RewardFunc, setting: str = "reward_funcs") -> RewardFunc:
-    """One reward from its config entry: a callable as it is, a folder as a `RewardModel`, else an import path."""
+    """One reward from its config entry: a callable as it is, a folder as a `RewardModel`, else an import path.
+
+    Whatever fails while loading it (a module that does not import, or raises as it does; no such name; a name that is
+    no function; a folder that holds no reward model) is our `ValueError` naming the setting, the entry and the fix.
+    """
     if callable(spec):
         return spec
+    entry = f"{setting} entry {spec!r}"
+    if spec.startswith(PASSED_FROM_PYTHON):
+        raise ValueError(f"{entry}: this reward was a function passed from Python, which a checkpoint cannot hold; "
+                         "pass it again, e.g. DPOModule.load_from_checkpoint(path, online={**settings, "
+                         "'reward_funcs': [my_reward]}), or name it by import path (my_module.my_reward)")
     if looks_like_path(spec) or os.path.isdir(local(spec)):  # a reward model's folder, found as every path is
-        return RewardModel(located(spec, setting, "reward"))
+        return _reward_model(located(spec, setting, "reward"), entry)
     module_name, sep, name = spec.partition(":") if ":" in spec else spec.rpartition(".")
+    if name == "py":
+        raise ValueError(f"{entry}: a Python file is named by import path: its module and function "
+                         f"({module_name.replace('/', '.')}.my_reward), with the file's folder on PYTHONPATH")
     if not sep or not module_name:
-        raise ValueError(f"{setting}: reward {spec!r} is neither a folder nor an import path "
-                         "'package.module.function'")
+        raise ValueError(f"{entry} is neither a folder nor an import path 'package.module.function'")
+    fix = ("give an import path on the Python path (e.g. my_rewards.score, with its folder on PYTHONPATH) or a reward "
+           "model's folder")
     try:
-        reward = getattr(importlib.import_module(module_name), name)
-    except (ImportError, AttributeError) as error:
-        raise ValueError(f"{setting}: reward {spec!r}: cannot import {name!r} from {module_name!r} ({error}); give an "
-                         "import path on the Python path (e.g. my_rewards.score, with its folder on PYTHONPATH) or a "
-                         "reward model's folder") from None
+        module = importlib.import_module(module_name)
+    except Exception as error:  # not found, or the module's own code failed while importing
+        raise ValueError(f"{entry}: cannot import the module {module_name!r} ({type(error).__name__}: {error}); "
+                         f"{fix}") from error
+    if not hasattr(module, name):
+        raise ValueError(f"{entry}: the module {module_name!r} has no {name!r}; {fix}")
+    reward = getattr(module, name)
     if not callable(reward):
-        raise ValueError(f"{setting}: reward {spec!r} is a {type(reward).__name__}, not a function of "
-                         "(prompts, completions)")
+        raise ValueError(f"{entry} is a {type(reward).__name__}, not a function of (prompts, completions)")
     return reward
+
+
+def _reward_model(path: str, entry: str) -> "RewardModel":
+    try:
+        return RewardModel(path)
+    except Exception as error:  # transformers' own errors, from deep inside its loading
+        said = (str(error).strip().splitlines() or [""])[0][:300]
+        raise ValueError(f"{entry}: {path} is not a reward model's folder ({type(error).__name__}: {said}); a folder "
+                         "names a sequence-classification model with one label and its tokenizer "
+                         "(AutoModelForSequenceClassification.save_pretrained, num_labels=1); a Python file is "
+                         "named by import path (my_rewards.score, with its folder on PYTHONPATH)") from error
 
 
 def read_scores(scores: Any, completions: list[str]) -> tuple[list[float], str | None]:
@@ -146,7 +172,8 @@ class Rewards:
         return self
 
     def __call__(self, prompts: list[str], completions: list[str], where: str = "when called") -> Tensor:
-        """The weighted sum of every reward per completion, (N,) float32 on the CPU.
+        """The weighted sum of every reward per completion, (N,) float64 on the CPU: ranked as the rewards returned
+        them (1.0 and 1.0 + 1e-9, or 16777216 and 16777217, are one float32).
 
         Raises `RewardError` naming the entry, the setting and `where` (e.g. "at training step 3") when a reward
         raises or returns anything but one finite number per completion.
@@ -156,7 +183,7 @@ class Rewards:
             entry = f"{self.setting} entry {name!r}"
             try:
                 scores = func(prompts, completions)
-            except Exception as error:
+            except (Exception, SystemExit) as error:  # sys.exit() in a reward is its failure, not the run's end
                 raise RewardError(f"{entry} raised {where}: {type(error).__name__}: {error}. Nothing was trained "
                                   "on these completions; fix the reward or remove it from the list") from error
             values, problem = read_scores(scores, completions)
@@ -165,7 +192,7 @@ class Rewards:
                                   "takes the prompts and completions (two lists of text) and returns one finite "
                                   "float per completion")
             total += weight * torch.tensor(values, dtype=torch.float64)
-        return total.float()
+        return total
 
 
 # --- The quickstart's sort task: its text format (the quickstart's assets are written in it) and its rewards. ---

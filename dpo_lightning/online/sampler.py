@@ -31,12 +31,12 @@ adds it) it marks each optimizer step's start: the step the seeds are drawn from
 refreshed every `ref_model_sync_steps` optimizer steps (iterative DPO; TRL's `ref_model_sync_steps` with
 `ref_model_mixup_alpha` 1), and the step's time spent sampling, scoring and pairing.
 
-Metrics, per optimizer step under `train/` (TRL's names where TRL has them), each exact over micro-batches and
-ranks, and logged only where defined: `objective/scores` (mean reward of all samples), `objective/ties` (share
-of prompts skipped), `completions/mean_length` (tokens, stop token included), `val/contain_eos_token` (share of
-completions that stopped), `time/generate_share` (share of the optimizer step's wall time spent sampling,
-scoring and pairing); over the pairs, so not at a step where every prompt tied: `objective/scores_margin`
-(chosen - rejected), `objective/scores_chosen`, `objective/scores_rejected`.
+Metrics, under `train/` at each log, over the steps since the last one (TRL's names where TRL has them), each
+exact over micro-batches and ranks, and logged only where defined: `objective/scores` (mean reward of all
+samples), `objective/ties` (share of prompts skipped), `completions/mean_length` (tokens, stop token included),
+`val/contain_eos_token` (share of completions that stopped), `time/generate_share` (share of the wall time since
+the last log spent sampling, scoring and pairing); over the pairs, so not where every prompt tied:
+`objective/scores_margin` (chosen - rejected), `objective/scores_chosen`, `objective/scores_rejected`.
 """
 
 import functools
@@ -57,7 +57,7 @@ from dpo_lightning.online.config import OnlineConfig
 from dpo_lightning.online.rewards import RewardError, Rewards
 from dpo_lightning.utils.generation import (complete, generation_config, sampling, sharded, split_completion,
                                             stop_ids, texts, unsharded)
-from dpo_lightning.utils.steps import ends_optimizer_step
+from dpo_lightning.utils.steps import ends_optimizer_step, logs_after
 
 
 def pick_pairs(scores: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -87,17 +87,19 @@ class Sampled:
 
     Attributes:
         batch: the pairs as a training batch, in the data module's layout, on the policy's device. Where every
-            prompt tied (`has_pairs` False) it is a stand-in: one completion against itself, for the forward and
+            prompt tied (`loss_scale` 0) it is a stand-in: one completion against itself, for the forward and
             backward that every rank runs together (DDP's gradient all-reduce, FSDP's gathers), trained with
             weight 0 and logged nowhere.
-        has_pairs: whether any prompt gave a pair.
         metrics: name (`Online.METRICS`) -> this micro-batch's values, each (k,), to average with weight 1 each; the
             pairs' metrics are empty where there is no pair.
+        loss_scale: what the batch's loss (a mean over its pairs) is multiplied by before backward: its pair count
+            (0: no pair), so that `Online.on_before_optimizer_step` makes the step's gradient that of the mean over
+            all of the step's pairs, on every rank and micro-batch.
     """
 
     batch: dict[str, Tensor]
-    has_pairs: bool
     metrics: dict[str, Tensor]
+    loss_scale: float
 
 
 class Online(L.Callback):
@@ -106,22 +108,21 @@ class Online(L.Callback):
     Args:
         config: the settings (or a dict of them).
         precomputed: whether the run precomputes the reference's log-probs (`precompute_ref_log_probs`): refused.
-        refreshable: whether the reference has weights of its own to refresh (`Reference.refreshable`).
+        sync_refusal: why the reference cannot be refreshed to the policy (`Reference.refresh_refusal`), or None.
     """
 
     # The metrics `pairs` returns, averaged per optimizer step by the module (the module docstring says which).
     METRICS = ("objective/scores", "objective/scores_margin", "objective/scores_chosen", "objective/scores_rejected",
                "objective/ties", "completions/mean_length", "val/contain_eos_token")
 
-    def __init__(self, config: OnlineConfig | dict, precomputed: bool = False, refreshable: bool = True):
+    def __init__(self, config: OnlineConfig | dict, precomputed: bool = False, sync_refusal: str | None = None):
         config = OnlineConfig.of(config)
         if precomputed:
             raise ValueError("--model.precompute_ref_log_probs cannot precompute online pairs (the policy writes "
                              "new ones every step): set it false with --model.online")
-        if config.ref_model_sync_steps and not refreshable:
-            raise ValueError("--model.online.ref_model_sync_steps needs a reference model of its own (full "
-                             "fine-tuning with a reference loss); with LoRA the reference is the adapter switched "
-                             "off, which cannot be synced: remove ref_model_sync_steps")
+        if config.ref_model_sync_steps and sync_refusal:
+            raise ValueError(f"--model.online.ref_model_sync_steps is {config.ref_model_sync_steps} (copy the policy "
+                             f"into the reference every {config.ref_model_sync_steps} steps), but {sync_refusal}")
         self.config = config
         self.rewards = Rewards(config.reward_funcs, config.reward_weights, "--model.online.reward_funcs")
         self._tokenizer: PreTrainedTokenizerBase | None = None
@@ -129,7 +130,8 @@ class Online(L.Callback):
         self._refresh_reference: Callable[[], None] | None = None
         self._step: int | None = None  # the optimizer step of the batch at hand
         self._sum_over_ranks: Callable[[Tensor], Tensor] = lambda tensor: tensor
-        self._step_start, self._generating = 0.0, 0.0
+        self._window_start, self._generating = None, 0.0  # since the last log
+        self._step_pairs = 0.0  # the optimizer step's pairs so far, summed over ranks
 
     def bind(self, datamodule: L.LightningDataModule, refresh_reference: Callable[[], None]) -> None:
         """Hand over what sampling needs from the run, once before training: the data module's tokenizer and
@@ -168,21 +170,45 @@ class Online(L.Callback):
         self._step = trainer.global_step
         if batch_idx % trainer.accumulate_grad_batches:
             return  # not the first micro-batch of an optimizer step
-        self._step_start, self._generating = time.perf_counter(), 0.0
+        if self._window_start is None:
+            self._window_start, self._generating = time.perf_counter(), 0.0
+        self._step_pairs = 0.0
         every, step = self.config.ref_model_sync_steps, trainer.global_step
         # At the step's start, not the previous step's end: a checkpoint saved at that end resumes here alike.
         if every and step and step % every == 0:
             self._refresh_reference()
 
+    @property
+    def step_has_pairs(self) -> bool:
+        """Whether the optimizer step so far has a pair on any rank (none: every prompt tied, the step is skipped)."""
+        return bool(self._step_pairs)
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer) -> None:
+        """The step's loss is the mean over all its pairs, on every rank and micro-batch, as an offline step's: each
+        micro-batch's loss was its mean times its pair count (`Sampled.loss_scale`), which Lightning divided by the
+        accumulation and data parallelism averaged over the replicas; here the sum is divided by the step's count.
+        Before gradient clipping and the logged `grad_norm`."""
+        pairs, self._step_pairs = self._step_pairs, 0.0
+        if not pairs:
+            return  # no pair on any rank: the step is skipped (`DPOModule.on_before_optimizer_step`)
+        mesh = pl_module.device_mesh
+        replicas = mesh["data_parallel"].size() if mesh is not None else trainer.world_size
+        scale = trainer.accumulate_grad_batches * replicas / pairs
+        for group in optimizer.param_groups:
+            for param in group["params"]:
+                if param.grad is not None:
+                    param.grad.mul_(scale)
+
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch,
                            batch_idx: int) -> None:
-        if ends_optimizer_step(trainer, batch_idx):
-            share = self._generating / max(time.perf_counter() - self._step_start, 1e-9)
+        if ends_optimizer_step(trainer, batch_idx) and logs_after(trainer, trainer.global_step):
+            share = self._generating / max(time.perf_counter() - self._window_start, 1e-9)
+            self._window_start = None
             pl_module.log("train/time/generate_share", share, on_step=True, on_epoch=False)
 
     def pairs(self, policy: nn.Module, prompts: dict) -> Sampled:
         """The pairs of one training micro-batch of prompts (`data.prompts.collate_prompts`: `prompt_input_ids`,
-        `row_ids`): sampled, scored, paired and batched (the module docstring's steps 1 to 4)."""
+        `prompt_text`, `row_ids`): sampled, scored, paired and batched (the module docstring's steps 1 to 4)."""
         if self._pair_batch is None or self._step is None:
             raise RuntimeError("Online.pairs runs inside Trainer.fit, after `bind` and the callback's "
                                "on_train_batch_start (DPOModule does both)")
@@ -195,12 +221,16 @@ class Online(L.Callback):
             completions = complete(policy, repeated, generation_config(tokenizer, stops, cfg.max_new_tokens), device,
                                    sampling(keys, device, cfg.temperature, cfg.top_p, cfg.top_k))
         finished = torch.tensor([split_completion(c, stops)[1] is not None for c in completions])
-        scores = self._scores(tokenizer, repeated, completions, stops, device)
-        if cfg.missing_eos_penalty is not None:
-            scores = scores - cfg.missing_eos_penalty * (~finished).float()
-        scores = scores.view(-1, n)  # (P, n)
+        # The reward reads the prompt as written (uncut: TRL passes its rewards the original prompts), and the
+        # completions decoded; the policy completed the prompt as rule 3 cut it.
+        written = [text for text in prompts["prompt_text"] for _ in range(n)]
+        scores, error = self._scores(written, texts(tokenizer, repeated, completions, stops)[1], device)
+        if cfg.missing_eos_penalty is not None and error is None:
+            scores = scores - cfg.missing_eos_penalty * (~finished).double()
+        scores = scores.view(-1, n)  # (P, n), float64: ranked at the rewards' own resolution
         chosen, rejected, untied = pick_pairs(scores)
         kept, best_at, worst_at = untied.nonzero().flatten().tolist(), chosen.tolist(), rejected.tolist()
+        self._agree(error, len(kept), device)
         rows = [{"prompt_input_ids": repeated[i * n], "chosen_input_ids": completions[i * n + best_at[i]],
                  "rejected_input_ids": completions[i * n + worst_at[i]], "row_id": row_ids[i]} for i in kept]
         if not rows:  # the stand-in: a completion against itself (`Sampled.batch`)
@@ -210,26 +240,33 @@ class Online(L.Callback):
         best, worst = scores[index, chosen][untied], scores[index, rejected][untied]
         metrics = {"objective/scores": scores.flatten(), "objective/scores_margin": best - worst,
                    "objective/scores_chosen": best, "objective/scores_rejected": worst,
-                   "objective/ties": (~untied).float(),
+                   "objective/ties": (~untied).double(),
                    "completions/mean_length": torch.tensor([float(len(c)) for c in completions]),
                    "val/contain_eos_token": finished.float()}
         batch = move_data_to_device(self._pair_batch(rows), device)
         self._generating += time.perf_counter() - start
-        return Sampled(batch, bool(kept), metrics)
+        return Sampled(batch, {name: value.float() for name, value in metrics.items()}, float(len(kept)))
 
-    def _scores(self, tokenizer: PreTrainedTokenizerBase, prompts: list[list[int]], completions: list[list[int]],
-                stops: list[int], device: torch.device) -> Tensor:
-        """The rewards of the completions (N,), or on every rank together the error of a reward that failed on one:
-        a rank that raised alone would leave the others waiting in the step's collectives."""
-        where, error = f"at training step {self._step}", None
+    def _scores(self, prompts: list[str], completions: list[str], device: torch.device) -> tuple[Tensor,
+                                                                                                  RewardError | None]:
+        """The rewards of the completions (N,) float64, or zeros and the error of a reward that failed, for `_agree`
+        to raise on every rank together: a rank that raised alone would leave the others waiting in the step's
+        collectives."""
         try:
-            scores = self.rewards.to(device)(*texts(tokenizer, prompts, completions, stops), where)
+            return self.rewards.to(device)(prompts, completions, f"at training step {self._step}"), None
         except RewardError as failure:
-            error = failure
-        if self._sum_over_ranks(torch.tensor(float(error is not None), device=device)).item():
-            raise error or RewardError(f"{self.rewards.setting}: a reward failed on another rank {where}; that "
-                                       "rank's error names it. Nothing was trained on these completions")
-        return scores
+            return torch.zeros(len(completions), dtype=torch.float64), failure
+
+    def _agree(self, error: RewardError | None, pairs: int, device: torch.device) -> None:
+        """One all-reduce per micro-batch: whether a reward failed on any rank (then every rank raises), and the pairs
+        of all ranks, counted towards the optimizer step's (`on_before_optimizer_step`)."""
+        failed, total = self._sum_over_ranks(torch.tensor([float(error is not None), float(pairs)],
+                                                          dtype=torch.float64, device=device)).tolist()
+        if failed:
+            raise error or RewardError(f"{self.rewards.setting}: a reward failed on another rank at training step "
+                                       f"{self._step}; that rank's error names it. Nothing was trained on these "
+                                       "completions")
+        self._step_pairs += total
 
     def _seed(self) -> int:
         return self.config.seed if self.config.seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))

@@ -88,10 +88,16 @@ def fully_shard_models(module: nn.Module, mesh: DeviceMesh) -> None:
     A head tied to the embedding shares its weight with the decoder's unit; FSDP2 then gathers it only for
     the module that owns it, so the head, called alone, would meet a shard (a DTensor). Tied models are
     sharded with the head in the root unit, which only the full-logits path (`lean_logps: false`) calls.
+
+    An untied causal LM whose weights all lie in its decoder and head is no unit of its own: FSDP2 makes the
+    first unit to run forward a root, and refuses a root's forward after one of its units ran alone. The lean
+    path and the shared layout's check call the decoder alone (validation before the first step, by default),
+    and sampling then calls the causal LM (online DPO, `GreedyReward`); with no causal-LM unit, the decoder and
+    the head are each a root whichever runs first.
     """
     for model in (module.policy, module.reference):
         lm = base_causal_lm(model) if model is not None else None
-        if lm is None or isinstance(lm, FSDPModule):
+        if lm is None or isinstance(lm, FSDPModule) or isinstance(decoder_of(lm), FSDPModule):
             continue
         decoder, head = decoder_of(lm), lm.get_output_embeddings()
         tied = head.weight is decoder.get_input_embeddings().weight
@@ -105,4 +111,6 @@ def fully_shard_models(module: nn.Module, mesh: DeviceMesh) -> None:
         if not tied:
             fully_shard(decoder, mesh=mesh)
             fully_shard(head, mesh=mesh, reshard_after_forward=False)
-        fully_shard(lm, mesh=mesh)
+        inner = {id(p) for part in (decoder, head) for p in part.parameters()}
+        if tied or any(id(p) not in inner for p in lm.parameters()):
+            fully_shard(lm, mesh=mesh)  # the head's tied weight, or weights outside both, in a root unit

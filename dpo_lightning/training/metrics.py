@@ -3,17 +3,19 @@
 Every metric is a torchmetrics object holding sums and counts, so a split's value is the exact mean
 over all of its pairs (or tokens), whatever the batch size, the number of DDP ranks (torchmetrics
 syncs the sums; each validation pair is on one rank only, `resume.EvalSampler`) or the gradient
-accumulation (training metrics are reduced per optimizer step). `loss` is the loss as trained
-(`objective.total_loss` over the split's or step's sums); when it has several terms, each loss type's own
-(unweighted) mean is logged as `loss/<loss_type>`. A mixture-of-experts policy's router load-balancing loss
+accumulation (training metrics are reduced at each log, over the steps since the last: `LogWindow`).
+`loss` is the loss as trained (`objective.total_loss` over the split's or steps' sums); when it has several
+terms, each loss type's own (unweighted) mean is logged as `loss/<loss_type>`. A mixture-of-experts policy's router load-balancing loss
 (router.py) is a statistic of a whole batch, not a sum over pairs: `aux_loss` is the mean of the batches' values
 (TRL's `aux_loss`), and so is its term in `loss`.
 """
 
+import copy
 import warnings
 from typing import Callable
 
 import lightning as L
+from lightning.pytorch.utilities import rank_zero_warn
 import torch
 from torch import Tensor, nn
 from torchmetrics import MeanMetric, Metric
@@ -139,6 +141,70 @@ def compute_all(metrics: nn.ModuleDict, all_reduce_sum: Callable[[Tensor], Tenso
         warnings.filterwarnings("ignore", message=".*was called before the ``update`` method")
         return {name: metric.compute() for (name, metric), count in zip(metrics.items(), summed[len(states):])
                 if count}
+
+
+class LogWindow(nn.Module):
+    """The training metrics since the last log: each optimizer step's metrics are added in when the step ends (a
+    skipped step's are dropped) and read out, over all ranks with one all-reduce, at the steps Lightning logs
+    (`utils.steps.logs_after`: every `log_every_n_steps`, TRL's `logging_steps`). So a logged value is the mean
+    over every pair of the steps since the last log, as TRL logs, and a step that is not logged costs no
+    collective and no `self.log` (Lightning's bookkeeping of a logged value is most of a tiny model's logging time).
+
+    Args:
+        step: the metrics one step updates (`make_metrics`); the window holds a copy of them.
+    """
+
+    def __init__(self, step: nn.ModuleDict):
+        super().__init__()
+        self.metrics = copy.deepcopy(step)
+
+    def add(self, step: nn.ModuleDict, keep: bool = True) -> None:
+        """Add the step's metrics into the window (`keep`) or drop them, and reset them for the next step.
+
+        Every state is a sum (`compute_all`), and so is the count of updates that tells a metric no rank updated.
+        """
+        for name, metric in step.items():
+            if keep and metric.update_count:
+                into = self.metrics[name]
+                for state in metric.metric_state:
+                    setattr(into, state, getattr(into, state) + getattr(metric, state))
+                into._update_count += metric.update_count  # torchmetrics' merge_state leaves the count alone
+            metric.reset()
+
+    def read(self, all_reduce_sum: Callable[[Tensor], Tensor]) -> dict[str, Tensor]:
+        """The window's values over all ranks (`compute_all`), and an empty window after."""
+        values = compute_all(self.metrics, all_reduce_sum)
+        for metric in self.metrics.values():
+            metric.reset()
+        return values
+
+
+class Displacement(nn.Module):
+    """The likelihood displacement warning: once, at the first optimizer step where the chosen responses' log-prob,
+    averaged over the step's pairs (over all ranks and micro-batches), falls more than `threshold` nats below the
+    reference's (log ref(y_w) - log pi(y_w), summed over each response's tokens).
+
+    Checked at every step, whatever the logging interval: one all-reduce of two numbers a step, only where it is set.
+    """
+
+    def __init__(self, threshold: float):
+        super().__init__()
+        self.threshold, self.warned, self.drop = threshold, False, MeanMetric(sync_on_compute=False)
+
+    def update(self, policy_logps: Tensor, ref_logps: Tensor) -> None:
+        """Add one micro-batch's pairs: the policy's and reference's summed log-probs, chosen rows then rejected."""
+        thaw(self.drop)
+        self.drop.update((ref_logps - policy_logps).chunk(2)[0].detach())
+
+    def check(self, step: int, all_reduce_sum: Callable[[Tensor], Tensor]) -> None:
+        """Warn (once) if the step's mean drop is past the threshold; then start the next step's."""
+        drop = compute_all(nn.ModuleDict({"drop": self.drop}), all_reduce_sum).get("drop")
+        self.drop.reset()
+        if drop is not None and not self.warned and drop.item() > self.threshold:
+            self.warned = True
+            rank_zero_warn(f"step {step}: the chosen responses' log-prob is {drop.item():.2f} nats below the "
+                           f"reference's (threshold {self.threshold}): likelihood displacement; consider rpo_alpha, a "
+                           "larger beta or a smaller learning rate")
 
 
 def update_means(metrics: nn.ModuleDict, values: dict[str, Tensor]) -> None:

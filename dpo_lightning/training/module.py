@@ -7,11 +7,11 @@ the objective over the losses named by `loss_type` (`objective.Objective`, pure 
 check, and the metrics (`metrics.py`). Devices, precision and distribution are the Trainer's business: nothing here
 moves tensors or casts them.
 
-The hooks come in the order Lightning calls them (setup, training_step, on_before_optimizer_step,
-lr_scheduler_step, on_train_batch_end, validation_step), then the step they share (`_shared_step`:
-log-probs, reference log-probs, loss, metrics) and its helpers. A non-finite loss with
-`nonfinite_loss: skip`, or an online step without a pair on any rank, marks the optimizer step skipped on every
-rank, and the hooks after it leave the weights, optimizer, schedule and metrics alone (`on_before_optimizer_step`).
+The hooks come in the order Lightning calls them (setup, training_step, on_before_optimizer_step, lr_scheduler_step,
+on_train_batch_end, validation_step), then the step they share (`_shared_step`: log-probs, reference log-probs, loss,
+metrics) and its helpers. A non-finite loss with `nonfinite_loss: skip`, or an online step without a pair on any
+rank, marks the optimizer step skipped on every rank, and the hooks after it leave the weights, optimizer, schedule
+and metrics alone (`on_before_optimizer_step`).
 """
 
 import functools
@@ -22,10 +22,9 @@ import torch
 from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
-from torchmetrics import MeanMetric
 from transformers import PreTrainedModel
 
-from dpo_lightning.data.layouts import Layout, layout_of
+from dpo_lightning.data.layouts import STATISTICS, Layout, layout_of
 from dpo_lightning.data.prompts import train_kind
 from dpo_lightning.online import Online, OnlineConfig
 from dpo_lightning.training import console
@@ -34,7 +33,7 @@ from dpo_lightning.training.checkpoints import (CheckpointValidation, check_refe
 from dpo_lightning.training.distributed import fully_shard_models
 from dpo_lightning.training.logps import lean_supported
 from dpo_lightning.training.losses import LOSS_OPTIONS, LOSSES
-from dpo_lightning.training.metrics import StepLogs, compute_all, make_metrics, update_means, update_metrics
+from dpo_lightning.training.metrics import Displacement, LogWindow, StepLogs, make_metrics, update_means, update_metrics
 from dpo_lightning.training.models import build_models, quantized_base
 from dpo_lightning.training.objective import Objective, ObjectiveOutput, migrate_state_dict
 from dpo_lightning.training.optim import grad_norm, optimizers
@@ -43,7 +42,7 @@ from dpo_lightning.training.reference import Reference
 from dpo_lightning.training.scorer import Scorer
 from dpo_lightning.training.throughput import Throughput
 from dpo_lightning.utils.hf import base_causal_lm, decoder
-from dpo_lightning.utils.steps import ends_optimizer_step
+from dpo_lightning.utils.steps import ends_optimizer_step, logs_after
 
 LossType = Literal[tuple(LOSSES)]
 PROGRESS_BAR = ("loss", "rewards/accuracies")
@@ -126,8 +125,7 @@ class DPOModule(L.LightningModule):
             base, and exports merge the adapter into a bf16 copy of the base. `pip install -e .[qlora]`.
         quantization_config: `transformers.BitsAndBytesConfig`'s arguments as a dict, instead of
             `load_in_4bit`'s defaults, e.g. {bnb_4bit_quant_type: fp4, bnb_4bit_use_double_quant: true}.
-        online: train online: the policy samples each batch's pairs from the data's prompts and a reward
-            ranks them (`online.OnlineConfig`: reward_funcs, num_samples, ...; from Python, a dict of its keys too).
+        online: train online, on pairs the policy samples and a reward ranks (`online.OnlineConfig`; or a dict).
     """
 
     def __init__(
@@ -182,7 +180,8 @@ class DPOModule(L.LightningModule):
         online: OnlineConfig | None = None,
     ):
         super().__init__()
-        online = OnlineConfig.plain(online)  # checked (a dict from Python alike); plain data in checkpoints
+        settings = OnlineConfig.of(online) if online is not None else None  # checked (a dict from Python alike)
+        online = OnlineConfig.plain(settings)  # plain data in checkpoints: a function as its import path
         loss_types = [loss_type] if isinstance(loss_type, str) else list(loss_type)
         options = {name: value for name, value in locals().items() if name in LOSS_OPTIONS and value is not None}
         # The losses, their weights and options, length normalisation, the RPO term and bco_pair's running mean.
@@ -219,14 +218,14 @@ class DPOModule(L.LightningModule):
             for model in (self.policy, self.reference):
                 if model is not None:
                     decoder(base_causal_lm(model)).compile(dynamic=True)  # in place: same parameter names
-        self.online = Online(online, precompute_ref_log_probs, self.ref.refreshable) if online else None  # online DPO
+        self.online = settings and Online(settings, precompute_ref_log_probs, self.ref.refresh_refusal(self.policy))
         self.train_kind = train_kind(online)  # online: the data module reads prompts alone
-        self.train_metrics = make_metrics(self.objective, False, Online.METRICS if online else ())
+        self.train_metrics = make_metrics(self.objective, False, (*(Online.METRICS if online else ()), *STATISTICS))
+        self.train_window = LogWindow(self.train_metrics)  # the steps since the last log
         self.val_metrics = make_metrics(self.objective)
-        # The likelihood displacement warning's measure: log ref - log pi of the chosen responses, per response.
-        self.chosen_logp_drop = MeanMetric(sync_on_compute=False)
         self._skip_step = False  # this optimizer step: a non-finite loss (nonfinite_loss: skip), or no pair (online)
-        self._displacement_warned = False
+        self.displacement = Displacement(chosen_logp_drop_warning) if (
+            chosen_logp_drop_warning is not None and self.needs_reference) else None
 
     @property
     def needs_reference(self) -> bool:
@@ -265,17 +264,15 @@ class DPOModule(L.LightningModule):
         if sampled is not None:  # its pairs (where every prompt tied, a stand-in that trains with weight 0)
             batch = sampled.batch
             update_means(self.train_metrics, sampled.metrics)
-        loss = self._shared_step(batch, "train", sampled is None or sampled.has_pairs)
-        if ends_optimizer_step(self.trainer, batch_idx):  # log once per optimizer step, over all its micro-batches
-            self._log_train_step()
+        loss = self._shared_step(batch, "train", sampled.loss_scale if sampled is not None else 1.0)
+        if ends_optimizer_step(self.trainer, batch_idx):  # over all its micro-batches
+            self._end_train_step()
         return {"loss": loss, "batch": batch}  # the batch that trained, for the callbacks (throughput.py)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        if self._skip_step:
-            # No gradient at all, rather than a zero one: AdamW and RMSprop pass over such parameters, so no
-            # weight, moment or step count moves (a zero gradient still moves them through momentum and decay).
+        if self._skip_step:  # no gradient, not a zero one (moved by momentum, decay): no weight, moment, count moves
             optimizer.zero_grad(set_to_none=True)
-        else:  # TRL's learning_rate and grad_norm: the rate this step applies, the gradient before clipping
+        elif logs_after(self.trainer, self.trainer.global_step + 1):  # TRL's learning_rate, grad_norm before clipping
             self.log("train/learning_rate", optimizer.param_groups[0]["lr"], on_step=True, on_epoch=False)
             norm = grad_norm(self.policy.parameters(), self.trainer.strategy.model)
             if norm is not None:
@@ -296,7 +293,7 @@ class DPOModule(L.LightningModule):
             self.log(f"val/{name}", metric, on_epoch=True, prog_bar=name in PROGRESS_BAR)
         return loss
 
-    def _shared_step(self, batch: dict[str, Tensor], stage: str, trains: bool = True) -> Tensor:
+    def _shared_step(self, batch: dict[str, Tensor], stage: str, scale: float = 1.0) -> Tensor:
         policy_logps, mean_logits, n_tokens, aux_loss = self.scorer(self.policy, batch, self.objective.router)  # (2B,)
         ref_logps = self.ref.logps(self.policy, batch, stage)  # (2B,), no grad; None for reference-free losses
         # Training batches join bco_pair's running mean, summed over ranks (`Objective`); MoE: the router's loss.
@@ -304,10 +301,10 @@ class DPOModule(L.LightningModule):
                              aux_loss)
         if stage == "train" and not self._finite_on_every_rank(out.loss, batch):
             return out.loss  # its optimizer step is skipped: see on_before_optimizer_step
-        if not trains:  # online, every prompt tied: a stand-in's zero gradient, where other ranks train
+        if not scale:  # online, every prompt tied: a stand-in's zero gradient, where other ranks train
             return out.loss * 0
         self._update_metrics(stage, batch, out, policy_logps, ref_logps, mean_logits, n_tokens)
-        return out.loss
+        return out.loss * scale  # online: times the pairs, for the step's mean over all of them (`Sampled.loss_scale`)
 
     def _sum_over_ranks(self, tensor: Tensor) -> Tensor:
         return self.trainer.strategy.reduce(tensor, reduce_op="sum") if self._trainer is not None else tensor
@@ -316,9 +313,12 @@ class DPOModule(L.LightningModule):
                         ref_logps: Tensor | None, mean_logits: Tensor, n_tokens: Tensor) -> None:
         metrics = self.train_metrics if stage == "train" else self.val_metrics
         update_metrics(metrics, out, policy_logps, mean_logits, n_tokens)
-        if stage == "train" and ref_logps is not None:
-            self.chosen_logp_drop.update((ref_logps - policy_logps).chunk(2)[0].detach())
-        for name, value in layout_of(batch).statistics(batch).items():  # e.g. how densely packing fills the rows
+        statistics = layout_of(batch).statistics(batch)  # e.g. how densely packing fills the rows
+        if stage == "train":  # means over the steps since the last log
+            update_means(metrics, {name: value.reshape(1) for name, value in statistics.items()})
+            if self.displacement is not None:
+                self.displacement.update(policy_logps, ref_logps)
+        for name, value in statistics.items() if stage == "val" else ():
             self.log(f"{stage}/{name}", value, batch_size=len(out.chosen_rewards))
 
     def _finite_on_every_rank(self, loss: Tensor, batch: dict[str, Tensor]) -> bool:
@@ -342,25 +342,17 @@ class DPOModule(L.LightningModule):
         self._skip_step = True
         return False
 
-    def _log_train_step(self) -> None:
-        """Log the optimizer step's training metrics over all its micro-batches and ranks, with one all-reduce."""
-        reduce = functools.partial(self.trainer.strategy.reduce, reduce_op="sum")
-        threshold = self.hparams.chosen_logp_drop_warning
-        watch = threshold is not None and self.needs_reference and not self._displacement_warned
-        metrics = {**self.train_metrics, **({"chosen_logp_drop": self.chosen_logp_drop} if watch else {})}
-        values = {} if self._skip_step else compute_all(metrics, reduce)
-        self._skip_step = self._skip_step or "loss" not in values  # no pair on any rank (online, all tied): no step
-        for metric in (*self.train_metrics.values(), self.chosen_logp_drop):
-            metric.reset()
-        drop = values.pop("chosen_logp_drop", None)
-        for name, value in values.items():
+    def _end_train_step(self) -> None:
+        """Add the step's metrics to those since the last log (`metrics.LogWindow`), logged where Lightning logs."""
+        self.train_window.add(self.train_metrics, keep=not self._skip_step)
+        if self.online is not None and not self.online.step_has_pairs:  # every prompt tied on every rank: no step
+            self._skip_step = True
+        if self.displacement is not None:
+            self.displacement.check(self.global_step, self._sum_over_ranks)
+        if not logs_after(self.trainer, self.trainer.global_step + 1):
+            return
+        for name, value in self.train_window.read(self._sum_over_ranks).items():
             self.log(f"train/{name}", value, on_step=True, on_epoch=False, prog_bar=name in PROGRESS_BAR)
-        if drop is not None:
-            if drop.item() > threshold:  # mean over the step's pairs of log ref(y_w) - log pi(y_w), summed over tokens
-                self._displacement_warned = True
-                rank_zero_warn(f"step {self.global_step}: the chosen responses' log-prob is {drop.item():.2f} nats "
-                               f"below the reference's (threshold {threshold}): likelihood displacement; consider "
-                               "rpo_alpha, a larger beta or a smaller learning rate")
 
     def on_fit_start(self) -> None:
         if self.hparams.precompute_ref_log_probs:

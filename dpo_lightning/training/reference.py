@@ -123,19 +123,28 @@ class Reference(nn.Module):
         return (self.needed and self.ref_source is None and not self.held
                 and (isinstance(policy, PeftModel) or not self.policy_trained))
 
-    @property
-    def refreshable(self) -> bool:
-        """Whether `refresh` can copy a policy into this reference: a held model of its own (not an adapter
-        switched off, nor precomputed tables)."""
-        return self.model is not None
+    def refresh_refusal(self, policy: nn.Module) -> str | None:
+        """Why `refresh` cannot copy `policy` into this reference (online DPO's `ref_model_sync_steps`), with the fix;
+        None where it can: a reference model of its own, of the policy's kind."""
+        if not self.needed:
+            return ("the loss takes no reference (a reference-free loss_type, or reference_free: true), so there is "
+                    "none to sync: remove ref_model_sync_steps, or train with a reference loss")
+        if self.model is None:
+            return ("with LoRA the reference is the adapter switched off (or a frozen copy of it), which no policy "
+                    "weights can be copied into: remove ref_model_sync_steps, or fully fine-tune (no lora_r, "
+                    "peft_config or adapter folder)")
+        if isinstance(policy, PeftModel):
+            return ("the policy is a LoRA adapter and the reference (ref_model_name_or_path) a whole model: the "
+                    "adapter's weights cannot be copied into it: remove ref_model_sync_steps, or fully fine-tune")
+        return None
 
     @torch.no_grad()
     def refresh(self, policy: nn.Module) -> None:
         """Make the policy's current weights the reference's (iterative DPO). Under FSDP2 both are sharded alike
         (`distributed.fully_shard_models`), so each rank copies its own shards."""
-        if not self.refreshable:
-            raise RuntimeError("this reference has no weights of its own to refresh (LoRA's adapter switched off, "
-                               "or precomputed log-probs)")
+        refusal = self.refresh_refusal(policy)
+        if refusal:
+            raise RuntimeError(f"cannot refresh the reference: {refusal}")
         self.model.load_state_dict(policy.state_dict())
 
     def logps(self, policy: nn.Module, batch: dict[str, Tensor], stage: str) -> Tensor | None:

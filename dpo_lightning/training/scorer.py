@@ -9,6 +9,7 @@ import contextlib
 from typing import NamedTuple
 
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 
 from dpo_lightning.data.layouts import Layout, layout_of, refusal
 from dpo_lightning.training.logps import lean_logps, naive_logps
@@ -57,9 +58,12 @@ class Scorer:
     def unsupported(self, model: nn.Module, layout: Layout, batch: dict | None = None) -> str | None:
         """Why `model` would not give the padded layout's outputs on `layout`, or None: checked once per model and
         layout, and once more on the first `batch` of it given (a batch shaped as training's) if the first check
-        had none (the data module's of a stream)."""
+        had none (the data module's of a stream, or of online prompts). Not again once the model's weights are
+        sharded (FSDP2 shards them after the data module's check, at setup): the check calls the decoder alone,
+        which would meet the shards of weights its own unit does not gather (a head tied to the embedding)."""
         key = (id(model), layout.name)
-        if key not in self._reasons or (batch is not None and key not in self._on_a_batch):
+        if key not in self._reasons or (batch is not None and key not in self._on_a_batch
+                                        and not any(isinstance(p, DTensor) for p in model.parameters())):
             self._reasons[key] = layout.unsupported(model, batch)
             if batch is not None:
                 self._on_a_batch.add(key)
