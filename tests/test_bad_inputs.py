@@ -398,4 +398,5 @@ def test_fit_on_a_stream_with_no_usable_row_stops_with_our_error(tiny_llama, tmp
                            "--trainer.enable_checkpointing", "false", f"--trainer.default_root_dir={tmp_path}"],
                           capture_output=True, text=True, timeout=240, cwd=tmp_path)
     assert done.returncode != 0
-    assert "ValueError: no usable train rows in the stream" in done.stderr and "chosen == rejected: 20" in done.stderr
+    assert "dpo-lightning: no usable train rows in the stream" in done.stderr and "chosen == rejected: 20" in done.stderr
+    assert "Traceback" not in done.stderr  # our own error: one line

@@ -6,6 +6,7 @@ The hub is made unreachable in every test here (offline mode, and a socket that 
 connection): a name sent to the hub would show up as a recorded call. Tiny data and models from conftest.py.
 """
 
+import json
 import os
 import socket
 import subprocess
@@ -70,8 +71,10 @@ def test_an_eval_path_that_is_not_there_is_named_as_the_eval_dataset(no_hub, tmp
 def test_a_typo_names_the_closest_file_in_its_folder(no_hub, tmp_path):
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "my_train.jsonl").write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n')
-    with pytest.raises(FileNotFoundError, match=r"did you mean data/my_train\.jsonl\?"):
+    with pytest.raises(FileNotFoundError) as error:
         PreferenceDataModule(dataset="data/mytrain.jsonl", tokenizer=ascii_tokenizer())
+    assert f"(working directory {tmp_path}). Did you mean data/my_train.jsonl? For --data.dataset, pass" in \
+        str(error.value)
 
 
 @pytest.mark.parametrize("name", ["models/my-model", "./my-model", "runs/v0/hf_model", "~/nowhere-dpo-lightning/m"])
@@ -80,7 +83,7 @@ def test_a_model_or_tokenizer_path_that_is_not_there_fails_without_the_hub(name,
     with pytest.raises(FileNotFoundError) as error:
         DPOModule(name)
     assert str(error.value).startswith(f"not found: {name} (working directory {tmp_path})")
-    assert "the model" in str(error.value) and "'gpt2'" in str(error.value)
+    assert "For --model.model_name_or_path, pass" in str(error.value) and "'gpt2'" in str(error.value)
     data = PreferenceDataModule(dataset=str(SHIPPED / "train.jsonl"), tokenizer=name)
     with pytest.raises(FileNotFoundError, match=f"not found: {name} .*the tokenizer"):
         data.setup("fit")
@@ -128,3 +131,50 @@ def test_the_command_line_says_not_found_in_one_line_from_another_directory(tmp_
 def test_inspect_data_takes_the_shipped_paths_from_another_directory(no_hub, tmp_path, capsys):
     main(["inspect-data", "--config", str(ROOT / "configs" / "quickstart.yaml"), "--rows", "0"])
     assert f"train: {lines(SHIPPED / 'train.jsonl')} rows" in capsys.readouterr().out
+
+
+def test_a_missing_reference_model_is_named_as_its_setting(no_hub, tiny_llama):
+    with pytest.raises(FileNotFoundError, match=r"^not found: \./models/ref .*For --model\.ref_model_name_or_path, "):
+        DPOModule(tiny_llama, ref_model_name_or_path="./models/ref")
+
+
+def test_pathlib_paths_from_a_notebook_are_paths_for_data_and_tokenizer(no_hub, tmp_path):
+    data = PreferenceDataModule(dataset=SHIPPED / "train.jsonl", eval_dataset=[SHIPPED / "val.jsonl"],
+                                tokenizer=SHIPPED, max_length=64, max_prompt_length=32)
+    data.setup("fit")
+    assert data.summary["train"]["rows"] == lines(SHIPPED / "train.jsonl")
+    assert data.summary["val"]["rows"] == lines(SHIPPED / "val.jsonl")
+    assert data.hparams.tokenizer == str(SHIPPED)  # kept as a name, as a string tokenizer is (the export finds it)
+    with pytest.raises(FileNotFoundError, match=r"^not found: data/mytrain\.jsonl \(working directory"):
+        PreferenceDataModule(dataset=Path("data/mytrain.jsonl"), tokenizer=ascii_tokenizer())
+
+
+QUICKSTART = str(ROOT / "configs" / "quickstart.yaml")
+
+
+@pytest.mark.parametrize("args, name, what", [
+    (["from-trl", "args.json", "--out", "mine.yaml"], "args.json", "from-trl's ARGS_FILE"),
+    (["export", "--ckpt_path", "runs/quickstart/version_0/checkpoints/*.ckpt", "--output_dir", "out"],
+     "runs/quickstart/version_0/checkpoints/*.ckpt", "--ckpt_path"),
+    (["validate", "--config", QUICKSTART, "--ckpt_path", "runs/nothere.ckpt"], "runs/nothere.ckpt", "--ckpt_path"),
+    (["fit", "--config", QUICKSTART, "--ckpt_path", "runs/nothere.ckpt"], "runs/nothere.ckpt", "--ckpt_path"),
+    (["plot", "runs/nothere", "--out", "c.png"], "runs/nothere", "plot's LOG_DIR"),
+    (["fit", "--config", "configs/quickstart.yaml"], "configs/quickstart.yaml", "--config"),
+])
+def test_a_tool_given_a_path_that_is_not_there_says_so_in_one_line(args, name, what, no_hub, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(args)
+    message = exit_.value.code if isinstance(exit_.value.code, str) else capsys.readouterr().err.strip()
+    assert message.startswith(f"dpo-lightning: not found: {name} (working directory {tmp_path}). For {what}, pass")
+    assert "\n" not in message and "Traceback" not in message
+
+
+def test_our_own_argument_check_reaches_the_command_line_as_one_line(no_hub, tmp_path):
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", "--config", QUICKSTART, "--data.max_length", "12"])  # the quickstart's max_prompt_length is 16
+    assert exit_.value.code.startswith("dpo-lightning: --data.max_prompt_length must be in (0, max_length=12)")
+    assert "\n" not in exit_.value.code
+    # An error raised inside a library is not ours: it keeps its traceback.
+    (tmp_path / "args.json").write_text("{not json")
+    with pytest.raises(json.JSONDecodeError):
+        main(["from-trl", "args.json"])

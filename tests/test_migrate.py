@@ -7,6 +7,7 @@ a default TRL `DPOConfig` converted and fitted a step with a tiny model (conftes
 """
 
 import json
+import re
 from pathlib import Path
 
 from conftest import rows
@@ -122,3 +123,81 @@ def test_push_to_hub_is_listed_as_not_carried_over():
     where = listed(from_trl({"push_to_hub": True, "hub_model_id": "me/model"}))
     assert where["push_to_hub"] == where["hub_model_id"] == "not_carried"
     assert listed(from_trl({"push_to_hub": False}))["push_to_hub"] == "same"
+
+
+def test_a_trl_dpo_recipe_with_peft_gets_trls_lora_defaults_and_reports_them():
+    # The `trl dpo` script builds LoraConfig from ModelConfig: r 16, alpha 32, dropout 0.05 where the recipe is
+    # silent; the converted run must train the same adapter. disable_dropout false keeps TRL's LoRA dropout.
+    trl = pytest.importorskip("trl")
+    ours = from_trl({"model_name_or_path": "m", "dataset_name": "d", "use_peft": True, "disable_dropout": False})
+    theirs = trl.ModelConfig(use_peft=True)
+    assert {k: ours.config["model"][k] for k in ("lora_r", "lora_alpha", "lora_dropout")} == \
+        {"lora_r": theirs.lora_r, "lora_alpha": theirs.lora_alpha, "lora_dropout": theirs.lora_dropout}
+    assert "lora_target_modules" not in ours.config["model"]  # None in both: peft's default for the architecture
+    assert theirs.lora_target_modules is None
+    reported = {key for key, _, _ in ours.defaults}
+    assert {"lora_r", "lora_alpha", "lora_dropout"} <= reported
+    # TRL's default disable_dropout zeroes the LoRA dropout too (trl.trainer.utils.disable_dropout_in_model).
+    assert from_trl({"use_peft": True}).config["model"]["lora_dropout"] == 0.0
+
+
+def test_a_sparse_trl_recipe_gets_trls_own_defaults_written_out_and_reported():
+    # TRL's DPOConfig overrides transformers': logging every 10 steps, gradient checkpointing, bf16 unless fp16;
+    # its eval batch is 8 whatever the train batch (ours follows the train batch).
+    trl = pytest.importorskip("trl")
+    theirs = trl.DPOConfig(output_dir="out", use_cpu=True)
+    migration = from_trl({"output_dir": "out", "per_device_train_batch_size": 2})
+    config = migration.config
+    assert config["trainer"]["log_every_n_steps"] == theirs.logging_steps
+    assert config["model"]["gradient_checkpointing"] is theirs.gradient_checkpointing is True
+    assert theirs.bf16 and config["trainer"]["precision"] == "bf16-mixed"
+    assert config["data"]["eval_batch_size"] == theirs.per_device_eval_batch_size
+    reported = {key for key, _, _ in migration.defaults}
+    assert {"logging_steps", "gradient_checkpointing", "bf16", "per_device_eval_batch_size"} <= reported
+    assert "eval_batch_size" not in from_trl({}).config["data"]  # train batch 8: ours is 8 too
+    assert "precision" not in from_trl({"fp16": False, "bf16": False}).config["trainer"]
+
+
+@pytest.mark.parametrize("key, value, max_steps, where, expected", [
+    # transformers (TrainerState.compute_steps): a value below 1 is a share of max_steps, rounded up.
+    ("logging_steps", 0.05, 1000, ("trainer", "log_every_n_steps"), 50),
+    ("logging_steps", 0.013, 100, ("trainer", "log_every_n_steps"), 2),
+    ("save_steps", 0.5, 30, ("checkpoint", "every_n_train_steps"), 15),
+    ("eval_steps", 0.25, 40, ("trainer", "val_check_interval"), 10),
+])
+def test_step_counts_given_as_a_share_of_max_steps_become_steps(key, value, max_steps, where, expected):
+    args = {key: value, "max_steps": max_steps, **({"eval_strategy": "steps"} if key == "eval_steps" else {})}
+    config = from_trl(args).config
+    if where[0] == "checkpoint":
+        [checkpoint] = [c for c in config["trainer"]["callbacks"] if c["class_path"].endswith("ModelCheckpoint")]
+        assert checkpoint["init_args"][where[1]] == expected
+    else:
+        assert config[where[0]][where[1]] == expected
+
+
+@pytest.mark.parametrize("key", ["logging_steps", "save_steps", "eval_steps"])
+def test_a_share_of_steps_without_max_steps_is_not_carried_over(key):
+    # A run by epochs: transformers takes max_steps from the data's length, which a converter cannot know.
+    migration = from_trl({key: 0.5, "num_train_epochs": 2, "eval_strategy": "steps"})
+    assert listed(migration)[key] == "not_carried"
+    written = yaml.safe_load(migration.to_yaml())
+    assert written["trainer"].get("log_every_n_steps") != 0.5 and written["trainer"].get("val_check_interval") != 0
+    assert all("ModelCheckpoint" not in c["class_path"] for c in written["trainer"]["callbacks"])
+
+
+def test_trls_aot_unpaired_is_our_aot_pair():
+    # TRL 1.16 renamed its unpaired AOT loss (TRL 0.x: aot_pair, ours) to aot_unpaired; each other name is ours.
+    trl = pytest.importorskip("trl")
+    names = set(re.findall(r"`'(\w+)'`", trl.DPOConfig.__dataclass_fields__["loss_type"].metadata["help"]))
+    assert "aot_unpaired" in names
+    assert from_trl({"loss_type": "aot_unpaired"}).config["model"]["loss_type"] == "aot_pair"
+    assert from_trl({"loss_type": ["sigmoid", "aot_unpaired"]}).config["model"]["loss_type"] == ["sigmoid", "aot_pair"]
+    for name in names - {"aot_unpaired"}:
+        assert from_trl({"loss_type": name}).config["model"]["loss_type"] == name, name
+
+
+def test_trls_seed_and_data_seed_land_where_they_decide_the_same_things():
+    # TRL: `seed` seeds the run, `data_seed` the data order (default: seed). Here: seed_everything and data.seed.
+    config = from_trl({"seed": 5, "data_seed": 3}).config
+    assert config["seed_everything"] == 5 and config["data"]["seed"] == 3
+    assert "seed" not in from_trl({"seed": 5, "data_seed": None}).config["data"]  # the order follows seed_everything

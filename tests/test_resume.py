@@ -114,3 +114,42 @@ def test_eval_sampler_gives_every_pair_to_exactly_one_rank(n_pairs, world_size):
 def test_eval_sampler_refuses_fewer_pairs_than_ranks():
     with pytest.raises(ValueError, match="the validation split has 2 pairs for 3 ranks: .* use fewer devices"):
         EvalSampler([0, 1], 3, 0)
+
+
+def train_order(tmp_path, monkeypatch, global_seed, **data):
+    """The first epoch's batches (row ids) and the rows held out, for a run seeded with `global_seed`
+    (seed_everything; None: never called)."""
+    monkeypatch.delenv("PL_GLOBAL_SEED", raising=False)  # restored after the test: seed_everything sets it
+    if global_seed is not None:
+        L.seed_everything(global_seed)
+    dm = data_module(24, eval_n=0, **data)
+    dm.trainer = quiet_trainer(tmp_path)
+    dm.setup("fit")
+    held_out = sorted(row["prompt_input_ids"] for row in dm.val_data) if dm.val_data is not None else []
+    return [batch["row_ids"].tolist() for batch in dm.train_dataloader()], held_out
+
+
+def test_the_global_seed_decides_the_data_order_unless_data_seed_is_given(tmp_path, monkeypatch):
+    # TRL's data_seed defaults to its seed, and a Lightning user's seed_everything seeds everything: a run seeded 1
+    # and one seeded 2 must not train on the same order, nor hold out the same rows.
+    one, two = (train_order(tmp_path, monkeypatch, seed, eval_fraction=0.25) for seed in (1, 2))
+    assert one[0] != two[0] and one[1] != two[1]
+    assert one == train_order(tmp_path, monkeypatch, 1, eval_fraction=0.25)  # and the same seed, the same order
+    # data.seed, where given, decides alone; seed_everything(7) without it is data.seed 7.
+    seven = train_order(tmp_path, monkeypatch, 1, seed=7)
+    assert seven == train_order(tmp_path, monkeypatch, 2, seed=7) == train_order(tmp_path, monkeypatch, 7)
+    # Neither given: a fixed order (the CLI's seed_everything default, 42), the same in every process.
+    assert train_order(tmp_path, monkeypatch, None) == train_order(tmp_path, monkeypatch, 42)
+
+
+def test_a_resume_under_another_global_seed_is_refused_not_reordered(tiny_llama, tmp_path, monkeypatch):
+    # The order of the epoch a checkpoint stopped in comes from the run's seed: resumed under another, the pairs
+    # it had left are not the ones it would train, so the resume stops and says which seed to give.
+    monkeypatch.delenv("PL_GLOBAL_SEED", raising=False)
+    every_4 = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=4, save_top_k=-1)
+    fit(tiny_llama, tmp_path / "first", 4, callbacks=[every_4])  # seed_everything(0)
+    L.seed_everything(5)
+    model, data = DPOModule(tiny_llama), data_module(24, eval_n=0)
+    with pytest.raises(ValueError, match="drawn from seed 0, this run's from seed 5.*--data.seed 0"):
+        quiet_trainer(tmp_path / "second", max_steps=10).fit(model, data,
+                                                              ckpt_path=tmp_path / "ckpt" / "epoch=0-step=4.ckpt")

@@ -33,7 +33,7 @@ from dpo_lightning.training.models import is_quantized, merged_full_precision
 from dpo_lightning.training.module import DPOModule
 from dpo_lightning.utils.atomic import atomic_path
 from dpo_lightning.utils.hf import base_causal_lm
-from dpo_lightning.utils.locate import is_hub_id
+from dpo_lightning.utils.locate import existing, is_hub_id
 from dpo_lightning.utils.tokenizers import load_tokenizer, tokenizer_source
 
 CARD_METRICS = ("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected",
@@ -187,7 +187,7 @@ def export_checkpoint(ckpt_path: str | os.PathLike, output_dir: str | os.PathLik
     checkpoint; the validation metrics from `ValidationSummary`'s state in the checkpoint, else from the
     `metrics.csv` of the CSV logger beside it; the data from the `config.yaml` LightningCLI saved there.
     """
-    ckpt_path = Path(ckpt_path)
+    ckpt_path = Path(existing(ckpt_path, "--ckpt_path", "checkpoint"))
     checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
     module = DPOModule.load_from_checkpoint(ckpt_path, map_location="cpu", weights_only=True)
     run_dir = ckpt_path.parent.parent  # <log_dir>/checkpoints/x.ckpt

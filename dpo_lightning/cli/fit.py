@@ -6,6 +6,7 @@ Lightning, seconds the tools and `--help` do without.
 """
 
 import difflib
+import os
 import re
 import sys
 import warnings
@@ -16,9 +17,14 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from dpo_lightning.data import PreferenceDataModule
 from dpo_lightning.training.module import DPOModule
+from dpo_lightning.utils.locate import existing, not_found
 
 # jsonargparse's messages for a key it does not know, on the command line and in a config file.
 UNKNOWN_KEY = re.compile(r"unrecognized arguments: --([^\s=]+)|does not accept option '([^']+)'")
+# ... and for a --config file that is not there.
+MISSING_CONFIG = re.compile(r"""Parser key "config":.*?File does not exist: '([^']+)'""", re.S)
+# The checkpoint names the Trainer resolves itself, rather than paths.
+TRAINER_CKPT_NAMES = ("best", "last", "hpc", "registry")
 
 
 class Parser(LightningArgumentParser):
@@ -27,9 +33,12 @@ class Parser(LightningArgumentParser):
 
     def error(self, message: str, ex: Exception | None = None) -> NoReturn:
         parser = getattr(ex, "subcommand_parser", None) or self  # a config file's key is checked by the main parser
-        found = UNKNOWN_KEY.search(message)
+        found, config = UNKNOWN_KEY.search(message), MISSING_CONFIG.search(message)
         if found and self.exit_on_error:  # (jsonargparse turns exit_on_error off to try a value against each type)
             sys.stderr.write(f"error: {unknown_key(found.group(1) or found.group(2), parser)}\n")
+            self.exit(2)
+        if config and self.exit_on_error:
+            sys.stderr.write(f"dpo-lightning: {not_found(os.path.relpath(config.group(1)), '--config', 'config')}\n")
             self.exit(2)
         super().error(message, ex)
 
@@ -66,6 +75,11 @@ class DPOLightningCLI(LightningCLI):
                 action._enable_path = False
 
     def _parse_ckpt_path(self) -> None:
+        # A checkpoint path that is not there fails now, in one line, not after the model has loaded.
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path is not None and not str(ckpt_path).startswith(TRAINER_CKPT_NAMES) and "://" not in str(ckpt_path):
+            self.config[subcommand].ckpt_path = existing(ckpt_path, "--ckpt_path", "checkpoint")
         # LightningCLI puts a checkpoint's hyperparameters over the command line's and the config's: `fit --ckpt_path
         # X --model.learning_rate 1e-5` would resume at the old rate, silently. A resumed fit trains with the run's
         # settings and says which changed (`training.checkpoints.reconcile_settings`); `validate` keeps Lightning's.

@@ -17,8 +17,9 @@ transformers (seconds on every call otherwise).
 import argparse
 import difflib
 import sys
+from pathlib import Path
 
-from dpo_lightning.utils.locate import NotFoundError
+from dpo_lightning.utils.locate import PACKAGE, NotFoundError
 
 USAGE = """usage: dpo-lightning SUBCOMMAND [options]
 
@@ -138,6 +139,18 @@ def main(argv: list[str] | None = None) -> None:
         run(argv)
     except NotFoundError as error:  # a path in a config or flag that is not there: the message is the whole answer
         sys.exit(f"dpo-lightning: {error}")
+    except ValueError as error:  # our own checks name the setting and the fix: their message is the whole answer
+        if not raised_by_us(error):
+            raise  # an unexpected error keeps its traceback
+        sys.exit(f"dpo-lightning: {error}")
+
+
+def raised_by_us(error: BaseException) -> bool:
+    """Whether `error` was raised by this package's code (the innermost frame of its traceback), not by a library."""
+    tb = error.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and Path(tb.tb_frame.f_code.co_filename).resolve().is_relative_to(PACKAGE)
 
 
 def run(argv: list[str]) -> None:

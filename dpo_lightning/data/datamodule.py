@@ -29,7 +29,7 @@ from dpo_lightning.data import files, formats, prompts, rows, rules, schemas, so
 from dpo_lightning.data.checks import check_arguments, check_drops, check_stream, keep_row
 from dpo_lightning.data.formats import PRESETS, detect_format
 from dpo_lightning.data.layouts import Layout, choose_layout
-from dpo_lightning.data.loaders import EvalSampler, ResumableLoader
+from dpo_lightning.data.loaders import EvalSampler, ResumableLoader, data_seed
 from dpo_lightning.data.prompts import PREPARED_PROMPTS, collate_prompts, prepare_prompts, prompt_format
 from dpo_lightning.data.rows import Reading, RowKind
 from dpo_lightning.data.schemas import warn_ignored
@@ -37,7 +37,7 @@ from dpo_lightning.data.rules import PREPARED, adds_bos, drop_error, prepare_row
 from dpo_lightning.data.sources import (STAGE_NAMES, DatasetSource, load_rows, resolve_transform,
                                         single_split)
 from dpo_lightning.data.summary import fingerprint, format_summary, render, summarize, truncation_warning
-from dpo_lightning.utils.locate import located_data
+from dpo_lightning.utils.locate import as_path, located_data
 from dpo_lightning.utils.tokenizers import load_tokenizer, tokenizer_source, with_pad_token
 
 # The code that turns rows into prepared rows: part of every map's cache name (`_map`).
@@ -81,7 +81,8 @@ class PreferenceDataModule(L.LightningDataModule):
         batch_size: preference pairs per batch and device; a batch holds 2 * batch_size sequences.
         eval_batch_size: pairs per validation batch. Default: `batch_size`.
         num_workers: DataLoader worker processes.
-        seed: seed of the `eval_fraction` split and of the streaming shuffle.
+        seed: seed of the training order, the `eval_fraction` split and the streaming shuffle. Default: the global
+            seed (`seed_everything`; TRL's `data_seed` defaults to its `seed` likewise), 42 where none is set.
         prefix_sharing: batch each pair as one `[prompt | chosen | rejected]` row (packing.py), so each
             prompt runs through the model once; needs a model that takes a custom 4D attention mask. "auto":
             on when the model being fit passes `packing.shared_layout_unsupported` (its outputs on the
@@ -124,7 +125,7 @@ class PreferenceDataModule(L.LightningDataModule):
         batch_size: int = 8,
         eval_batch_size: int | None = None,
         num_workers: int = 0,
-        seed: int = 42,
+        seed: int | None = None,
         prefix_sharing: bool | Literal["auto"] = "auto",
         packing: bool | Literal["auto"] = "auto",
         packing_max_tokens: int | None = None,
@@ -132,6 +133,7 @@ class PreferenceDataModule(L.LightningDataModule):
         transform: str | Callable[[dict], dict | None] | None = None,
     ):
         super().__init__()
+        dataset, eval_dataset, tokenizer = as_path(dataset), as_path(eval_dataset), as_path(tokenizer)  # a notebook's Path
         # A tokenizer name is kept with the hyperparameters (the export finds it there); an object is not.
         objects = ["transform"] + ([] if tokenizer is None or isinstance(tokenizer, str) else ["tokenizer"])
         self.save_hyperparameters(ignore=["dataset", "eval_dataset", *objects])
@@ -144,6 +146,7 @@ class PreferenceDataModule(L.LightningDataModule):
         self.dataset, self.eval_dataset, self.tokenizer, self.transform = dataset, eval_dataset, tokenizer, transform
         self.train_data: Dataset | IterableDataset | None = None
         self.val_data: Dataset | None = None
+        self.seed: int | None = None  # `data_seed`, at setup
         self.summary: dict[str, dict[str, Any]] = {}
         self._fingerprints: dict[str, str | None] = {}
         self.layout: Layout = self._choose_layout()[0]  # without a model to check: refined in `setup`
@@ -188,6 +191,7 @@ class PreferenceDataModule(L.LightningDataModule):
     def _build(self, report: bool = True, with_train: bool = True) -> tuple[Dataset | IterableDataset | None,
                                                                            Dataset | None]:
         hp = self.hparams
+        self.seed = data_seed(hp.seed)  # the global seed as set now: seed_everything runs before setup
         tokenizer = self._resolve_tokenizer()
         columns = {"prompt": hp.prompt_column, "chosen": hp.chosen_column, "rejected": hp.rejected_column}
         load = partial(load_rows, name=hp.dataset_config, data_dir=hp.data_dir, columns=columns,
@@ -212,7 +216,7 @@ class PreferenceDataModule(L.LightningDataModule):
                                  f"--data.dataset at a folder or hub dataset with a {hp.eval_split!r} split")
             val, val_reading = load(self.dataset, hp.eval_split, stage="val")
         elif hp.eval_fraction > 0:
-            parts = train.train_test_split(test_size=hp.eval_fraction, seed=hp.seed)
+            parts = train.train_test_split(test_size=hp.eval_fraction, seed=self.seed)
             train, val = parts["train"], parts["test"]
         elif report:  # Lightning's own hint would be "Total length of `list` across ranks is zero"
             rank_zero_warn("no validation data: this run logs no val/ metrics, keeps no checkpoint on a val "
@@ -306,9 +310,9 @@ class PreferenceDataModule(L.LightningDataModule):
                 collate: Callable[[list[dict]], dict] | None = None) -> DataLoader:
         kwargs = {"num_workers": self.hparams.num_workers, "collate_fn": collate or self.collate}
         if isinstance(data, IterableDataset):
-            return DataLoader(data.shuffle(seed=self.hparams.seed, buffer_size=10_000), batch_size=batch_size, **kwargs)
+            return DataLoader(data.shuffle(seed=self.seed, buffer_size=10_000), batch_size=batch_size, **kwargs)
         if shuffle and self.trainer is not None:
-            return ResumableLoader(data, batch_size, self.hparams.seed, self.trainer, **kwargs)
+            return ResumableLoader(data, batch_size, self.seed, self.trainer, **kwargs)
         return DataLoader(data, batch_size=batch_size, shuffle=shuffle, **kwargs)
 
     def collate(self, rows: list[dict]) -> dict[str, torch.Tensor]:

@@ -10,16 +10,30 @@ of the same permutation, as `DistributedSampler` does: the permutation is filled
 to a multiple of `world_size`, so when the last global batch would not fill every rank, the ranks short
 of pairs train again on the epoch's first ones (one process trains a smaller last batch instead).
 
+The seed is `data_seed`'s: `--data.seed`, else the global seed (`seed_everything`), as TRL's `data_seed` defaults
+to its `seed`. A checkpoint records it; resuming with another one is refused, since the order would differ.
+
 Validation must not repeat pairs: its metrics are exact means over the split. Lightning would wrap the
 val loader in a padding `DistributedSampler`; `EvalSampler` is one that does not pad, so ranks may get
 one pair (and one batch) more than others. That is safe for DDP in evaluation: its forward syncs buffers
 only on the first no-grad batch, and the metrics sync sums of fixed shape (training/metrics.py).
 """
 
+import os
+
 import lightning as L
 import torch
 from datasets import Dataset
 from torch.utils.data import DataLoader, DistributedSampler
+
+# The data order's seed where neither data.seed nor seed_everything gives one (the CLI's seed_everything default).
+FALLBACK_SEED = 42
+
+
+def data_seed(seed: int | None) -> int:
+    """The seed of the training order, the `eval_fraction` split and the stream shuffle: `seed` (data.seed), else
+    the global seed `seed_everything` set (Lightning's PL_GLOBAL_SEED, which it hands to every DDP rank), else 42."""
+    return seed if seed is not None else int(os.environ.get("PL_GLOBAL_SEED", FALLBACK_SEED))
 
 
 class EpochSampler(DistributedSampler):
@@ -66,12 +80,16 @@ class ResumableLoader(DataLoader):
     def state_dict(self) -> dict[str, int]:
         batches = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
         return {"epoch": self.trainer.current_epoch, "batches_done": batches,
-                "pairs_done": batches * self.batch_size * self.trainer.world_size}
+                "pairs_done": batches * self.batch_size * self.trainer.world_size, "seed": self.sampler.seed}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         # Checkpoints from before `pairs_done` were resumed on their own number of ranks.
         pairs = state.get("pairs_done", state["batches_done"] * self.batch_size * self.trainer.world_size)
         per_batch = self.batch_size * self.trainer.world_size
+        if state.get("seed", self.sampler.seed) != self.sampler.seed:  # checkpoints before the seed was saved: as given
+            raise ValueError(f"the checkpoint's data order was drawn from seed {state['seed']}, this run's from seed "
+                             f"{self.sampler.seed} (data.seed, else seed_everything): resume with --data.seed "
+                             f"{state['seed']} (or --seed_everything {state['seed']}) to train on the pairs it had left")
         if pairs % per_batch:
             raise ValueError(f"the checkpoint stopped {pairs} pairs into epoch {state['epoch']}, not a whole number "
                              f"of this run's global batches ({self.batch_size} pairs x {self.trainer.world_size} "

@@ -26,84 +26,10 @@ from typing import Any
 
 import yaml
 
-from dpo_lightning.utils.locate import PACKAGE
-
-# TRL name -> our "section.key", the value unchanged.
-RENAMES = {
-    # DPOConfig (1.x and 0.2x), and the `trl dpo` script's ModelConfig / ScriptArguments
-    "beta": "model.beta", "loss_weights": "model.loss_weights", "label_smoothing": "model.label_smoothing",
-    "rpo_alpha": "model.rpo_alpha", "reference_free": "model.reference_free",
-    "router_aux_loss_coef": "model.router_aux_loss_coef",
-    "f_divergence_type": "model.f_divergence_type", "f_alpha_divergence_coef": "model.f_alpha_divergence_coef",
-    "discopop_tau": "model.discopop_tau", "disable_dropout": "model.disable_dropout",
-    "precompute_ref_log_probs": "model.precompute_ref_log_probs",
-    "precompute_ref_batch_size": "model.precompute_ref_batch_size", "model_name_or_path": "model.model_name_or_path",
-    "ref_model_name_or_path": "model.ref_model_name_or_path", "trust_remote_code": "model.trust_remote_code",
-    "torch_dtype": "model.torch_dtype", "dtype": "model.torch_dtype",
-    "max_length": "data.max_length", "max_prompt_length": "data.max_prompt_length",
-    "truncation_mode": "data.truncation_mode", "dataset_name": "data.dataset", "dataset_config": "data.dataset_config",
-    "dataset_train_split": "data.split", "dataset_test_split": "data.eval_split",
-    # TrainingArguments
-    "learning_rate": "model.learning_rate", "weight_decay": "model.weight_decay",
-    "gradient_checkpointing": "model.gradient_checkpointing",
-    "per_device_train_batch_size": "data.batch_size", "per_device_eval_batch_size": "data.eval_batch_size",
-    "dataloader_num_workers": "data.num_workers",
-    "gradient_accumulation_steps": "trainer.accumulate_grad_batches", "logging_steps": "trainer.log_every_n_steps",
-    "max_grad_norm": "trainer.gradient_clip_val", "output_dir": "trainer.default_root_dir", "seed": "seed_everything",
-}
-# Values that need no key because they are what we do anyway.
-SAME_AS_OURS = {"adam_beta1": 0.9, "adam_beta2": 0.999, "adam_epsilon": 1e-8, "label_pad_token_id": -100,
-                "is_encoder_decoder": False, "sync_ref_model": False, "use_weighting": False, "padding_free": False,
-                "ld_alpha": None, "tf32": None, "gradient_checkpointing_kwargs": None, "lr_scheduler_kwargs": None,
-                "save_total_limit": None, "load_best_model_at_end": False, "use_liger_kernel": False,
-                "torch_compile": False, "deepspeed": None, "fsdp": None, "neftune_noise_alpha": None,
-                "label_smoothing_factor": 0.0, "use_peft": False, "tools": None, "model_adapter_name": None,
-                "ref_adapter_name": None, "force_use_ref_model": False, "model_init_kwargs": None,
-                "ref_model_init_kwargs": None, "precompute_ref_log_probs": False, "precompute_ref_batch_size": None,
-                "push_to_hub": False, "hub_model_id": None, "hub_strategy": "every_save", "hub_private_repo": None,
-                "hub_always_push": False, "hub_revision": None}
-# Known TRL names with no equivalent here, and why.
-NO_EQUIVALENT = {
-    "max_target_length": "TRL 0.2x, encoder-decoder models only; dpo_lightning trains causal LMs",
-    "max_completion_length": "responses are cut to max_length minus the prompt (data/rules.py rule 3), not to their own limit",
-    "sync_ref_model": "TR-DPO reference syncing is not implemented",
-    "ref_model_mixup_alpha": "TR-DPO reference syncing is not implemented",
-    "ref_model_sync_steps": "TR-DPO reference syncing is not implemented",
-    "use_weighting": "WPO weighting is not implemented", "ld_alpha": "LD-DPO is not implemented",
-    "padding_free": "set data.prefix_sharing and data.packing true: no padding inside rows, each prompt run once",
-    "tools": "set data.chat_template_kwargs: {tools: [...]} for every row (a tools column sets them per row)",
-    "is_encoder_decoder": "encoder-decoder models are not supported",
-    "save_total_limit": "Lightning keeps top-k checkpoints only by a monitored metric; set a ModelCheckpoint",
-    "load_best_model_at_end": "add a ModelCheckpoint(monitor=...) and load its best_model_path",
-    "metric_for_best_model": "add a ModelCheckpoint(monitor=...)",
-    "data_seed": "seed_everything seeds the data order; data.seed is only the eval_fraction split",
-    "tf32": "call torch.set_float32_matmul_precision('high') instead",
-    "push_to_hub": "a run does not push: upload the exported hf_model folder with huggingface_hub.upload_folder",
-    **{key: "see push_to_hub" for key in ("hub_model_id", "hub_strategy", "hub_private_repo", "hub_always_push",
-                                          "hub_revision", "hub_token")},
-}
-# TRL's defaults of the options only some losses take (f_alpha_divergence_coef: 1.0 in 0.2x, 0.5 in 1.x). Such an
-# option, where the chosen loss does not take it, is TRL's default it ignores (same as ours), or a setting that
-# loss cannot honour here (not carried over): never a key that fit would refuse as set for a loss that ignores it.
-TRL_LOSS_DEFAULTS = {"label_smoothing": (0.0,), "f_divergence_type": ("reverse_kl",),
-                     "f_alpha_divergence_coef": (1.0, 0.5), "discopop_tau": (0.05,)}
-# Keys that configure what our data module, Lightning or the export do on their own.
-NOT_NEEDED = {"remove_unused_columns": "the data module keeps only the columns it uses",
-              "do_train": "the subcommand (fit) says it", "do_eval": "eval_strategy says it",
-              "overwrite_output_dir": "each run writes a new version_N", "logging_strategy": "logging_steps says it",
-              "disable_tqdm": "cosmetic: use trainer.enable_progress_bar", "logging_first_step": "cosmetic"}
-# What transformers does when these are absent, where it differs from ours.
-TRL_DEFAULTS = {"lr_scheduler_type": "linear", "max_grad_norm": 1.0, "num_train_epochs": 3.0, "eval_strategy": "no"}
-SCHEDULERS = {"linear": "linear", "cosine": "cosine", "constant": "constant", "constant_with_warmup": "constant"}
-# transformers' `optim` names; the 8-bit ones are bitsandbytes' classes, as transformers uses them (paged
-# AdamW falls back to unpaged on CPU, with bitsandbytes' warning).
-OPTIMIZERS = {"adamw_torch": "adamw", "adamw_torch_fused": "adamw", "adamw_hf": "adamw", "adamw": "adamw",
-              "rmsprop": "rmsprop", "adamw_8bit": {"class_path": "bitsandbytes.optim.AdamW8bit"},
-              "adamw_bnb_8bit": {"class_path": "bitsandbytes.optim.AdamW8bit"},
-              "paged_adamw_8bit": {"class_path": "bitsandbytes.optim.PagedAdamW8bit"},
-              "paged_adamw_32bit": {"class_path": "bitsandbytes.optim.PagedAdamW32bit"}}
-LOGGERS = {"tensorboard": "lightning.pytorch.loggers.TensorBoardLogger", "wandb": "lightning.pytorch.loggers.WandbLogger",
-           "mlflow": "lightning.pytorch.loggers.MLFlowLogger"}
+from dpo_lightning.tools.trl_names import (LOGGERS, LORA_DEFAULTS, LOSS_RENAMES, NO_EQUIVALENT, NOT_NEEDED,
+                                           OPTIMIZERS, RENAMES, SAME_AS_OURS, SCHEDULERS, TRL_DEFAULTS,
+                                           TRL_LOSS_DEFAULTS)
+from dpo_lightning.utils.locate import PACKAGE, existing
 
 
 @dataclass
@@ -149,14 +75,13 @@ class Migration:
 def from_trl(args: dict[str, Any] | str | Path) -> Migration:
     """Convert TRL arguments (a dict, or a .json/.yaml file of them) to our config; see the module docstring."""
     if not isinstance(args, dict):
-        text = Path(args).read_text()
+        text = Path(existing(args, "from-trl's ARGS_FILE", "trl")).read_text()
         args = json.loads(text) if str(args).endswith(".json") else yaml.safe_load(text)
     args = {("eval_strategy" if k == "evaluation_strategy" else k): v for k, v in args.items()}  # the 0.2x name
     m = Migration()
-    for key, value in TRL_DEFAULTS.items():
-        if key not in args and not (key == "num_train_epochs" and (args.get("max_steps") or -1) > 0):
-            args[key] = value
-            m.defaulted.add(key)
+    for key, value in trl_defaults(args).items():
+        args[key] = value
+        m.defaulted.add(key)
     if "dataset_name" in args and "dataset_test_split" not in args and args["eval_strategy"] != "no":
         args["dataset_test_split"] = "test"  # the `trl dpo` script's default
         m.defaulted.add("dataset_test_split")
@@ -181,6 +106,18 @@ def from_trl(args: dict[str, Any] | str | Path) -> Migration:
     return m
 
 
+def trl_defaults(args: dict[str, Any]) -> dict[str, Any]:
+    """The values TRL gives the keys absent from `args` where they differ from ours (written out, and listed)."""
+    absent = {**TRL_DEFAULTS, **(LORA_DEFAULTS if args.get("use_peft") else {})}
+    if (args.get("max_steps") or -1) > 0:
+        del absent["num_train_epochs"]  # max_steps decides, as in transformers
+    if not args.get("fp16"):
+        absent["bf16"] = True  # TRL's base config: bf16 unless fp16 is set
+    if args.get("per_device_train_batch_size", 8) != 8:
+        absent["per_device_eval_batch_size"] = 8  # ours follows the train batch size
+    return {key: value for key, value in absent.items() if key not in args}
+
+
 def _special(args: dict[str, Any], m: Migration) -> set[str]:
     """The keys whose conversion depends on others or changes units; returns the keys it consumed."""
     max_steps = args.get("max_steps") or -1
@@ -189,13 +126,20 @@ def _special(args: dict[str, Any], m: Migration) -> set[str]:
     _evaluation(args, m, args.get("gradient_accumulation_steps") or 1, max_steps)
     _lora(args, m)
     if "loss_type" in args:
-        losses = [args["loss_type"]] if isinstance(args["loss_type"], str) else list(args["loss_type"])
-        ours = loss_names()
+        losses, ours = our_losses(args["loss_type"]), loss_names()
         unknown = [name for name in losses if name not in ours]
         if unknown:
             m.not_carried.append(("loss_type", args["loss_type"], f"{unknown} not among ours: {sorted(ours)}"))
         else:
-            m.set("model.loss_type", args["loss_type"], "loss_type", args["loss_type"])
+            renamed = [name for name in losses if name not in _listed(args["loss_type"])]
+            value = losses[0] if isinstance(args["loss_type"], str) else losses
+            note = f"{renamed} by our names" if renamed else ""
+            m.set("model.loss_type", value, "loss_type", args["loss_type"], note)
+    if args.get("logging_steps") is not None:
+        steps = _steps(args, m, "logging_steps", max_steps)
+        if steps:
+            note = f"a share of max_steps {max_steps}, rounded up" if args["logging_steps"] < 1 else ""
+            m.set("trainer.log_every_n_steps", steps, "logging_steps", args["logging_steps"], note)
     if max_steps > 0:
         m.set("trainer.max_steps", max_steps, "max_steps", max_steps)
         if "num_train_epochs" in args:
@@ -209,16 +153,40 @@ def _special(args: dict[str, Any], m: Migration) -> set[str]:
         else:
             m.not_carried.append(("num_train_epochs", epochs, "a fraction of an epoch: give max_steps instead"))
     return {"optim", "lr_scheduler_type", "bf16", "fp16", "eval_strategy", "eval_steps", "num_train_epochs",
-            "max_steps", "warmup_steps", "warmup_ratio", "loss_type", "generate_during_eval", "report_to", "run_name",
+            "logging_steps", "max_steps", "warmup_steps", "warmup_ratio", "loss_type", "generate_during_eval", "report_to", "run_name",
             "logging_dir", "use_peft", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules",
             "save_strategy", "save_steps"}
+
+
+def our_losses(loss_type: str | list[str]) -> list[str]:
+    """TRL's `loss_type` (a name or a list of names) as a list of our names (`LOSS_RENAMES`)."""
+    return [LOSS_RENAMES.get(name, name) for name in _listed(loss_type)]
+
+
+def _listed(loss_type: str | list[str]) -> list[str]:
+    return [loss_type] if isinstance(loss_type, str) else list(loss_type)
+
+
+def absolute_steps(steps: float, max_steps: int) -> int | None:
+    """transformers' step counts: a value below 1 is a share of max_steps, rounded up (`TrainerState.compute_steps`);
+    None where max_steps is not known (a run by epochs, whose length transformers takes from the data)."""
+    if steps >= 1:
+        return int(steps)
+    return math.ceil(steps * max_steps) if max_steps > 0 else None
+
+
+def _steps(args: dict[str, Any], m: Migration, key: str, max_steps: int) -> int | None:
+    """`args[key]` in steps, or None with the key listed as not carried over."""
+    steps = absolute_steps(args[key], max_steps)
+    if steps is None:
+        m.not_carried.append((key, args[key], "a share of the training steps needs max_steps: give it in steps"))
+    return steps
 
 
 def _loss_options(args: dict[str, Any], m: Migration) -> set[str]:
     """The options only some losses take that the chosen losses do not (`TRL_LOSS_DEFAULTS`); the keys consumed."""
     taken = loss_options()
-    losses = args.get("loss_type", "sigmoid")
-    losses = [losses] if isinstance(losses, str) else list(losses)
+    losses = our_losses(args.get("loss_type", "sigmoid"))
     losses = losses if set(losses) <= set(taken) else ["sigmoid"]  # loss_type not carried: ours, the default
     ignored = {key for key in TRL_LOSS_DEFAULTS if key in args and not any(key in taken[name] for name in losses)}
     for key in sorted(ignored):
@@ -277,13 +245,16 @@ def _evaluation(args: dict[str, Any], m: Migration, accumulate: int, max_steps: 
     elif strategy == "epoch":
         m.set("trainer.check_val_every_n_epoch", 1, "eval_strategy", strategy)
     elif strategy == "steps":
-        steps = args.get("eval_steps") or args.get("logging_steps") or 500  # transformers' fallbacks
-        if steps < 1 and max_steps > 0:
-            steps = math.ceil(steps * max_steps)  # a float below 1 is a share of the training steps
-        # eval_steps counts optimizer steps; val_check_interval counts batches, and must count across epochs.
-        note = f"{steps} steps x {accumulate} batches each" if accumulate > 1 else ""
-        m.set("trainer.val_check_interval", int(steps) * accumulate, "eval_steps", args.get("eval_steps"), note)
-        m.set("trainer.check_val_every_n_epoch", None, "eval_strategy", strategy)
+        key = "eval_steps" if args.get("eval_steps") else "logging_steps"  # transformers' fallback
+        steps = absolute_steps(args.get(key) or 500, max_steps)
+        if steps is None:
+            m.not_carried.append((key, args[key], "a share of the training steps needs max_steps: give eval_steps "
+                                                  "in steps (validation runs once per epoch)"))
+        else:
+            # eval_steps counts optimizer steps; val_check_interval counts batches, and must count across epochs.
+            note = f"{steps} steps x {accumulate} batches each" if accumulate > 1 else ""
+            m.set("trainer.val_check_interval", steps * accumulate, "eval_steps", args.get("eval_steps"), note)
+            m.set("trainer.check_val_every_n_epoch", None, "eval_strategy", strategy)
     else:
         m.not_carried.append(("eval_strategy", strategy, "one of no, steps, epoch"))
     if "eval_steps" in args and strategy != "steps":
@@ -297,7 +268,7 @@ def _lora(args: dict[str, Any], m: Migration) -> None:
             m.same.append(("use_peft", args["use_peft"], "full fine-tuning"))
         m.same.extend((k, args[k], "unused: use_peft is not set") for k in keys)
         return
-    m.set("model.lora_r", args.get("lora_r", 16), "use_peft", True, "TRL's default r 16 unless lora_r is given")
+    m.mapped.append(("use_peft", True, "LoRA: model.lora_r, lora_alpha, lora_dropout"))
     for key in keys:
         value, note = args[key], ""
         if key == "lora_dropout" and value and args.get("disable_dropout", True):
@@ -359,10 +330,13 @@ def _add_callbacks_and_logger(args: dict[str, Any], m: Migration) -> None:
     elif "generate_during_eval" in args:
         m.same.append(("generate_during_eval", args["generate_during_eval"], "no GenerateSamples callback"))
     save = args.get("save_strategy", "steps" if "save_steps" in args else None)  # transformers' default: steps
+    steps = None
     if save == "steps" and args.get("save_steps"):
+        steps = _steps(args, m, "save_steps", args.get("max_steps") or -1)
+    if steps:
         callbacks.append({"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                          "init_args": {"every_n_train_steps": args["save_steps"], "save_top_k": -1}})
-        m.mapped.append(("save_steps", args["save_steps"], "trainer.callbacks: ModelCheckpoint"))
+                          "init_args": {"every_n_train_steps": steps, "save_top_k": -1}})
+        m.mapped.append(("save_steps", args["save_steps"], f"trainer.callbacks: ModelCheckpoint every {steps} steps"))
     elif save == "epoch":
         callbacks.append({"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
                           "init_args": {"every_n_epochs": 1, "save_top_k": -1}})

@@ -21,6 +21,7 @@ import os
 from pathlib import Path
 
 from dpo_lightning.utils.atomic import atomic_path
+from dpo_lightning.utils.locate import NotFoundError, existing
 
 # One panel per entry: its title, the metrics drawn in it without the train/ or val/ prefix, and its y range
 # (None: autoscaled; a None bound is matplotlib's choice). The run's headline comes first when the log has it: the
@@ -47,14 +48,14 @@ OPTIONAL_PANELS = (("online: scores of the sampled pairs", ("objective/scores_ch
 def find_metrics_csv(path: str | os.PathLike) -> Path:
     """`path` itself if a file, else its `metrics.csv`, else the newest `metrics.csv` below it of a run that
     trained (a `validate` run logs validation alone), else the newest one."""
-    path = Path(path)
+    path = Path(existing(path, "plot's LOG_DIR", "log"))
     if path.is_file():
         return path
     if (path / "metrics.csv").is_file():
         return path / "metrics.csv"
     found = sorted(path.rglob("metrics.csv"), key=lambda p: p.stat().st_mtime)
     if not found:
-        raise FileNotFoundError(f"no metrics.csv in {path}: plot reads the CSVLogger's log (the default logger)")
+        raise NotFoundError(f"no metrics.csv in {path}: plot reads the CSVLogger's log (the default logger)")
     trained = [p for p in found if any(name.startswith("train/") for name in read_metrics(p))]
     return (trained or found)[-1]
 

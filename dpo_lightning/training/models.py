@@ -36,9 +36,11 @@ POLICY_ADAPTER = "default"  # peft's name for the adapter a model is wrapped wit
 REFERENCE_ADAPTER = "reference"
 
 
-def load_causal_lm(name_or_path: str, torch_dtype: str | None, trust_remote_code: bool) -> PreTrainedModel:
+def load_causal_lm(name_or_path: str, torch_dtype: str | None, trust_remote_code: bool,
+                   setting: str = "--model.model_name_or_path") -> PreTrainedModel:
+    """A causal LM from a folder, the shipped assets or a hub id; a path not there fails naming `setting`."""
     dtype = DTYPES.get(torch_dtype, torch_dtype)  # "auto" and None pass through to transformers
-    name_or_path = model_source(name_or_path)  # a folder, the shipped assets or a hub id; else our message
+    name_or_path = model_source(name_or_path, setting)
     return AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, trust_remote_code=trust_remote_code)
 
 
@@ -85,7 +87,8 @@ def is_adapter_folder(path: str) -> bool:
 
 def load_adapter_policy(path: str, torch_dtype: str | None, trust_remote_code: bool) -> PeftModel:
     """The base model named in the adapter's config, with the adapter loaded trainable."""
-    base = load_causal_lm(PeftConfig.from_pretrained(path).base_model_name_or_path, torch_dtype, trust_remote_code)
+    base = load_causal_lm(PeftConfig.from_pretrained(path).base_model_name_or_path, torch_dtype, trust_remote_code,
+                          f"the adapter's base model (base_model_name_or_path in {path}/adapter_config.json)")
     return PeftModel.from_pretrained(base, path, is_trainable=True)
 
 
@@ -230,7 +233,7 @@ def build_models(source: str | nn.Module, ref_source: str | nn.Module | None, ne
     if needs_reference and isinstance(ref_source, nn.Module):
         reference = ref_source  # as given, also with precomputation: nothing could load it again
     elif needs_reference and ref_source is not None and not later:
-        reference = load_causal_lm(ref_source, hp.torch_dtype, hp.trust_remote_code)
+        reference = load_causal_lm(ref_source, hp.torch_dtype, hp.trust_remote_code, "--model.ref_model_name_or_path")
     elif needs_reference and pretrained_adapter and ref_source is None:
         reference_adapter = add_reference_adapter(policy)
     elif needs_reference and adapter is None and not later:

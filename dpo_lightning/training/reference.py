@@ -209,7 +209,8 @@ class Reference(nn.Module):
                              "longer holds its starting weights, which were passed as a model object, not a path: "
                              "give --model.ref_model_name_or_path (the starting weights' path), or restore the "
                              f"cache files in {self.cache_dir}")
-        return load_causal_lm(source, self.torch_dtype, self.trust_remote_code).requires_grad_(False)
+        setting = "--model.ref_model_name_or_path" if self.ref_source else "--model.model_name_or_path"
+        return load_causal_lm(source, self.torch_dtype, self.trust_remote_code, setting).requires_grad_(False)
 
     def _fingerprint(self, policy: nn.Module) -> str:
         """Its weight files and dtype, the weights it is computed from, or the starting weights reloaded."""

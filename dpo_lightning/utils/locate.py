@@ -14,6 +14,10 @@ runs from any directory and a typo fails at once:
    directory Y)", the closest name in its folder, and what to pass instead. No hub call: the hub client
    would retry for a minute, then say "Couldn't reach" or "Repo id must use alphanumeric chars".
 4. Anything else is a Hugging Face hub id (`name` or `org/name`).
+
+What can only be a local file (a checkpoint, a run's log, a config, from-trl's arguments) is `existing`: rule 3's
+message whatever the name looks like. A `pathlib.Path` (from a notebook) is a path wherever a name or path is taken:
+`as_path` makes it the string the rules read, at each class's front door.
 """
 
 import difflib
@@ -37,6 +41,14 @@ INSTEAD = {
             "'dpo_lightning/assets/sort-tiny/train.jsonl' for the quickstart's shipped data",
     "reward": "a reward model's existing folder (absolute, or relative to the working directory), or the import path "
               "of a function, 'package.module.function'",
+    "checkpoint": "an existing .ckpt file a run wrote (absolute, or relative to the working directory), e.g. "
+                  "runs/NAME/version_N/checkpoints/last.ckpt; `ls runs/*/version_*/checkpoints` lists them",
+    "log": "a run's existing log folder or its metrics.csv (absolute, or relative to the working directory), e.g. "
+           "runs/NAME/version_N or runs/NAME (its newest run)",
+    "config": "an existing YAML file (absolute, or relative to the working directory), e.g. the repository's "
+              "configs/quickstart.yaml from its root",
+    "trl": "an existing .json or .yaml file of TRL arguments (absolute, or relative to the working directory), e.g. "
+           "the output of DPOConfig.to_json_string() or a `trl dpo` recipe",
 }
 
 
@@ -74,8 +86,46 @@ def located(name: str, what: str, kind: str = "model") -> str:
     path = local(name)
     if _exists(path) or (is_hub_id(path) and not glob.has_magic(path)):
         return path
-    raise NotFoundError(f"not found: {name} (working directory {os.getcwd()}){_closest(path)}. For {what}, pass "
-                        f"{INSTEAD[kind]}")
+    raise not_found(name, what, kind)
+
+
+def existing(name: str | os.PathLike, what: str, kind: str) -> str:
+    """`name` (`~` expanded; a glob: its one match) where it is a local file or folder; rule 3's error where not,
+    whatever it looks like: a checkpoint, a log or a config is never a hub id.
+
+    Args:
+        name: as given on the command line or in a call.
+        what: the flag or argument that named it ("--ckpt_path").
+        kind: a key of `INSTEAD`, what to pass instead.
+    """
+    path = os.path.expanduser(os.fspath(name))
+    if not glob.has_magic(path):
+        if os.path.exists(path):
+            return path
+        raise not_found(str(name), what, kind)
+    matches = sorted(glob.glob(path))
+    if len(matches) > 1:
+        raise ValueError(f"{what} {name} matches {len(matches)} files ({', '.join(matches[:4])}"
+                         f"{', ...' if len(matches) > 4 else ''}): name one")
+    if not matches:
+        raise not_found(str(name), what, kind)
+    return matches[0]
+
+
+def not_found(name: str, what: str, kind: str) -> "NotFoundError":
+    """Rule 3's error: "not found: X (working directory Y)", the closest name in its folder, what to pass instead."""
+    return NotFoundError(f"not found: {name} (working directory {os.getcwd()}).{_closest(local(name))} For {what}, "
+                         f"pass {INSTEAD[kind]}")
+
+
+def as_path(value):
+    """A `pathlib.Path` (any `os.PathLike`), or a list of them, as the string(s) a config would hold; any other value
+    (a name, a model, rows) as given."""
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, list) and value and all(isinstance(item, os.PathLike) for item in value):
+        return [os.fspath(item) for item in value]
+    return value
 
 
 def located_data(source, what: str):
@@ -99,9 +149,9 @@ class NotFoundError(FileNotFoundError):
     """A path named in a config that is not there (rule 3); the command line prints its message alone."""
 
 
-def model_source(name_or_path: str, what: str = "model") -> str:
-    """The folder or hub id to load a model or tokenizer (`what`) from: `located`."""
-    return located(name_or_path, f"the {what}")
+def model_source(name_or_path: str | os.PathLike, what: str = "the model") -> str:
+    """The folder or hub id to load a model or tokenizer from: `located`; `what` names the setting for the message."""
+    return located(os.fspath(name_or_path), what)
 
 
 def _exists(path: str) -> bool:
@@ -109,9 +159,9 @@ def _exists(path: str) -> bool:
 
 
 def _closest(path: str) -> str:
-    """", did you mean X?" for the name in the path's folder closest to its own, when there is one."""
+    """" Did you mean X?" for the name in the path's folder closest to its own, when there is one."""
     folder, name = os.path.split(path)
     if glob.has_magic(path) or not os.path.isdir(folder or "."):
         return ""
     match = difflib.get_close_matches(name, os.listdir(folder or "."), n=1)
-    return f"; did you mean {os.path.join(folder, match[0])}?" if match else ""
+    return f" Did you mean {os.path.join(folder, match[0])}?" if match else ""

@@ -20,9 +20,10 @@ def with_pad_token(tokenizer: PreTrainedTokenizerBase, need_eos: bool = True) ->
     return tokenizer
 
 
-def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
+def load_tokenizer(name_or_path: str | os.PathLike) -> PreTrainedTokenizerBase:
     """A tokenizer by name or path (no remote code), through `with_pad_token`."""
-    return with_pad_token(AutoTokenizer.from_pretrained(model_source(name_or_path, "tokenizer"), trust_remote_code=False))
+    source = model_source(name_or_path, "the tokenizer")
+    return with_pad_token(AutoTokenizer.from_pretrained(source, trust_remote_code=False))
 
 
 def tokenizer_source(tokenizer: str | None, model_name_or_path: str | None) -> str:
