@@ -246,6 +246,19 @@ def test_truncation_shows_as_trained_lengths_and_a_large_share_cut_warns_at_setu
     assert ("warning: 1 of 3 train rows (33%) are cut" in dm.inspect(n_rows=0)) == bool(cut)  # inspect-data too
 
 
+def test_online_prompts_mostly_cut_warn_at_setup_as_pairs_do():
+    # The same rule for prompts online DPO trains on: 2 of 3 prompts longer than max_prompt_length 8 are cut before
+    # the policy completes them; 1 of 3 (the third) is not. Before: prompts never warned, whatever the share cut.
+    prompts = {"prompt": ["a" * 12, "b" * 10, "c"]}
+    dm = PreferenceDataModule(dataset=prompts, tokenizer=ascii_tokenizer(), max_length=16, max_prompt_length=8)
+    dm.train_kind = "prompts"  # as an online DPOModule tells it at setup, and inspect-data from the config
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        dm.setup("fit")
+    cut = [str(w.message) for w in caught if "are cut to --data.max_prompt_length" in str(w.message)]
+    assert len(cut) == 1 and cut[0].startswith("2 of 3 train prompts (67%) are cut"), cut
+
+
 def test_max_drop_fraction_fails_fast():
     data = {"prompt": ["p", "q"], "chosen": [" a", " same"], "rejected": [" b", " same"]}
     dm = PreferenceDataModule(dataset=data, tokenizer=ascii_tokenizer(), max_drop_fraction=0.25)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import huggingface_hub
 import pytest
+import torch
 from conftest import ascii_tokenizer
 
 from dpo_lightning import DPOModule, PreferenceDataModule
@@ -147,6 +148,15 @@ def test_pathlib_paths_from_a_notebook_are_paths_for_data_and_tokenizer(no_hub, 
     assert data.hparams.tokenizer == str(SHIPPED)  # kept as a name, as a string tokenizer is (the export finds it)
     with pytest.raises(FileNotFoundError, match=r"^not found: data/mytrain\.jsonl \(working directory"):
         PreferenceDataModule(dataset=Path("data/mytrain.jsonl"), tokenizer=ascii_tokenizer())
+
+
+def test_pathlib_paths_from_a_notebook_are_paths_for_the_model_and_its_reference(no_hub, tiny_llama, other_llama):
+    model = DPOModule(Path(tiny_llama), ref_model_name_or_path=Path(other_llama))
+    assert isinstance(model.policy, torch.nn.Module) and isinstance(model.reference, torch.nn.Module)
+    assert (model.hparams.model_name_or_path, model.hparams.ref_model_name_or_path) == (tiny_llama, other_llama)
+    missing = Path(tiny_llama).parent / "no-such-model"
+    with pytest.raises(FileNotFoundError, match=rf"^not found: {missing} \(working directory"):
+        DPOModule(missing)
 
 
 QUICKSTART = str(ROOT / "configs" / "quickstart.yaml")

@@ -64,12 +64,16 @@ def _profile(lengths: np.ndarray) -> list[int]:
 
 
 def truncation_warning(summary: dict[str, Any], label: str) -> str | None:
-    """The warning for a split of pairs whose rows rule 3 cuts in a large share (`TRUNCATION_WARNING`), else None
-    (online prompts are cut to max_prompt_length before sampling, and counted)."""
+    """The warning for a split whose rows rule 3 cuts in a large share (`TRUNCATION_WARNING`), else None: pairs cut
+    to max_length, or online prompts cut to max_prompt_length before the policy completes them."""
     cut, kept = summary["truncated"], summary["kept"]
-    if not kept or cut <= TRUNCATION_WARNING * kept or summary.get("prompts"):
+    if not kept or cut <= TRUNCATION_WARNING * kept:
         return None
     p50, _, top = summary["length_p50_p95_max"]
+    if summary.get("prompts"):
+        return (f"{cut} of {kept} {label} prompts ({cut / kept:.0%}) are cut to --data.max_prompt_length before the "
+                f"policy completes them (rule 3); as read, the median prompt has {p50} tokens and the longest {top}. "
+                "Raise --data.max_prompt_length (and --data.max_length) if the cut tokens matter")
     return (f"{cut} of {kept} {label} rows ({cut / kept:.0%}) are cut to max_length {summary['max_length']} "
             f"(rule 3: the prompt to max_prompt_length first, then the responses lose their ends); as read, the "
             f"median pair has {p50} tokens and the longest {top}. Raise --data.max_length (and "

@@ -89,7 +89,7 @@ class OnlineConfig:
         top_k: sample among the k likeliest tokens only; 0 for no limit.
         missing_eos_penalty: subtracted from the score of a completion cut at `max_new_tokens`.
         ref_model_sync_steps: copy the policy into the reference every N optimizer steps (iterative DPO).
-        seed: the sampling seed's base. Default: the run's `seed_everything` seed, else 0.
+        seed: the sampling seed's base. Default: the run's `seed_everything` seed, else 42 (as the data order's).
     """
 
     reward_funcs: str | list[str]

@@ -41,7 +41,6 @@ the last log spent sampling, scoring and pairing); over the pairs, so not where 
 
 import functools
 import hashlib
-import os
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -53,6 +52,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
+from dpo_lightning.data.loaders import data_seed
 from dpo_lightning.online.config import OnlineConfig
 from dpo_lightning.online.rewards import RewardError, Rewards
 from dpo_lightning.utils.generation import (complete, generation_config, sampling, sharded, split_completion,
@@ -269,4 +269,4 @@ class Online(L.Callback):
         self._step_pairs += total
 
     def _seed(self) -> int:
-        return self.config.seed if self.config.seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
+        return data_seed(self.config.seed)  # the data's rule: the run's seed unless one is given

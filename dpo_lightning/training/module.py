@@ -43,6 +43,7 @@ from dpo_lightning.training.reference import Reference
 from dpo_lightning.training.scorer import Scorer
 from dpo_lightning.training.throughput import Throughput
 from dpo_lightning.utils.hf import base_causal_lm, decoder
+from dpo_lightning.utils.locate import as_path
 from dpo_lightning.utils.steps import ends_optimizer_step, logs_after
 
 LossType = Literal[tuple(LOSSES)]
@@ -181,6 +182,7 @@ class DPOModule(L.LightningModule):
         online: OnlineConfig | None = None,
     ):
         super().__init__()
+        model_name_or_path, ref_model_name_or_path = as_path(model_name_or_path), as_path(ref_model_name_or_path)
         settings = OnlineConfig.of(online) if online is not None else None  # checked (a dict from Python alike)
         online = OnlineConfig.plain(settings)  # plain data in checkpoints: a function as its import path
         loss_types = [loss_type] if isinstance(loss_type, str) else list(loss_type)
