@@ -79,13 +79,13 @@ def test_shipped_assets_resolve_from_any_directory(tmp_path, monkeypatch):
     assert model_source("gpt2") == "gpt2" and model_source("org/some-model") == "org/some-model"  # hub ids
 
 
-@pytest.mark.parametrize("load, what", [(lambda name: load_causal_lm(name, None, False), "model"),
-                                        (load_tokenizer, "tokenizer")])
+@pytest.mark.parametrize("load, what", [(lambda name: load_causal_lm(name, None, False), "--model.model_name_or_path"),
+                                        (load_tokenizer, "the tokenizer")])
 def test_a_name_that_is_neither_a_folder_nor_a_hub_id_gets_our_message(load, what, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(FileNotFoundError) as error:
         load("runs/v0/hf_model")  # a relative folder that is not here: the hub client would say "Repo id must..."
     message = str(error.value)
     assert message.startswith(f"not found: runs/v0/hf_model (working directory {tmp_path})")
-    assert f"the {what}" in message and "a hub id such as 'gpt2'" in message
+    assert f"For {what}, pass" in message and "a hub id such as 'gpt2'" in message  # the setting that named it
     assert "dpo_lightning/assets/sort-tiny" in message  # what to pass instead

@@ -118,9 +118,10 @@ def make_metrics(objective: Objective, sync_on_compute: bool = True, extra: tupl
     with_nll = bool(rpo_alpha) or "sft" in loss_types
     names = (PAIR_METRICS[1:] + TOKEN_METRICS[:2] + (("nll_loss",) if with_nll else ()) + parts
              + (("aux_loss",) if router else ()))
-    # nan_strategy "disable": a NaN value stays in its mean, as in the sums of `loss` and the correlation (the default,
-    # "warn", drops it: a split's value would silently be the mean over its other pairs; nonfinite.py names the rows).
-    mean = functools.partial(MeanMetric, nan_strategy="disable", sync_on_compute=sync_on_compute)
+    # A NaN value stays in its mean, as in the sums of `loss` and the correlation (the default, "warn", drops it: a
+    # split's value would silently be the mean over its other pairs; nonfinite.py names the rows). NaN as the value
+    # that replaces a NaN keeps it, and keeps the weights, which torchmetrics' "disable" replaces by ones.
+    mean = functools.partial(MeanMetric, nan_strategy=float("nan"), sync_on_compute=sync_on_compute)
     metrics = nn.ModuleDict({"loss": TotalLoss(rpo_alpha, router, sync_on_compute=sync_on_compute)})
     metrics.update({name: mean() for name in names})
     metrics["rewards/margin_length_corr"] = MarginLengthCorrelation(sync_on_compute=sync_on_compute)
