@@ -107,7 +107,7 @@ def csv_log(trainer: L.Trainer) -> Path | None:
 def made(trainer: L.Trainer) -> list[str]:
     """What the run wrote, and the commands that read it next: lines to print."""
     log, folder = csv_log(trainer), trainer.log_dir
-    files = [(log, "the log: every metric at every step")] if log else []
+    files = [(log, "the log: every metric, at the steps logged")] if log else []
     for callback in trainer.checkpoint_callbacks:
         best, last = callback.best_model_path, callback.last_model_path
         if best and callback.monitor and callback.best_model_score is not None:
