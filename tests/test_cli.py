@@ -50,10 +50,13 @@ def test_a_bad_flag_value_fails_before_any_loading(capsys):
 
 
 @pytest.mark.parametrize("typo, where", [(["--model.betta", "0.2"], "flag"), ({"data": {"max_lenght": 12}}, "yaml"),
-                                         (["--trainr.max_steps=3"], "section")])
+                                         (["--trainr.max_steps=3"], "section"),
+                                         (["--model.online.num_sampels", "3"], "online flag"),
+                                         ({"model": {"online": {"num_sampels": 3}}}, "online yaml")])
 def test_a_typo_in_a_key_is_one_line_naming_it_its_section_and_the_closest_key(typo, where, tmp_path, capsys):
-    args = ["fit", "--config", str(ROOT / "configs" / "quickstart.yaml")]
-    if where == "yaml":  # a second config file, as a user layers one over a shipped config
+    shipped = "online_quickstart.yaml" if where.startswith("online") else "quickstart.yaml"
+    args = ["fit", "--config", str(ROOT / "configs" / shipped)]
+    if where.endswith("yaml"):  # a second config file, as a user layers one over a shipped config
         (tmp_path / "mine.yaml").write_text(yaml.safe_dump(typo))
         typo = ["--config", str(tmp_path / "mine.yaml")]
     with pytest.raises(SystemExit) as exit_, warnings.catch_warnings():
@@ -65,6 +68,10 @@ def test_a_typo_in_a_key_is_one_line_naming_it_its_section_and_the_closest_key(t
                 "yaml": "unknown key 'max_lenght' in the data section (--data.max_lenght); did you mean 'max_length' "
                         "(--data.max_length)?",
                 "section": "unknown key 'trainr.max_steps' (--trainr.max_steps); did you mean --trainer.max_steps?"}
+    # A typed section (online DPO's settings, `OnlineConfig`), on the command line and in a file alike.
+    expected["online flag"] = expected["online yaml"] = (
+        "unknown key 'num_sampels' in the model.online section (--model.online.num_sampels); did you mean "
+        "'num_samples' (--model.online.num_samples)?")
     assert err == [f"error: {expected[where]} `dpo-lightning fit --help` lists every key"]  # no usage above it
 
 

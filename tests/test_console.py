@@ -61,6 +61,8 @@ def test_first_run_ends_with_its_headline_what_it_wrote_and_what_next(first_run)
     rows = [line.split() for line in end.splitlines()[2:4]]  # the step-0 and step-25 rows: validated every 25
     assert f"[dpo_lightning] step 0 -> 25: reward accuracy {rows[0][2]} -> {rows[1][2]}, " in end
     assert f", greedy reward (solve rate) {rows[0][4]} -> {rows[1][4]}\n" in end  # the quickstart's GreedyReward
+    # 30 steps, validated every 25: the headline's last numbers are step 25's, and the summary says so.
+    assert "[dpo_lightning] the run trained to step 30, after its last validation (step 25)" in end
     assert "[dpo_lightning] this run wrote, in runs/quickstart/version_0/:" in end
     assert "\n  hf_model/ " in end and "\n  metrics.csv " in end
     assert "\n  dpo-lightning plot runs/quickstart/version_0\n" in end

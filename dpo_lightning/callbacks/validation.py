@@ -55,7 +55,8 @@ class ValidationSummary(L.Callback):
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         # After every callback's on_fit_end, so that the export and the last checkpoint are written.
         if stage == "fit":
-            print("\n".join(["", self.table(), *headline(self.history), *made(trainer)]) if self.history else
+            print("\n".join(["", self.table(), *headline(self.history, trainer.global_step),
+                             *made(trainer)]) if self.history else
                   "\n".join(made(trainer)))
         elif stage == "validate" and (log := csv_log(trainer)) is not None:
             print(f"[dpo_lightning] validation metrics: {shown(log)}")
@@ -89,12 +90,18 @@ def last_validation(trainer: L.Trainer) -> tuple[int | None, dict[str, float]]:
 
 
 
-def headline(history: list[dict[str, float]]) -> list[str]:
-    """The headline metrics at the first and the last validation, one line."""
+def headline(history: list[dict[str, float]], steps: int) -> list[str]:
+    """The headline metrics at the first and the last validation, one line; a second when the run trained on
+    after its last validation (`steps`, its optimizer steps), so that no one reads those numbers as the end's."""
     first, last = history[0], history[-1]
     parts = [f"{label} {first[f'val/{name}']:.4f} -> {last[f'val/{name}']:.4f}" for name, label in HEADLINE
              if f"val/{name}" in first and f"val/{name}" in last]
-    return [f"[dpo_lightning] step {first['step']} -> {last['step']}: {', '.join(parts)}"] if parts else []
+    if not parts:
+        return []
+    after = [f"[dpo_lightning] the run trained to step {steps}, after its last validation (step {last['step']}): "
+             "`dpo-lightning validate` (below) measures the final weights; a val_check_interval that divides "
+             "max_steps validates at the end"] if steps > last["step"] else []
+    return [f"[dpo_lightning] step {first['step']} -> {last['step']}: {', '.join(parts)}", *after]
 
 
 def csv_log(trainer: L.Trainer) -> Path | None:

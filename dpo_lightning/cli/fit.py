@@ -5,10 +5,12 @@ Imported only for these subcommands (main.py dispatches): building the parser im
 Lightning, seconds the tools and `--help` do without.
 """
 
+import dataclasses
 import difflib
 import os
 import re
 import sys
+import typing
 import warnings
 from typing import NoReturn
 
@@ -20,7 +22,8 @@ from dpo_lightning.training.module import DPOModule
 from dpo_lightning.utils.locate import existing, not_found
 
 # jsonargparse's messages for a key it does not know, on the command line and in a config file.
-UNKNOWN_KEY = re.compile(r"unrecognized arguments: --([^\s=]+)|does not accept option '([^']+)'")
+UNKNOWN_KEY = re.compile(r"unrecognized arguments: --([^\s=]+)|does not accept option '([^']+)'|"
+                         r"""Parser key "([^"]+)":.*?Option '([^']+)' is not accepted""", re.S)
 # ... and for a --config file that is not there.
 MISSING_CONFIG = re.compile(r"""Parser key "config":.*?File does not exist: '([^']+)'""", re.S)
 # The checkpoint names the Trainer resolves itself, rather than paths.
@@ -35,7 +38,9 @@ class Parser(LightningArgumentParser):
         parser = getattr(ex, "subcommand_parser", None) or self  # a config file's key is checked by the main parser
         found, config = UNKNOWN_KEY.search(message), MISSING_CONFIG.search(message)
         if found and self.exit_on_error:  # (jsonargparse turns exit_on_error off to try a value against each type)
-            sys.stderr.write(f"error: {unknown_key(found.group(1) or found.group(2), parser)}\n")
+            # The last form: a key of a typed section (`--model.online.num_sampels`, in a file too).
+            key = found.group(1) or found.group(2) or f"{found.group(3)}.{found.group(4)}"
+            sys.stderr.write(f"error: {unknown_key(key, parser)}\n")
             self.exit(2)
         if config and self.exit_on_error:
             sys.stderr.write(f"dpo-lightning: {not_found(os.path.relpath(config.group(1)), '--config', 'config')}\n")
@@ -47,7 +52,7 @@ def unknown_key(key: str, parser: LightningArgumentParser) -> str:
     """The message for an unknown `key` ("model.betta"): its section, and the closest key of that section."""
     keys = [a.dest for a in parser._actions if not a.dest.endswith(".help") and a.dest not in ("help", "config")]
     section, _, name = key.rpartition(".")
-    in_section = [k[len(section) + 1:] for k in keys if k.startswith(f"{section}.")]
+    in_section = [k[len(section) + 1:] for k in keys if k.startswith(f"{section}.")] or fields_of(section, parser)
     command = f"`{parser.prog.replace(' [options]', '')} --help` lists every key"
     if not in_section:  # no such section (`--trainr.max_steps`): the closest whole key
         close = difflib.get_close_matches(key, keys, n=1)
@@ -55,6 +60,15 @@ def unknown_key(key: str, parser: LightningArgumentParser) -> str:
     close = difflib.get_close_matches(name, in_section, n=1)
     hint = f"; did you mean {close[0]!r} (--{section}.{close[0]})?" if close else "."
     return f"unknown key {name!r} in the {section} section (--{key}){hint} {command}"
+
+
+def fields_of(section: str, parser: LightningArgumentParser) -> list[str]:
+    """The keys of a section typed as a dataclass (`--model.online`: `OnlineConfig`), which the parser holds as one
+    key rather than one per field."""
+    action = next((a for a in parser._actions if a.dest == section), None)
+    hint = getattr(action, "_typehint", None)
+    return [field.name for kind in typing.get_args(hint) or (hint,) if dataclasses.is_dataclass(kind)
+            for field in dataclasses.fields(kind)]
 
 
 class DPOLightningCLI(LightningCLI):
