@@ -115,6 +115,8 @@ def trl_defaults(args: dict[str, Any]) -> dict[str, Any]:
         absent["bf16"] = True  # TRL's base config: bf16 unless fp16 is set
     if args.get("per_device_train_batch_size", 8) != 8:
         absent["per_device_eval_batch_size"] = 8  # ours follows the train batch size
+    if args.get("max_length", 1024) is not None:  # TRL 1.16 has no prompt limit: it cuts the whole sequence to
+        absent["max_prompt_length"] = args.get("max_length", 1024) - 1  # max_length, so a prompt may take all but one
     return {key: value for key, value in absent.items() if key not in args}
 
 
