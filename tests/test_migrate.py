@@ -102,7 +102,7 @@ def test_a_default_trl_dpo_config_converts_to_a_config_that_fits(tiny_llama, tmp
     assert cli.trainer.global_step == 1
     # TRL 1.16 has no prompt limit: it cuts the whole sequence to max_length, keeping its start. Our default prompt
     # limit (128) would cut a long prompt's question away: the converted config lets a prompt take all but one.
-    theirs = trl.DPOConfig(output_dir="out")
+    theirs = trl.DPOConfig(output_dir="out", use_cpu=True)
     assert not hasattr(theirs, "max_prompt_length")
     assert cli.datamodule.hparams.max_prompt_length == theirs.max_length - 1
     assert cli.datamodule.hparams.truncation_mode == theirs.truncation_mode == "keep_start"
